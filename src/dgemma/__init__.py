@@ -1,0 +1,34 @@
+"""dgemma: a compact, fast, pure-PyTorch DiffusionGemma.
+
+Public API:
+    dgemma.load(path, *, device=None, dtype=None) -> DiffusionGemma
+    model.encoder_logits(input_ids) -> [B, T, V]
+    model.denoise_logits(context_ids, canvas_ids, self_conditioning_logits=None) -> [B, C, V]
+    model.generate(input_ids, ...) -> GenerateOutput(.sequences, .tokens_per_forward, ...)
+    dgemma.load_tokenizer(path) -> Tokenizer
+    dgemma.default_model_path() -> the small model shipped with the package
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import CheckpointError, load, save
+from .config import ConfigError, ModelConfig, SamplerConfig
+from .generate import GenerateOutput
+from .model import DiffusionGemma
+
+__version__ = "0.1.0"
+
+
+def default_model_path() -> str:
+    """Folder of the small DiffusionGemma-architecture model that ships inside the package."""
+    return str(Path(__file__).parent / "default_model")
+
+
+def load_tokenizer(path: str):
+    from .tokenizer import Tokenizer
+    return Tokenizer.from_dir(path)
+
+
+__all__ = ["load", "save", "load_tokenizer", "default_model_path", "DiffusionGemma", "ModelConfig",
+           "SamplerConfig", "GenerateOutput", "ConfigError", "CheckpointError", "__version__"]

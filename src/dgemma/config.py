@@ -1,0 +1,306 @@
+"""Model and sampler configuration, read from (and written to) the published HF files.
+
+Knows: the keys of `config.json` (top level + `text_config`) and `generation_config.json` for
+DiffusionGemma, which of them we support, and how to turn them into one flat dataclass.
+Does not know: tensors, devices or anything about running the model.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value we cannot run (one message, naming the setting)."""
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class ModelConfig:
+    """Text-path hyper-parameters of a DiffusionGemma checkpoint (names follow the HF text config)."""
+
+    vocab_size: int = 262144
+    hidden_size: int = 2816
+    intermediate_size: int = 2112           # dense "shared" MLP, also the self-conditioning MLP width
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8            # sliding layers
+    head_dim: int = 256                     # sliding layers
+    global_head_dim: int = 512              # full-attention layers
+    num_global_key_value_heads: int = 2     # full-attention layers (k = v there)
+    sliding_window: int = 1024              # W: a sliding query sees keys i-W < j <= i
+    layer_types: list[str] = field(default_factory=list)
+    rope_local_theta: float = 10000.0
+    rope_global_theta: float = 1000000.0
+    global_partial_rotary_factor: float = 0.25
+    num_experts: int = 128
+    top_k_experts: int = 8
+    moe_intermediate_size: int = 704
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = 30.0
+    max_position_embeddings: int = 262144
+    canvas_length: int = 256                # CL: tokens denoised in parallel per block
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: list[int] = field(default_factory=lambda: [1, 106, 50])
+    dtype: str = "bfloat16"                 # dtype the checkpoint was saved in
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # untouched top-level keys (vision...)
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        self.layer_types = list(self.layer_types)
+        self.layer_types[-1] = FULL  # the reference forces the last layer to full attention
+        for t in self.layer_types:
+            if t not in (SLIDING, FULL):
+                raise ConfigError(f"layer_types: unsupported layer type {t!r}")
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer (got {getattr(self, name)!r})")
+        if self.top_k_experts > self.num_experts:
+            raise ConfigError(f"top_k_experts ({self.top_k_experts}) > num_experts ({self.num_experts})")
+        if self.num_attention_heads % self.num_key_value_heads or self.num_attention_heads % self.num_global_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of the key/value head counts")
+        if self.sliding_window < 2:
+            raise ConfigError(f"sliding_window must be >= 2 (got {self.sliding_window})")
+
+    # ---- derived -------------------------------------------------------------------------------
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim if self.is_sliding(layer) else self.global_head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.num_key_value_heads if self.is_sliding(layer) else self.num_global_key_value_heads
+
+    def num_parameters(self) -> dict[str, int]:
+        """Unique text parameters (tied head counted once) and parameters active per token."""
+        H, E = self.hidden_size, self.num_experts
+        dense = 3 * H * self.intermediate_size
+        expert = 3 * H * self.moe_intermediate_size
+        total = active = self.vocab_size * H + H + 3 * H * self.intermediate_size + H  # embed, norm, self-cond
+        for i in range(self.num_hidden_layers):
+            hd, kv = self.layer_head_dim(i), self.layer_kv_heads(i)
+            attn = H * self.num_attention_heads * hd * 2 + H * kv * hd * (2 if self.is_sliding(i) else 1) + 2 * hd
+            common = attn + dense + 7 * H + E * H + H + E + 1
+            total += common + E * expert
+            active += common + self.top_k_experts * expert
+        return {"total": total, "active": active}
+
+    # ---- HF files ------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Build from a parsed `config.json` (the top-level DiffusionGemma dict, or a bare text config)."""
+        if cfg.get("model_type") not in (None, "diffusion_gemma", "diffusion_gemma_text"):
+            raise ConfigError(f"model_type {cfg.get('model_type')!r} is not a DiffusionGemma checkpoint")
+        text = dict(cfg.get("text_config") or cfg)
+        top = {k: v for k, v in cfg.items() if k != "text_config"} if "text_config" in cfg else {}
+
+        def need(key: str) -> Any:
+            if text.get(key) is None:
+                raise ConfigError(f"config.json: text_config.{key} is missing")
+            return text[key]
+
+        act = text.get("hidden_activation", "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"hidden_activation={act!r} is not supported (only gelu_pytorch_tanh)")
+        if text.get("attention_bias"):
+            raise ConfigError("attention_bias=true is not supported")
+        if text.get("use_bidirectional_attention") == "all":
+            raise ConfigError("use_bidirectional_attention='all' is not supported (text encoder must be causal)")
+        if text.get("tie_word_embeddings", top.get("tie_word_embeddings", True)) is False:
+            raise ConfigError("tie_word_embeddings=false is not supported (the head is the embedding)")
+        if text.get("hidden_size_per_layer_input"):
+            raise ConfigError("hidden_size_per_layer_input (per-layer embeddings) is not supported")
+        n_layers = need("num_hidden_layers")
+        layer_types = text.get("layer_types") or []
+        if layer_types and layer_types[-1] != FULL:
+            layer_types = list(layer_types[:-1]) + [FULL]
+
+        # Full-layer overrides: published files use global_head_dim/num_global_key_value_heads,
+        # transformers' save_pretrained writes per_layer_config {idx: {head_dim, num_key_value_heads}}.
+        kv, hd = need("num_key_value_heads"), text.get("head_dim", 256)
+        tmp_types = layer_types or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)]
+        tmp_types = list(tmp_types[:-1]) + [FULL]
+        if "per_layer_config" in text:  # written by transformers' save_pretrained; a missing key = base value
+            plc = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
+            shapes = set()
+            for i in range(n_layers):
+                over = plc.get(i, {})
+                if set(over) - {"head_dim", "num_key_value_heads"}:
+                    raise ConfigError(f"per_layer_config[{i}]: unsupported keys {sorted(set(over))}")
+                if tmp_types[i] == SLIDING and over:
+                    raise ConfigError(f"per_layer_config[{i}]: overrides on sliding layers are not supported")
+                if tmp_types[i] == FULL:
+                    shapes.add((over.get("head_dim", hd), over.get("num_key_value_heads", kv)))
+            if len(shapes) != 1:
+                raise ConfigError("per_layer_config: full-attention layers with different shapes are not supported")
+            g_hd, g_kv = shapes.pop()
+        else:  # published config.json: plain keys, with the reference's defaults
+            g_hd = text.get("global_head_dim") or 512
+            g_kv = text.get("num_global_key_value_heads") or kv
+        rope = text.get("rope_parameters") or {}
+        loc = rope.get(SLIDING) or {"rope_type": "default", "rope_theta": 10000.0}
+        glo = rope.get(FULL) or {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+        if loc.get("rope_type", "default") != "default" or loc.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"rope_parameters.sliding_attention={loc} is not supported (only 'default')")
+        if glo.get("rope_type") not in ("proportional", "default"):
+            raise ConfigError(f"rope_parameters.full_attention.rope_type={glo.get('rope_type')!r} is not supported")
+        eos = top.get("eos_token_id", text.get("eos_token_id", 1))
+        tdtype = top.get("dtype") or top.get("torch_dtype") or text.get("dtype") or "bfloat16"
+        return cls(
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=n_layers,
+            num_attention_heads=need("num_attention_heads"),
+            num_key_value_heads=kv,
+            head_dim=hd,
+            global_head_dim=g_hd,
+            num_global_key_value_heads=g_kv,
+            sliding_window=text.get("sliding_window", 512),
+            layer_types=layer_types,
+            rope_local_theta=float(loc.get("rope_theta", 10000.0)),
+            rope_global_theta=float(glo.get("rope_theta", 1e6)),
+            global_partial_rotary_factor=float(
+                glo.get("partial_rotary_factor", 1.0) if glo.get("rope_type") == "proportional" else 1.0
+            ),
+            num_experts=text.get("num_experts"),
+            top_k_experts=text.get("top_k_experts"),
+            moe_intermediate_size=text.get("moe_intermediate_size"),
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
+            max_position_embeddings=text.get("max_position_embeddings", 131072),
+            canvas_length=top.get("canvas_length", text.get("canvas_length", 256)) or 256,
+            pad_token_id=text.get("pad_token_id", 0) if text.get("pad_token_id") is not None else 0,
+            bos_token_id=text.get("bos_token_id", 2),
+            eos_token_id=eos if isinstance(eos, list) else [eos],
+            dtype=str(tdtype).replace("torch.", ""),
+            extra=top,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `config.json` dict (DiffusionGemma top level with a text_config), loadable by transformers."""
+        text = {
+            "model_type": "diffusion_gemma_text",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "global_head_dim": self.global_head_dim,
+            "num_global_key_value_heads": self.num_global_key_value_heads,
+            "sliding_window": self.sliding_window, "layer_types": self.layer_types,
+            "rope_parameters": {
+                SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_theta},
+                FULL: {"rope_type": "proportional", "partial_rotary_factor": self.global_partial_rotary_factor,
+                       "rope_theta": self.rope_global_theta},
+            },
+            "num_experts": self.num_experts, "top_k_experts": self.top_k_experts,
+            "moe_intermediate_size": self.moe_intermediate_size, "rms_norm_eps": self.rms_norm_eps,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attention_dropout": 0.0,
+            "tie_word_embeddings": True, "use_bidirectional_attention": "vision",
+            "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id[0] if self.eos_token_id else None,
+        }
+        out = {k: v for k, v in self.extra.items() if k not in ("text_config",)}
+        out.update({
+            "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
+            "canvas_length": self.canvas_length, "eos_token_id": self.eos_token_id,
+            "tie_word_embeddings": True, "dtype": self.dtype, "text_config": text,
+        })
+        return out
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise ConfigError(f"{p} not found (is {path} a DiffusionGemma checkpoint folder?)")
+        try:
+            return cls.from_hf(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p} is not valid JSON: {e}") from None
+
+
+@dataclass
+class SamplerConfig:
+    """Block-diffusion sampler settings (the reference's generation_config.json)."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_id: list[int] | None = None
+    pad_token_id: int | None = 0
+
+    def validate(self) -> "SamplerConfig":
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r})")
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:
+            raise ConfigError(f"max_denoising_steps must be a positive integer (got {self.max_denoising_steps!r})")
+        if not self.entropy_bound > 0:
+            raise ConfigError(f"entropy_bound must be > 0 (got {self.entropy_bound!r})")
+        if not (0 < self.t_min and 0 < self.t_max) or not all(map(math.isfinite, (self.t_min, self.t_max))):
+            raise ConfigError(f"t_min and t_max must be positive (got {self.t_min!r}, {self.t_max!r})")
+        if self.t_max < self.t_min:
+            raise ConfigError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
+        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+            raise ConfigError(f"stability_threshold must be an integer >= 0 (got {self.stability_threshold!r})")
+        if self.confidence_threshold < 0:
+            raise ConfigError(f"confidence_threshold must be >= 0 (got {self.confidence_threshold!r})")
+        return self
+
+    @classmethod
+    def from_hf(cls, gen: dict[str, Any], model: ModelConfig | None = None) -> "SamplerConfig":
+        """Read `generation_config.json` (unknown or null keys fall back to the published defaults)."""
+        out = cls(eos_token_id=list(model.eos_token_id) if model else None,
+                  pad_token_id=model.pad_token_id if model else 0)
+        sc = gen.get("sampler_config")
+        if sc is not None:
+            name = sc.get("_cls_name", "EntropyBoundSamplerConfig") if isinstance(sc, dict) else None
+            if name != "EntropyBoundSamplerConfig":
+                raise ConfigError(f"generation_config.json: sampler_config {name!r} is not supported")
+            if sc.get("entropy_bound") is not None:
+                out.entropy_bound = float(sc["entropy_bound"])
+        for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
+                    "confidence_threshold", "eos_token_id", "pad_token_id"):
+            if gen.get(key) is not None:
+                setattr(out, key, gen[key])
+        if gen.get("cache_implementation") not in (None, "dynamic"):
+            raise ConfigError(
+                f"generation_config.json: cache_implementation={gen['cache_implementation']!r} is not supported"
+            )
+        return out.validate()
+
+    def to_hf(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sampler_config"] = {"entropy_bound": d.pop("entropy_bound"), "_cls_name": "EntropyBoundSamplerConfig"}
+        d["return_dict_in_generate"] = True
+        return d
+
+    @classmethod
+    def from_dir(cls, path: str | Path, model: ModelConfig | None = None) -> "SamplerConfig":
+        p = Path(path) / "generation_config.json"
+        if not p.is_file():
+            return cls.from_hf({}, model)
+        try:
+            return cls.from_hf(json.loads(p.read_text()), model)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p} is not valid JSON: {e}") from None

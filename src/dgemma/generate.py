@@ -1,0 +1,149 @@
+"""The one block-diffusion generate loop (spec section 4).
+
+Knows: the outer loop over canvases (encode the prompt or the last committed canvas, denoise a fresh
+random canvas, commit its argmax, EOS/pad rules) and the inner denoising loop; chunking the head and
+the sampler over canvas rows so no [B, C, V] fp32 tensor is ever materialised.
+Does not know: text (token ids only), checkpoints, HTTP.
+
+Padding: pass `attention_mask` [B, L] (1 = token, 0 = pad) for prompts of different lengths. Padded
+positions are masked out as keys everywhere; positions are not shifted (as in the reference), which
+changes nothing because RoPE only sees relative distances. Left padding is the natural layout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from . import sampling
+from .cache import KVCache
+from .config import SamplerConfig
+
+_UNSET: Any = object()
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor          # [B, prompt + new]; new tokens come in whole canvases
+    tokens_per_forward: torch.Tensor  # [B] non-pad new tokens / decoder passes of that row
+    decoder_passes: torch.Tensor     # [B] decoder passes counted for each row
+    cache: KVCache                   # encoder K/V of everything except the last canvas (for continuing)
+
+
+def resolve_settings(model, **given: Any) -> SamplerConfig:
+    """Sampler settings: explicit arguments over the checkpoint's generation_config.json."""
+    base = model.sampler_config
+    vals = {k: (getattr(base, k) if v is _UNSET else v) for k, v in given.items()}
+    cfg = SamplerConfig(**vals)
+    cfg.validate()
+    return cfg
+
+
+@torch.inference_mode()
+def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int = _UNSET, max_denoising_steps: int = _UNSET, entropy_bound: float = _UNSET,
+             t_min: float = _UNSET, t_max: float = _UNSET, stability_threshold: int | None = _UNSET,
+             confidence_threshold: float | None = _UNSET, eos_token_id: int | list[int] | None = _UNSET,
+             pad_token_id: int | None = _UNSET, seed: int | None = None, cache: KVCache | None = None,
+             on_canvas: Callable[[torch.Tensor], None] | None = None,
+             row_chunk: int = 1024) -> GenerateOutput:
+    """Generate whole canvases after `input_ids` [B, L].
+
+    Arguments left out come from generation_config.json; `eos_token_id=None` / `pad_token_id=None` /
+    `stability_threshold=None` disable that rule, as in the reference. With `seed`, a private generator
+    is used and a CPU fp32 run equals the reference's `generate` after `torch.manual_seed(seed)`.
+    `cache`: continue a conversation; `input_ids` must then hold only uncached tokens (the previous
+    output's last canvas plus the new turn). `on_canvas(tokens [B, C])` is called after each commit.
+    """
+    s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
+                         entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
+                         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    ids = model._ids(input_ids)
+    B, L = ids.shape
+    if L == 0 and (cache is None or cache.length == 0):
+        raise ValueError("generate needs at least one prompt token")
+    cfg, dev = model.config, model.device
+    CL, V = cfg.canvas_length, cfg.vocab_size
+    gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
+    n_canvas = math.ceil(s.max_new_tokens / CL)
+    if cache is None:
+        cache = model.new_cache(B, L + n_canvas * CL)
+    elif cache.batch != B:
+        raise ValueError(f"cache holds {cache.batch} rows but input_ids has {B}")
+    cur_len = cache.length + L
+    if cur_len + n_canvas * CL > cfg.max_position_embeddings:
+        raise ValueError(f"{cur_len} context + {n_canvas * CL} new tokens exceed max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
+    cache.reserve(cur_len + n_canvas * CL)
+    max_length = s.max_new_tokens + cur_len  # the reference's MaxLengthCriteria counts input_ids only
+    eos = torch.tensor(s.eos_token_id, device=dev) if s.eos_token_id is not None else None
+    valid = None if attention_mask is None else torch.as_tensor(attention_mask, device=dev).bool()
+    if valid is not None and valid.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(valid.shape)} != input_ids shape {tuple(ids.shape)}")
+    stop_rule = s.stability_threshold is not None and s.confidence_threshold is not None
+
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    passes = torch.zeros(B, dtype=torch.int32, device=dev)
+    emb, scale = model.embed_tokens.weight, model.embed_scale().to(dev)
+    noise = torch.empty(min(row_chunk, B * CL), V, device=dev)
+    seq = ids
+    for c in range(n_canvas):
+        if L or c:  # encode the prompt, then each committed canvas at the positions it had
+            model.encode(seq if c == 0 else seq[:, -CL:], cache, valid if c == 0 else None)
+        canvas = sampling.init_canvas(B, CL, V, dev, gen)
+        argmax, soft = canvas, None
+        frozen = torch.zeros(B, dtype=torch.bool, device=dev)
+        stopper = sampling.StableAndConfident(s.stability_threshold or 0, s.confidence_threshold or 0.0,
+                                              B, CL, dev) if stop_rule else None
+        for n in range(s.max_denoising_steps, 0, -1):
+            passes += ~(frozen | finished)
+            h = model.denoise(canvas, cache, soft).reshape(B * CL, -1)        # [B*C, H]
+            temp = sampling.temperature(n, s.max_denoising_steps, s.t_min, s.t_max)
+            parts = [sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, gen, emb, scale,
+                                          noise[: min(row_chunk, B * CL - r)])
+                     for r in range(0, B * CL, row_chunk)]
+            sample = torch.cat([p.sample for p in parts]).view(B, CL)
+            new_argmax = torch.cat([p.argmax for p in parts]).view(B, CL)
+            ent = torch.cat([p.entropy for p in parts]).view(B, CL)
+            new_soft = torch.cat([p.soft for p in parts]).view(B, CL, -1)
+            accept = sampling.entropy_bound_accept(ent, s.entropy_bound)
+            renoise = sampling.init_canvas(B, CL, V, dev, gen)
+            new_canvas = torch.where(accept, sample, renoise)
+            if stopper is not None:
+                if frozen.any():  # frozen rows keep canvas, argmax and self-conditioning input
+                    new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
+                    new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
+                    new_soft = torch.where(frozen[:, None, None], soft, new_soft)
+                frozen |= stopper(new_argmax, ent)
+            canvas, argmax, soft = new_canvas, new_argmax, new_soft
+            if bool(frozen.all()):
+                break
+        seq = torch.cat([seq, argmax], dim=1)
+        finished = _finalize(seq, finished, CL, eos, s.pad_token_id, max_length)
+        if on_canvas is not None:
+            on_canvas(seq[:, -CL:])
+        if bool(finished.all()):
+            break
+    new = seq[:, L:]
+    n_valid = (new != s.pad_token_id).sum(-1) if s.pad_token_id is not None else torch.full_like(passes, new.shape[1])
+    return GenerateOutput(seq, n_valid / passes, passes, cache)
+
+
+def _finalize(seq: torch.Tensor, finished: torch.Tensor, CL: int, eos: torch.Tensor | None,
+              pad: int | None, max_length: int) -> torch.Tensor:
+    """Apply the end-of-canvas rules in place on seq's last canvas; returns the new `finished` [B]."""
+    new = seq[:, -CL:]
+    done_now = torch.zeros_like(finished) if eos is None else torch.isin(new, eos).any(-1)
+    done_now |= seq.shape[1] >= max_length
+    was = finished
+    finished = was | done_now
+    if pad is not None and bool(finished.any()):
+        new[was] = pad                                   # rows finished earlier: all pad
+        if eos is not None and bool(done_now.any()):     # after the first EOS: pad
+            is_eos = torch.isin(new, eos)
+            cum = is_eos.cumsum(-1)
+            new[(cum > 0) & ~((cum == 1) & is_eos)] = pad
+    return finished

@@ -1,0 +1,322 @@
+"""The DiffusionGemma text network: one shared stack run two ways.
+
+Knows: the forward math (spec section 2) — scaled embedding, sliding / full attention with k=v on full
+layers and proportional partial RoPE, dense MLP in parallel with a top-k MoE whose router reads the raw
+residual, per-layer scalars, self-conditioning, fp32 softcapped tied head.
+  * encoder pass: causal, writes the KV cache (through a `KVCache`);
+  * denoiser pass: bidirectional over [cache ; canvas], reads the cache and never writes it.
+Does not know: sampling, checkpoints on disk, tokenizers. `generate` lives in `generate.py`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig, SamplerConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, scaled by `weight` itself (not 1 + weight), cast back to x's dtype."""
+    xf = x.float()
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedMLP(nn.Module):
+    """down(gelu_tanh(gate x) * up x), no biases."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def inv_frequencies(head_dim: int, theta: float, rotary_fraction: float, device: torch.device) -> torch.Tensor:
+    """fp32 [head_dim/2]; proportional RoPE: n_rot = int(f*hd//2) frequencies over the full head_dim, rest 0."""
+    n_rot = int(rotary_fraction * head_dim // 2)
+    inv = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64, device=device).float() / head_dim))
+    return torch.cat([inv, torch.zeros(head_dim // 2 - n_rot, device=device)])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.sliding = cfg.is_sliding(layer)
+        self.head_dim, self.kv_heads = cfg.layer_head_dim(layer), cfg.layer_kv_heads(layer)
+        self.heads, self.eps = cfg.num_attention_heads, cfg.rms_norm_eps
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=False) if self.sliding else None
+        self.o_proj = nn.Linear(self.heads * self.head_dim, H, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: [B, S, H] -> q [B, Hq, S, D], k, v [B, Hkv, S, D] (k roped; full layers: v = raw k)."""
+        B, S, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, S, self.heads, self.head_dim)).transpose(1, 2)
+        k_raw = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        k = self.k_norm(k_raw).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        v = rms_norm(v, None, self.eps).transpose(1, 2)
+        return q, k, v
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.eps, self.k, self.root = cfg.rms_norm_eps, cfg.top_k_experts, cfg.hidden_size ** -0.5
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, r: torch.Tensor):
+        """r: [T, H] raw residual -> weights [T, k] fp32, expert ids [T, k], router probs [T, E] fp32."""
+        z = rms_norm(r, None, self.eps) * self.scale * self.root
+        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx, probs
+
+
+class Experts(nn.Module):
+    """Expert weights as 3-D tensors; tokens are grouped by expert and run through grouped matmuls."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))   # rows [0, I) gate, [I, 2I) up
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; w, idx: [T, k] -> [T, H]; no host sync, no loop over experts."""
+        T, k = idx.shape
+        flat = idx.reshape(-1)                                          # [T*k]
+        order = torch.argsort(flat, stable=True)                        # slots grouped by expert
+        tok = order // k                                                # token of each sorted slot
+        offs = torch.cumsum(torch.bincount(flat, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
+        xs = x.index_select(0, tok)                                     # [T*k, H]
+        gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # [T*k, 2I]
+        g, u = gu.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.gelu(g, approximate="tanh") * u, self.down_proj.transpose(1, 2), offs=offs)
+        y = (y * w.reshape(-1)[order, None]).to(x.dtype)                # each weighted term in x's dtype
+        return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.sliding = cfg.is_sliding(layer)
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = GatedMLP(H, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+                     "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"):
+            setattr(self, name, RMSNorm(H, eps))
+        # the checkpoint stores one scalar for the decoder side and one for the encoder side
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                encoder: bool) -> torch.Tensor:
+        """h: [B, S, H]; `attend(q, k, v) -> [B, Hq, S, D]` supplies keys/values and the mask."""
+        B, S, H = h.shape
+        q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
+        o = attend(q, k, v).transpose(1, 2).reshape(B, S, -1)
+        h = h + self.post_attention_layernorm(self.self_attn.o_proj(o))
+        r = h
+        m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        flat = r.reshape(-1, H)
+        w, idx, _ = self.router(flat)
+        m2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).view(B, S, H)
+        m2 = self.post_feedforward_layernorm_2(m2)
+        h = r + self.post_feedforward_layernorm(m1 + m2)
+        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+
+
+class SelfConditioning(nn.Module):
+    """Adds an MLP of the previous step's soft embedding to the canvas embedding, then a scale-free norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, e: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        if soft is not None:  # with a zero signal the MLP output is exactly zero: skip it
+            e = e + self.mlp(self.pre_norm(soft))
+        return rms_norm(e, None, self.eps)
+
+
+class DiffusionGemma(nn.Module):
+    """The model object `dgemma.load` returns. Shapes: B batch, S sequence, C canvas, V vocab, H hidden."""
+
+    def __init__(self, cfg: ModelConfig, sampler: SamplerConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.sampler_config = sampler or SamplerConfig(eos_token_id=list(cfg.eos_token_id),
+                                                       pad_token_id=cfg.pad_token_id)
+        self.path: str | None = None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+        self._rope_cache: dict = {}
+
+    # ---- small helpers ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed_scale(self) -> torch.Tensor:
+        """sqrt(H) as the reference stores it: an fp32 scalar cast to the embedding dtype (53.0 in bf16)."""
+        return torch.tensor(self.config.hidden_size ** 0.5).to(self.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self.embed_scale().to(self.device)
+
+    def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """positions: [S] -> {sliding?: (cos, sin) [S, D] in the model dtype}; inv_freq stays fp32."""
+        cfg, out = self.config, {}
+        for sliding in (True, False):
+            key = (sliding, positions.device)
+            if key not in self._rope_cache:
+                self._rope_cache[key] = inv_frequencies(
+                    cfg.head_dim if sliding else cfg.global_head_dim,
+                    cfg.rope_local_theta if sliding else cfg.rope_global_theta,
+                    1.0 if sliding else cfg.global_partial_rotary_factor, positions.device)
+            f = positions.float()[:, None] * self._rope_cache[key]
+            emb = torch.cat((f, f), dim=-1)
+            out[sliding] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+        return out
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden [.., H] -> fp32 softcapped logits [.., V] through the tied embedding."""
+        logits = F.linear(h, self.embed_tokens.weight).float()
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
+        """[B, C, V] self-conditioning logits -> softmax_f32 @ E * sqrt(H): [B, C, H]."""
+        p = sc_logits.softmax(dim=-1, dtype=torch.float32).to(self.dtype)
+        return torch.matmul(p, self.embed_tokens.weight) * self.embed_scale().to(self.device)
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, attend_for: Callable[[int], Callable],
+                   encoder: bool) -> torch.Tensor:
+        rope = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope[layer.sliding]
+            h = layer(h, cos, sin, attend_for(i), encoder)
+        return self.norm(h)
+
+    def new_cache(self, batch: int, capacity: int, scratch: int | None = None) -> KVCache:
+        return KVCache(self.config, batch, capacity, self.device, self.dtype, scratch)
+
+    # ---- the two passes ---------------------------------------------------------------------
+    def encode(self, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass over ids [B, S] at positions [cache.length, +S); writes the cache. -> [B, S, H]."""
+        cache.begin_encode(ids.shape[1], valid)
+        positions = torch.arange(cache.length, cache.length + ids.shape[1], device=self.device)
+
+        def attend_for(i: int):
+            def attend(q, k, v):
+                keys, vals, mask = cache.encode_layer(i, k, v)
+                return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
+            return attend
+
+        h = self.run_layers(self.embed(ids), positions, attend_for, encoder=True)
+        cache.end_encode()
+        return h
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional pass over canvas [B, C] after the cache; soft: [B, C, H] self-cond signal or None."""
+        C = canvas.shape[1]
+        h = self.self_conditioning(self.embed(canvas), soft)
+        positions = torch.arange(cache.length, cache.length + C, device=self.device)
+        mask_s, mask_f = cache.decode_masks(C)
+
+        def attend_for(i: int):
+            mask = mask_s if self.layers[i].sliding else mask_f
+
+            def attend(q, k, v):
+                keys, vals = cache.decode_layer(i, k, v)
+                return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
+            return attend
+
+        return self.run_layers(h, positions, attend_for, encoder=False)
+
+    # ---- public API -------------------------------------------------------------------------
+    def _ids(self, ids) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must be [batch, length], got shape {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return ids.to(self.device)
+
+    @torch.inference_mode()
+    def encoder_logits(self, input_ids, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] ids -> [B, T, V] fp32 softcapped next-token logits of the causal encoder."""
+        ids = self._ids(input_ids)
+        cache = self.new_cache(ids.shape[0], ids.shape[1], scratch=1)
+        valid = None if attention_mask is None else attention_mask.to(self.device).bool()
+        return self.head(self.encode(ids, cache, valid))
+
+    @torch.inference_mode()
+    def denoise_logits(self, context_ids, canvas_ids, self_conditioning_logits: torch.Tensor | None = None,
+                       context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode context [B, T], then denoise canvas [B, C] placed right after it -> [B, C, V] fp32 logits."""
+        ctx, canvas = self._ids(context_ids), self._ids(canvas_ids)
+        if ctx.shape[0] != canvas.shape[0]:
+            raise ValueError(f"context batch {ctx.shape[0]} != canvas batch {canvas.shape[0]}")
+        cache = self.new_cache(ctx.shape[0], ctx.shape[1], scratch=canvas.shape[1])
+        if ctx.shape[1]:
+            self.encode(ctx, cache, None if context_mask is None else context_mask.to(self.device).bool())
+        soft = None
+        if self_conditioning_logits is not None:
+            soft = self.soft_embedding(self_conditioning_logits.to(self.device))
+        return self.head(self.denoise(canvas, cache, soft))
+
+    def generate(self, input_ids, **kwargs):
+        """Block-diffusion generation; see `dgemma.generate.generate` for the arguments."""
+        from .generate import generate
+        return generate(self, input_ids, **kwargs)

@@ -1,0 +1,86 @@
+"""The entropy-bound block-diffusion sampler as pure tensor code (spec section 4.2).
+
+Knows: the temperature schedule, per-position sampling, entropy, argmax, entropy-bound acceptance,
+the stable-and-confident stop rule. Every random number is drawn in the reference's order
+(canvas init: randint [B, C]; each step: the multinomial's exponential draws [B*C, V] row by row,
+then the renoise randint [B, C]), so a seeded CPU run reproduces the reference token for token.
+`torch.multinomial(p, 1)` on the CPU is exactly `argmax(p / Exp(1))` with the exponentials drawn row
+after row, which lets us sample chunk by chunk without a [B*C, V] probability tensor.
+Does not know: the model (it gets logits and, optionally, an embedding matrix).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def temperature(steps_left: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """T(n) = t_min + (t_max - t_min) * n / N, computed in fp32 exactly as the reference does."""
+    return t_min + ((t_max - t_min) * (torch.tensor(steps_left, dtype=torch.int32) / max_steps))
+
+
+def init_canvas(batch: int, length: int, vocab: int, device, generator) -> torch.Tensor:
+    """A canvas of uniform random ids over the whole vocabulary: [B, C]."""
+    return torch.randint(0, vocab, (batch, length), device=device, generator=generator)
+
+
+def entropy(lam: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(lam) along the last dim, with the same fp32 ops as torch.distributions.Categorical."""
+    logp = lam - lam.logsumexp(dim=-1, keepdim=True)
+    p = torch.softmax(logp, dim=-1)
+    return -(torch.clamp(logp, min=torch.finfo(logp.dtype).min) * p).sum(-1)
+
+
+@dataclass
+class RowResult:
+    sample: torch.Tensor     # [n] draw from softmax(lam)
+    argmax: torch.Tensor     # [n] argmax of lam
+    entropy: torch.Tensor    # [n] entropy of softmax(lam), fp32
+    soft: torch.Tensor | None  # [n, H] self-conditioning soft embedding, when an embedding was given
+
+
+def sample_rows(logits: torch.Tensor, temp: torch.Tensor, generator: torch.Generator | None,
+                embedding: torch.Tensor | None = None, embed_scale: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> RowResult:
+    """One step's per-position work for n rows of fp32 logits [n, V].
+
+    lam = logits / T; sample ~ softmax(lam) (exponential-race form of torch.multinomial); argmax; entropy;
+    and, with `embedding` [V, H], the next step's self-conditioning input
+    softmax_f32(lam cast to the embedding dtype) @ E * sqrt(H). `noise` [n, V] is an optional scratch buffer.
+    """
+    lam = logits / temp.to(logits.device)
+    probs = torch.softmax(lam, dim=-1, dtype=torch.float32)
+    q = noise if noise is not None else torch.empty_like(probs)
+    q.exponential_(1, generator=generator)
+    sample = torch.argmax(probs / q, dim=-1)
+    soft = None
+    if embedding is not None:
+        p_sc = probs if embedding.dtype == torch.float32 else torch.softmax(
+            lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
+        soft = torch.matmul(p_sc.to(embedding.dtype), embedding) * embed_scale
+    return RowResult(sample, torch.argmax(lam, dim=-1), entropy(lam), soft)
+
+
+def entropy_bound_accept(ent: torch.Tensor, bound: float) -> torch.Tensor:
+    """[B, C] entropies -> [B, C] bool: accept the k lowest-entropy positions while sum_{j<k} h_(j) <= bound."""
+    sorted_h, order = torch.sort(ent, dim=-1, descending=False)
+    keep = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
+    return torch.scatter(torch.zeros_like(keep), -1, order, keep)
+
+
+class StableAndConfident:
+    """Per-row stop: argmax unchanged for `stability` steps and mean entropy < `confidence`."""
+
+    def __init__(self, stability: int, confidence: float, batch: int, length: int, device) -> None:
+        self.stability, self.confidence = stability, confidence
+        self.history = torch.full((stability, batch, length), -1, dtype=torch.long, device=device)
+
+    def __call__(self, argmax: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+        if self.stability == 0:
+            stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
+        else:
+            stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
+            self.history = torch.roll(self.history, shifts=-1, dims=0)
+            self.history[-1] = argmax
+        return stable & (ent.mean(dim=-1) < self.confidence)

@@ -27,6 +27,7 @@ CONFIGS = {
     "base": {},
     "odd_layers": dict(num_hidden_layers=7),            # layer 6 is forced to full attention
     "all_global_heads": dict(num_global_key_value_heads=4, global_head_dim=16, sliding_window=5),
+    "odd_expert_width": dict(moe_intermediate_size=20, top_k_experts=3),  # not 16-byte aligned: loop path
 }
 
 

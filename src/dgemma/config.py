@@ -304,3 +304,31 @@ class SamplerConfig:
             return cls.from_hf(json.loads(p.read_text()), model)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p} is not valid JSON: {e}") from None
+
+
+# Named shapes (text path only). "26b-a4b" is the published model; the others are for tests, benchmarks and
+# the small model that ships with the package.
+PRESETS: dict[str, dict[str, Any]] = {
+    "26b-a4b": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                    num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                    num_global_key_value_heads=2, sliding_window=1024, num_experts=128, top_k_experts=8,
+                    moe_intermediate_size=704, canvas_length=256),
+    "100m": dict(vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=12,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
+                 num_global_key_value_heads=2, sliding_window=512, num_experts=8, top_k_experts=2,
+                 moe_intermediate_size=384, canvas_length=256),
+    "small": dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=48, global_head_dim=96,
+                  num_global_key_value_heads=1, sliding_window=64, num_experts=8, top_k_experts=2,
+                  moe_intermediate_size=192, canvas_length=32, max_position_embeddings=4096),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                 num_global_key_value_heads=1, sliding_window=64, num_experts=16, top_k_experts=4,
+                 moe_intermediate_size=32, canvas_length=256),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown shape {name!r} (choose from {', '.join(PRESETS)})")
+    return ModelConfig(**{**PRESETS[name], **overrides})

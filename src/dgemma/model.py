@@ -117,18 +117,37 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x: [T, H]; w, idx: [T, k] -> [T, H]; no host sync, no loop over experts."""
+        """x: [T, H]; w, idx: [T, k] -> [T, H]. Slots are sorted by expert; each weighted term is cast to
+        x's dtype and accumulated per token in ascending expert order (as the reference does)."""
         T, k = idx.shape
+        E = self.gate_up_proj.shape[0]
         flat = idx.reshape(-1)                                          # [T*k]
         order = torch.argsort(flat, stable=True)                        # slots grouped by expert
         tok = order // k                                                # token of each sorted slot
-        offs = torch.cumsum(torch.bincount(flat, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
+        counts = torch.bincount(flat, minlength=E)                      # [E]
         xs = x.index_select(0, tok)                                     # [T*k, H]
-        gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # [T*k, 2I]
-        g, u = gu.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.gelu(g, approximate="tanh") * u, self.down_proj.transpose(1, 2), offs=offs)
-        y = (y * w.reshape(-1)[order, None]).to(x.dtype)                # each weighted term in x's dtype
+        if self._grouped_ok(x):   # one grouped matmul per projection: no loop, no host sync
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # [T*k, 2I]
+            g, u = gu.chunk(2, dim=-1)
+            y = torch._grouped_mm(F.gelu(g, approximate="tanh") * u, self.down_proj.transpose(1, 2), offs=offs)
+        else:                     # training / odd shapes: a loop over the experts that received tokens
+            ys, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    g, u = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                    ys.append(F.linear(F.gelu(g, approximate="tanh") * u, self.down_proj[e]))
+                start += n
+            y = torch.cat(ys)
+        y = (y * w.reshape(-1)[order, None]).to(x.dtype)                # [T*k, H]
         return torch.zeros_like(x).index_add_(0, tok, y)
+
+    def _grouped_ok(self, x: torch.Tensor) -> bool:
+        """torch._grouped_mm needs 16-byte aligned rows and has no reliable CPU backward."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.down_proj.requires_grad):
+            return False
+        align = 16 // x.element_size()
+        return all(d % align == 0 for d in (self.down_proj.shape[1], self.down_proj.shape[2]))
 
 
 class Layer(nn.Module):
@@ -213,7 +232,7 @@ class DiffusionGemma(nn.Module):
         return self.embed_tokens(ids) * self.embed_scale().to(self.device)
 
     def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
-        """positions: [S] -> {sliding?: (cos, sin) [S, D] in the model dtype}; inv_freq stays fp32."""
+        """positions: [S] or [B, S] -> {sliding?: (cos, sin)} in the model dtype; inv_freq stays fp32."""
         cfg, out = self.config, {}
         for sliding in (True, False):
             key = (sliding, positions.device)
@@ -222,8 +241,10 @@ class DiffusionGemma(nn.Module):
                     cfg.head_dim if sliding else cfg.global_head_dim,
                     cfg.rope_local_theta if sliding else cfg.rope_global_theta,
                     1.0 if sliding else cfg.global_partial_rotary_factor, positions.device)
-            f = positions.float()[:, None] * self._rope_cache[key]
-            emb = torch.cat((f, f), dim=-1)
+            f = positions.float()[..., None] * self._rope_cache[key]
+            emb = torch.cat((f, f), dim=-1)                                   # [S, D] or [B, S, D]
+            if emb.dim() == 3:
+                emb = emb[:, None]                                            # [B, 1, S, D]: per-row positions
             out[sliding] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
         return out
 

@@ -1,0 +1,286 @@
+"""The `dgemma` command line: `dgemma generate`, `dgemma info` (and, later, commands from other modules).
+
+Knows: argument parsing, turning user mistakes into one `dgemma: error: ...` line (exit 2), streaming text
+as canvases are committed, and a config/memory summary read from config.json and safetensors headers.
+Does not know: the model math (torch and the model are imported inside the commands, so `--help` stays fast).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64"}
+SAMPLER_ROWS, SAMPLER_BUFFERS = 1024, 6  # generate() chunks canvas rows by 1024; ~6 fp32 [rows, V] buffers live
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other user error (no usage dump)
+        self.exit(2, f"dgemma: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _model_dir(given: str | None) -> Path:
+    from dgemma import default_model_path
+    path = Path(given or default_model_path())
+    if not path.is_dir():
+        if given is None:
+            raise UsageError(f"the shipped model is missing ({path}); pass --model PATH")
+        raise UsageError(f"model folder {str(path)!r} does not exist")
+    return path
+
+
+def _device(name: str | None):
+    """None (auto) or a torch.device that exists on this machine."""
+    if name is None:
+        return None
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {name!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise UsageError(f"device {name!r} requested but {dev.type} is not available on this machine")
+        if dev.index is not None and dev.index >= backend.device_count():
+            raise UsageError(f"device {name!r} requested but only {backend.device_count()} {dev.type} device(s) exist")
+    return dev
+
+
+# ---- generate --------------------------------------------------------------------------------------------
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", metavar="PROMPT", help="text to continue (or the user message with --chat)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder (default: the model shipped with dgemma)")
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT as one user turn with the chat template")
+    p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="print at most N new tokens")
+    p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
+    p.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same device: same text)")
+    p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print speed statistics to stderr")
+
+
+class Stream:
+    """`on_canvas` callback: prints row 0 of each committed canvas as soon as it is ready.
+
+    Stops at the first EOS (or after `limit` tokens), skips pad, prints only text not printed before.
+    """
+
+    def __init__(self, tok, eos: set[int], pad: int | None, limit: int | None, out=None) -> None:
+        self.tok, self.eos, self.pad, self.limit, self.out = tok, eos, pad, limit, out or sys.stdout
+        self.ids: list[int] = []
+        self.n, self.text, self.done, self.first_at = 0, "", False, None
+
+    def __call__(self, canvas) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        if self.done:
+            return
+        for t in canvas[0].tolist():
+            if t in self.eos or (self.limit is not None and self.n >= self.limit):
+                self.done = True
+                break
+            self.n += 1
+            if t != self.pad:
+                self.ids.append(t)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not self.done:
+            text = text.rstrip("\ufffd")  # a character split across canvases: wait for its other bytes
+        new = text[len(self.text):] if text.startswith(self.text) else text[len(os.path.commonprefix([text, self.text])):]
+        self.text = text
+        if new:
+            self.out.write(new)
+            self.out.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    path = _model_dir(args.model)
+    if not args.prompt.strip():
+        raise UsageError("empty prompt")
+    device = _device(args.device)
+    import torch
+    import dgemma
+    from dgemma.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(path)
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+    else:
+        ids = tok.encode(args.prompt, add_special_tokens=True)
+        if tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
+            ids.insert(0, tok.bos_token_id)
+    t0 = time.perf_counter()
+    model = dgemma.load(path, device=device, dtype=args.dtype)
+    t1 = time.perf_counter()
+    sc = model.sampler_config
+    eos = set(sc.eos_token_id or []) | ({tok.eos_token_id} - {None})
+    stream = Stream(tok, eos, sc.pad_token_id, args.max_new_tokens)
+    given = {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps}
+    out = model.generate(torch.tensor([ids]), seed=args.seed, on_canvas=stream,
+                         **{k: v for k, v in given.items() if v is not None})
+    t2 = time.perf_counter()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose:
+        new = out.sequences[0, len(ids):]
+        n_new = int((new != sc.pad_token_id).sum()) if sc.pad_token_id is not None else new.numel()
+        first = (stream.first_at or t2) - t1
+        print(f"dgemma: loaded {path} in {t1 - t0:.2f} s ({model.device}, {str(model.dtype).replace('torch.', '')})\n"
+              f"dgemma: {len(ids)} prompt tokens, {n_new} new tokens in {t2 - t1:.2f} s: "
+              f"{n_new / max(t2 - t1, 1e-9):.1f} tokens/s, {float(out.tokens_per_forward[0]):.2f} tokens per forward, "
+              f"{int(out.decoder_passes[0])} decoder passes, time to first canvas {first:.2f} s", file=sys.stderr)
+    return 0
+
+
+# ---- info ------------------------------------------------------------------------------------------------
+def add_info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder (default: the model shipped with dgemma)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="dtype for the memory estimate (default: the checkpoint's)")
+    p.add_argument("--context", type=_positive, default=4096, metavar="N", help="prompt + new tokens (default 4096)")
+    p.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences generated at once (default 1)")
+
+
+def _safetensors_header(f: Path) -> dict:
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 1 << 28:
+                raise ValueError("header too large")
+            return json.loads(fh.read(n))
+    except (struct.error, ValueError) as e:
+        raise UsageError(f"{f} is not a valid safetensors file ({e})") from None
+
+
+def _count(n: float) -> str:
+    for unit, d in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= d:
+            return f"{n / d:.2f}{unit}"
+    return str(int(n))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dgemma.config import ModelConfig
+    path = _model_dir(args.model)
+    cfg = ModelConfig.from_dir(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{path}: no *.safetensors files")
+    by_dtype: dict[str, int] = {}
+    for f in files:
+        for name, t in _safetensors_header(f).items():
+            if name != "__metadata__":
+                key = ST_DTYPES.get(t["dtype"], t["dtype"])
+                by_dtype[key] = by_dtype.get(key, 0) + t["data_offsets"][1] - t["data_offsets"][0]
+    ckpt_dtypes = sorted(by_dtype, key=by_dtype.get, reverse=True)
+    dtype = args.dtype or (ckpt_dtypes[0] if ckpt_dtypes and ckpt_dtypes[0] in DTYPE_BYTES else "float32")
+    nb, CL, W, V = DTYPE_BYTES[dtype], cfg.canvas_length, cfg.sliding_window, cfg.vocab_size
+    L = cfg.num_hidden_layers
+    n_sliding = sum(cfg.is_sliding(i) for i in range(L))
+    params = cfg.num_parameters()
+    # what KVCache allocates: K and V per layer; sliding layers a ring of W-1 positions, full layers the whole
+    # context, every layer plus one canvas of scratch slots
+    slots = [((W - 1) if cfg.is_sliding(i) else args.context) + CL for i in range(L)]
+    kv = args.batch * nb * sum(2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * slots[i] for i in range(L))
+    weights = params["total"] * nb
+    sampler = min(SAMPLER_ROWS, args.batch * CL) * V * 4 * SAMPLER_BUFFERS
+    g, s = cfg.global_head_dim, cfg.head_dim
+    print(f"model        {path}\n"
+          f"layers       {L} ({n_sliding} sliding, {L - n_sliding} full attention)\n"
+          f"hidden size  {cfg.hidden_size} (dense MLP {cfg.intermediate_size})\n"
+          f"heads        {cfg.num_attention_heads} query; sliding {cfg.num_key_value_heads} kv x {s} dim, "
+          f"full {cfg.num_global_key_value_heads} kv x {g} dim\n"
+          f"experts      {cfg.num_experts}, top-{cfg.top_k_experts} per token (expert MLP {cfg.moe_intermediate_size})\n"
+          f"window       {W} (sliding attention), canvas {CL} tokens\n"
+          f"vocab        {V}\n"
+          f"parameters   {params['total']:,} total ({_count(params['total'])}), "
+          f"{params['active']:,} active per token ({_count(params['active'])})\n"
+          f"checkpoint   {' + '.join(ckpt_dtypes) or '?'}, {_size(sum(f.stat().st_size for f in files))} on disk "
+          f"in {len(files)} file(s)\n"
+          f"memory       ~{_size(weights + kv + sampler)} for inference in {dtype}, context {args.context}, "
+          f"batch {args.batch}\n"
+          f"  weights    {_size(weights)}\n"
+          f"  kv cache   {_size(kv)}\n"
+          f"  sampler    {_size(sampler)} (fp32 [rows, vocab] logits/sampler buffers; prompt-pass activations extra)")
+    return 0
+
+
+# ---- the command table -----------------------------------------------------------------------------------
+# name -> (help, add_arguments(parser), run(args) -> exit code). To add a command from another module, add one
+# line here, e.g. "train": (train.HELP, train.add_arguments, train.run); keep torch imports inside run()
+# so `dgemma --help` stays fast. A nested command (`dgemma tokenizer train`) adds its own subparsers.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "generate": ("generate text with a DiffusionGemma checkpoint", add_generate_args, cmd_generate),
+    "info": ("show a checkpoint's configuration, size and inference memory", add_info_args, cmd_info),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dgemma import __version__
+    parser = _Parser(prog="dgemma", description="DiffusionGemma (block-diffusion LM) in pure PyTorch.")
+    parser.add_argument("--version", action="version", version=f"dgemma {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def _is_user_error(e: BaseException) -> bool:
+    # ConfigError, CheckpointError and TokenizerError are ValueErrors
+    return isinstance(e, (UsageError, ValueError, FileNotFoundError))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: return the code instead of exiting
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `dgemma generate ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:
+        oom = isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+        if os.environ.get("DGEMMA_DEBUG") or not (_is_user_error(e) or oom):
+            raise
+        msg = f"{e.strerror}: {e.filename}" if isinstance(e, FileNotFoundError) and e.filename else str(e)
+        msg = " ".join(msg.split()) or type(e).__name__
+        print(f"dgemma: error: {'out of memory: ' if oom else ''}{msg}", file=sys.stderr)
+        return 1 if oom else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

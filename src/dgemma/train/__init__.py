@@ -1,0 +1,1 @@
+"""Training DiffusionGemma-architecture models: objective, data, loop. Nothing in the package imports this."""

@@ -1,0 +1,182 @@
+"""`dgemma train`, `dgemma eval` and `dgemma tokenizer train` (registered by dgemma.cli).
+
+Knows: the command-line surface of training and evaluation and how it maps onto train/loop.py,
+train/data.py and the tokenizer. Does not know: the math.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _tokenizer_files(folder: Path) -> dict[str, bytes]:
+    return {n: (folder / n).read_bytes() for n in TOKENIZER_FILES if (folder / n).is_file()}
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a DiffusionGemma-architecture model")
+    p.add_argument("--data", nargs="+", required=True, help="text files/folders and/or .jsonl files")
+    p.add_argument("--out", required=True, help="run folder (checkpoints go to OUT/checkpoint)")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json (default: --init-from's folder)")
+    p.add_argument("--shape", default="small", help="model shape when training from scratch (see config.PRESETS)")
+    p.add_argument("--init-from", help="checkpoint folder to fine-tune from")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--context", type=int, default=64, help="tokens of clean context before the canvases")
+    p.add_argument("--canvases", type=int, default=2, help="canvases per training sequence")
+    p.add_argument("--canvas-length", type=int, help="override the shape's canvas length")
+    p.add_argument("--ar-weight", type=float, default=1.0)
+    p.add_argument("--diffusion-weight", type=float, default=1.0)
+    p.add_argument("--sc-prob", type=float, default=0.5, help="self-conditioning probability")
+    p.add_argument("--freeze-router", action="store_true")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--val-percent", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run_train)
+
+
+def _positive(args, *names: str) -> None:
+    for n in names:
+        if getattr(args, n) is not None and getattr(args, n) <= 0:
+            raise ValueError(f"--{n.replace('_', '-')} must be positive (got {getattr(args, n)})")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..config import ModelConfig, preset
+    from ..tokenizer import Tokenizer
+    from .data import encode_documents, pack
+    from .loop import TrainConfig, train
+    from .objective import ObjectiveConfig
+
+    _positive(args, "steps", "batch_size", "grad_accum", "lr", "context", "canvases", "canvas_length")
+    out = Path(args.out)
+    src = Path(args.init_from) if args.init_from else (out / "checkpoint" if args.resume else None)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else src
+    if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
+        raise ValueError("a tokenizer is needed: pass --tokenizer FOLDER (make one with `dgemma tokenizer train`)")
+    tok = Tokenizer.from_dir(tok_dir)
+    if src is not None:
+        mcfg = ModelConfig.from_dir(src)
+    else:
+        over = {"vocab_size": tok.vocab_size}
+        if args.canvas_length:
+            over["canvas_length"] = args.canvas_length
+        for name in ("pad_token_id", "bos_token_id"):
+            if getattr(tok, name) is not None:
+                over[name] = getattr(tok, name)
+        if tok.eos_token_id is not None:
+            over["eos_token_id"] = [tok.eos_token_id]
+        mcfg = preset(args.shape, **over)
+    if tok.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {mcfg.vocab_size}")
+    seq_len = args.context + args.canvases * mcfg.canvas_length
+    print(f"reading and tokenizing {' '.join(args.data)} ...", flush=True)
+    t0 = time.time()
+    tr, va = encode_documents(args.data, tok, args.val_percent)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    train_data, val_data = pack(tr, seq_len, pad), pack(va, seq_len, pad)
+    print(f"{len(train_data[0])} training / {len(val_data[0])} validation sequences of {seq_len} tokens "
+          f"({time.time() - t0:.0f}s)", flush=True)
+    cfg = TrainConfig(out=str(out), steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
+                      seed=args.seed, freeze_router=args.freeze_router,
+                      objective=ObjectiveConfig(context_length=args.context, ar_weight=args.ar_weight,
+                                                diffusion_weight=args.diffusion_weight, sc_prob=args.sc_prob))
+    ckpt = train(cfg, mcfg, train_data, val_data, init_from=args.init_from, resume=args.resume,
+                 device=args.device, extra_files=_tokenizer_files(tok_dir))
+    print(f"checkpoint: {ckpt}")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out encoder perplexity, denoiser loss and tokens per forward")
+    p.add_argument("--model", help="checkpoint folder (default: the shipped model)")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--canvases", type=int, default=2)
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts for tokens-per-forward")
+    p.add_argument("--max-new-tokens", type=int, help="default: two canvases")
+    p.add_argument("--steps", type=int, help="max denoising steps (default: generation_config.json)")
+    p.add_argument("--val-percent", type=float, default=1.0, help="same split as training: only held-out data")
+    p.add_argument("--all", action="store_true", help="use every document, not only the held-out split")
+    p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from .. import default_model_path, load
+    from ..tokenizer import Tokenizer
+    from .data import encode_documents, pack
+    from .loop import evaluate
+    from .objective import ObjectiveConfig
+
+    _positive(args, "context", "canvases", "batches", "batch_size", "prompts", "max_new_tokens", "steps")
+    path = Path(args.model or default_model_path())
+    model = load(path, device=args.device, dtype=torch.float32)
+    tok = Tokenizer.from_dir(path)
+    CL = model.config.canvas_length
+    tr, va = encode_documents(args.data, tok, 100.0 if args.all else args.val_percent)
+    held = va if not args.all else tr + va
+    if not held:
+        raise ValueError("no held-out documents in --data (use --all to evaluate on every document)")
+    ids, score = pack(held, args.context + args.canvases * CL, tok.pad_token_id or 0)
+    ocfg = ObjectiveConfig(context_length=args.context)
+    v = evaluate(model, ids, score, ocfg, args.batch_size, args.batches)
+    # tokens per forward: continue held-out prompts (the first `context` tokens of held-out sequences)
+    n = min(args.prompts, len(ids))
+    out = model.generate(ids[:n, : args.context], max_new_tokens=args.max_new_tokens or 2 * CL,
+                         **({"max_denoising_steps": args.steps} if args.steps else {}), seed=0)
+    res = {"model": str(path), "sequences": int(len(ids)), "encoder_loss": v["ar"],
+           "encoder_perplexity": math.exp(v["ar"]), "denoiser_loss": v["diffusion"],
+           "tokens_per_forward": float(out.tokens_per_forward.mean()),
+           "max_denoising_steps": args.steps or model.sampler_config.max_denoising_steps}
+    for k, val in res.items():
+        print(f"{k}: {val:.4f}" if isinstance(val, float) else f"{k}: {val}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_cmd", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer.json on text files")
+    t.add_argument("--data", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=run_tokenizer_train)
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from ..tokenizer import train_bpe
+    from .data import TEXT_SUFFIXES
+
+    _positive(args, "vocab_size")
+    files = []
+    for d in map(Path, args.data):
+        if d.is_dir():
+            files += sorted(f for f in d.rglob("*") if f.suffix in TEXT_SUFFIXES)
+        elif d.is_file():
+            files.append(d)
+        else:
+            raise ValueError(f"data path {str(d)!r} does not exist")
+    tok = train_bpe(files, args.vocab_size, args.out)
+    print(f"wrote {args.out}/tokenizer.json ({tok.vocab_size} tokens)")
+    return 0

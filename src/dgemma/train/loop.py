@@ -1,0 +1,213 @@
+"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, validation, checkpoints, DDP.
+
+Knows: optimisation, checkpoint/resume (an HF-format folder that `dgemma.load` reads, plus
+`optimizer.safetensors` and `trainer_state.json`, written atomically), multi-process training under
+`torchrun` (gradients averaged with all_reduce; gloo on CPU, nccl on GPU).
+Does not know: the loss (objective.py) or file formats (data.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..checkpoint import load, save
+from ..config import ModelConfig, SamplerConfig
+from ..model import DiffusionGemma
+from .objective import ObjectiveConfig, losses
+
+CKPT = "checkpoint"
+
+
+class TrainError(ValueError):
+    """A training setup we refuse (one message)."""
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    steps: int = 1000
+    batch_size: int = 8                 # sequences per optimiser step per process (before accumulation)
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    seed: int = 0
+    freeze_router: bool = False
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(context_length=64))
+
+
+def init_weights(model: DiffusionGemma, seed: int, std: float = 0.02) -> DiffusionGemma:
+    """Fresh weights: normal(0, std) matrices, ones for norms, router scales and layer scalars."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:
+                p.fill_(1.0)
+        for b in model.buffers():
+            b.fill_(1.0)
+    return model
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _save(model, opt, step: int, cfg: TrainConfig, history: list, extra_files: dict[str, bytes]) -> None:
+    state = {}
+    groups = []
+    params = [p for p in model.parameters()]
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            state[f"{i}.{k}"] = v.detach().cpu().reshape(-1) if v.dim() == 0 else v.detach().cpu()
+    for g in opt.param_groups:
+        groups.append({k: v for k, v in g.items() if k != "params"})
+    trainer = {"step": step, "config": asdict(cfg), "param_groups": groups, "history": history}
+    files = dict(extra_files)
+    files["optimizer.safetensors"] = st_save(state)
+    files["trainer_state.json"] = json.dumps(trainer, indent=1).encode()
+    save(model, Path(cfg.out) / CKPT, extra_files=files)
+
+
+def _restore(model, opt, path: Path) -> tuple[int, list]:
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    state = st_load((path / "optimizer.safetensors").read_bytes())
+    params = [p for p in model.parameters()]
+    for key, v in state.items():
+        i, name = key.split(".", 1)
+        p = params[int(i)]
+        opt.state[p][name] = v.reshape(()) if name == "step" else v.to(p.device)
+    return trainer["step"], trainer["history"]
+
+
+def evaluate(model, ids: torch.Tensor, score: torch.Tensor, ocfg: ObjectiveConfig, batch: int,
+             n_batches: int, seed: int = 1234) -> dict[str, float]:
+    """Mean AR and denoiser losses over the first n_batches validation batches (fixed noise seed)."""
+    g = torch.Generator(device=ids.device).manual_seed(seed)
+    tot = {"ar": 0.0, "diffusion": 0.0}
+    n = 0
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, min(len(ids), batch * n_batches), batch):
+            out = losses(model, ids[s:s + batch], score[s:s + batch], ocfg, g)
+            tot["ar"] += out["ar"].item()
+            tot["diffusion"] += out["diffusion"].item()
+            n += 1
+    model.train(was)
+    return {k: v / max(n, 1) for k, v in tot.items()}
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[torch.Tensor, torch.Tensor],
+          val_data: tuple[torch.Tensor, torch.Tensor], *, init_from: str | None = None, resume: bool = False,
+          device: str = "cpu", extra_files: dict[str, bytes] | None = None, progress: bool = True) -> Path:
+    """Train and checkpoint into cfg.out/checkpoint; returns that folder. See `dgemma train --help`."""
+    rank, world = _dist()
+    out = Path(cfg.out)
+    ckpt = out / CKPT
+    if ckpt.exists() and not resume:
+        raise TrainError(f"{ckpt} already exists: pass --resume to continue that run, or choose another --out")
+    if resume and not ckpt.exists():
+        raise TrainError(f"--resume: no checkpoint in {out}")
+    dev = torch.device(device)
+    if resume:
+        model = load(ckpt, device=dev, dtype=torch.float32)
+    elif init_from:
+        model = load(init_from, device=dev, dtype=torch.float32)
+    else:
+        if model_cfg is None:
+            raise TrainError("a model config or --init-from is needed")
+        model_cfg.dtype = "float32"
+        model = init_weights(DiffusionGemma(model_cfg, SamplerConfig(eos_token_id=list(model_cfg.eos_token_id),
+                                                                     pad_token_id=model_cfg.pad_token_id)),
+                             cfg.seed).to(dev)
+    model.train().requires_grad_(True)
+    for layer in model.layers:
+        layer.router.requires_grad_(not cfg.freeze_router)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    step, history = 0, []
+    if resume:
+        step, history = _restore(model, opt, ckpt)
+    ids, score = train_data
+    if len(ids) == 0:
+        raise TrainError("no training sequences (is the data shorter than one sequence?)")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    ocfg = cfg.objective
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    t0, toks = time.time(), 0
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        seed = (cfg.seed * 1_000_003 + step) * 64 + rank        # batches and noise depend only on (seed, step)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        pick = torch.Generator().manual_seed(seed)
+        opt.zero_grad(set_to_none=True)
+        logs = {"loss": 0.0, "ar": 0.0, "diffusion": 0.0}
+        for _ in range(cfg.grad_accum):
+            rows = torch.randint(0, len(ids), (cfg.batch_size,), generator=pick)
+            with autocast:
+                out_ = losses(model, ids[rows].to(dev), score[rows].to(dev), ocfg, gen)
+            (out_["loss"] / cfg.grad_accum).backward()
+            for k in logs:
+                logs[k] += out_[k].item() / cfg.grad_accum
+            toks += int(cfg.batch_size * ids.shape[1])
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        step += 1
+        rec = {"step": step, **{k: round(v, 4) for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and len(val_data[0]):
+            v = evaluate(model, val_data[0].to(dev), val_data[1].to(dev), ocfg, cfg.batch_size, cfg.eval_batches)
+            rec.update({"val_ar": round(v["ar"], 4), "val_diffusion": round(v["diffusion"], 4)})
+        history.append(rec)
+        if bar is not None:
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", ar=f"{logs['ar']:.3f}", diff=f"{logs['diffusion']:.3f}",
+                            tok_s=f"{toks * world / max(time.time() - t0, 1e-9):.0f}")
+            bar.update(1)
+        if (step % cfg.save_every == 0 or step == cfg.steps) and rank == 0:
+            _save(model, opt, step, cfg, history, extra_files or {})
+        if world > 1:
+            dist.barrier()
+    if bar is not None:
+        bar.close()
+    return ckpt

@@ -1,0 +1,122 @@
+"""The training objective (spec section 5), single-canvas form.
+
+Per example: one causal encoder pass over the clean sequence gives next-token cross-entropy (the AR
+loss) and the encoder K/V of every position. One canvas is chosen uniformly among the canvases that
+hold scored tokens, its tokens are replaced by uniform random ids with probability t ~ U(eps, 1-eps),
+and the denoiser (reading the encoder K/V of the clean context before that canvas: all of it on full
+layers, the last W-1 positions on sliding layers, exactly as at inference) is scored by cross-entropy on
+the canvas's scored tokens, corrupted or not. Self-conditioning with probability `sc_prob` per example:
+a no-grad first denoiser pass gives logits whose soft embedding feeds the trained second pass; other
+examples get an exactly zero signal (as at the first inference step).
+
+Choices the spec leaves open (written down here):
+  * losses are token means over the batch (not per-example means), each weighted 1 by default;
+  * the self-conditioning logits fed to pass 2 are pass 1's raw logits (no temperature);
+  * gradients of the denoiser loss flow into the encoder K/V (no stop-gradient on the cache);
+  * a canvas is valid when it has at least one scored token; examples with none skip the denoiser loss.
+Knows: the model's `embed`, `run_layers`, `self_conditioning`, `head`. Does not know: data or optimisers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ObjectiveConfig:
+    context_length: int              # tokens before the first canvas in each training sequence
+    ar_weight: float = 1.0
+    diffusion_weight: float = 1.0
+    sc_prob: float = 0.5
+    t_eps: float = 1e-4
+
+
+def _encoder_pass(model, ids: torch.Tensor):
+    """Causal pass over clean ids [B, L] -> (hidden [B, L, H], per-layer (k, v) [B, Hkv, L, D])."""
+    B, L = ids.shape
+    W = model.config.sliding_window
+    pos = torch.arange(L, device=ids.device)
+    causal = pos[None, :] <= pos[:, None]                            # [L, L]
+    window = causal & (pos[None, :] > pos[:, None] - W)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def attend_for(i: int):
+        mask = window if model.layers[i].sliding else causal
+
+        def attend(q, k, v):
+            kv.append((k, v))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        return attend
+
+    return model.run_layers(model.embed(ids), pos, attend_for, encoder=True), kv
+
+
+def _denoiser_pass(model, canvas: torch.Tensor, start: torch.Tensor, kv, soft: torch.Tensor | None):
+    """canvas [B, C] at per-row positions start[b] + [0, C), reading encoder K/V of positions < start[b]."""
+    B, C = canvas.shape
+    L = kv[0][0].shape[2]
+    W1 = model.config.sliding_window - 1
+    kpos = torch.arange(L, device=canvas.device)
+    ctx_full = kpos[None, :] < start[:, None]                        # [B, L]
+    ctx_slide = ctx_full & (kpos[None, :] >= start[:, None] - W1)
+    ones = torch.ones(B, C, dtype=torch.bool, device=canvas.device)
+    m_full = torch.cat([ctx_full, ones], 1)[:, None, None]            # [B, 1, 1, L+C]
+    m_slide = torch.cat([ctx_slide, ones], 1)[:, None, None]
+    positions = start[:, None] + torch.arange(C, device=canvas.device)[None]  # [B, C]
+
+    def attend_for(i: int):
+        mask = m_slide if model.layers[i].sliding else m_full
+        k_enc, v_enc = kv[i]
+
+        def attend(q, k, v):
+            keys, vals = torch.cat([k_enc, k], 2), torch.cat([v_enc, v], 2)
+            return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
+        return attend
+
+    h = model.self_conditioning(model.embed(canvas), soft)
+    return model.head(model.run_layers(h, positions, attend_for, encoder=False))
+
+
+def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
+           generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """ids [B, L] clean tokens, score [B, L] bool (tokens that are trained on; False for prompts/padding).
+
+    L = context_length + n * canvas_length. Returns {'loss', 'ar', 'diffusion', 'tokens'}.
+    """
+    B, L = ids.shape
+    CL, V, P = model.config.canvas_length, model.config.vocab_size, cfg.context_length
+    n_canvas = (L - P) // CL
+    if n_canvas < 1 or P + n_canvas * CL != L:
+        raise ValueError(f"sequence length {L} is not context {P} + a whole number of {CL}-token canvases")
+    dev = ids.device
+    h, kv = _encoder_pass(model, ids)
+    # AR loss: position i predicts token i+1, scored where token i+1 is scored
+    ar_logits = model.head(h[:, :-1])
+    tgt_mask = score[:, 1:]
+    ar = F.cross_entropy(ar_logits[tgt_mask], ids[:, 1:][tgt_mask]) if tgt_mask.any() else h.sum() * 0
+
+    # choose one valid canvas per example, uniformly
+    canv_score = score[:, P:].reshape(B, n_canvas, CL)
+    valid = canv_score.any(-1)                                            # [B, n]
+    has = valid.any(-1)
+    r = torch.rand(B, n_canvas, device=dev, generator=generator)
+    idx = torch.where(valid, r, torch.full_like(r, -1.0)).argmax(-1)      # [B]
+    start = P + idx * CL
+    gather = start[:, None] + torch.arange(CL, device=dev)[None]          # [B, C]
+    x0 = ids.gather(1, gather)
+    sc_mask = canv_score[torch.arange(B, device=dev), idx] & has[:, None]
+    t = cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(B, 1, device=dev, generator=generator)
+    noisy = torch.where(torch.rand(B, CL, device=dev, generator=generator) < t,
+                        torch.randint(0, V, (B, CL), device=dev, generator=generator), x0)
+    use_sc = torch.rand(B, device=dev, generator=generator) < cfg.sc_prob
+    soft = None
+    if bool(use_sc.any()):
+        with torch.no_grad():
+            first = _denoiser_pass(model, noisy, start, [(k.detach(), v.detach()) for k, v in kv], None)
+            soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
+    logits = _denoiser_pass(model, noisy, start, kv, soft)
+    diff = F.cross_entropy(logits[sc_mask], x0[sc_mask]) if sc_mask.any() else logits.sum() * 0
+    loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
+    return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach(), "tokens": tgt_mask.sum()}

@@ -41,6 +41,15 @@ def write_tokenizer(path) -> None:
         "chat_template": TEMPLATE}))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model gains nothing from threads, and on a busy machine they make each pass 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
@@ -170,3 +179,18 @@ def test_console_script_has_no_traceback(tmp_path):
     assert r.stderr.strip().splitlines() == [f"dgemma: error: model folder {str(tmp_path / 'nope')!r} does not exist"]
     r = subprocess.run(cmd + ["--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "generate" in r.stdout and "info" in r.stdout
+
+
+def test_plugin_commands(monkeypatch, capsys):
+    import types
+    mod = types.ModuleType("fake_plugin")
+
+    def add_hello(sub):
+        p = sub.add_parser("hello", help="say hello")
+        p.add_argument("--times", type=int, default=1)
+        p.set_defaults(func=lambda args: print("hello " * args.times) or 0)
+    mod.add_hello = add_hello
+    monkeypatch.setitem(sys.modules, "fake_plugin", mod)
+    monkeypatch.setattr(cli, "PLUGINS", ["fake_plugin:add_hello"])
+    rc, out, err = run(capsys, "hello", "--times", 2)
+    assert rc == 0 and out.split() == ["hello", "hello"]

@@ -1,10 +1,12 @@
 """Preallocated encoder KV cache.
 
-Knows: where each layer's keys/values live, which slots are valid (padding), the positions the slots
-hold, and the attention masks that follow from them. Sliding layers keep a ring of the last W-1
-positions; full layers keep every position up to a capacity that grows on demand. Every layer buffer
-has `canvas_length` scratch slots behind the cached part: the denoiser writes the canvas K/V there, so
-a denoising step attends over one contiguous slice and allocates nothing.
+Knows: where each layer's keys/values live, which slots are valid (padding), which position each slot
+holds, and the attention masks that follow. Sliding layers keep a ring of the last W-1 positions
+(slot = position % (W-1)); full layers keep every position (slot = position) up to a capacity that grows
+on demand. Every layer buffer has `scratch` slots behind the cached part: the denoiser writes the
+canvas K/V there, so a denoising step attends over one slice and allocates nothing.
+Rows may hold different lengths (the engine batches requests of different ages); only rows [:n] take
+part in a pass, so finished rows cost nothing once the engine compacts them away.
 Does not know: weights, the sampler, or text.
 """
 from __future__ import annotations
@@ -17,12 +19,13 @@ from .config import ModelConfig
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype, scratch: int | None = None) -> None:
-        self.cfg, self.batch, self.device, self.dtype = cfg, batch, torch.device(device), dtype
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.ring = cfg.sliding_window - 1          # sliding layers keep the last W-1 positions
         self.scratch = scratch or cfg.canvas_length   # room for one canvas
         self.capacity = max(int(capacity), 1)       # full-layer positions we can hold before growing
-        self.length = 0                             # positions encoded so far (same for every row)
-        self.has_padding = False
+        self.batch = batch                          # rows allocated
+        self.n = batch                              # rows taking part in passes: [:n]
+        self.lengths = [0] * batch                  # positions encoded per row (host ints: no syncs)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for i in range(cfg.num_hidden_layers):
@@ -30,112 +33,175 @@ class KVCache:
             shape = (batch, cfg.layer_kv_heads(i), slots, cfg.layer_head_dim(i))
             self.k.append(torch.zeros(shape, device=self.device, dtype=dtype))
             self.v.append(torch.zeros(shape, device=self.device, dtype=dtype))
-        # per-slot metadata, shared by all layers of a kind; positions are the same for every row
-        self.ring_pos = torch.full((self.ring,), -1, dtype=torch.long, device=self.device)   # [ring]
-        self.ring_valid = torch.zeros(batch, self.ring, dtype=torch.bool, device=self.device)  # [B, ring]
-        self.full_valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=self.device)  # [B, cap]
+        dev = self.device
+        self.ring_pos = torch.full((batch, self.ring), -1, dtype=torch.long, device=dev)   # [B, ring]
+        self.ring_valid = torch.zeros(batch, self.ring, dtype=torch.bool, device=dev)      # [B, ring]
+        self.full_valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=dev)  # [B, cap]
+        self.padded = False                         # some encoded slot is padding
         self._plan: dict = {}
 
-    # ---- capacity / batch surgery ------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Encoded positions, when every active row has the same number (the generate() case)."""
+        ls = set(self.lengths[: self.n])
+        if len(ls) != 1:
+            raise ValueError("rows of this cache hold different lengths")
+        return ls.pop()
+
+    def _uniform(self) -> bool:
+        return len(set(self.lengths[: self.n])) == 1
+
+    # ---- capacity / rows -----------------------------------------------------------------------
     def reserve(self, total_positions: int) -> None:
-        """Make room for `total_positions` encoded positions on full layers (amortised doubling)."""
+        """Make room for `total_positions` positions per row on full layers (amortised doubling)."""
         if total_positions <= self.capacity:
             return
         new_cap = max(total_positions, 2 * self.capacity)
+        used = max(self.lengths)
         for i in range(self.cfg.num_hidden_layers):
             if self.cfg.is_sliding(i):
                 continue
             for buf in (self.k, self.v):
                 old = buf[i]
                 new = old.new_zeros(old.shape[0], old.shape[1], new_cap + self.scratch, old.shape[3])
-                new[:, :, : self.length] = old[:, :, : self.length]
+                new[:, :, :used] = old[:, :, :used]
                 buf[i] = new
         fv = self.full_valid.new_zeros(self.batch, new_cap)
-        fv[:, : self.length] = self.full_valid[:, : self.length]
+        fv[:, :used] = self.full_valid[:, :used]
         self.full_valid, self.capacity = fv, new_cap
 
-    def select_rows(self, rows: torch.Tensor) -> "KVCache":
-        """Keep only `rows` (a LongTensor of row indices), in place; returns self."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-        self.ring_valid = self.ring_valid.index_select(0, rows)
-        self.full_valid = self.full_valid.index_select(0, rows)
-        self.batch = int(rows.numel())
-        self._update_padding_flag()
+    def copy_row(self, dst: int, src_cache: "KVCache", src: int = 0) -> None:
+        """Copy row `src` of `src_cache` (same model) into row `dst` of this cache."""
+        L = src_cache.lengths[src]
+        self.reserve(L + 1)
+        for i in range(self.cfg.num_hidden_layers):
+            n = src_cache.ring if self.cfg.is_sliding(i) else L
+            self.k[i][dst, :, :n] = src_cache.k[i][src, :, :n]
+            self.v[i][dst, :, :n] = src_cache.v[i][src, :, :n]
+        self.ring_pos[dst] = src_cache.ring_pos[src]
+        self.ring_valid[dst] = src_cache.ring_valid[src]
+        self.full_valid[dst].zero_()
+        self.full_valid[dst, :L] = src_cache.full_valid[src, :L]
+        self.lengths[dst] = L
+        self.padded = self.padded or src_cache.padded
+
+    def select_rows(self, rows: list[int]) -> "KVCache":
+        """Keep only `rows` (in that order) as the active rows [:len(rows)]; returns self."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for bufs in (self.k, self.v):
+            for t in bufs:
+                t[: len(rows)] = t.index_select(0, idx)   # gathered first, so any order is safe
+        for t in (self.ring_pos, self.ring_valid, self.full_valid):
+            t[: len(rows)] = t.index_select(0, idx)
+        self.lengths[: len(rows)] = [self.lengths[r] for r in rows]
+        self.n = len(rows)
         return self
 
-    def _update_padding_flag(self) -> None:
-        n = min(self.length, self.ring)
-        self.has_padding = bool((~self.full_valid[:, : self.length]).any() or (~self.ring_valid[:, :n]).any())
-
     # ---- encoder pass: causal, writes ----------------------------------------------------------
-    def begin_encode(self, n_new: int, valid: torch.Tensor | None) -> None:
-        """Prepare masks for encoding `n_new` positions; valid: [B, n_new] bool (False = padding)."""
-        c, W = self.length, self.cfg.sliding_window
-        self.reserve(c + n_new)
-        dev = self.device
+    def begin_encode(self, n_new: int, valid: torch.Tensor | None, rows: list[int] | None = None) -> torch.Tensor:
+        """Prepare masks for encoding `n_new` positions on `rows` (default: the active rows [:n]);
+        valid: [r, S] (False = padding). Returns positions [S] (rows equally long) or [r, S]."""
+        rows = list(range(self.n)) if rows is None else list(rows)
+        r, W, dev = len(rows), self.cfg.sliding_window, self.device
+        lens = [self.lengths[b] for b in rows]
+        self.reserve(max(lens) + n_new)
         if valid is None:
-            valid = torch.ones(self.batch, n_new, dtype=torch.bool, device=dev)
+            valid = torch.ones(r, n_new, dtype=torch.bool, device=dev)
         valid = valid.to(dev, torch.bool)
-        qpos = torch.arange(c, c + n_new, device=dev)                                   # [S]
-        n_ring = min(c, self.ring)
-        kpos_s = torch.cat([self.ring_pos[:n_ring], qpos])                              # [n_ring+S]
-        kval_s = torch.cat([self.ring_valid[:, :n_ring], valid], dim=1)                 # [B, n_ring+S]
-        m_s = (kpos_s[None, :] <= qpos[:, None]) & (kpos_s[None, :] > qpos[:, None] - W)  # [S, n_ring+S]
-        m_s = m_s[None] & kval_s[:, None, :]                                            # [B, S, n_ring+S]
-        kpos_f = torch.arange(c + n_new, device=dev)
-        kval_f = torch.cat([self.full_valid[:, :c], valid], dim=1)                      # [B, c+S]
-        m_f = (kpos_f[None, :] <= qpos[:, None])[None] & kval_f[:, None, :]             # [B, S, c+S]
-        self._plan = {"n_new": n_new, "valid": valid, "n_ring": n_ring,
-                      "mask_s": m_s[:, None], "mask_f": m_f[:, None]}
+        self.padded = self.padded or not bool(valid.all())
+        sel = slice(0, r) if rows == list(range(r)) else torch.tensor(rows, device=dev)
+        qpos = torch.tensor(lens, device=dev)[:, None] + torch.arange(n_new, device=dev)[None]   # [r, S]
+        n_ring = min(max(lens), self.ring)     # ring slots >= n_ring are empty in every row
+        diag = torch.eye(n_new, dtype=torch.bool, device=dev)                           # a query sees itself
+        kpos_s = torch.cat([self.ring_pos[sel, :n_ring], qpos], 1)                      # [r, n_ring+S]
+        kval_s = torch.cat([self.ring_valid[sel, :n_ring], valid], 1)
+        rel = qpos[:, :, None] - kpos_s[:, None, :]                                     # [r, S, n_ring+S]
+        self_s = torch.cat([torch.zeros(n_new, n_ring, dtype=torch.bool, device=dev), diag], 1)
+        m_s = (rel >= 0) & (rel < W) & (kval_s[:, None, :] | self_s[None])
+        Lf = max(lens) + n_new
+        for b, l, vb in zip(rows, lens, valid):
+            self.full_valid[b, l:l + n_new] = vb
+        kpos_f = torch.arange(Lf, device=dev)
+        own = kpos_f[None, None, :] == qpos[:, :, None]
+        m_f = (kpos_f[None, None, :] <= qpos[:, :, None]) & (self.full_valid[sel, None, :Lf] | own)
+        self._plan = {"n_new": n_new, "valid": valid, "n_ring": n_ring, "rows": rows, "sel": sel, "lens": lens,
+                      "Lf": Lf, "mask_s": m_s[:, None], "mask_f": m_f[:, None]}
+        return qpos[0] if len(set(lens)) == 1 else qpos
+
+    def _write(self, buf: torch.Tensor, new: torch.Tensor, ring: bool) -> None:
+        """buf[row, :, slot(len_row + t)] = new[j, :, t] for the planned rows."""
+        p, S = self._plan, new.shape[2]
+        if not ring and isinstance(p["sel"], slice) and len(set(p["lens"])) == 1:
+            buf[p["sel"], :, p["lens"][0]:p["lens"][0] + S] = new
+            return
+        keep = min(S, self.ring) if ring else S
+        for j, (b, s0) in enumerate(zip(p["rows"], p["lens"])):
+            slots = torch.arange(s0 + S - keep, s0 + S, device=self.device)
+            buf[b, :, slots % self.ring if ring else slots] = new[j, :, S - keep:]
 
     def encode_layer(self, i: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [B, Hkv, S, D] for the new positions -> (keys, values, mask [B,1,S,L]) to attend over."""
-        p, c = self._plan, self.length
-        S = p["n_new"]
+        """k, v: [r, Hkv, S, D] for the new positions -> (keys, values, mask [r,1,S,L]) to attend over."""
+        p = self._plan
         if self.cfg.is_sliding(i):
-            n_ring = p["n_ring"]
-            keys = torch.cat([self.k[i][:, :, :n_ring], k], dim=2)
-            vals = torch.cat([self.v[i][:, :, :n_ring], v], dim=2)
-            keep = min(S, self.ring)                    # only the last W-1 new positions survive
-            slots = torch.arange(c + S - keep, c + S, device=self.device) % self.ring
-            self.k[i][:, :, slots] = k[:, :, S - keep:]
-            self.v[i][:, :, slots] = v[:, :, S - keep:]
+            keys = torch.cat([self.k[i][p["sel"], :, :p["n_ring"]], k], dim=2)
+            vals = torch.cat([self.v[i][p["sel"], :, :p["n_ring"]], v], dim=2)
+            self._write(self.k[i], k, ring=True)
+            self._write(self.v[i], v, ring=True)
             return keys, vals, p["mask_s"]
-        self.k[i][:, :, c:c + S] = k
-        self.v[i][:, :, c:c + S] = v
-        return self.k[i][:, :, :c + S], self.v[i][:, :, :c + S], p["mask_f"]
+        self._write(self.k[i], k, ring=False)
+        self._write(self.v[i], v, ring=False)
+        return self.k[i][p["sel"], :, :p["Lf"]], self.v[i][p["sel"], :, :p["Lf"]], p["mask_f"]
 
     def end_encode(self) -> None:
-        p, c = self._plan, self.length
+        p = self._plan
         S = p["n_new"]
         keep = min(S, self.ring)
-        new_pos = torch.arange(c + S - keep, c + S, device=self.device)
-        slots = new_pos % self.ring
-        self.ring_pos[slots] = new_pos
-        self.ring_valid[:, slots] = p["valid"][:, S - keep:]
-        self.full_valid[:, c:c + S] = p["valid"]
-        self.length = c + S
-        self.has_padding = self.has_padding or not bool(p["valid"].all())
+        for j, (b, l) in enumerate(zip(p["rows"], p["lens"])):
+            pos = torch.arange(l + S - keep, l + S, device=self.device)
+            self.ring_pos[b, pos % self.ring] = pos
+            self.ring_valid[b, pos % self.ring] = p["valid"][j, S - keep:]
+            self.lengths[b] = l + S
         self._plan = {}
 
     # ---- denoiser pass: bidirectional, reads -------------------------------------------------
-    def decode_masks(self, n_canvas: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Key-padding masks [B,1,1,L] for (sliding, full) layers, or None when nothing is padded."""
-        if not self.has_padding:
-            return None, None
-        n_ring, c = min(self.length, self.ring), self.length
-        ones = torch.ones(self.batch, n_canvas, dtype=torch.bool, device=self.device)
-        m_s = torch.cat([self.ring_valid[:, :n_ring], ones], 1)[:, None, None]
-        m_f = torch.cat([self.full_valid[:, :c], ones], 1)[:, None, None]
-        return m_s, m_f
+    def begin_decode(self, n_canvas: int) -> torch.Tensor:
+        """Plan a denoiser pass over rows [:n]; returns canvas positions [C] or [n, C]."""
+        n, dev = self.n, self.device
+        if n_canvas > self.scratch:
+            raise ValueError(f"canvas of {n_canvas} tokens does not fit the cache's {self.scratch} scratch slots")
+        lens = self.lengths[:n]
+        uniform = self._uniform()
+        off_s = [min(l, self.ring) for l in lens]
+        plan = {"C": n_canvas, "lens": lens, "off_s": off_s, "uniform": uniform, "mask_s": None, "mask_f": None}
+        if not uniform or self.padded:
+            for kind, offs, valid in (("s", off_s, self.ring_valid), ("f", lens, self.full_valid)):
+                o = torch.tensor(offs, device=dev)[:, None]
+                j = torch.arange(max(offs) + n_canvas, device=dev)[None]                # [1, L]
+                cached = torch.zeros(n, j.shape[1], dtype=torch.bool, device=dev)
+                w = min(valid.shape[1], j.shape[1])
+                cached[:, :w] = valid[:n, :w]
+                mask = ((j < o) & cached) | ((j >= o) & (j < o + n_canvas))
+                plan["mask_" + kind] = mask[:, None, None]                             # [n, 1, 1, L]
+                idx = (o + torch.arange(n_canvas, device=dev)[None])                   # [n, C]
+                plan["idx_" + kind] = idx
+        self._plan = plan
+        pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(n_canvas, device=dev)[None]
+        return pos[0] if uniform else pos
 
-    def decode_layer(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the canvas K/V (k, v: [B, Hkv, C, D]) into scratch; return [cache ; canvas] keys and values."""
-        off = min(self.length, self.ring) if self.cfg.is_sliding(i) else self.length
-        n = k.shape[2]
-        if n > self.scratch:
-            raise ValueError(f"canvas of {n} tokens does not fit the cache's {self.scratch} scratch slots")
-        self.k[i][:, :, off:off + n] = k
-        self.v[i][:, :, off:off + n] = v
-        return self.k[i][:, :, :off + n], self.v[i][:, :, :off + n]
+    def decode_layer(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the canvas K/V (k, v: [n, Hkv, C, D]) into scratch; return ([cache ; canvas] keys, values,
+        mask or None)."""
+        p, n = self._plan, self.n
+        kind = "s" if self.cfg.is_sliding(i) else "f"
+        offs = p["off_s"] if kind == "s" else p["lens"]
+        C = p["C"]
+        if p["uniform"]:
+            o = offs[0]
+            self.k[i][:n, :, o:o + C] = k
+            self.v[i][:n, :, o:o + C] = v
+        else:
+            idx = p["idx_" + kind][:, None, :, None].expand_as(k)
+            self.k[i][:n].scatter_(2, idx, k)
+            self.v[i][:n].scatter_(2, idx, v)
+        L = max(offs) + C
+        return self.k[i][:n, :, :L], self.v[i][:n, :, :L], p["mask_" + kind]

@@ -2,7 +2,8 @@
 
 Knows: argument parsing, turning user mistakes into one `dgemma: error: ...` line (exit 2), streaming text
 as canvases are committed, and a config/memory summary read from config.json and safetensors headers.
-Does not know: the model math (torch and the model are imported inside the commands, so `--help` stays fast).
+Does not know: the model math. torch and the model are imported inside the commands (but note that
+`dgemma/__init__.py` itself imports torch, which costs ~1 s on every invocation, `--help` included).
 """
 from __future__ import annotations
 
@@ -106,8 +107,7 @@ class Stream:
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if not self.done:
             text = text.rstrip("\ufffd")  # a character split across canvases: wait for its other bytes
-        new = text[len(self.text):] if text.startswith(self.text) else text[len(os.path.commonprefix([text, self.text])):]
-        self.text = text
+        new, self.text = text[len(os.path.commonprefix([text, self.text])):], text
         if new:
             self.out.write(new)
             self.out.flush()
@@ -156,7 +156,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ---- info ------------------------------------------------------------------------------------------------
 def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="checkpoint folder (default: the model shipped with dgemma)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="dtype for the memory estimate (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES),
+                   help="dtype for the memory estimate (default: the checkpoint's)")
     p.add_argument("--context", type=_positive, default=4096, metavar="N", help="prompt + new tokens (default 4096)")
     p.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences generated at once (default 1)")
 
@@ -218,7 +219,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"hidden size  {cfg.hidden_size} (dense MLP {cfg.intermediate_size})\n"
           f"heads        {cfg.num_attention_heads} query; sliding {cfg.num_key_value_heads} kv x {s} dim, "
           f"full {cfg.num_global_key_value_heads} kv x {g} dim\n"
-          f"experts      {cfg.num_experts}, top-{cfg.top_k_experts} per token (expert MLP {cfg.moe_intermediate_size})\n"
+          f"experts      {cfg.num_experts}, top-{cfg.top_k_experts} per token "
+          f"(expert MLP {cfg.moe_intermediate_size})\n"
           f"window       {W} (sliding attention), canvas {CL} tokens\n"
           f"vocab        {V}\n"
           f"parameters   {params['total']:,} total ({_count(params['total'])}), "
@@ -234,16 +236,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---- the command table -----------------------------------------------------------------------------------
-# name -> (help, add_arguments(parser), run(args) -> exit code). To add a command from another module, add one
-# line here, e.g. "train": (train.HELP, train.add_arguments, train.run); keep torch imports inside run()
-# so `dgemma --help` stays fast. A nested command (`dgemma tokenizer train`) adds its own subparsers.
+# name -> (help, add_arguments(parser), run(args) -> exit code). Keep torch imports inside run() so
+# `dgemma --help` stays fast.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "generate": ("generate text with a DiffusionGemma checkpoint", add_generate_args, cmd_generate),
     "info": ("show a checkpoint's configuration, size and inference memory", add_info_args, cmd_info),
 }
+# Commands that live in other modules: "module:function", where function(subparsers) adds its own subparser(s)
+# (nested ones too, e.g. `dgemma tokenizer train`) and sets `func` or `run` = callable(args) -> exit code.
+# Example: "dgemma.train.cli:add_train". Imported only when the parser is built.
+PLUGINS: list[str] = ["dgemma.train.cli:add_train", "dgemma.train.cli:add_eval", "dgemma.train.cli:add_tokenizer"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
     from dgemma import __version__
     parser = _Parser(prog="dgemma", description="DiffusionGemma (block-diffusion LM) in pure PyTorch.")
     parser.add_argument("--version", action="version", version=f"dgemma {__version__}")
@@ -252,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
         add_args(p)
         p.set_defaults(run=run)
+    for spec in PLUGINS:
+        module, _, func = spec.partition(":")
+        getattr(importlib.import_module(module), func)(sub)
     return parser
 
 
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors: return the code instead of exiting
         return e.code if isinstance(e.code, int) else 0
     try:
-        return args.run(args)
+        return (getattr(args, "run", None) or args.func)(args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `dgemma generate ... | head`: stop quietly

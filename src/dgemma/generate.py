@@ -71,8 +71,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     n_canvas = math.ceil(s.max_new_tokens / CL)
     if cache is None:
         cache = model.new_cache(B, L + n_canvas * CL)
-    elif cache.batch != B:
-        raise ValueError(f"cache holds {cache.batch} rows but input_ids has {B}")
+    elif cache.n != B:
+        raise ValueError(f"cache holds {cache.n} rows but input_ids has {B}")
     cur_len = cache.length + L
     if cur_len + n_canvas * CL > cfg.max_position_embeddings:
         raise ValueError(f"{cur_len} context + {n_canvas * CL} new tokens exceed max_position_embeddings "

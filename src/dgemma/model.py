@@ -271,10 +271,10 @@ class DiffusionGemma(nn.Module):
         return KVCache(self.config, batch, capacity, self.device, self.dtype, scratch)
 
     # ---- the two passes ---------------------------------------------------------------------
-    def encode(self, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal pass over ids [B, S] at positions [cache.length, +S); writes the cache. -> [B, S, H]."""
-        cache.begin_encode(ids.shape[1], valid)
-        positions = torch.arange(cache.length, cache.length + ids.shape[1], device=self.device)
+    def encode(self, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
+               rows: list[int] | None = None) -> torch.Tensor:
+        """Causal pass over ids [n, S] after each row's cached positions; writes the cache. -> [n, S, H]."""
+        positions = cache.begin_encode(ids.shape[1], valid, rows)
 
         def attend_for(i: int):
             def attend(q, k, v):
@@ -288,16 +288,12 @@ class DiffusionGemma(nn.Module):
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over canvas [B, C] after the cache; soft: [B, C, H] self-cond signal or None."""
-        C = canvas.shape[1]
         h = self.self_conditioning(self.embed(canvas), soft)
-        positions = torch.arange(cache.length, cache.length + C, device=self.device)
-        mask_s, mask_f = cache.decode_masks(C)
+        positions = cache.begin_decode(canvas.shape[1])
 
         def attend_for(i: int):
-            mask = mask_s if self.layers[i].sliding else mask_f
-
             def attend(q, k, v):
-                keys, vals = cache.decode_layer(i, k, v)
+                keys, vals, mask = cache.decode_layer(i, k, v)
                 return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
             return attend
 

@@ -1,0 +1,161 @@
+"""Training: the objective reads the same context as inference, losses fall, resume after kill -9, DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.config import ModelConfig
+from dgemma.model import DiffusionGemma
+from dgemma.train.data import Example, pack
+from dgemma.train.loop import TrainConfig, TrainError, init_weights, train
+from dgemma.train.objective import ObjectiveConfig, _denoiser_pass, _encoder_pass, losses
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, global_head_dim=16, num_global_key_value_heads=1,
+            sliding_window=6, num_experts=4, top_k_experts=2, moe_intermediate_size=16, canvas_length=8,
+            dtype="float32", eos_token_id=[1])
+
+
+def tiny_model(seed=0):
+    return init_weights(DiffusionGemma(ModelConfig(**TINY)), seed, std=0.3).eval()
+
+
+def test_objective_denoiser_matches_inference_context():
+    m = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (2, 4 + 3 * 8), generator=g)
+    canvas = torch.randint(0, 64, (2, 8), generator=g)
+    with torch.no_grad():
+        h, kv = _encoder_pass(m, ids)
+        assert torch.allclose(m.head(h), m.encoder_logits(ids), atol=1e-5)
+        start = torch.tensor([4 + 8, 4 + 16])                # different canvas per row, beyond the window
+        soft = torch.randn(2, 8, 32, generator=g)
+        out = _denoiser_pass(m, canvas, start, kv, soft)
+        for b in range(2):
+            s = int(start[b])
+            ref = m.head(m.denoise(canvas[b:b + 1], _cache_for(m, ids[b:b + 1, :s]), soft[b:b + 1]))
+            assert torch.allclose(out[b:b + 1], ref, atol=1e-5), b
+
+
+def _cache_for(m, ctx):
+    cache = m.new_cache(1, ctx.shape[1])
+    m.encode(ctx, cache)
+    return cache
+
+
+def test_losses_fall_from_scratch():
+    torch.manual_seed(0)
+    m = tiny_model()
+    m.train().requires_grad_(True)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    # a repetitive language: both losses must drop quickly
+    ids = torch.tensor([[(3 + (i * 7 + r) % 11) for i in range(4 + 2 * 8)] for r in range(8)])
+    score = torch.ones_like(ids, dtype=torch.bool)
+    cfg = ObjectiveConfig(context_length=4)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for step in range(40):
+        out = losses(m, ids, score, cfg, g)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first or (out["ar"].item(), out["diffusion"].item())
+    assert out["ar"].item() < 0.5 * first[0]
+    assert out["diffusion"].item() < 0.7 * first[1]
+
+
+def test_prompt_tokens_are_not_scored():
+    m = tiny_model()
+    ids = torch.randint(3, 64, (2, 4 + 8))
+    score = torch.zeros_like(ids, dtype=torch.bool)
+    out = losses(m, ids, score, ObjectiveConfig(context_length=4))
+    assert out["tokens"].item() == 0 and out["ar"].item() == 0 and out["diffusion"].item() == 0
+
+
+def test_grouped_and_loop_experts_agree():
+    m = tiny_model()
+    x = torch.randn(2, 8, 32)
+    layer = m.layers[0]
+    w, idx, _ = layer.router(x.reshape(-1, 32))
+    with torch.no_grad():
+        grouped = layer.experts(x.reshape(-1, 32), w, idx)
+    x.requires_grad_(True)
+    loop = layer.experts(x.reshape(-1, 32), w, idx)           # grad enabled -> loop path
+    assert torch.allclose(grouped, loop.detach(), atol=1e-5)
+
+
+def _data(n=64, seq=4 + 2 * 8):
+    g = torch.Generator().manual_seed(1)
+    exs = [Example([(3 + (i * 5 + r) % 13) for i in range(seq)], [True] * seq) for r in range(n)]
+    return pack(exs, seq, 0)
+
+
+def test_checkpoint_loads_and_new_run_refuses_overwrite(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=4, batch_size=4, eval_every=2, save_every=2, warmup=1,
+                      objective=ObjectiveConfig(context_length=4))
+    ckpt = train(cfg, ModelConfig(**TINY), _data(), _data(8), progress=False)
+    m = dgemma.load(ckpt)
+    assert m.config.hidden_size == 32
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 4 and "val_ar" in state["history"][-1]
+    with pytest.raises(TrainError, match="already exists"):
+        train(cfg, ModelConfig(**TINY), _data(), _data(8), progress=False)
+
+
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import TINY, _data
+from dgemma.config import ModelConfig
+from dgemma.train.loop import TrainConfig, train
+from dgemma.train.objective import ObjectiveConfig
+cfg = TrainConfig(out={out!r}, steps={steps}, batch_size=4, eval_every=0, save_every=1, warmup=1,
+                  objective=ObjectiveConfig(context_length=4))
+train(cfg, ModelConfig(**TINY), _data(), _data(8), resume={resume}, progress=False)
+"""
+
+
+def _run(out, steps, resume, slow_after=None):
+    code = SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), steps=steps, resume=resume)
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_resume_after_kill_9(tmp_path):
+    out = tmp_path / "run"
+    # reference: an uninterrupted run of 6 steps
+    assert _run(tmp_path / "straight", 6, False).wait() == 0
+    # interrupted: kill -9 once a checkpoint exists, then resume to 6 steps
+    p = _run(out, 6, False)
+    deadline = time.time() + 120
+    while not (out / "checkpoint" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert 1 <= step <= 6
+    assert _run(out, 6, True).wait() == 0
+    a = dgemma.load(out / "checkpoint")
+    b = dgemma.load(tmp_path / "straight" / "checkpoint")
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-5), n
+
+
+def test_ddp_two_processes(tmp_path):
+    """torchrun with two CPU processes (gloo): both finish and the checkpoint loads."""
+    code = SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "ddp"), steps=3, resume=False)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = dgemma.load(tmp_path / "ddp" / "checkpoint")
+    assert json.loads((tmp_path / "ddp" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert m.config.num_hidden_layers == 3

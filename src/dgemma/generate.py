@@ -102,9 +102,10 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             passes += ~(frozen | finished)
             h = model.denoise(canvas, cache, soft).reshape(B * CL, -1)        # [B*C, H]
             temp = sampling.temperature(n, s.max_denoising_steps, s.t_min, s.t_max)
-            parts = [sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, gen, emb, scale,
-                                          noise[: min(row_chunk, B * CL - r)])
-                     for r in range(0, B * CL, row_chunk)]
+            parts = []
+            for r in range(0, B * CL, row_chunk):   # draws stay in row order: the multinomial's stream
+                q = noise[: min(row_chunk, B * CL - r)].exponential_(1, generator=gen)
+                parts.append(sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, q, emb, scale))
             sample = torch.cat([p.sample for p in parts]).view(B, CL)
             new_argmax = torch.cat([p.argmax for p in parts]).view(B, CL)
             ent = torch.cat([p.entropy for p in parts]).view(B, CL)

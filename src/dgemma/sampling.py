@@ -40,20 +40,18 @@ class RowResult:
     soft: torch.Tensor | None  # [n, H] self-conditioning soft embedding, when an embedding was given
 
 
-def sample_rows(logits: torch.Tensor, temp: torch.Tensor, generator: torch.Generator | None,
-                embedding: torch.Tensor | None = None, embed_scale: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> RowResult:
+def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor,
+                embedding: torch.Tensor | None = None, embed_scale: torch.Tensor | None = None) -> RowResult:
     """One step's per-position work for n rows of fp32 logits [n, V].
 
-    lam = logits / T; sample ~ softmax(lam) (exponential-race form of torch.multinomial); argmax; entropy;
-    and, with `embedding` [V, H], the next step's self-conditioning input
-    softmax_f32(lam cast to the embedding dtype) @ E * sqrt(H). `noise` [n, V] is an optional scratch buffer.
+    temp: a scalar or [n, 1] tensor; noise: [n, V] Exp(1) draws, filled by the caller (who owns the random
+    stream: `noise.exponential_(1, generator=g)`). lam = logits / T; sample = argmax(softmax(lam) / noise),
+    which is exactly what torch.multinomial(softmax(lam), 1) computes; argmax; entropy; and, with `embedding`
+    [V, H], the next step's self-conditioning input softmax_f32(lam in the embedding dtype) @ E * sqrt(H).
     """
     lam = logits / temp.to(logits.device)
     probs = torch.softmax(lam, dim=-1, dtype=torch.float32)
-    q = noise if noise is not None else torch.empty_like(probs)
-    q.exponential_(1, generator=generator)
-    sample = torch.argmax(probs / q, dim=-1)
+    sample = torch.argmax(probs / noise, dim=-1)
     soft = None
     if embedding is not None:
         p_sc = probs if embedding.dtype == torch.float32 else torch.softmax(

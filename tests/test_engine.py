@@ -1,0 +1,67 @@
+"""The request-level engine: continuous batching gives each request exactly its batch-1 `generate` tokens."""
+import torch
+
+import dgemma
+from dgemma.engine import Engine
+
+from refmodels import reference_model, save_reference
+
+KW = dict(max_new_tokens=48, max_denoising_steps=8, stability_threshold=1, confidence_threshold=4.0,
+          eos_token_id=[5, 7, 9, 11, 13, 17], pad_token_id=0)
+
+
+def peaky(tmp_path, scale=8):
+    ref = reference_model(0)
+    with torch.no_grad():
+        ref.model.decoder.embed_tokens.weight.mul_(scale)
+    return dgemma.load(save_reference(ref, tmp_path / "m"), device="cpu")
+
+
+def expected(m, prompt, seed, kw=KW):
+    out = m.generate(torch.tensor([prompt]), seed=seed, **kw)
+    new = out.sequences[0, len(prompt):].tolist()
+    eos = set(KW["eos_token_id"])
+    cut = next((i for i, t in enumerate(new) if t in eos), None)
+    return (new[:cut + 1] if cut is not None else new), int(out.decoder_passes[0])
+
+
+def test_engine_requests_equal_batch1_generate(tmp_path):
+    m = peaky(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (3, 11, 7, 20, 5)]
+    eng = Engine(m, max_batch=3)
+    # request 2 becomes confident at once (stops early every canvas); the others run their steps
+    kws = [KW, KW, dict(KW, stability_threshold=0, confidence_threshold=7.0), KW, KW]
+    ids = [eng.submit(p, seed=100 + i, **kws[i]) for i, p in enumerate(prompts[:4])]
+    events = []
+    for _ in range(3):                     # the last request arrives while others are mid-flight
+        events += eng.step()
+    ids.append(eng.submit(prompts[4], seed=104, **KW))
+    while eng.has_work():
+        assert len(eng.rows) <= 3
+        events += eng.step()
+    for i, rid in enumerate(ids):
+        res = eng.collect(rid)
+        toks, passes = expected(m, prompts[i], 100 + i, kws[i])
+        assert res.tokens == toks, i
+        assert res.decoder_passes == passes
+        streamed = [t for e in events if e.request_id == rid for t in e.tokens]
+        assert streamed == toks
+    reasons = {e.finish_reason for e in events if e.finished}
+    assert reasons <= {"eos", "length"} and reasons
+
+
+def test_engine_rejects_bad_requests(tmp_path):
+    m = peaky(tmp_path)
+    eng = Engine(m)
+    for bad in ([], [10**6]):
+        try:
+            eng.submit(bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("accepted a bad prompt")
+    try:
+        eng.submit([5], temperature=3)
+    except ValueError as e:
+        assert "temperature" in str(e)

@@ -148,3 +148,54 @@ def _finalize(seq: torch.Tensor, finished: torch.Tensor, CL: int, eos: torch.Ten
             cum = is_eos.cumsum(-1)
             new[(cum > 0) & ~((cum == 1) & is_eos)] = pad
     return finished
+
+
+@dataclass
+class AROutput:
+    sequences: torch.Tensor          # [B, prompt + max_new_tokens]; pad after EOS
+    tokens_per_forward: torch.Tensor  # [B] (at most 1: one encoder pass per token)
+    step_logits: torch.Tensor | None  # [B, new, V] the logits each token was chosen from (if asked)
+
+
+@torch.inference_mode()
+def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: float = 0.0,
+                eos_token_id: int | list[int] | None = _UNSET, pad_token_id: int | None = _UNSET,
+                seed: int | None = None, return_logits: bool = False,
+                on_token: Callable[[torch.Tensor], None] | None = None) -> AROutput:
+    """Autoregressive decoding through the causal encoder with the same weights and cache: the honest
+    baseline for "how much faster is diffusion". temperature 0 = greedy."""
+    s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=_UNSET,
+                         entropy_bound=_UNSET, t_min=_UNSET, t_max=_UNSET, stability_threshold=_UNSET,
+                         confidence_threshold=_UNSET, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    ids = model._ids(input_ids)
+    B, L = ids.shape
+    dev = model.device
+    gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
+    cache = model.new_cache(B, L + s.max_new_tokens, scratch=1)
+    eos = torch.tensor(s.eos_token_id or [], device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    logits = model.head(model.encode(ids, cache)[:, -1])                        # [B, V]
+    out, kept = [], []
+    for _ in range(s.max_new_tokens):
+        if return_logits:
+            kept.append(logits)
+        if temperature > 0:
+            tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
+        else:
+            tok = logits.argmax(-1)
+        if s.pad_token_id is not None:
+            tok = torch.where(finished, torch.full_like(tok, s.pad_token_id), tok)
+        out.append(tok)
+        finished |= torch.isin(tok, eos)
+        if on_token is not None:
+            on_token(tok)
+        if bool(finished.all()) or len(out) == s.max_new_tokens:
+            break
+        logits = model.head(model.encode(tok[:, None], cache)[:, -1])
+    new = torch.stack(out, 1)
+    if len(out) < s.max_new_tokens:
+        fill = s.pad_token_id if s.pad_token_id is not None else 0
+        new = torch.cat([new, new.new_full((B, s.max_new_tokens - len(out)), fill)], 1)
+    n_valid = (new != s.pad_token_id).sum(-1) if s.pad_token_id is not None else torch.full((B,), len(out))
+    return AROutput(torch.cat([ids, new], 1), n_valid / len(out),
+                    torch.stack(kept, 1) if return_logits else None)

@@ -337,3 +337,8 @@ class DiffusionGemma(nn.Module):
         """Block-diffusion generation; see `dgemma.generate.generate` for the arguments."""
         from .generate import generate
         return generate(self, input_ids, **kwargs)
+
+    def generate_ar(self, input_ids, **kwargs):
+        """Autoregressive decoding with the encoder; see `dgemma.generate.generate_ar`."""
+        from .generate import generate_ar
+        return generate_ar(self, input_ids, **kwargs)

@@ -1,0 +1,23 @@
+"""AR mode: the logits each token is chosen from equal the encoder's teacher-forced logits."""
+import torch
+
+from test_cache import model
+
+
+def test_ar_logits_equal_encoder_logits():
+    m = model()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = m.generate_ar(ids, max_new_tokens=12, eos_token_id=None, return_logits=True)   # passes the window (6)
+    ref = m.encoder_logits(out.sequences)[:, 4:-1]
+    assert torch.allclose(out.step_logits, ref, atol=1e-5)
+    assert torch.equal(out.sequences[:, 5:], ref.argmax(-1))
+
+
+def test_ar_eos_then_pad():
+    m = model()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    free = m.generate_ar(ids, max_new_tokens=6, eos_token_id=None)
+    eos = int(free.sequences[0, 5])        # make row 0's first new token an EOS
+    out = m.generate_ar(ids, max_new_tokens=6, eos_token_id=[eos], pad_token_id=0)
+    assert out.sequences[0, 5] == eos and (out.sequences[0, 6:] == 0).all()
+    assert out.tokens_per_forward[0] < 1

@@ -65,3 +65,15 @@ def test_engine_rejects_bad_requests(tmp_path):
         eng.submit([5], temperature=3)
     except ValueError as e:
         assert "temperature" in str(e)
+
+
+def test_fast_sampler_engine_equals_generate(tmp_path):
+    m = peaky(tmp_path)
+    prompt = list(range(20, 29))
+    eng = Engine(m, sampler="fast")
+    rid = eng.submit(prompt, seed=3, **KW)
+    res = eng.run()[rid]
+    out = m.generate(torch.tensor([prompt]), seed=3, sampler="fast", **KW)
+    new = out.sequences[0, len(prompt):].tolist()
+    assert res.tokens == new[:len(res.tokens)]
+    assert all(t == 0 for t in new[len(res.tokens):])

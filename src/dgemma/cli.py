@@ -245,7 +245,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 # Commands that live in other modules: "module:function", where function(subparsers) adds its own subparser(s)
 # (nested ones too, e.g. `dgemma tokenizer train`) and sets `func` or `run` = callable(args) -> exit code.
 # Example: "dgemma.train.cli:add_train". Imported only when the parser is built.
-PLUGINS: list[str] = ["dgemma.train.cli:add_train", "dgemma.train.cli:add_eval", "dgemma.train.cli:add_tokenizer"]
+PLUGINS: list[str] = ["dgemma.train.cli:add_train", "dgemma.train.cli:add_eval", "dgemma.train.cli:add_tokenizer",
+                      "dgemma.bench.cli:add_bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

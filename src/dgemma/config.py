@@ -261,9 +261,10 @@ class SamplerConfig:
             raise ConfigError(f"t_min and t_max must be positive (got {self.t_min!r}, {self.t_max!r})")
         if self.t_max < self.t_min:
             raise ConfigError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+        if self.stability_threshold is not None and (
+                not isinstance(self.stability_threshold, int) or self.stability_threshold < 0):
             raise ConfigError(f"stability_threshold must be an integer >= 0 (got {self.stability_threshold!r})")
-        if self.confidence_threshold < 0:
+        if self.confidence_threshold is not None and self.confidence_threshold < 0:
             raise ConfigError(f"confidence_threshold must be >= 0 (got {self.confidence_threshold!r})")
         return self
 

@@ -63,8 +63,12 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, row_chunk: int = 1024) -> None:
-        self.model, self.max_batch, self.row_chunk = model, max_batch, row_chunk
+    def __init__(self, model, max_batch: int = 8, row_chunk: int = 1024, sampler: str = "exact") -> None:
+        """sampler: "exact" (the reference's random stream per request) or "fast" (same distribution,
+        one uniform per position; see sampling.sample_rows)."""
+        if sampler not in ("exact", "fast"):
+            raise ValueError(f"sampler must be 'exact' or 'fast' (got {sampler!r})")
+        self.model, self.max_batch, self.row_chunk, self.sampler = model, max_batch, row_chunk, sampler
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
         self.cache = model.new_cache(max_batch, 1024)
@@ -73,7 +77,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.done: dict[str, Result] = {}
         self._ids = itertools.count()
-        self._noise = torch.empty(max(row_chunk, self.C), self.V, device=model.device)
+        self._noise = torch.empty(max(row_chunk, self.C), self.V, device=model.device) if sampler == "exact" else None
 
     # ---- public API ---------------------------------------------------------------------------
     def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,
@@ -140,11 +144,15 @@ class Engine:
         results = []
         for a in range(0, n, per_chunk):
             rows = self.rows[a:a + per_chunk]
-            q = self._noise[: len(rows) * C]
-            for j, r in enumerate(rows):                      # each request's own random stream
-                q[j * C:(j + 1) * C].exponential_(1, generator=r.req.gen)
+            q = u = None
+            if self.sampler == "exact":
+                q = self._noise[: len(rows) * C]
+                for j, r in enumerate(rows):                  # each request's own random stream
+                    q[j * C:(j + 1) * C].exponential_(1, generator=r.req.gen)
+            else:
+                u = torch.cat([torch.rand(C, device=m.device, generator=r.req.gen) for r in rows])
             t = temps[a:a + len(rows)].repeat_interleave(C)[:, None]
-            results.append(sampling.sample_rows(m.head(h[a * C:(a + len(rows)) * C]), t, q, emb, scale))
+            results.append(sampling.sample_rows(m.head(h[a * C:(a + len(rows)) * C]), t, q, emb, scale, u))
         sample = torch.cat([p.sample for p in results]).view(n, C)
         argmax = torch.cat([p.argmax for p in results]).view(n, C)
         ent = torch.cat([p.entropy for p in results]).view(n, C)

@@ -48,7 +48,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
              confidence_threshold: float | None = _UNSET, eos_token_id: int | list[int] | None = _UNSET,
              pad_token_id: int | None = _UNSET, seed: int | None = None, cache: KVCache | None = None,
              on_canvas: Callable[[torch.Tensor], None] | None = None,
-             row_chunk: int = 1024) -> GenerateOutput:
+             sampler: str = "exact", row_chunk: int = 1024) -> GenerateOutput:
     """Generate whole canvases after `input_ids` [B, L].
 
     Arguments left out come from generation_config.json; `eos_token_id=None` / `pad_token_id=None` /
@@ -56,7 +56,11 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     is used and a CPU fp32 run equals the reference's `generate` after `torch.manual_seed(seed)`.
     `cache`: continue a conversation; `input_ids` must then hold only uncached tokens (the previous
     output's last canvas plus the new turn). `on_canvas(tokens [B, C])` is called after each commit.
+    `sampler`: "exact" draws random numbers exactly like the reference (the seeded contract); "fast"
+    samples the same distribution with one uniform per position (see sampling.sample_rows).
     """
+    if sampler not in ("exact", "fast"):
+        raise ValueError(f"sampler must be 'exact' or 'fast' (got {sampler!r})")
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
                          entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
                          stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
@@ -88,7 +92,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.int32, device=dev)
     emb, scale = model.embed_tokens.weight, model.embed_scale().to(dev)
-    noise = torch.empty(min(row_chunk, B * CL), V, device=dev)
+    noise = torch.empty(min(row_chunk, B * CL), V, device=dev) if sampler == "exact" else None
     seq = ids
     for c in range(n_canvas):
         if L or c:  # encode the prompt, then each committed canvas at the positions it had
@@ -104,8 +108,12 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             temp = sampling.temperature(n, s.max_denoising_steps, s.t_min, s.t_max)
             parts = []
             for r in range(0, B * CL, row_chunk):   # draws stay in row order: the multinomial's stream
-                q = noise[: min(row_chunk, B * CL - r)].exponential_(1, generator=gen)
-                parts.append(sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, q, emb, scale))
+                m_ = min(row_chunk, B * CL - r)
+                if noise is not None:
+                    q, u = noise[:m_].exponential_(1, generator=gen), None
+                else:
+                    q, u = None, torch.rand(m_, device=dev, generator=gen)
+                parts.append(sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, q, emb, scale, u))
             sample = torch.cat([p.sample for p in parts]).view(B, CL)
             new_argmax = torch.cat([p.argmax for p in parts]).view(B, CL)
             ent = torch.cat([p.entropy for p in parts]).view(B, CL)

@@ -1,0 +1,1 @@
+"""Speed measurements (`dgemma bench`). Nothing in the package imports this."""

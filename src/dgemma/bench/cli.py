@@ -1,0 +1,128 @@
+"""`dgemma bench`: dgemma vs the reference (transformers, when installed) vs AR decoding, same weights.
+
+Each system runs in its own process (peak memory is per system); results go to OUT/bench.json and
+OUT/bench.png. Knows: orchestration and reporting. The measurements themselves are in worker.py.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# nominal peak memory bandwidth (TB/s) for the "fraction of the bandwidth limit" figure
+PEAK_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time dgemma against the reference and against AR decoding")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", help="checkpoint folder (default: the shipped model unless --shape)")
+    g.add_argument("--shape", help="random weights of a named shape: tiny, small, 100m, 26b-a4b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--canvases", type=int, default=1)
+    p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
+    p.add_argument("--adaptive", action="store_true", help="allow the stable-and-confident early stop")
+    p.add_argument("--ar-tokens", type=int, default=64, help="tokens to decode in AR mode")
+    p.add_argument("--systems", default="dgemma,dgemma-fast,reference,ar",
+                   help="comma-separated subset: dgemma (exact sampler), dgemma-fast, reference, ar")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: the checkpoint's (bfloat16 for --shape)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="bench_out")
+    p.set_defaults(func=run_bench)
+
+
+def _run(system: str, args: dict) -> dict:
+    r = subprocess.run([sys.executable, "-m", "dgemma.bench.worker", json.dumps({**args, "system": system})],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_bench(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .. import default_model_path
+    for name in ("batch", "prompt_len", "canvases", "steps", "ar_tokens"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    systems = [s for s in a.systems.split(",") if s]
+    if "reference" in systems and importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: skipping the reference", file=sys.stderr)
+        systems.remove("reference")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = {"device": a.device, "dtype": a.dtype, "batch": a.batch, "prompt_len": a.prompt_len,
+              "canvases": a.canvases, "steps": a.steps, "adaptive": a.adaptive, "ar_tokens": a.ar_tokens,
+              "threads": a.threads, "path": None, "shape": a.shape}
+    tmp = None
+    if a.shape and "reference" in systems:   # the reference needs a checkpoint folder: write the random weights
+        import torch
+
+        from .. import save
+        from .worker import build
+        tmp = tempfile.TemporaryDirectory(prefix="dgemma-bench-")
+        m = build({**common, "device": "cpu", "dtype": a.dtype or "float32"})
+        save(m, Path(tmp.name) / a.shape)
+        common.update(path=str(Path(tmp.name) / a.shape), dtype=a.dtype or "float32")
+        del m, torch
+    elif not a.shape:
+        common["path"] = a.model or default_model_path()
+        if not Path(common["path"]).is_dir():
+            raise ValueError(f"model folder {common['path']!r} does not exist")
+    results = {}
+    for s in tqdm(systems, desc="bench", unit="system"):
+        results[s] = _run(s, common)
+    if tmp is not None:
+        tmp.cleanup()
+    report = {"setup": {k: v for k, v in common.items() if k != "path"} | {"model": a.model or a.shape or
+              "default"}, "results": results}
+    ref, ours = results.get("reference", {}), results.get("dgemma", {})
+    fast = results.get("dgemma-fast", {})
+    if "tokens_per_s" in ref and "tokens_per_s" in ours:
+        report["speedup_vs_reference"] = ours["tokens_per_s"] / ref["tokens_per_s"]
+        report["memory_ratio_vs_reference"] = ours["peak_gib"] / ref["peak_gib"]
+    if "tokens_per_s" in ref and "tokens_per_s" in fast:
+        report["fast_speedup_vs_reference"] = fast["tokens_per_s"] / ref["tokens_per_s"]
+    if "tokens_per_s" in results.get("ar", {}) and "tokens_per_s" in ours:
+        report["speedup_vs_ar"] = ours["tokens_per_s"] / results["ar"]["tokens_per_s"]
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    for s, r in results.items():
+        if "error" in r:
+            print(f"{s:12s} error: {r['error']}")
+            continue
+        extra = f"  sampler {100 * r['sampler_fraction']:.0f}% of a step" if "sampler_fraction" in r else ""
+        print(f"{s:12s} {r['tokens_per_s']:9.1f} tok/s  step {r['step_ms']:8.1f} ms  "
+              f"tpf {r['tokens_per_forward']:.2f}  peak {r['peak_gib']:.2f} GiB{extra}")
+    for k in ("speedup_vs_reference", "fast_speedup_vs_reference", "memory_ratio_vs_reference", "speedup_vs_ar"):
+        if k in report:
+            print(f"{k}: {report[k]:.2f}x")
+    _plot(results, out / "bench.png")
+    print(f"wrote {out / 'bench.json'}")
+    return 0
+
+
+def _plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = {k: v for k, v in results.items() if "tokens_per_s" in v}
+    if not ok:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].bar(list(ok), [v["tokens_per_s"] for v in ok.values()], color="tab:blue")
+    ax[0].set_ylabel("tokens / s")
+    ax[1].bar(list(ok), [v["peak_gib"] for v in ok.values()], color="tab:orange")
+    ax[1].set_ylabel("peak memory (GiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,157 @@
+"""One measurement in a fresh process (so peak memory belongs to one system): prints one JSON line.
+
+    python -m dgemma.bench.worker '{"system": "dgemma"|"reference"|"ar", "path": ..., ...}'
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import torch
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
+
+
+def _prompt(vocab: int, batch: int, length: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def build(a: dict):
+    """The checkpoint at a["path"], or random weights of a named shape built directly on the device."""
+    import dgemma
+    if a.get("path"):
+        return dgemma.load(a["path"], device=a["device"], dtype=a["dtype"])
+    from dgemma.checkpoint import _parse_dtype, resolve_device
+    from dgemma.config import preset
+    dev = resolve_device(a["device"])
+    cfg = preset(a["shape"])
+    with torch.device("meta"):
+        m = dgemma.DiffusionGemma(cfg)
+    m = m.to_empty(device=dev).to(_parse_dtype(a["dtype"]) or torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
+        for b in m.buffers():
+            b.fill_(1.0)
+    return m.eval().requires_grad_(False)
+
+
+def run_dgemma(a: dict) -> dict:
+    from dgemma import sampling
+    m = build(a)
+    dev, C, V = m.device, m.config.canvas_length, m.config.vocab_size
+    ids = _prompt(V, a["batch"], a["prompt_len"]).to(dev)
+    kw = dict(max_new_tokens=a["canvases"] * C, max_denoising_steps=a["steps"], eos_token_id=None)
+    if not a["adaptive"]:
+        kw["stability_threshold"] = None                     # fixed step count: no early stop
+    m.generate(ids, **{**kw, "max_new_tokens": C, "max_denoising_steps": 2}, seed=1)   # warm-up
+    stamps = []
+    _sync(dev)
+    t0 = time.perf_counter()
+    sampler = a.get("sampler", "exact")
+    out = m.generate(ids, **kw, seed=0, sampler=sampler,
+                     on_canvas=lambda c: (_sync(dev), stamps.append(time.perf_counter())))
+    total = time.perf_counter() - t0
+    passes = int(out.decoder_passes.max())
+    # the sampler's share of a step: the forward alone vs the sampler alone on the same shapes
+    cache = m.new_cache(a["batch"], a["prompt_len"] + C)
+    with torch.inference_mode():
+        m.encode(ids, cache)
+        canvas = torch.randint(0, V, (a["batch"], C), device=dev)
+        reps = 3
+        _sync(dev)
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            h = m.denoise(canvas, cache).reshape(-1, m.config.hidden_size)
+            logits = m.head(h)
+        _sync(dev)
+        t_fwd = (time.perf_counter() - t1) / reps
+        noise = torch.empty_like(logits)
+        temp = sampling.temperature(1, 2, 0.4, 0.8)
+        copies = [logits.clone() for _ in range(reps)]      # sample_rows works in place
+        t2 = time.perf_counter()
+        for x in copies:
+            q = noise.exponential_(1) if sampler == "exact" else None
+            u = None if q is not None else torch.rand(x.shape[0], device=dev)
+            r = sampling.sample_rows(x, temp, q, m.embed_tokens.weight, m.embed_scale().to(dev), u)
+            sampling.entropy_bound_accept(r.entropy.view(a["batch"], C), 0.1)
+        _sync(dev)
+        t_samp = (time.perf_counter() - t2) / reps
+    new = a["batch"] * out.sequences[:, ids.shape[1]:].shape[1]
+    return {"tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
+            "step_ms": 1000 * total / passes, "first_canvas_s": stamps[0] - t0,
+            "tokens_per_forward": float(out.tokens_per_forward.mean()), "peak_gib": _peak(dev),
+            "forward_ms": 1000 * t_fwd, "sampler_ms": 1000 * t_samp,
+            "sampler_fraction": t_samp / (t_samp + t_fwd)}
+
+
+def run_ar(a: dict) -> dict:
+    m = build(a)
+    dev = m.device
+    ids = _prompt(m.config.vocab_size, a["batch"], a["prompt_len"]).to(dev)
+    n = a["ar_tokens"]
+    m.generate_ar(ids, max_new_tokens=4, eos_token_id=None)      # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    m.generate_ar(ids, max_new_tokens=n, eos_token_id=None)
+    _sync(dev)
+    total = time.perf_counter() - t0
+    return {"tokens_per_s": a["batch"] * n / total, "total_s": total, "step_ms": 1000 * total / n,
+            "tokens_per_forward": 1.0, "peak_gib": _peak(dev)}
+
+
+def run_reference(a: dict) -> dict:
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a["dtype"] or "float32")
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(a["path"], dtype=dtype).to(a["device"]).eval()
+    dev = torch.device(a["device"])
+    C, V = m.config.canvas_length, m.config.text_config.vocab_size
+    ids = _prompt(V, a["batch"], a["prompt_len"]).to(dev)
+    kw = dict(max_new_tokens=a["canvases"] * C, max_denoising_steps=a["steps"], eos_token_id=None,
+              sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1), t_min=0.4, t_max=0.8,
+              confidence_threshold=0.005, stability_threshold=1 if a["adaptive"] else None, pad_token_id=0)
+    stamps = []
+
+    class Streamer:
+        def put(self, value):
+            _sync(dev)
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    with torch.inference_mode():
+        m.generate(ids, **{**kw, "max_new_tokens": C, "max_denoising_steps": 2})          # warm-up
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = m.generate(ids, **kw, streamer=Streamer())
+        total = time.perf_counter() - t0
+    new = a["batch"] * out.sequences[:, ids.shape[1]:].shape[1]
+    passes = round(new / a["batch"] / float(out.tokens_per_forward.mean()))
+    return {"tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
+            "step_ms": 1000 * total / passes, "first_canvas_s": stamps[1] - t0,
+            "tokens_per_forward": float(out.tokens_per_forward.mean()), "peak_gib": _peak(dev)}
+
+
+if __name__ == "__main__":
+    args = json.loads(sys.argv[1])
+    torch.set_num_threads(args.get("threads") or torch.get_num_threads())
+    if args["system"] == "dgemma-fast":
+        args.update(system="dgemma", sampler="fast")
+    fn = {"dgemma": run_dgemma, "reference": run_reference, "ar": run_ar}[args["system"]]
+    print(json.dumps(fn(args)))

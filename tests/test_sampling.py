@@ -1,0 +1,74 @@
+"""The lean sampler takes the reference sampler's decisions on fixed logits; the fast sampler samples the
+same distribution."""
+import pytest
+import torch
+
+from dgemma import sampling
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (  # noqa: E402
+    EntropyBoundSampler, EntropyBoundSamplerConfig, LinearTemperatureScheduleLogitsProcessor,
+    StableAndConfidentStoppingCriteria)
+
+
+def fixed_logits(B=3, C=64, V=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, V, generator=g) * torch.linspace(0.5, 12, C)[None, :, None]   # flat to peaked
+    return torch.tanh(x / 30) * 30
+
+
+@pytest.mark.parametrize("step", [16, 9, 1])
+def test_exact_sampler_matches_reference_decisions(step):
+    B, C, V, N = 3, 64, 1000, 16
+    logits = fixed_logits(B, C, V)
+    # reference: temperature processor, softmax + multinomial, argmax, entropy-bound accept, renoise, stop
+    torch.manual_seed(5)
+    lam = LinearTemperatureScheduleLogitsProcessor(0.4, 0.8, N)(None, logits.clone(),
+                                                                  cur_step=torch.tensor(step, dtype=torch.int32))
+    probs = torch.softmax(lam, dim=-1, dtype=torch.float32)
+    ref_sample = torch.multinomial(probs.view(-1, V), 1).view(B, C)
+    smp = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=0.5), C, V, N)
+    current = torch.zeros(B, C, dtype=torch.long)
+    accepted = smp.accept_canvas(current, ref_sample, lam, step)
+    ref_next = smp.renoise_canvas(accepted, step)
+    stop = StableAndConfidentStoppingCriteria(0, 3.0)(lam.argmax(-1), lam)
+    # ours, same seed
+    g = torch.Generator().manual_seed(5)
+    temp = sampling.temperature(step, N, 0.4, 0.8)
+    q = torch.empty(B * C, V).exponential_(1, generator=g)
+    r = sampling.sample_rows(logits.clone().view(B * C, V), temp, q)
+    accept = sampling.entropy_bound_accept(r.entropy.view(B, C), 0.5)
+    ours_next = torch.where(accept, r.sample.view(B, C), sampling.init_canvas(B, C, V, "cpu", g))
+    ours_stop = sampling.StableAndConfident(0, 3.0, B, C, "cpu")(r.argmax.view(B, C), r.entropy.view(B, C))
+    assert torch.equal(r.sample.view(B, C), ref_sample)
+    assert torch.equal(accept, smp.accepted_token_mask)
+    assert accept.sum() > B                          # more than the forced single token per row
+    assert torch.equal(ours_next, ref_next)
+    assert torch.equal(r.argmax.view(B, C), lam.argmax(-1))
+    assert torch.equal(ours_stop, stop)
+
+
+def test_fast_sampler_same_decisions_and_distribution():
+    B, C, V = 2, 32, 50
+    logits = fixed_logits(B, C, V, seed=1)
+    temp = sampling.temperature(5, 8, 0.4, 0.8)
+    q = torch.empty(B * C, V).exponential_(1)
+    exact = sampling.sample_rows(logits.clone().view(-1, V), temp, q)
+    fast = sampling.sample_rows(logits.clone().view(-1, V), temp, uniform=torch.rand(B * C))
+    assert torch.equal(exact.argmax, fast.argmax)
+    assert torch.allclose(exact.entropy, fast.entropy, atol=1e-4)
+    assert torch.equal(sampling.entropy_bound_accept(exact.entropy.view(B, C), 0.3),
+                       sampling.entropy_bound_accept(fast.entropy.view(B, C), 0.3))
+    # distribution: many draws from one flat-ish row vs its probabilities (chi-square, generous bound)
+    row = logits.view(-1, V)[3:4]
+    p = torch.softmax(row / temp, -1)[0]
+    n = 20000
+    draws = sampling.sample_rows(row.repeat(n, 1), temp, uniform=torch.rand(n, generator=torch.Generator()
+                                                                             .manual_seed(0))).sample
+    counts = torch.bincount(draws, minlength=V).float()
+    expected = p * n
+    keep = expected > 5
+    chi2 = (((counts - expected) ** 2) / expected)[keep].sum().item()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5          # ~6 sigma: a wrong sampler fails by orders of magnitude
+    assert counts[~keep].sum() < 0.01 * n + 50

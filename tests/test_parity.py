@@ -141,3 +141,37 @@ def test_bf16_no_worse_than_reference_bf16(tmp_path):
 
     assert err(o) <= 1.5 * err(r16)
     assert agree(o) >= agree(r16) - 0.1
+
+
+def test_continuation_reuses_cache_like_reference(pair):
+    """Second turn: [last canvas ; new turn] with the returned cache, as the reference does with
+    past_key_values; the history is not re-encoded."""
+    ref, m = pair
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 512, (1, 7), generator=g)
+    turn = torch.randint(3, 512, (1, 4), generator=g)
+    kw = dict(GEN, max_new_tokens=32)
+    r1 = _ref_generate(ref, ids, 3, **kw)
+    o1 = m.generate(ids, seed=3, **kw)
+    assert torch.equal(o1.sequences, r1.sequences)
+    assert o1.cache.length == 7 + 16                       # prompt + first canvas; the last one is not encoded
+    nxt = torch.cat([r1.sequences[:, -16:], turn], 1)
+    r2 = _ref_generate(ref, nxt, 4, past_key_values=r1.past_key_values, **kw)
+    o2 = m.generate(nxt, seed=4, cache=o1.cache, **kw)
+    assert torch.equal(o2.sequences, r2.sequences)
+
+
+def test_left_padded_batch_like_reference(pair):
+    """The reference's padded path crashes with eager attention in 5.23 (it builds a float mask from the
+    integer canvas); its SDPA masks work, so compare against those."""
+    ref, m = pair
+    ref.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(10)
+    ids = torch.randint(3, 512, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ids[0, :4] = 0
+    r = _ref_generate(ref, ids, 5, attention_mask=mask.bool(), **GEN)
+    ref.set_attn_implementation("eager")
+    o = m.generate(ids, attention_mask=mask, seed=5, **GEN)
+    assert torch.equal(o.sequences, r.sequences)

@@ -7,6 +7,7 @@ Does not know: the forward math.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -173,8 +174,7 @@ def save(model, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30,
             weight_map.update({k: fn for k in shard})
         total = sum(v.numel() * v.element_size() for v in state.values())
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    cfg = model.config
-    cfg.dtype = str(model.dtype).replace("torch.", "")
+    cfg = dataclasses.replace(model.config, dtype=str(model.dtype).replace("torch.", ""))
     (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
     (tmp / "generation_config.json").write_text(json.dumps(model.sampler_config.to_hf(), indent=2))
     for name, data in (extra_files or {}).items():

@@ -1,0 +1,150 @@
+"""Checkpoint folders: sharded round trip, clear errors, vision tensors never read, config validation."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dgemma
+from dgemma.checkpoint import CheckpointError
+from dgemma.config import ConfigError, ModelConfig, SamplerConfig
+
+from test_cache import model
+
+
+@pytest.fixture
+def folder(tmp_path):
+    m = model()
+    return dgemma.save(m, tmp_path / "m"), m
+
+
+def test_sharded_round_trip(tmp_path):
+    m = model()
+    path = dgemma.save(m, tmp_path / "sharded", max_shard_bytes=20_000)
+    assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 3
+    back = dgemma.load(path)
+    for (n, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids = torch.randint(2, 64, (1, 9))
+    assert torch.equal(back.encoder_logits(ids), m.encoder_logits(ids))
+    assert back.sampler_config == m.sampler_config
+
+
+def test_dtype_choice(folder):
+    path, _ = folder
+    assert dgemma.load(path).dtype == torch.float32
+    assert dgemma.load(path, dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="unsupported dtype"):
+        dgemma.load(path, dtype="int3")
+
+
+def test_missing_and_misshaped_tensors(folder, tmp_path):
+    path, m = folder
+    from safetensors.torch import load_file
+    sd = load_file(str(path / "model.safetensors"))
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    sd2 = dict(sd)
+    del sd2["model.decoder.layers.1.mlp.up_proj.weight"]
+    save_file(sd2, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.decoder\.layers\.1\.mlp\.up_proj\.weight is missing"):
+        dgemma.load(broken)
+    sd3 = dict(sd)
+    sd3["model.decoder.norm.weight"] = torch.ones(31)
+    save_file(sd3, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"norm\.weight has shape \[31\], expected \[32\]"):
+        dgemma.load(broken)
+
+
+def test_folder_errors(tmp_path, folder):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        dgemma.load(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="config.json"):
+        dgemma.load(empty)
+    path, _ = folder
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(path / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="never loaded"):
+        dgemma.load(pickled)
+    shards = tmp_path / "shards"
+    shutil.copytree(path, shards)
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="gone.safetensors"):
+        dgemma.load(shards)
+
+
+def test_vision_tensors_are_never_read(folder, monkeypatch):
+    path, _ = folder
+    from safetensors.torch import load_file
+    sd = load_file(str(path / "model.safetensors"))
+    sd["model.encoder.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight"] = torch.randn(8, 8)
+    sd["model.encoder.embed_vision.embedding_projection.weight"] = torch.randn(32, 8)
+    save_file(sd, str(path / "model.safetensors"))
+    import safetensors
+    read = []
+    real = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = real(*a, **k)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *a):
+            return self.f.__exit__(*a)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, k):
+            return self.inner.get_slice(k)
+
+        def get_tensor(self, k):
+            read.append(k)
+            return self.inner.get_tensor(k)
+
+    monkeypatch.setattr("dgemma.checkpoint.safe_open", Spy)
+    dgemma.load(path)
+    assert read and not any("vision" in k for k in read)
+
+
+def test_unsupported_settings_name_the_setting():
+    base = json.loads(json.dumps(ModelConfig(num_hidden_layers=2, layer_types=[]).to_hf()))
+    for key, value, word in [("hidden_activation", "relu", "hidden_activation"),
+                             ("use_bidirectional_attention", "all", "use_bidirectional_attention"),
+                             ("num_experts", None, "num_experts"),
+                             ("attention_bias", True, "attention_bias")]:
+        cfg = json.loads(json.dumps(base))
+        cfg["text_config"][key] = value
+        with pytest.raises(ConfigError, match=word):
+            ModelConfig.from_hf(cfg)
+    with pytest.raises(ConfigError, match="sampler_config"):
+        SamplerConfig.from_hf({"sampler_config": {"_cls_name": "TopKSamplerConfig"}})
+    with pytest.raises(ConfigError, match="max_denoising_steps"):
+        SamplerConfig.from_hf({"max_denoising_steps": 0})
+
+
+def test_published_config_keys():
+    """The published config.json stores global_head_dim / num_global_key_value_heads as plain keys."""
+    cfg = {"model_type": "diffusion_gemma", "canvas_length": 256, "eos_token_id": [1, 106, 50],
+           "text_config": {"vocab_size": 262144, "hidden_size": 2816, "intermediate_size": 2112,
+                           "num_hidden_layers": 30, "num_attention_heads": 16, "num_key_value_heads": 8,
+                           "head_dim": 256, "global_head_dim": 512, "num_global_key_value_heads": 2,
+                           "sliding_window": 1024, "num_experts": 128, "top_k_experts": 8,
+                           "moe_intermediate_size": 704, "use_bidirectional_attention": "vision"}}
+    c = ModelConfig.from_hf(cfg)
+    assert (c.global_head_dim, c.num_global_key_value_heads, c.layer_types.count("full_attention")) == (512, 2, 5)
+    assert c.eos_token_id == [1, 106, 50] and c.num_parameters()["total"] == 25_250_986_782
+    gen = SamplerConfig.from_hf({"max_new_tokens": 256, "max_denoising_steps": 48, "t_min": 0.4, "t_max": 0.8,
+                                 "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig",
+                                                    "entropy_bound": 0.1},
+                                 "stability_threshold": 1, "confidence_threshold": 0.005,
+                                 "eos_token_id": [1, 106, 50], "pad_token_id": 0}, c)
+    assert gen.entropy_bound == 0.1 and gen.max_denoising_steps == 48

@@ -179,6 +179,11 @@ def save(model, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30,
     (tmp / "generation_config.json").write_text(json.dumps(model.sampler_config.to_hf(), indent=2))
     for name, data in (extra_files or {}).items():
         (tmp / name).write_bytes(data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                 # mkdtemp makes 0700; a model folder is shared
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
     if path.exists():  # replace atomically: move the old folder aside first, then drop it
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
         os.replace(path, old / "x")

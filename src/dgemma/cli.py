@@ -77,7 +77,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same device: same text)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default: float32 on the CPU, else the checkpoint's)")
     p.add_argument("-v", "--verbose", action="store_true", help="print speed statistics to stderr")
 
 
@@ -131,7 +131,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
             ids.insert(0, tok.bos_token_id)
     t0 = time.perf_counter()
-    model = dgemma.load(path, device=device, dtype=args.dtype)
+    from dgemma.checkpoint import resolve_device
+    dtype = args.dtype or ("float32" if resolve_device(device).type == "cpu" else None)   # CPUs: fp32 is faster
+    model = dgemma.load(path, device=device, dtype=dtype)
     t1 = time.perf_counter()
     sc = model.sampler_config
     eos = set(sc.eos_token_id or []) | ({tok.eos_token_id} - {None})

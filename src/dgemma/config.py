@@ -322,10 +322,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=48, global_head_dim=96,
                   num_global_key_value_heads=1, sliding_window=64, num_experts=8, top_k_experts=2,
                   moe_intermediate_size=192, canvas_length=32, max_position_embeddings=4096),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+    # the CPU measurement in the spec (section 7): H=128, 6 layers (5 sliding, W=64), 16 experts top-4, V=4096
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=64,
                  num_global_key_value_heads=1, sliding_window=64, num_experts=16, top_k_experts=4,
-                 moe_intermediate_size=32, canvas_length=256),
+                 moe_intermediate_size=64, canvas_length=256),
 }
 
 

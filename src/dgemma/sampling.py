@@ -55,22 +55,39 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
       fewer random numbers) and the entropy lse - sum(p * lam) from the same softmax (equal up to rounding).
     """
     lam = logits.div_(temp.to(logits.device))
+    if noise is None:
+        return _fast_rows(lam, uniform, embedding, embed_scale)
     probs = torch.softmax(lam, dim=-1, dtype=torch.float32)
-    if noise is not None:
-        sample = torch.argmax(torch.div(probs, noise, out=noise), dim=-1)
-        ent = entropy(lam)
-    else:
-        cdf = torch.cumsum(probs, dim=-1)
-        target = (uniform.to(cdf.device)[:, None] * cdf[:, -1:]).contiguous()
-        sample = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=lam.shape[-1] - 1)
-        del cdf
-        ent = lam.logsumexp(dim=-1) - (probs * lam).sum(-1)
+    sample = torch.argmax(torch.div(probs, noise, out=noise), dim=-1)
     soft = None
     if embedding is not None:
         p_sc = probs if embedding.dtype == torch.float32 else torch.softmax(
             lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
         soft = torch.matmul(p_sc.to(embedding.dtype), embedding) * embed_scale
-    return RowResult(sample, torch.argmax(lam, dim=-1), ent, soft)
+    return RowResult(sample, torch.argmax(lam, dim=-1), entropy(lam), soft)
+
+
+def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding: torch.Tensor | None,
+               embed_scale: torch.Tensor | None) -> RowResult:
+    """Few passes over the vocabulary: e = exp(lam - max) once serves the sample (inverse CDF on its
+    running sum), the entropy log Z - sum(e * (lam - max)) / Z and the soft embedding (e @ E) / Z."""
+    amax = torch.argmax(lam, dim=-1)
+    lam.sub_(lam.amax(dim=-1, keepdim=True))                      # lam - max, in place
+    e = lam.exp()                                                 # unnormalised probabilities [n, V]
+    cdf = torch.cumsum(e, dim=-1)
+    z = cdf[:, -1:]                                               # [n, 1] partition function
+    target = (uniform.to(cdf.device)[:, None] * z).contiguous()
+    sample = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=lam.shape[-1] - 1)
+    del cdf
+    ent = z[:, 0].log() - (e * lam).sum(-1) / z[:, 0]
+    soft = None
+    if embedding is not None:
+        if embedding.dtype == torch.float32:
+            soft = torch.matmul(e, embedding) / z * embed_scale
+        else:  # the reference rounds the logits to the embedding dtype before its softmax
+            p = torch.softmax(lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
+            soft = torch.matmul(p.to(embedding.dtype), embedding) * embed_scale
+    return RowResult(sample, amax, ent, soft)
 
 
 def entropy_bound_accept(ent: torch.Tensor, bound: float) -> torch.Tensor:

@@ -85,34 +85,18 @@ def test_vision_tensors_are_never_read(folder, monkeypatch):
     sd["model.encoder.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight"] = torch.randn(8, 8)
     sd["model.encoder.embed_vision.embedding_projection.weight"] = torch.randn(32, 8)
     save_file(sd, str(path / "model.safetensors"))
-    import safetensors
+    import dgemma.checkpoint as ck
     read = []
-    real = safetensors.safe_open
+    real = ck.read_tensor
 
-    class Spy:
-        def __init__(self, *a, **k):
-            self.f = real(*a, **k)
+    def spy(fn, info, dtype, device):
+        read.append(info)
+        return real(fn, info, dtype, device)
 
-        def __enter__(self):
-            self.inner = self.f.__enter__()
-            return self
-
-        def __exit__(self, *a):
-            return self.f.__exit__(*a)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_slice(self, k):
-            return self.inner.get_slice(k)
-
-        def get_tensor(self, k):
-            read.append(k)
-            return self.inner.get_tensor(k)
-
-    monkeypatch.setattr("dgemma.checkpoint.safe_open", Spy)
+    monkeypatch.setattr(ck, "read_tensor", spy)
+    n_text = len(ck.read_header(path / "model.safetensors")) - 2
     dgemma.load(path)
-    assert read and not any("vision" in k for k in read)
+    assert len(read) == n_text            # every text tensor once, neither vision tensor
 
 
 def test_unsupported_settings_name_the_setting():
@@ -148,3 +132,36 @@ def test_published_config_keys():
                                  "stability_threshold": 1, "confidence_threshold": 0.005,
                                  "eos_token_id": [1, 106, 50], "pad_token_id": 0}, c)
     assert gen.entropy_bound == 0.1 and gen.max_denoising_steps == 48
+
+
+def test_loading_needs_about_one_copy_of_the_weights(tmp_path):
+    """Tensors are streamed one by one: peak memory stays near one copy of the checkpoint."""
+    import subprocess
+    import sys
+    cfg = ModelConfig(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=64,
+                      num_global_key_value_heads=1, sliding_window=64, num_experts=16, top_k_experts=2,
+                      moe_intermediate_size=512, canvas_length=16, dtype="float32")
+    with torch.device("meta"):
+        m = dgemma.DiffusionGemma(cfg)
+    m = m.to_empty(device="cpu")
+    for p in m.parameters():
+        p.data.normal_()
+    path = dgemma.save(m, tmp_path / "big")
+    size = (path / "model.safetensors").stat().st_size
+    del m
+    code = ("import sys, torch, dgemma\n"
+            "def kb(key):\n"
+            "    return int(open('/proc/self/status').read().split(key + ':')[1].split()[0])\n"
+            f"cfg = dgemma.ModelConfig.from_dir({str(path)!r})\n"
+            "with torch.device('meta'):\n"
+            "    dgemma.DiffusionGemma(cfg)   # one-time torch start-up costs (~70 MB), not weights\n"
+            "before = kb('VmRSS')\n"
+            f"m = dgemma.load({str(path)!r})\n"
+            "total = sum(float(p.sum()) for p in m.parameters())   # touch every weight\n"
+            "print(kb('VmHWM') - before, kb('VmRSS') - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak, now = (int(x) * 1024 for x in out.stdout.split())
+    assert size > 100e6
+    assert now > 0.8 * size, (now / size)          # the measurement sees the weights
+    assert peak < 1.2 * size, (peak / size)        # and never a second copy

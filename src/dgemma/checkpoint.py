@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig, SamplerConfig
@@ -52,6 +51,45 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return table[str(dtype)]
 
 
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
+
+
+def read_header(fn: Path) -> dict[str, dict]:
+    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}, plus '__start__'."""
+    with open(fn, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{fn} is not a safetensors file (too short)")
+        n = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{fn} is not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    for v in header.values():
+        v["start"] = 8 + n
+    return header
+
+
+def read_tensor(fn: Path, info: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Read one tensor straight from the file into its own memory (no mmap, no second copy of the file)."""
+    st = _ST_DTYPES.get(info["dtype"])
+    if st is None:
+        raise CheckpointError(f"{fn}: unsupported tensor dtype {info['dtype']}")
+    a, b = info["data_offsets"]
+    t = torch.empty(info["shape"], dtype=st)
+    if b > a:
+        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+        if buf is None or buf.nbytes != b - a:
+            raise CheckpointError(f"{fn}: tensor byte size does not match its shape")
+        with open(fn, "rb") as f:
+            f.seek(info["start"] + a)
+            if f.readinto(memoryview(buf)) != b - a:
+                raise CheckpointError(f"{fn} is truncated")
+    return t.to(device=device, dtype=dtype)
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     if (path / INDEX).is_file():
@@ -64,8 +102,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{path}: shard file(s) listed in {INDEX} are missing: {', '.join(missing)}")
         return {k: path / f for k, f in wm.items()}
     if (path / SINGLE).is_file():
-        with safe_open(str(path / SINGLE), framework="pt") as f:
-            return {k: path / SINGLE for k in f.keys()}
+        return {k: path / SINGLE for k in read_header(path / SINGLE)}
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise CheckpointError(f"{path}: only safetensors checkpoints are read (pickle files are never loaded)")
     raise CheckpointError(f"{path}: no {SINGLE} or {INDEX} found")
@@ -88,7 +125,8 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
     """Load a DiffusionGemma checkpoint folder -> `DiffusionGemma` in eval mode.
 
     device: None picks CUDA when available, else the CPU. dtype: None keeps the checkpoint's dtype.
-    Tensors are streamed one by one straight to `device`; nothing is read twice into memory.
+    Tensors are read one by one from the files into their final memory (no mmap): loading needs about one
+    copy of the weights, plus one tensor when the dtype changes.
     """
     from .model import DiffusionGemma
 
@@ -100,37 +138,32 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
     dev = resolve_device(device)
     files = _weight_files(path)
     want = _parse_dtype(dtype)
+    headers: dict[Path, dict] = {}
+
+    def entry(key: str) -> tuple[Path, dict]:
+        fn = files[key]
+        if fn not in headers:
+            headers[fn] = read_header(fn)
+        return fn, headers[fn][key]
+
     if want is None:
-        emb = files.get(_DECODER + "embed_tokens.weight")
-        if emb is None:
+        if _DECODER + "embed_tokens.weight" not in files:
             raise CheckpointError(f"{path}: tensor {_DECODER}embed_tokens.weight is missing")
-        with safe_open(str(emb), framework="pt") as f:
-            want = f.get_slice(_DECODER + "embed_tokens.weight").get_dtype()
-        want = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(want, torch.float32)
+        want = _ST_DTYPES.get(entry(_DECODER + "embed_tokens.weight")[1]["dtype"], torch.float32)
     with torch.device("meta"):
         model = DiffusionGemma(cfg, sampler)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    handles: dict[Path, object] = {}
-    try:
-        for name, meta in expected.items():
-            key = hf_name(name)
-            if key not in files and name.endswith("encoder_layer_scalar"):
-                key = hf_name(name.replace("encoder_layer_scalar", "layer_scalar"))  # fall back to the decoder's
-            if key not in files:
-                raise CheckpointError(f"{path}: tensor {key} is missing (expected shape {list(meta.shape)})")
-            fn = files[key]
-            if fn not in handles:
-                handles[fn] = safe_open(str(fn), framework="pt", device=str(dev)).__enter__()
-            sl = handles[fn].get_slice(key)
-            shape = list(sl.get_shape())
-            if shape != list(meta.shape):
-                raise CheckpointError(
-                    f"{path}: tensor {key} has shape {shape}, expected {list(meta.shape)} from config.json")
-            t = handles[fn].get_tensor(key).to(want)
-            _assign(model, name, t)
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+    for name, meta in expected.items():
+        key = hf_name(name)
+        if key not in files and name.endswith("encoder_layer_scalar"):
+            key = hf_name(name.replace("encoder_layer_scalar", "layer_scalar"))  # fall back to the decoder's
+        if key not in files:
+            raise CheckpointError(f"{path}: tensor {key} is missing (expected shape {list(meta.shape)})")
+        fn, info = entry(key)
+        if list(info["shape"]) != list(meta.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {list(info['shape'])}, expected {list(meta.shape)} from config.json")
+        _assign(model, name, read_tensor(fn, info, want, dev))
     model.path = str(path)
     return model.eval().requires_grad_(False)
 

@@ -1,0 +1,66 @@
+"""End to end through the CLI: tokenizer, training from scratch (losses fall), fine-tuning a chat JSONL
+with a frozen router, evaluation."""
+import json
+
+import torch
+
+import dgemma
+from dgemma.cli import main
+from dgemma.tokenizer import Tokenizer
+from dgemma.train.data import encode_documents, is_validation, pack
+
+TEXT = "\n\n".join(
+    f"The {a} {n} walked to the {p} and saw a {b} {m} near the old {q}."
+    for a, n, p, b, m, q in zip(["quiet", "small", "tall", "brave", "old"] * 40, ["man", "girl", "dog", "cat"] * 50,
+                                ["river", "house", "street", "market"] * 50, ["red", "green", "blue"] * 67,
+                                ["boat", "cart", "bird", "tree", "door"] * 40, ["mill", "bridge", "church"] * 67))
+
+
+def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    chats = [{"messages": [{"role": "user", "content": f"Where did the {n} walk?"},
+                           {"role": "assistant", "content": f"The {n} walked to the river."}]}
+             for n in ("man", "girl", "dog", "cat") * 5]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok")]) == 0
+    tok = Tokenizer.from_dir(tmp_path / "tok")
+
+    # data: chats score only the reply; the split is deterministic
+    tr, va = encode_documents([tmp_path / "chat.jsonl"], tok, val_percent=0)
+    ex = tr[0]
+    prompt = tok.apply_chat_template(chats[0]["messages"][:1], add_generation_prompt=True, tokenize=True)
+    assert not any(ex.score[:len(prompt)]) and all(ex.score[len(prompt):])
+    assert is_validation("some text", 50) == is_validation("some text", 50)
+    ids, score = pack(tr, 24, 0)
+    assert ids.shape[1] == 24 and score.dtype == torch.bool
+
+    shape = ["--shape", "small", "--canvas-length", "8", "--context", "8", "--canvases", "2"]
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(run), *shape, "--steps", "40", "--batch-size", "8", "--lr", "3e-3",
+                 "--warmup", "5", "--eval-every", "20", "--save-every", "20", "--val-percent", "10"]) == 0
+    hist = json.loads((run / "checkpoint" / "trainer_state.json").read_text())["history"]
+    first, last = hist[0], hist[-1]
+    assert last["ar"] < 0.7 * first["ar"] and last["diffusion"] < 0.8 * first["diffusion"]
+    assert "val_ar" in last
+    # a new run in the same folder is refused, with one line and exit 2
+    assert main(["train", "--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(run), "--steps", "1"]) == 2
+
+    # fine-tune on chats with a frozen router
+    ft = tmp_path / "ft"
+    assert main(["train", "--data", str(tmp_path / "chat.jsonl"), "--init-from", str(run / "checkpoint"),
+                 "--out", str(ft), "--context", "24", "--canvases", "2", "--steps", "4", "--batch-size", "4",
+                 "--freeze-router", "--eval-every", "0", "--save-every", "4", "--val-percent", "0"]) == 0
+    a, b = dgemma.load(run / "checkpoint"), dgemma.load(ft / "checkpoint")
+    assert torch.equal(a.layers[0].router.proj.weight, b.layers[0].router.proj.weight)
+    assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(run / "checkpoint"), "--data", str(tmp_path / "corpus.txt"), "--all",
+                 "--context", "8", "--canvases", "2", "--batches", "2", "--prompts", "2", "--steps", "4",
+                 "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["encoder_perplexity"] > 1 and 0 < ev["tokens_per_forward"] <= 8

@@ -13,9 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-# nominal peak memory bandwidth (TB/s) for the "fraction of the bandwidth limit" figure
-PEAK_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
-
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time dgemma against the reference and against AR decoding")
@@ -98,6 +95,8 @@ def run_bench(a: argparse.Namespace) -> int:
             print(f"{s:12s} error: {r['error']}")
             continue
         extra = f"  sampler {100 * r['sampler_fraction']:.0f}% of a step" if "sampler_fraction" in r else ""
+        if r.get("bandwidth_fraction"):
+            extra += f"  {100 * r['bandwidth_fraction']:.0f}% of the memory-bandwidth limit"
         print(f"{s:12s} {r['tokens_per_s']:9.1f} tok/s  step {r['step_ms']:8.1f} ms  "
               f"tpf {r['tokens_per_forward']:.2f}  peak {r['peak_gib']:.2f} GiB{extra}")
     for k in ("speedup_vs_reference", "fast_speedup_vs_reference", "memory_ratio_vs_reference", "speedup_vs_ar"):

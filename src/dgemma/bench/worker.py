@@ -90,7 +90,15 @@ def run_dgemma(a: dict) -> dict:
         _sync(dev)
         t_samp = (time.perf_counter() - t2) / reps
     new = a["batch"] * out.sequences[:, ids.shape[1]:].shape[1]
-    return {"tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
+    extra = {}
+    if dev.type == "cuda":   # a canvas routes to (nearly) every expert: a step reads all the weights once
+        weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+        achieved = weight_bytes / (t_fwd + t_samp) / 1e12
+        name = torch.cuda.get_device_name(dev)
+        peak = next((v for k, v in {"H200": 4.8, "H100": 3.35, "A100": 2.0}.items() if k in name), None)
+        extra = {"weights_gb": weight_bytes / 1e9, "achieved_tb_s": achieved,
+                 "bandwidth_fraction": achieved / peak if peak else None}
+    return {**extra, "tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
             "step_ms": 1000 * total / passes, "first_canvas_s": stamps[0] - t0,
             "tokens_per_forward": float(out.tokens_per_forward.mean()), "peak_gib": _peak(dev),
             "forward_ms": 1000 * t_fwd, "sampler_ms": 1000 * t_samp,

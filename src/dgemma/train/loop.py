@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,7 +94,19 @@ def _save(model, opt, step: int, cfg: TrainConfig, history: list, extra_files: d
     files = dict(extra_files)
     files["optimizer.safetensors"] = st_save(state)
     files["trainer_state.json"] = json.dumps(trainer, indent=1).encode()
-    save(model, Path(cfg.out) / CKPT, extra_files=files)
+    # Each save is a complete new folder; the `checkpoint` symlink is then switched to it atomically, so a
+    # kill at any moment leaves `checkpoint` pointing at a complete checkpoint.
+    out = Path(cfg.out)
+    name = f"ckpt-{step:08d}"
+    save(model, out / name, extra_files=files)
+    tmp_link = out / f".{CKPT}.tmp"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(name)
+    os.replace(tmp_link, out / CKPT)
+    for old in out.glob("ckpt-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _restore(model, opt, path: Path) -> tuple[int, list]:
@@ -132,7 +145,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
     rank, world = _dist()
     out = Path(cfg.out)
     ckpt = out / CKPT
-    if ckpt.exists() and not resume:
+    if (ckpt.exists() or ckpt.is_symlink()) and not resume:
         raise TrainError(f"{ckpt} already exists: pass --resume to continue that run, or choose another --out")
     if resume and not ckpt.exists():
         raise TrainError(f"--resume: no checkpoint in {out}")

@@ -63,21 +63,22 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, row_chunk: int = 1024, sampler: str = "exact") -> None:
+    def __init__(self, model, max_batch: int = 8, row_chunk: int | None = None, sampler: str = "exact") -> None:
         """sampler: "exact" (the reference's random stream per request) or "fast" (same distribution,
         one uniform per position; see sampling.sample_rows)."""
         if sampler not in ("exact", "fast"):
             raise ValueError(f"sampler must be 'exact' or 'fast' (got {sampler!r})")
-        self.model, self.max_batch, self.row_chunk, self.sampler = model, max_batch, row_chunk, sampler
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
+        self.model, self.max_batch, self.sampler = model, max_batch, sampler
+        self.row_chunk = row_chunk or max(self.C, (1 << 26) // self.V)
         self.cache = model.new_cache(max_batch, 1024)
         self.cache.n = 0
         self.rows: list[_Row] = []
         self.waiting: deque[_Request] = deque()
         self.done: dict[str, Result] = {}
         self._ids = itertools.count()
-        self._noise = torch.empty(max(row_chunk, self.C), self.V, device=model.device) if sampler == "exact" else None
+        self._noise = torch.empty(self.row_chunk, self.V, device=model.device) if sampler == "exact" else None
 
     # ---- public API ---------------------------------------------------------------------------
     def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,

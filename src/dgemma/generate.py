@@ -48,7 +48,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
              confidence_threshold: float | None = _UNSET, eos_token_id: int | list[int] | None = _UNSET,
              pad_token_id: int | None = _UNSET, seed: int | None = None, cache: KVCache | None = None,
              on_canvas: Callable[[torch.Tensor], None] | None = None,
-             sampler: str = "exact", row_chunk: int = 1024) -> GenerateOutput:
+             sampler: str = "exact", row_chunk: int | None = None) -> GenerateOutput:
     """Generate whole canvases after `input_ids` [B, L].
 
     Arguments left out come from generation_config.json; `eos_token_id=None` / `pad_token_id=None` /
@@ -71,6 +71,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         raise ValueError("generate needs at least one prompt token")
     cfg, dev = model.config, model.device
     CL, V = cfg.canvas_length, cfg.vocab_size
+    row_chunk = row_chunk or max(1, (1 << 26) // V)   # canvas rows per sampler chunk: ~256 MB fp32 buffers
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
     n_canvas = math.ceil(s.max_new_tokens / CL)
     if cache is None:

@@ -143,8 +143,11 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, tok, y)
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
-        """torch._grouped_mm needs 16-byte aligned rows and has no reliable CPU backward."""
+        """torch._grouped_mm needs 16-byte aligned rows, takes only bf16 on CUDA, and has no reliable CPU
+        backward."""
         if torch.is_grad_enabled() and (x.requires_grad or self.down_proj.requires_grad):
+            return False
+        if x.device.type == "cuda" and x.dtype != torch.bfloat16:
             return False
         align = 16 // x.element_size()
         return all(d % align == 0 for d in (self.down_proj.shape[1], self.down_proj.shape[2]))

@@ -38,7 +38,7 @@ def build(a: dict):
     cfg = preset(a["shape"])
     with torch.device("meta"):
         m = dgemma.DiffusionGemma(cfg)
-    m = m.to_empty(device=dev).to(_parse_dtype(a["dtype"]) or torch.bfloat16)
+    m = m.to(_parse_dtype(a["dtype"]) or torch.bfloat16).to_empty(device=dev)   # cast on meta: one allocation
     torch.manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():

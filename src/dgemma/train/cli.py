@@ -36,6 +36,8 @@ def add_train(sub) -> None:
     p.add_argument("--ar-weight", type=float, default=1.0)
     p.add_argument("--diffusion-weight", type=float, default=1.0)
     p.add_argument("--sc-prob", type=float, default=0.5, help="self-conditioning probability")
+    p.add_argument("--all-canvases", action="store_true",
+                   help="score every canvas in one block-causal denoiser pass (default: one random canvas)")
     p.add_argument("--freeze-router", action="store_true")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
@@ -91,7 +93,8 @@ def run_train(args: argparse.Namespace) -> int:
                       lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
                       seed=args.seed, freeze_router=args.freeze_router,
                       objective=ObjectiveConfig(context_length=args.context, ar_weight=args.ar_weight,
-                                                diffusion_weight=args.diffusion_weight, sc_prob=args.sc_prob))
+                                                diffusion_weight=args.diffusion_weight, sc_prob=args.sc_prob,
+                                                all_canvases=args.all_canvases))
     ckpt = train(cfg, mcfg, train_data, val_data, init_from=args.init_from, resume=args.resume,
                  device=args.device, extra_files=_tokenizer_files(tok_dir))
     print(f"checkpoint: {ckpt}")

@@ -1,4 +1,4 @@
-"""The training objective (spec section 5), single-canvas form.
+"""The training objective (spec section 5): single-canvas form, and all canvases in one block-causal pass.
 
 Per example: one causal encoder pass over the clean sequence gives next-token cross-entropy (the AR
 loss) and the encoder K/V of every position. One canvas is chosen uniformly among the canvases that
@@ -31,6 +31,7 @@ class ObjectiveConfig:
     diffusion_weight: float = 1.0
     sc_prob: float = 0.5
     t_eps: float = 1e-4
+    all_canvases: bool = False       # score every canvas in one block-causal pass (else one per example)
 
 
 def _encoder_pass(model, ids: torch.Tensor):
@@ -54,17 +55,29 @@ def _encoder_pass(model, ids: torch.Tensor):
 
 
 def _denoiser_pass(model, canvas: torch.Tensor, start: torch.Tensor, kv, soft: torch.Tensor | None):
-    """canvas [B, C] at per-row positions start[b] + [0, C), reading encoder K/V of positions < start[b]."""
-    B, C = canvas.shape
+    """canvas [B, n*C]: n canvases, block k at positions start[b, k] + [0, C) (start: [B] or [B, n]).
+    Block k reads the encoder K/V of positions < start[b, k] (the last W-1 of them on sliding layers) and
+    attends bidirectionally within itself only; with n = 1 this is exactly one inference denoising step."""
+    B = canvas.shape[0]
+    start = start.view(B, -1)                                          # [B, n]
+    n = start.shape[1]
+    C = canvas.shape[1] // n
     L = kv[0][0].shape[2]
     W1 = model.config.sliding_window - 1
-    kpos = torch.arange(L, device=canvas.device)
-    ctx_full = kpos[None, :] < start[:, None]                        # [B, L]
-    ctx_slide = ctx_full & (kpos[None, :] >= start[:, None] - W1)
-    ones = torch.ones(B, C, dtype=torch.bool, device=canvas.device)
-    m_full = torch.cat([ctx_full, ones], 1)[:, None, None]            # [B, 1, 1, L+C]
-    m_slide = torch.cat([ctx_slide, ones], 1)[:, None, None]
-    positions = start[:, None] + torch.arange(C, device=canvas.device)[None]  # [B, C]
+    dev = canvas.device
+    kpos = torch.arange(L, device=dev)
+    s = start[:, :, None]                                              # [B, n, 1]
+    ctx_full = kpos[None, None, :] < s                                 # [B, n, L]
+    ctx_slide = ctx_full & (kpos[None, None, :] >= s - W1)
+    block = torch.eye(n, dtype=torch.bool, device=dev).repeat_interleave(C, 1)      # [n, n*C]
+    if n == 1:   # one canvas: a key-padding mask [B, 1, 1, L+C]
+        m_full = torch.cat([ctx_full[:, 0], block.expand(B, -1)], 1)[:, None, None]
+        m_slide = torch.cat([ctx_slide[:, 0], block.expand(B, -1)], 1)[:, None, None]
+    else:        # block-causal: query rows of block k [B, 1, n*C, L+n*C]
+        own = block[None].expand(B, -1, -1)
+        m_full = torch.cat([ctx_full, own], 2).repeat_interleave(C, 1)[:, None]
+        m_slide = torch.cat([ctx_slide, own], 2).repeat_interleave(C, 1)[:, None]
+    positions = (s + torch.arange(C, device=dev)[None, None]).reshape(B, n * C)    # [B, n*C]
 
     def attend_for(i: int):
         mask = m_slide if model.layers[i].sliding else m_full
@@ -97,8 +110,10 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
     tgt_mask = score[:, 1:]
     ar = F.cross_entropy(ar_logits[tgt_mask], ids[:, 1:][tgt_mask]) if tgt_mask.any() else h.sum() * 0
 
-    # choose one valid canvas per example, uniformly
     canv_score = score[:, P:].reshape(B, n_canvas, CL)
+    if cfg.all_canvases:
+        return _all_canvases(model, ids, canv_score, kv, ar, tgt_mask, cfg, generator)
+    # choose one valid canvas per example, uniformly
     valid = canv_score.any(-1)                                            # [B, n]
     has = valid.any(-1)
     r = torch.rand(B, n_canvas, device=dev, generator=generator)
@@ -118,5 +133,27 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
             soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
     logits = _denoiser_pass(model, noisy, start, kv, soft)
     diff = F.cross_entropy(logits[sc_mask], x0[sc_mask]) if sc_mask.any() else logits.sum() * 0
+    loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
+    return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach(), "tokens": tgt_mask.sum()}
+
+
+def _all_canvases(model, ids, canv_score, kv, ar, tgt_mask, cfg: ObjectiveConfig, generator):
+    """Every canvas of every example noised (own t each) and scored in one block-causal denoiser pass."""
+    B, n, CL = canv_score.shape
+    V, P, dev = model.config.vocab_size, cfg.context_length, ids.device
+    start = P + torch.arange(n, device=dev)[None].expand(B, n) * CL                # [B, n]
+    x0 = ids[:, P:]                                                              # [B, n*C]
+    t = cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(B, n, 1, device=dev, generator=generator)
+    flip = (torch.rand(B, n, CL, device=dev, generator=generator) < t).reshape(B, n * CL)
+    noisy = torch.where(flip, torch.randint(0, V, (B, n * CL), device=dev, generator=generator), x0)
+    use_sc = torch.rand(B, device=dev, generator=generator) < cfg.sc_prob
+    soft = None
+    if bool(use_sc.any()):
+        with torch.no_grad():
+            first = _denoiser_pass(model, noisy, start, [(k.detach(), v.detach()) for k, v in kv], None)
+            soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
+    logits = _denoiser_pass(model, noisy, start, kv, soft)
+    m = canv_score.reshape(B, n * CL)
+    diff = F.cross_entropy(logits[m], x0[m]) if m.any() else logits.sum() * 0
     loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
     return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach(), "tokens": tgt_mask.sum()}

@@ -175,3 +175,16 @@ def test_left_padded_batch_like_reference(pair):
     ref.set_attn_implementation("eager")
     o = m.generate(ids, attention_mask=mask, seed=5, **GEN)
     assert torch.equal(o.sequences, r.sequences)
+
+
+def test_defaults_follow_generation_config_like_reference(pair):
+    """Arguments left out come from generation_config.json exactly as the reference resolves them
+    (a folder saved by transformers has no eos/pad there: no EOS rule, nothing is pad)."""
+    ref, m = pair
+    ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(21)
+    r = ref.generate(ids, max_new_tokens=32, max_denoising_steps=4)
+    o = m.generate(ids, max_new_tokens=32, max_denoising_steps=4, seed=21)
+    assert m.sampler_config.eos_token_id is None and m.sampler_config.pad_token_id is None
+    assert torch.equal(o.sequences, r.sequences)
+    assert torch.allclose(o.tokens_per_forward, r.tokens_per_forward.float())

@@ -270,9 +270,12 @@ class SamplerConfig:
 
     @classmethod
     def from_hf(cls, gen: dict[str, Any], model: ModelConfig | None = None) -> "SamplerConfig":
-        """Read `generation_config.json` (unknown or null keys fall back to the published defaults)."""
-        out = cls(eos_token_id=list(model.eos_token_id) if model else None,
-                  pad_token_id=model.pad_token_id if model else 0)
+        """Read `generation_config.json`. Null or missing sampler keys take the reference's global defaults;
+        eos/pad come from the file alone (missing = none, as the reference does); without a file, from the
+        model config."""
+        out = cls(eos_token_id=gen.get("eos_token_id"), pad_token_id=gen.get("pad_token_id"))
+        if not gen and model is not None:
+            out.eos_token_id, out.pad_token_id = list(model.eos_token_id), model.pad_token_id
         sc = gen.get("sampler_config")
         if sc is not None:
             name = sc.get("_cls_name", "EntropyBoundSamplerConfig") if isinstance(sc, dict) else None
@@ -281,7 +284,7 @@ class SamplerConfig:
             if sc.get("entropy_bound") is not None:
                 out.entropy_bound = float(sc["entropy_bound"])
         for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
-                    "confidence_threshold", "eos_token_id", "pad_token_id"):
+                    "confidence_threshold"):
             if gen.get(key) is not None:
                 setattr(out, key, gen[key])
         if gen.get("cache_implementation") not in (None, "dynamic"):

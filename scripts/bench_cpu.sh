@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${THREADS:-2}
 dgemma bench --steps 16 --prompt-len 32 --canvases 4 --ar-tokens 128 --threads "$T" --out bench_out/default_model
+dgemma bench --adaptive --steps 32 --prompt-len 32 --canvases 4 --ar-tokens 128 --threads "$T" --systems dgemma,dgemma-fast,reference --out bench_out/default_model_adaptive
 dgemma bench --shape tiny --steps 16 --prompt-len 40 --canvases 1 --ar-tokens 64 --threads "$T" --out bench_out/tiny
 dgemma bench --shape 100m --steps 4 --prompt-len 128 --canvases 1 --ar-tokens 32 --threads "$T" --out bench_out/100m

@@ -146,6 +146,7 @@ def run_reference(a: dict) -> dict:
     with torch.inference_mode():
         m.generate(ids, **{**kw, "max_new_tokens": C, "max_denoising_steps": 2})          # warm-up
         _sync(dev)
+        torch.manual_seed(0)                                   # the same random stream as dgemma's seed=0
         t0 = time.perf_counter()
         out = m.generate(ids, **kw, streamer=Streamer())
         total = time.perf_counter() - t0

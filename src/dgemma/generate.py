@@ -12,7 +12,6 @@ changes nothing because RoPE only sees relative distances. Left padding is the n
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,19 +22,6 @@ from .cache import KVCache
 from .config import SamplerConfig
 
 _UNSET: Any = object()
-_POOL: list[ThreadPoolExecutor] = []
-
-
-def _draw_pool() -> ThreadPoolExecutor:
-    """One helper thread, shared by all calls, that draws random numbers while the forward runs."""
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="dgemma-draws"))
-    return _POOL[0]
-
-
-def _exponentials(buf: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    with torch.inference_mode():   # grad mode is per thread
-        return buf.exponential_(1, generator=gen)
 
 
 @dataclass
@@ -108,10 +94,6 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     passes = torch.zeros(B, dtype=torch.int32, device=dev)
     emb, scale = model.embed_tokens.weight, model.embed_scale().to(dev)
     noise = torch.empty(min(row_chunk, B * CL), V, device=dev) if sampler == "exact" else None
-    # On the CPU, when one chunk holds every row, the step's exponential draws do not depend on the logits:
-    # a helper thread draws them while the forward runs (same generator, same order, nothing else drawing).
-    overlap = noise is not None and dev.type == "cpu" and B * CL <= row_chunk
-    pool = _draw_pool() if overlap else None
     seq = ids
     for c in range(n_canvas):
         if L or c:  # encode the prompt, then each committed canvas at the positions it had
@@ -123,15 +105,12 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                                               B, CL, dev) if stop_rule else None
         for n in range(s.max_denoising_steps, 0, -1):
             passes += ~(frozen | finished)
-            drawn = pool.submit(_exponentials, noise, gen) if pool else None
             h = model.denoise(canvas, cache, soft).reshape(B * CL, -1)        # [B*C, H]
             temp = sampling.temperature(n, s.max_denoising_steps, s.t_min, s.t_max)
             parts = []
             for r in range(0, B * CL, row_chunk):   # draws stay in row order: the multinomial's stream
                 m_ = min(row_chunk, B * CL - r)
-                if drawn is not None:
-                    q, u = drawn.result(), None
-                elif noise is not None:
+                if noise is not None:
                     q, u = noise[:m_].exponential_(1, generator=gen), None
                 else:
                     q, u = None, torch.rand(m_, device=dev, generator=gen)

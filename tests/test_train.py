@@ -50,25 +50,29 @@ def _cache_for(m, ctx):
     return cache
 
 
-def test_losses_fall_from_scratch():
+def _fit(cfg: ObjectiveConfig, steps: int):
+    """Train a tiny model on a repetitive language; -> (first, last) (ar, diffusion) losses."""
     torch.manual_seed(0)
     m = tiny_model()
     m.train().requires_grad_(True)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    # a repetitive language: both losses must drop quickly
     ids = torch.tensor([[(3 + (i * 7 + r) % 11) for i in range(4 + 2 * 8)] for r in range(8)])
     score = torch.ones_like(ids, dtype=torch.bool)
-    cfg = ObjectiveConfig(context_length=4)
     g = torch.Generator().manual_seed(0)
-    first = None
-    for step in range(40):
+    hist = []
+    for _ in range(steps):
         out = losses(m, ids, score, cfg, g)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        first = first or (out["ar"].item(), out["diffusion"].item())
-    assert out["ar"].item() < 0.5 * first[0]
-    assert out["diffusion"].item() < 0.7 * first[1]
+        hist.append((out["ar"].item(), out["diffusion"].item()))
+    return hist[0], hist[-1]
+
+
+def test_losses_fall_from_scratch():
+    first, last = _fit(ObjectiveConfig(context_length=4), 40)
+    assert last[0] < 0.5 * first[0]
+    assert last[1] < 0.7 * first[1]
 
 
 def test_prompt_tokens_are_not_scored():
@@ -178,19 +182,5 @@ def test_block_causal_pass_equals_single_canvas_passes():
 
 
 def test_all_canvases_objective_trains():
-    torch.manual_seed(0)
-    m = tiny_model()
-    m.train().requires_grad_(True)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    ids = torch.tensor([[(3 + (i * 7 + r) % 11) for i in range(4 + 2 * 8)] for r in range(8)])
-    score = torch.ones_like(ids, dtype=torch.bool)
-    cfg = ObjectiveConfig(context_length=4, all_canvases=True)
-    g = torch.Generator().manual_seed(0)
-    first = None
-    for _ in range(30):
-        out = losses(m, ids, score, cfg, g)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        first = first or out["diffusion"].item()
-    assert out["diffusion"].item() < 0.7 * first
+    first, last = _fit(ObjectiveConfig(context_length=4, all_canvases=True), 30)
+    assert last[1] < 0.7 * first[1]

@@ -112,48 +112,46 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
 
     canv_score = score[:, P:].reshape(B, n_canvas, CL)
     if cfg.all_canvases:
-        return _all_canvases(model, ids, canv_score, kv, ar, tgt_mask, cfg, generator)
-    # choose one valid canvas per example, uniformly
+        start, x0, mask, noisy = _noise_all_canvases(ids, canv_score, V, cfg, generator)
+    else:
+        start, x0, mask, noisy = _noise_one_canvas(ids, canv_score, V, cfg, generator)
+    use_sc = torch.rand(B, device=dev, generator=generator) < cfg.sc_prob
+    soft = None
+    if bool(use_sc.any()):
+        with torch.no_grad():
+            first = _denoiser_pass(model, noisy, start, [(k.detach(), v.detach()) for k, v in kv], None)
+            soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
+    logits = _denoiser_pass(model, noisy, start, kv, soft)
+    diff = F.cross_entropy(logits[mask], x0[mask]) if mask.any() else logits.sum() * 0
+    loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
+    return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach(), "tokens": tgt_mask.sum()}
+
+
+def _noise_one_canvas(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
+    """One valid canvas per example, chosen uniformly, noised with t ~ U(eps, 1-eps).
+    -> start [B], clean x0 [B, C], scored mask [B, C], noisy [B, C]."""
+    B, n, CL = canv_score.shape
+    dev = ids.device
     valid = canv_score.any(-1)                                            # [B, n]
-    has = valid.any(-1)
-    r = torch.rand(B, n_canvas, device=dev, generator=generator)
+    r = torch.rand(B, n, device=dev, generator=generator)
     idx = torch.where(valid, r, torch.full_like(r, -1.0)).argmax(-1)      # [B]
-    start = P + idx * CL
-    gather = start[:, None] + torch.arange(CL, device=dev)[None]          # [B, C]
-    x0 = ids.gather(1, gather)
-    sc_mask = canv_score[torch.arange(B, device=dev), idx] & has[:, None]
+    start = cfg.context_length + idx * CL
+    x0 = ids.gather(1, start[:, None] + torch.arange(CL, device=dev)[None])
+    mask = canv_score[torch.arange(B, device=dev), idx] & valid.any(-1)[:, None]
     t = cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(B, 1, device=dev, generator=generator)
     noisy = torch.where(torch.rand(B, CL, device=dev, generator=generator) < t,
                         torch.randint(0, V, (B, CL), device=dev, generator=generator), x0)
-    use_sc = torch.rand(B, device=dev, generator=generator) < cfg.sc_prob
-    soft = None
-    if bool(use_sc.any()):
-        with torch.no_grad():
-            first = _denoiser_pass(model, noisy, start, [(k.detach(), v.detach()) for k, v in kv], None)
-            soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
-    logits = _denoiser_pass(model, noisy, start, kv, soft)
-    diff = F.cross_entropy(logits[sc_mask], x0[sc_mask]) if sc_mask.any() else logits.sum() * 0
-    loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
-    return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach(), "tokens": tgt_mask.sum()}
+    return start, x0, mask, noisy
 
 
-def _all_canvases(model, ids, canv_score, kv, ar, tgt_mask, cfg: ObjectiveConfig, generator):
-    """Every canvas of every example noised (own t each) and scored in one block-causal denoiser pass."""
+def _noise_all_canvases(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
+    """Every canvas noised with its own t (scored in one block-causal pass).
+    -> start [B, n], clean x0 [B, n*C], scored mask [B, n*C], noisy [B, n*C]."""
     B, n, CL = canv_score.shape
-    V, P, dev = model.config.vocab_size, cfg.context_length, ids.device
-    start = P + torch.arange(n, device=dev)[None].expand(B, n) * CL                # [B, n]
-    x0 = ids[:, P:]                                                              # [B, n*C]
+    dev, P = ids.device, cfg.context_length
+    start = P + torch.arange(n, device=dev)[None].expand(B, n) * CL
+    x0 = ids[:, P:]
     t = cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(B, n, 1, device=dev, generator=generator)
     flip = (torch.rand(B, n, CL, device=dev, generator=generator) < t).reshape(B, n * CL)
     noisy = torch.where(flip, torch.randint(0, V, (B, n * CL), device=dev, generator=generator), x0)
-    use_sc = torch.rand(B, device=dev, generator=generator) < cfg.sc_prob
-    soft = None
-    if bool(use_sc.any()):
-        with torch.no_grad():
-            first = _denoiser_pass(model, noisy, start, [(k.detach(), v.detach()) for k, v in kv], None)
-            soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
-    logits = _denoiser_pass(model, noisy, start, kv, soft)
-    m = canv_score.reshape(B, n * CL)
-    diff = F.cross_entropy(logits[m], x0[m]) if m.any() else logits.sum() * 0
-    loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
-    return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach(), "tokens": tgt_mask.sum()}
+    return start, x0, canv_score.reshape(B, n * CL), noisy

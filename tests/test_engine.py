@@ -77,3 +77,19 @@ def test_fast_sampler_engine_equals_generate(tmp_path):
     new = out.sequences[0, len(prompt):].tolist()
     assert res.tokens == new[:len(res.tokens)]
     assert all(t == 0 for t in new[len(res.tokens):])
+
+
+def test_cancel_frees_the_row(tmp_path):
+    m = peaky(tmp_path)
+    eng = Engine(m, max_batch=2)
+    a = eng.submit(list(range(20, 30)), seed=1, **KW)
+    b = eng.submit(list(range(30, 35)), seed=2, **KW)
+    c = eng.submit(list(range(40, 44)), seed=3, **KW)
+    eng.step()
+    assert [r.req.id for r in eng.rows] == [a, b]
+    eng.cancel(a)
+    assert [r.req.id for r in eng.rows] == [b] and eng.cache.n == 1
+    results = eng.run()
+    assert set(results) == {b, c} and eng.collect(a) is None
+    toks, _ = expected(m, list(range(40, 44)), 3)
+    assert results[c].tokens == toks

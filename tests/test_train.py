@@ -80,14 +80,14 @@ def test_prompt_tokens_are_not_scored():
     ids = torch.randint(3, 64, (2, 4 + 8))
     score = torch.zeros_like(ids, dtype=torch.bool)
     out = losses(m, ids, score, ObjectiveConfig(context_length=4))
-    assert out["tokens"].item() == 0 and out["ar"].item() == 0 and out["diffusion"].item() == 0
+    assert out["ar"].item() == 0 and out["diffusion"].item() == 0
 
 
 def test_grouped_and_loop_experts_agree():
     m = tiny_model()
     x = torch.randn(2, 8, 32)
     layer = m.layers[0]
-    w, idx, _ = layer.router(x.reshape(-1, 32))
+    w, idx = layer.router(x.reshape(-1, 32))
     with torch.no_grad():
         grouped = layer.experts(x.reshape(-1, 32), w, idx)
     x.requires_grad_(True)

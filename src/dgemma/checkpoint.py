@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -186,42 +187,46 @@ def save(model, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    state = {hf_name(k): v.detach().contiguous().cpu()
-             for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fn), metadata={"format": "pt"})
-            weight_map.update({k: fn for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    cfg = dataclasses.replace(model.config, dtype=str(model.dtype).replace("torch.", ""))
-    (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(model.sampler_config.to_hf(), indent=2))
-    for name, data in (extra_files or {}).items():
-        (tmp / name).write_bytes(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)                 # mkdtemp makes 0700; a model folder is shared
-    for f in tmp.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-    if path.exists():  # replace atomically: move the old folder aside first, then drop it
+    try:
+        state = {hf_name(k): v.detach().contiguous().cpu()
+                 for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fn), metadata={"format": "pt"})
+                weight_map.update({k: fn for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        cfg = dataclasses.replace(model.config, dtype=str(model.dtype).replace("torch.", ""))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(model.sampler_config.to_hf(), indent=2))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)                 # mkdtemp makes 0700; a model folder is shared
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():  # replace: move the old folder aside, then the new one in (a kill between the two
+        # renames leaves both complete folders beside `path`; training uses a symlink swap instead)
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
         os.replace(path, old / "x")
         os.replace(tmp, path)
-        import shutil
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)

@@ -18,7 +18,7 @@ from typing import Callable
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64"}
-SAMPLER_ROWS, SAMPLER_BUFFERS = 1024, 6  # generate() chunks canvas rows by 1024; ~6 fp32 [rows, V] buffers live
+SAMPLER_ELEMENTS, SAMPLER_BUFFERS = 1 << 26, 6  # generate() chunks rows to ~2^26 logits; ~6 fp32 buffers live
 
 
 class UsageError(Exception):
@@ -214,7 +214,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     slots = [((W - 1) if cfg.is_sliding(i) else args.context) + CL for i in range(L)]
     kv = args.batch * nb * sum(2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * slots[i] for i in range(L))
     weights = params["total"] * nb
-    sampler = min(SAMPLER_ROWS, args.batch * CL) * V * 4 * SAMPLER_BUFFERS
+    sampler = min(max(1, SAMPLER_ELEMENTS // V), args.batch * CL) * V * 4 * SAMPLER_BUFFERS
     g, s = cfg.global_head_dim, cfg.head_dim
     print(f"model        {path}\n"
           f"layers       {L} ({n_sliding} sliding, {L - n_sliding} full attention)\n"
@@ -268,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    # ConfigError, CheckpointError and TokenizerError are ValueErrors
-    return isinstance(e, (UsageError, ValueError, FileNotFoundError))
+    # ConfigError, CheckpointError, TokenizerError, DataError and TrainError are ValueErrors; OSError covers
+    # paths the user named (a file where a folder is expected, no permission, disk full)
+    return isinstance(e, (UsageError, ValueError, OSError))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         oom = isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
         if os.environ.get("DGEMMA_DEBUG") or not (_is_user_error(e) or oom):
             raise
-        msg = f"{e.strerror}: {e.filename}" if isinstance(e, FileNotFoundError) and e.filename else str(e)
+        msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         msg = " ".join(msg.split()) or type(e).__name__
         print(f"dgemma: error: {'out of memory: ' if oom else ''}{msg}", file=sys.stderr)
         return 1 if oom else 2

@@ -71,7 +71,7 @@ class Engine:
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
         self.model, self.max_batch, self.sampler = model, max_batch, sampler
-        self.row_chunk = row_chunk or max(self.C, (1 << 26) // self.V)
+        self.row_chunk = max(self.C, row_chunk or (1 << 26) // self.V)
         self.cache = model.new_cache(max_batch, 1024)
         self.cache.n = 0
         self.rows: list[_Row] = []
@@ -141,7 +141,7 @@ class Engine:
         temps = torch.stack([sampling.temperature(r.left, r.req.s.max_denoising_steps, r.req.s.t_min,
                                                   r.req.s.t_max) for r in self.rows])
         per_chunk = max(1, self.row_chunk // C)               # whole requests per sampler chunk
-        emb, scale = m.embed_tokens.weight, m.embed_scale().to(m.device)
+        emb, scale = m.embed_tokens.weight, m.embed_scale()
         results = []
         for a in range(0, n, per_chunk):
             rows = self.rows[a:a + per_chunk]

@@ -83,7 +83,9 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         raise ValueError(f"{cur_len} context + {n_canvas * CL} new tokens exceed max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
     cache.reserve(cur_len + n_canvas * CL)
-    max_length = s.max_new_tokens + cur_len  # the reference's MaxLengthCriteria counts input_ids only
+    # the reference's MaxLengthCriteria: len(input_ids) >= max_new_tokens + cached + prompt. It fires on the last
+    # canvas at the latest (never when continuing from a cache, since input_ids excludes the cached part)
+    max_length = s.max_new_tokens + cur_len
     eos = torch.tensor(s.eos_token_id, device=dev) if s.eos_token_id is not None else None
     valid = None if attention_mask is None else torch.as_tensor(attention_mask, device=dev).bool()
     if valid is not None and valid.shape != ids.shape:
@@ -92,7 +94,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
 
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.int32, device=dev)
-    emb, scale = model.embed_tokens.weight, model.embed_scale().to(dev)
+    emb, scale = model.embed_tokens.weight, model.embed_scale()
     noise = torch.empty(min(row_chunk, B * CL), V, device=dev) if sampler == "exact" else None
     seq = ids
     for c in range(n_canvas):
@@ -178,6 +180,9 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
                          confidence_threshold=_UNSET, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     ids = model._ids(input_ids)
     B, L = ids.shape
+    if L + s.max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"{L} prompt + {s.max_new_tokens} new tokens exceed max_position_embeddings "
+                         f"({model.config.max_position_embeddings})")
     dev = model.device
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
     cache = model.new_cache(B, L + s.max_new_tokens, scratch=1)

@@ -99,12 +99,12 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
     def forward(self, r: torch.Tensor):
-        """r: [T, H] raw residual -> weights [T, k] fp32, expert ids [T, k], router probs [T, E] fp32."""
+        """r: [T, H] raw residual -> weights [T, k] fp32, expert ids [T, k]."""
         z = rms_norm(r, None, self.eps) * self.scale * self.root
         probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
-        return w * self.per_expert_scale[idx], idx, probs
+        return w * self.per_expert_scale[idx], idx
 
 
 class Experts(nn.Module):
@@ -181,7 +181,7 @@ class Layer(nn.Module):
         r = h
         m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
         flat = r.reshape(-1, H)
-        w, idx, _ = self.router(flat)
+        w, idx = self.router(flat)
         m2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).view(B, S, H)
         m2 = self.post_feedforward_layernorm_2(m2)
         h = r + self.post_feedforward_layernorm(m1 + m2)
@@ -216,7 +216,7 @@ class DiffusionGemma(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
-        self._rope_cache: dict = {}
+        self._rope_cache: dict = {}           # inv_freq and the embedding scale, per device
 
     # ---- small helpers ----------------------------------------------------------------------
     @property
@@ -228,11 +228,15 @@ class DiffusionGemma(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def embed_scale(self) -> torch.Tensor:
-        """sqrt(H) as the reference stores it: an fp32 scalar cast to the embedding dtype (53.0 in bf16)."""
-        return torch.tensor(self.config.hidden_size ** 0.5).to(self.dtype)
+        """sqrt(H) as the reference stores it: an fp32 scalar cast to the embedding dtype (53.0 in bf16),
+        on the model's device (made once per device and dtype)."""
+        key = ("scale", self.device, self.dtype)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = torch.tensor(self.config.hidden_size ** 0.5, device=self.device).to(self.dtype)
+        return self._rope_cache[key]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids) * self.embed_scale().to(self.device)
+        return self.embed_tokens(ids) * self.embed_scale()
 
     def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
         """positions: [S] or [B, S] -> {sliding?: (cos, sin)} in the model dtype; inv_freq stays fp32."""
@@ -260,7 +264,7 @@ class DiffusionGemma(nn.Module):
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """[B, C, V] self-conditioning logits -> softmax_f32 @ E * sqrt(H): [B, C, H]."""
         p = sc_logits.softmax(dim=-1, dtype=torch.float32).to(self.dtype)
-        return torch.matmul(p, self.embed_tokens.weight) * self.embed_scale().to(self.device)
+        return torch.matmul(p, self.embed_tokens.weight) * self.embed_scale()
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, attend_for: Callable[[int], Callable],
                    encoder: bool) -> torch.Tensor:
@@ -318,7 +322,7 @@ class DiffusionGemma(nn.Module):
         """[B, T] ids -> [B, T, V] fp32 softcapped next-token logits of the causal encoder."""
         ids = self._ids(input_ids)
         cache = self.new_cache(ids.shape[0], ids.shape[1], scratch=1)
-        valid = None if attention_mask is None else attention_mask.to(self.device).bool()
+        valid = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).bool()
         return self.head(self.encode(ids, cache, valid))
 
     @torch.inference_mode()
@@ -330,7 +334,8 @@ class DiffusionGemma(nn.Module):
             raise ValueError(f"context batch {ctx.shape[0]} != canvas batch {canvas.shape[0]}")
         cache = self.new_cache(ctx.shape[0], ctx.shape[1], scratch=canvas.shape[1])
         if ctx.shape[1]:
-            self.encode(ctx, cache, None if context_mask is None else context_mask.to(self.device).bool())
+            self.encode(ctx, cache, None if context_mask is None else
+                        torch.as_tensor(context_mask, device=self.device).bool())
         soft = None
         if self_conditioning_logits is not None:
             soft = self.soft_embedding(self_conditioning_logits.to(self.device))

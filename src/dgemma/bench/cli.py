@@ -50,6 +50,13 @@ def run_bench(a: argparse.Namespace) -> int:
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     systems = [s for s in a.systems.split(",") if s]
+    unknown = set(systems) - {"dgemma", "dgemma-fast", "reference", "ar"}
+    if unknown or not systems:
+        raise ValueError(f"--systems: unknown {', '.join(sorted(unknown)) or 'empty list'} "
+                         "(choose from dgemma, dgemma-fast, reference, ar)")
+    from ..checkpoint import _parse_dtype, resolve_device
+    resolve_device(a.device)
+    _parse_dtype(a.dtype)
     if "reference" in systems and importlib.util.find_spec("transformers") is None:
         print("transformers is not installed: skipping the reference", file=sys.stderr)
         systems.remove("reference")
@@ -104,7 +111,7 @@ def run_bench(a: argparse.Namespace) -> int:
             print(f"{k}: {report[k]:.2f}x")
     _plot(results, out / "bench.png")
     print(f"wrote {out / 'bench.json'}")
-    return 0
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 def _plot(results: dict, path: Path) -> None:

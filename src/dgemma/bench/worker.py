@@ -85,7 +85,7 @@ def run_dgemma(a: dict) -> dict:
         for x in copies:
             q = noise.exponential_(1) if sampler == "exact" else None
             u = None if q is not None else torch.rand(x.shape[0], device=dev)
-            r = sampling.sample_rows(x, temp, q, m.embed_tokens.weight, m.embed_scale().to(dev), u)
+            r = sampling.sample_rows(x, temp, q, m.embed_tokens.weight, m.embed_scale(), u)
             sampling.entropy_bound_accept(r.entropy.view(a["batch"], C), 0.1)
         _sync(dev)
         t_samp = (time.perf_counter() - t2) / reps

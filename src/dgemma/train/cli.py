@@ -60,8 +60,19 @@ def run_train(args: argparse.Namespace) -> int:
     from .loop import TrainConfig, train
     from .objective import ObjectiveConfig
 
-    _positive(args, "steps", "batch_size", "grad_accum", "lr", "context", "canvases", "canvas_length")
+    from ..checkpoint import resolve_device
+
+    _positive(args, "steps", "batch_size", "grad_accum", "lr", "context", "canvases", "canvas_length", "save_every")
+    if args.eval_every < 0:
+        raise ValueError("--eval-every must be >= 0 (0 = never)")
+    resolve_device(args.device)                       # fail now, not after tokenizing
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    if args.init_from and not Path(args.init_from).is_dir():
+        raise ValueError(f"--init-from folder {args.init_from!r} does not exist")
+    if args.resume and not (out / "checkpoint").is_dir():
+        raise ValueError(f"--resume: no checkpoint in {str(out)!r}")
     src = Path(args.init_from) if args.init_from else (out / "checkpoint" if args.resume else None)
     tok_dir = Path(args.tokenizer) if args.tokenizer else src
     if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
@@ -131,6 +142,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .objective import ObjectiveConfig
 
     _positive(args, "context", "canvases", "batches", "batch_size", "prompts", "max_new_tokens", "steps")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ValueError(f"--json: folder {str(Path(args.json).parent)!r} does not exist")
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json!r} is a folder")
     path = Path(args.model or default_model_path())
     model = load(path, device=args.device, dtype=torch.float32)
     tok = Tokenizer.from_dir(path)
@@ -138,7 +153,8 @@ def run_eval(args: argparse.Namespace) -> int:
     tr, va = encode_documents(args.data, tok, 100.0 if args.all else args.val_percent)
     held = va if not args.all else tr + va
     if not held:
-        raise ValueError("no held-out documents in --data (use --all to evaluate on every document)")
+        raise ValueError("no documents in --data" if args.all else
+                         "no held-out documents in --data (use --all to evaluate on every document)")
     ids, score = pack(held, args.context + args.canvases * CL, tok.pad_token_id or 0)
     ocfg = ObjectiveConfig(context_length=args.context)
     v = evaluate(model, ids, score, ocfg, args.batch_size, args.batches)

@@ -73,9 +73,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _dist() -> tuple[int, int]:
+def _dist(dev: torch.device) -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -142,14 +142,17 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
           val_data: tuple[torch.Tensor, torch.Tensor], *, init_from: str | None = None, resume: bool = False,
           device: str = "cpu", extra_files: dict[str, bytes] | None = None, progress: bool = True) -> Path:
     """Train and checkpoint into cfg.out/checkpoint; returns that folder. See `dgemma train --help`."""
-    rank, world = _dist()
+    dev = torch.device(device)
+    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:   # torchrun: one GPU per process
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    rank, world = _dist(dev)
     out = Path(cfg.out)
     ckpt = out / CKPT
     if (ckpt.exists() or ckpt.is_symlink()) and not resume:
         raise TrainError(f"{ckpt} already exists: pass --resume to continue that run, or choose another --out")
     if resume and not ckpt.exists():
         raise TrainError(f"--resume: no checkpoint in {out}")
-    dev = torch.device(device)
     if resume:
         model = load(ckpt, device=dev, dtype=torch.float32)
     elif init_from:

@@ -96,7 +96,7 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """ids [B, L] clean tokens, score [B, L] bool (tokens that are trained on; False for prompts/padding).
 
-    L = context_length + n * canvas_length. Returns {'loss', 'ar', 'diffusion', 'tokens'}.
+    L = context_length + n * canvas_length. Returns {'loss', 'ar', 'diffusion'}.
     """
     B, L = ids.shape
     CL, V, P = model.config.canvas_length, model.config.vocab_size, cfg.context_length
@@ -124,7 +124,7 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
     logits = _denoiser_pass(model, noisy, start, kv, soft)
     diff = F.cross_entropy(logits[mask], x0[mask]) if mask.any() else logits.sum() * 0
     loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
-    return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach(), "tokens": tgt_mask.sum()}
+    return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach()}
 
 
 def _noise_one_canvas(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):

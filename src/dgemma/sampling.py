@@ -29,7 +29,7 @@ def entropy(lam: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(lam) along the last dim, with the same fp32 ops as torch.distributions.Categorical."""
     logp = lam - lam.logsumexp(dim=-1, keepdim=True)
     p = torch.softmax(logp, dim=-1)
-    return -(torch.clamp(logp, min=torch.finfo(logp.dtype).min) * p).sum(-1)
+    return -(logp.clamp_(min=torch.finfo(logp.dtype).min).mul_(p)).sum(-1)   # same values, no temporaries
 
 
 @dataclass

@@ -259,7 +259,11 @@ class DiffusionGemma(nn.Module):
         """Final-normed hidden [.., H] -> fp32 softcapped logits [.., V] through the tied embedding."""
         logits = F.linear(h, self.embed_tokens.weight).float()
         cap = self.config.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap if cap else logits
+        if not cap:
+            return logits
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)          # same values, no [rows, V] temporaries
 
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """[B, C, V] self-conditioning logits -> softmax_f32 @ E * sqrt(H): [B, C, H]."""

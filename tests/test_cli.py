@@ -86,6 +86,14 @@ def test_generate_prints_continuation(model_dir, capsys):
     assert rc2 == 0 and out2 == out                                    # seeded: reproducible
 
 
+def test_generate_fast_sampler(model_dir, capsys):
+    rc, out, err = run(capsys, "generate", "--model", model_dir, "--sampler", "fast", "--seed", "0",
+                       "--max-new-tokens", 20, "w10 w11")
+    assert rc == 0 and err == "" and all(WORD.match(w) for w in out.split())
+    rc, out, err = run(capsys, "generate", "--model", model_dir, "--sampler", "gumbel", "w10")
+    assert_user_error(rc, out, err, "--sampler")
+
+
 def test_generate_chat(model_dir, capsys):
     rc, out, err = run(capsys, "generate", "--model", model_dir, "--chat", "--seed", "1", "--max-new-tokens", 16,
                        "--steps", 4, "w20 w21")

@@ -78,6 +78,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same device: same text)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default: float32 on the CPU, else the checkpoint's)")
+    p.add_argument("--sampler", choices=("exact", "fast"), default="exact",
+                   help="exact: the reference's random stream (seeded runs match it); fast: same distribution, "
+                        "one random number per position")
     p.add_argument("-v", "--verbose", action="store_true", help="print speed statistics to stderr")
 
 
@@ -139,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos = set(sc.eos_token_id or []) | ({tok.eos_token_id} - {None})
     stream = Stream(tok, eos, sc.pad_token_id, args.max_new_tokens)
     given = {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps}
-    out = model.generate(torch.tensor([ids]), seed=args.seed, on_canvas=stream,
+    out = model.generate(torch.tensor([ids]), seed=args.seed, on_canvas=stream, sampler=args.sampler,
                          **{k: v for k, v in given.items() if v is not None})
     t2 = time.perf_counter()
     sys.stdout.write("\n")

@@ -43,10 +43,9 @@ class KVCache:
     @property
     def length(self) -> int:
         """Encoded positions, when every active row has the same number (the generate() case)."""
-        ls = set(self.lengths[: self.n])
-        if len(ls) != 1:
+        if not self._uniform():
             raise ValueError("rows of this cache hold different lengths")
-        return ls.pop()
+        return self.lengths[0]
 
     def _uniform(self) -> bool:
         return len(set(self.lengths[: self.n])) == 1

@@ -18,7 +18,7 @@ from typing import Callable
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64"}
-SAMPLER_ELEMENTS, SAMPLER_BUFFERS = 1 << 26, 6  # generate() chunks rows to ~2^26 logits; ~6 fp32 buffers live
+SAMPLER_BUFFERS = 6  # fp32 [rows, V] buffers alive at once in the sampler
 
 
 class UsageError(Exception):
@@ -217,7 +217,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     slots = [((W - 1) if cfg.is_sliding(i) else args.context) + CL for i in range(L)]
     kv = args.batch * nb * sum(2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * slots[i] for i in range(L))
     weights = params["total"] * nb
-    sampler = min(max(1, SAMPLER_ELEMENTS // V), args.batch * CL) * V * 4 * SAMPLER_BUFFERS
+    from dgemma.sampling import rows_per_chunk
+    sampler = min(rows_per_chunk(V), args.batch * CL) * V * 4 * SAMPLER_BUFFERS
     g, s = cfg.global_head_dim, cfg.head_dim
     print(f"model        {path}\n"
           f"layers       {L} ({n_sliding} sliding, {L - n_sliding} full attention)\n"

@@ -19,7 +19,7 @@ import torch
 
 from . import sampling
 from .config import SamplerConfig
-from .generate import resolve_settings
+from .generate import check_positions, resolve_settings
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Engine:
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
         self.model, self.max_batch, self.sampler = model, max_batch, sampler
-        self.row_chunk = max(self.C, row_chunk or (1 << 26) // self.V)
+        self.row_chunk = max(self.C, row_chunk or sampling.rows_per_chunk(self.V))
         self.cache = model.new_cache(max_batch, 1024)
         self.cache.n = 0
         self.rows: list[_Row] = []
@@ -95,9 +95,7 @@ class Engine:
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         s = resolve_settings(self.model, **{k: settings.get(k, _UNSET) for k in keys})
-        need = len(prompt) + math.ceil(s.max_new_tokens / self.C) * self.C
-        if need > self.model.config.max_position_embeddings:
-            raise ValueError(f"prompt + new tokens ({need}) exceed max_position_embeddings")
+        check_positions(self.model.config, len(prompt), math.ceil(s.max_new_tokens / self.C) * self.C)
         gen = torch.Generator(device=self.model.device)
         gen.manual_seed(int(seed)) if seed is not None else gen.seed()
         rid = request_id or f"req-{next(self._ids)}"
@@ -154,10 +152,8 @@ class Engine:
                 u = torch.cat([torch.rand(C, device=m.device, generator=r.req.gen) for r in rows])
             t = temps[a:a + len(rows)].repeat_interleave(C)[:, None]
             results.append(sampling.sample_rows(m.head(h[a * C:(a + len(rows)) * C]), t, q, emb, scale, u))
-        sample = torch.cat([p.sample for p in results]).view(n, C)
-        argmax = torch.cat([p.argmax for p in results]).view(n, C)
-        ent = torch.cat([p.entropy for p in results]).view(n, C)
-        soft_new = torch.cat([p.soft for p in results]).view(n, C, -1)
+        res = sampling.RowResult.cat(results, n, C)
+        sample, argmax, ent, soft_new = res.sample, res.argmax, res.entropy, res.soft
         commit = []
         for b, r in enumerate(self.rows):
             accept = sampling.entropy_bound_accept(ent[b:b + 1], r.req.s.entropy_bound)[0]

@@ -32,6 +32,13 @@ class GenerateOutput:
     cache: KVCache                   # encoder K/V of everything except the last canvas (for continuing)
 
 
+def check_positions(cfg, context: int, new: int) -> None:
+    """Refuse a request whose positions would pass max_position_embeddings."""
+    if context + new > cfg.max_position_embeddings:
+        raise ValueError(f"{context} context + {new} new tokens exceed max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
+
+
 def resolve_settings(model, **given: Any) -> SamplerConfig:
     """Sampler settings: explicit arguments over the checkpoint's generation_config.json."""
     base = model.sampler_config
@@ -71,7 +78,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         raise ValueError("generate needs at least one prompt token")
     cfg, dev = model.config, model.device
     CL, V = cfg.canvas_length, cfg.vocab_size
-    row_chunk = row_chunk or max(1, (1 << 26) // V)   # canvas rows per sampler chunk: ~256 MB fp32 buffers
+    row_chunk = row_chunk or sampling.rows_per_chunk(V)
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
     n_canvas = math.ceil(s.max_new_tokens / CL)
     if cache is None:
@@ -79,9 +86,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     elif cache.n != B:
         raise ValueError(f"cache holds {cache.n} rows but input_ids has {B}")
     cur_len = cache.length + L
-    if cur_len + n_canvas * CL > cfg.max_position_embeddings:
-        raise ValueError(f"{cur_len} context + {n_canvas * CL} new tokens exceed max_position_embeddings "
-                         f"({cfg.max_position_embeddings})")
+    check_positions(cfg, cur_len, n_canvas * CL)
     cache.reserve(cur_len + n_canvas * CL)
     # the reference's MaxLengthCriteria: len(input_ids) >= max_new_tokens + cached + prompt. It fires on the last
     # canvas at the latest (never when continuing from a cache, since input_ids excludes the cached part)
@@ -117,10 +122,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                 else:
                     q, u = None, torch.rand(m_, device=dev, generator=gen)
                 parts.append(sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, q, emb, scale, u))
-            sample = torch.cat([p.sample for p in parts]).view(B, CL)
-            new_argmax = torch.cat([p.argmax for p in parts]).view(B, CL)
-            ent = torch.cat([p.entropy for p in parts]).view(B, CL)
-            new_soft = torch.cat([p.soft for p in parts]).view(B, CL, -1)
+            res = sampling.RowResult.cat(parts, B, CL)
+            sample, new_argmax, ent, new_soft = res.sample, res.argmax, res.entropy, res.soft
             accept = sampling.entropy_bound_accept(ent, s.entropy_bound)
             renoise = sampling.init_canvas(B, CL, V, dev, gen)
             new_canvas = torch.where(accept, sample, renoise)
@@ -180,9 +183,7 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
                          confidence_threshold=_UNSET, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     ids = model._ids(input_ids)
     B, L = ids.shape
-    if L + s.max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"{L} prompt + {s.max_new_tokens} new tokens exceed max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
+    check_positions(model.config, L, s.max_new_tokens)
     dev = model.device
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
     cache = model.new_cache(B, L + s.max_new_tokens, scratch=1)

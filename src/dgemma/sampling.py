@@ -32,12 +32,28 @@ def entropy(lam: torch.Tensor) -> torch.Tensor:
     return -(logp.clamp_(min=torch.finfo(logp.dtype).min).mul_(p)).sum(-1)   # same values, no temporaries
 
 
+CHUNK_ELEMENTS = 1 << 26   # logits per sampler chunk: ~256 MB per fp32 [rows, V] buffer
+
+
+def rows_per_chunk(vocab: int) -> int:
+    """Canvas rows the sampler handles at once for a vocabulary of `vocab` tokens."""
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
 @dataclass
 class RowResult:
     sample: torch.Tensor     # [n] draw from softmax(lam)
     argmax: torch.Tensor     # [n] argmax of lam
     entropy: torch.Tensor    # [n] entropy of softmax(lam), fp32
     soft: torch.Tensor | None  # [n, H] self-conditioning soft embedding, when an embedding was given
+
+    @staticmethod
+    def cat(parts: list["RowResult"], B: int, C: int) -> "RowResult":
+        """Chunk results in row order -> one result shaped [B, C] (soft: [B, C, H])."""
+        soft = None if parts[0].soft is None else torch.cat([p.soft for p in parts]).view(B, C, -1)
+        return RowResult(torch.cat([p.sample for p in parts]).view(B, C),
+                         torch.cat([p.argmax for p in parts]).view(B, C),
+                         torch.cat([p.entropy for p in parts]).view(B, C), soft)
 
 
 def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | None = None,

@@ -37,8 +37,13 @@ class KVCache:
         self.ring_pos = torch.full((batch, self.ring), -1, dtype=torch.long, device=dev)   # [B, ring]
         self.ring_valid = torch.zeros(batch, self.ring, dtype=torch.bool, device=dev)      # [B, ring]
         self.full_valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=dev)  # [B, cap]
+        self.lens_dev = torch.zeros(batch, dtype=torch.long, device=dev)   # `lengths` on the device (static plans)
         self.padded = False                         # some encoded slot is padding
         self._plan: dict = {}
+
+    def _lengths_changed(self) -> None:
+        """Mirror the host `lengths` on the device (read by the static plans, which must not sync)."""
+        self.lens_dev.copy_(torch.tensor(self.lengths, dtype=torch.long), non_blocking=False)
 
     @property
     def length(self) -> int:
@@ -46,6 +51,10 @@ class KVCache:
         if not self._uniform():
             raise ValueError("rows of this cache hold different lengths")
         return self.lengths[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device buffer of the cache (a captured graph's key holds their addresses)."""
+        return [*self.k, *self.v, self.ring_pos, self.ring_valid, self.full_valid, self.lens_dev]
 
     def _uniform(self) -> bool:
         return len(set(self.lengths[: self.n])) == 1
@@ -82,6 +91,7 @@ class KVCache:
         self.full_valid[dst].zero_()
         self.full_valid[dst, :L] = src_cache.full_valid[src, :L]
         self.lengths[dst] = L
+        self._lengths_changed()
         self.padded = self.padded or src_cache.padded
 
     def select_rows(self, rows: list[int]) -> "KVCache":
@@ -94,6 +104,7 @@ class KVCache:
             t[: len(rows)] = t.index_select(0, idx)
         self.lengths[: len(rows)] = [self.lengths[r] for r in rows]
         self.n = len(rows)
+        self._lengths_changed()
         return self
 
     # ---- encoder pass: causal, writes ----------------------------------------------------------
@@ -160,47 +171,119 @@ class KVCache:
             self.ring_pos[b, pos % self.ring] = pos
             self.ring_valid[b, pos % self.ring] = p["valid"][j, S - keep:]
             self.lengths[b] = l + S
+        self._lengths_changed()
         self._plan = {}
 
     # ---- denoiser pass: bidirectional, reads -------------------------------------------------
-    def begin_decode(self, n_canvas: int) -> torch.Tensor:
-        """Plan a denoiser pass over rows [:n]; returns canvas positions [C] or [n, C]."""
+    def key_slots(self, n_new: int, static: bool) -> tuple[int, int]:
+        """Key slots (sliding, full) a pass over `n_new` positions after rows [:n] attends over: exactly what
+        the longest row needs, or (static) the next power of two, capped by the buffers, so that a captured
+        graph serves many lengths."""
+        lens = self.lengths[: self.n]
+        need = (min(max(lens), self.ring) + n_new, max(lens) + n_new)
+        if not static:
+            return need
+        return (min(self.ring + self.scratch, _pow2(need[0])), min(self.capacity + self.scratch, _pow2(need[1])))
+
+    def begin_decode(self, n_canvas: int, static: bool = False) -> torch.Tensor:
+        """Plan a denoiser pass over rows [:n]; returns canvas positions [C] or [n, C].
+
+        static: every tensor of the plan is computed on the device from `lens_dev` with shapes that depend
+        only on (n, C, key_slots): the pass can be captured in a CUDA graph and replayed at other lengths."""
         n, dev = self.n, self.device
         if n_canvas > self.scratch:
             raise ValueError(f"canvas of {n_canvas} tokens does not fit the cache's {self.scratch} scratch slots")
-        lens = self.lengths[:n]
-        uniform = self._uniform()
-        off_s = [min(l, self.ring) for l in lens]
-        plan = {"C": n_canvas, "lens": lens, "off_s": off_s, "uniform": uniform, "mask_s": None, "mask_f": None}
-        if not uniform or self.padded:
-            for kind, offs, valid in (("s", off_s, self.ring_valid), ("f", lens, self.full_valid)):
-                o = torch.tensor(offs, device=dev)[:, None]
-                j = torch.arange(max(offs) + n_canvas, device=dev)[None]                # [1, L]
-                cached = torch.zeros(n, j.shape[1], dtype=torch.bool, device=dev)
-                w = min(valid.shape[1], j.shape[1])
-                cached[:, :w] = valid[:n, :w]
-                mask = ((j < o) & cached) | ((j >= o) & (j < o + n_canvas))
-                plan["mask_" + kind] = mask[:, None, None]                             # [n, 1, 1, L]
-                idx = (o + torch.arange(n_canvas, device=dev)[None])                   # [n, C]
-                plan["idx_" + kind] = idx
+        L_s, L_f = self.key_slots(n_canvas, static)
+        plan = {"C": n_canvas, "L_s": L_s, "L_f": L_f, "mask_s": None, "mask_f": None}
         self._plan = plan
-        pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(n_canvas, device=dev)[None]
-        return pos[0] if uniform else pos
+        if not static and self._uniform() and not self.padded:   # one slice per layer, no mask
+            plan["off_s"], plan["off_f"] = min(self.lengths[0], self.ring), self.lengths[0]
+            return torch.arange(n_canvas, device=dev) + self.lengths[0]
+        lens = self.lens_dev[:n]
+        ar = torch.arange(n_canvas, device=dev)
+        for kind, off, valid, L in (("s", lens.clamp(max=self.ring), self.ring_valid, L_s),
+                                    ("f", lens, self.full_valid, L_f)):
+            o = off[:, None]                                                            # [n, 1]
+            j = torch.arange(L, device=dev)[None]                                       # [1, L]
+            cached = torch.zeros(n, L, dtype=torch.bool, device=dev)
+            w = min(valid.shape[1], L)
+            cached[:, :w] = valid[:n, :w]
+            mask = ((j < o) & cached) | ((j >= o) & (j < o + n_canvas))
+            plan["mask_" + kind] = mask[:, None, None]                                 # [n, 1, 1, L]
+            plan["idx_" + kind] = o + ar                                               # [n, C] canvas slots
+        return lens[:, None] + ar
 
     def decode_layer(self, i: int, k: torch.Tensor, v: torch.Tensor):
         """Write the canvas K/V (k, v: [n, Hkv, C, D]) into scratch; return ([cache ; canvas] keys, values,
         mask or None)."""
         p, n = self._plan, self.n
         kind = "s" if self.cfg.is_sliding(i) else "f"
-        offs = p["off_s"] if kind == "s" else p["lens"]
-        C = p["C"]
-        if p["uniform"]:
-            o = offs[0]
-            self.k[i][:n, :, o:o + C] = k
-            self.v[i][:n, :, o:o + C] = v
+        L = p["L_" + kind]
+        if p["mask_" + kind] is None:
+            o = p["off_" + kind]
+            self.k[i][:n, :, o:o + p["C"]] = k
+            self.v[i][:n, :, o:o + p["C"]] = v
         else:
             idx = p["idx_" + kind][:, None, :, None].expand_as(k)
             self.k[i][:n].scatter_(2, idx, k)
             self.v[i][:n].scatter_(2, idx, v)
-        L = max(offs) + C
         return self.k[i][:n, :, :L], self.v[i][:n, :, :L], p["mask_" + kind]
+
+    # ---- one-token encoder step with a static plan (AR decoding; CUDA-graph safe) ----------------
+    def begin_step(self) -> torch.Tensor:
+        """Plan a causal pass of one new token on rows [:n], computed on the device from `lens_dev` (no host
+        sync, fixed shapes). The new token's K/V goes to scratch slot `ring` on sliding layers (moved into
+        the ring by `end_step`) and to its own slot on full layers. Returns positions [n, 1]."""
+        n, dev, W = self.n, self.device, self.cfg.sliding_window
+        if max(self.lengths[:n]) + 1 > self.capacity:
+            raise ValueError("begin_step: reserve() room for the new token first")
+        pos = self.lens_dev[:n]                                                         # [n]
+        L_f = self.step_slots()
+        in_window = self.ring_valid[:n] & (pos[:, None] - self.ring_pos[:n] < W)        # [n, ring]
+        mask_s = torch.cat([in_window, torch.ones(n, 1, dtype=torch.bool, device=dev)], 1)
+        self.full_valid[:n].scatter_(1, pos[:, None], True)
+        j = torch.arange(L_f, device=dev)[None]
+        mask_f = (j <= pos[:, None]) & self.full_valid[:n, :L_f]
+        self._plan = {"step": True, "pos": pos, "L_f": L_f, "mask_s": mask_s[:, None, None],
+                      "mask_f": mask_f[:, None, None]}
+        return pos[:, None]
+
+    def step_slots(self) -> int:
+        """Full-layer key slots of a `begin_step` pass: a power of two, so one captured graph serves many steps."""
+        return min(self.capacity, _pow2(max(self.lengths[: self.n]) + 1))
+
+    def step_layer(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v: [n, Hkv, 1, D] of the new token -> (keys, values, mask) for a `begin_step` plan."""
+        p, n = self._plan, self.n
+        if self.cfg.is_sliding(i):
+            self.k[i][:n, :, self.ring:self.ring + 1] = k
+            self.v[i][:n, :, self.ring:self.ring + 1] = v
+            return self.k[i][:n, :, :self.ring + 1], self.v[i][:n, :, :self.ring + 1], p["mask_s"]
+        idx = p["pos"][:, None, None, None].expand_as(k)
+        self.k[i][:n].scatter_(2, idx, k)
+        self.v[i][:n].scatter_(2, idx, v)
+        return self.k[i][:n, :, :p["L_f"]], self.v[i][:n, :, :p["L_f"]], p["mask_f"]
+
+    def end_step(self) -> None:
+        """Device half of committing the token: move sliding K/V into the ring, advance `lens_dev`. The host
+        half (`lengths`) is `advance_host`, kept apart so a captured graph can replay this one."""
+        n, pos = self.n, self._plan["pos"]
+        slot = (pos % self.ring)[:, None]                                               # [n, 1]
+        for i in range(self.cfg.num_hidden_layers):
+            if self.cfg.is_sliding(i):
+                for buf in (self.k[i], self.v[i]):
+                    idx = slot[:, None, :, None].expand(n, buf.shape[1], 1, buf.shape[3])
+                    buf[:n].scatter_(2, idx, buf[:n, :, self.ring:self.ring + 1].clone())
+        self.ring_pos[:n].scatter_(1, slot, pos[:, None].clone())
+        self.ring_valid[:n].scatter_(1, slot, True)
+        self.lens_dev[:n] += 1
+        self._plan = {}
+
+    def advance_host(self) -> None:
+        """The host half of `end_step`: one more position on every active row."""
+        for b in range(self.n):
+            self.lengths[b] += 1
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import sampling
+from . import graphs, sampling
 from .cache import KVCache
 from .config import SamplerConfig
 
@@ -55,7 +55,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
              confidence_threshold: float | None = _UNSET, eos_token_id: int | list[int] | None = _UNSET,
              pad_token_id: int | None = _UNSET, seed: int | None = None, cache: KVCache | None = None,
              on_canvas: Callable[[torch.Tensor], None] | None = None,
-             sampler: str = "exact", row_chunk: int | None = None) -> GenerateOutput:
+             sampler: str = "auto", row_chunk: int | None = None,
+             cuda_graphs: bool | None = None) -> GenerateOutput:
     """Generate whole canvases after `input_ids` [B, L].
 
     Arguments left out come from generation_config.json; `eos_token_id=None` / `pad_token_id=None` /
@@ -64,10 +65,15 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     `cache`: continue a conversation; `input_ids` must then hold only uncached tokens (the previous
     output's last canvas plus the new turn). `on_canvas(tokens [B, C])` is called after each commit.
     `sampler`: "exact" draws random numbers exactly like the reference (the seeded contract); "fast"
-    samples the same distribution with one uniform per position (see sampling.sample_rows).
+    samples the same distribution with one uniform per position (see sampling.sample_rows); "auto" (the
+    default) is exact on the CPU and fast elsewhere.
+    `cuda_graphs`: run each fast-sampler denoising step as one replayed CUDA graph (default: on CUDA with
+    the fast sampler). The step then uses the cache's static plan; off CUDA, True runs that same path eagerly.
     """
+    if sampler == "auto":
+        sampler = "exact" if model.device.type == "cpu" else "fast"
     if sampler not in ("exact", "fast"):
-        raise ValueError(f"sampler must be 'exact' or 'fast' (got {sampler!r})")
+        raise ValueError(f"sampler must be 'auto', 'exact' or 'fast' (got {sampler!r})")
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
                          entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
                          stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
@@ -99,8 +105,12 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
 
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.int32, device=dev)
-    emb, scale = model.embed_tokens.weight, model.embed_scale()
     noise = torch.empty(min(row_chunk, B * CL), V, device=dev) if sampler == "exact" else None
+    if cuda_graphs is None:
+        cuda_graphs = sampler == "fast" and dev.type == "cuda"
+    if cuda_graphs and sampler != "fast":
+        raise ValueError("cuda_graphs needs sampler='fast' (the exact sampler's random stream runs eagerly)")
+    fast = _FastStep(model, cache, row_chunk, s.entropy_bound, static=cuda_graphs) if sampler == "fast" else None
     seq = ids
     for c in range(n_canvas):
         if L or c:  # encode the prompt, then each committed canvas at the positions it had
@@ -112,21 +122,12 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                                               B, CL, dev) if stop_rule else None
         for n in range(s.max_denoising_steps, 0, -1):
             passes += ~(frozen | finished)
-            h = model.denoise(canvas, cache, soft).reshape(B * CL, -1)        # [B*C, H]
             temp = sampling.temperature(n, s.max_denoising_steps, s.t_min, s.t_max)
-            parts = []
-            for r in range(0, B * CL, row_chunk):   # draws stay in row order: the multinomial's stream
-                m_ = min(row_chunk, B * CL - r)
-                if noise is not None:
-                    q, u = noise[:m_].exponential_(1, generator=gen), None
-                else:
-                    q, u = None, torch.rand(m_, device=dev, generator=gen)
-                parts.append(sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, q, emb, scale, u))
-            res = sampling.RowResult.cat(parts, B, CL)
-            sample, new_argmax, ent, new_soft = res.sample, res.argmax, res.entropy, res.soft
-            accept = sampling.entropy_bound_accept(ent, s.entropy_bound)
-            renoise = sampling.init_canvas(B, CL, V, dev, gen)
-            new_canvas = torch.where(accept, sample, renoise)
+            if fast is not None:
+                new_canvas, new_argmax, ent, new_soft = fast(canvas, soft, temp, gen)
+            else:
+                new_canvas, new_argmax, ent, new_soft = _exact_step(model, cache, canvas, soft, temp, noise, gen,
+                                                                    row_chunk, s.entropy_bound)
             if stopper is not None:
                 if frozen.any():  # frozen rows keep canvas, argmax and self-conditioning input
                     new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
@@ -134,7 +135,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                     new_soft = torch.where(frozen[:, None, None], soft, new_soft)
                 frozen |= stopper(new_argmax, ent)
             canvas, argmax, soft = new_canvas, new_argmax, new_soft
-            if bool(frozen.all()):
+            if stopper is not None and bool(frozen.all()):   # the only per-step host sync, and only if asked
                 break
         seq = torch.cat([seq, argmax], dim=1)
         finished = _finalize(seq, finished, CL, eos, s.pad_token_id, max_length)
@@ -145,6 +146,57 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     new = seq[:, L:]
     n_valid = (new != s.pad_token_id).sum(-1) if s.pad_token_id is not None else torch.full_like(passes, new.shape[1])
     return GenerateOutput(seq, n_valid / passes, passes, cache)
+
+
+def _exact_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor,
+                noise: torch.Tensor, gen, row_chunk: int, bound: float):
+    """One denoising step with the reference's random stream: the multinomial's exponential draws chunk by
+    chunk in row order, then the renoise ids. -> (next canvas, argmax, entropy, soft) [B, C](, H)."""
+    B, C = canvas.shape
+    V = model.config.vocab_size
+    h = model.denoise(canvas, cache, soft).reshape(B * C, -1)               # [B*C, H]
+    emb, scale = model.embed_tokens.weight, model.embed_scale()
+    parts = []
+    for r in range(0, B * C, row_chunk):
+        q = noise[:min(row_chunk, B * C - r)].exponential_(1, generator=gen)
+        parts.append(sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, q, emb, scale))
+    res = sampling.RowResult.cat(parts, B, C)
+    accept = sampling.entropy_bound_accept(res.entropy, bound)
+    renoise = sampling.init_canvas(B, C, V, canvas.device, gen)
+    return torch.where(accept, res.sample, renoise), res.argmax, res.entropy, res.soft
+
+
+class _FastStep:
+    """The fast sampler's denoising step as one function of tensors (canvas, soft, temperature, uniforms,
+    renoise ids), so that on CUDA it can be captured once and replayed (graphs.StepGraphs). Random numbers
+    are drawn before the step: B*C uniforms, then the renoise ids."""
+
+    def __init__(self, model, cache: KVCache, row_chunk: int, bound: float, static: bool) -> None:
+        self.model, self.cache, self.row_chunk, self.bound, self.static = model, cache, row_chunk, bound, static
+        self.graphs = graphs.for_model(model) if static else None
+
+    def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor, gen):
+        m, (B, C) = self.model, canvas.shape
+        dev = canvas.device
+        uniform = torch.rand(B * C, device=dev, generator=gen)
+        renoise = sampling.init_canvas(B, C, m.config.vocab_size, dev, gen)
+        if self.graphs is None:
+            return self.step(canvas, soft, temp, uniform, renoise)
+        if soft is None:   # a zero signal gives exactly the no-signal embedding: one graph for every step
+            soft = torch.zeros(B, C, m.config.hidden_size, dtype=m.dtype, device=dev)
+        key = ("denoise", B, C, self.cache.n, self.cache.key_slots(C, True), self.row_chunk, self.bound,
+               graphs.buffer_key(*self.cache.tensors()))
+        return self.graphs.run(key, self.step, canvas, soft, temp.to(dev), uniform, renoise)
+
+    def step(self, canvas, soft, temp, uniform, renoise):
+        m, (B, C) = self.model, canvas.shape
+        h = m.denoise(canvas, self.cache, soft, static=self.static).reshape(B * C, -1)   # [B*C, H]
+        emb, scale, rc = m.embed_tokens.weight, m.embed_scale(), self.row_chunk
+        parts = [sampling.sample_rows(m.head(h[r:r + rc]), temp, None, emb, scale, uniform[r:r + rc])
+                 for r in range(0, B * C, rc)]
+        res = sampling.RowResult.cat(parts, B, C)
+        accept = sampling.entropy_bound_accept(res.entropy, self.bound)
+        return torch.where(accept, res.sample, renoise), res.argmax, res.entropy, res.soft
 
 
 def _finalize(seq: torch.Tensor, finished: torch.Tensor, CL: int, eos: torch.Tensor | None,
@@ -175,9 +227,12 @@ class AROutput:
 def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: float = 0.0,
                 eos_token_id: int | list[int] | None = _UNSET, pad_token_id: int | None = _UNSET,
                 seed: int | None = None, return_logits: bool = False,
-                on_token: Callable[[torch.Tensor], None] | None = None) -> AROutput:
+                on_token: Callable[[torch.Tensor], None] | None = None,
+                cuda_graphs: bool | None = None) -> AROutput:
     """Autoregressive decoding through the causal encoder with the same weights and cache: the honest
-    baseline for "how much faster is diffusion". temperature 0 = greedy."""
+    baseline for "how much faster is diffusion". temperature 0 = greedy.
+    `cuda_graphs` (default: on CUDA): each one-token step is a replayed CUDA graph over the cache's static
+    plan (`KVCache.begin_step`); off CUDA, True runs that same path eagerly."""
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=_UNSET,
                          entropy_bound=_UNSET, t_min=_UNSET, t_max=_UNSET, stability_threshold=_UNSET,
                          confidence_threshold=_UNSET, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -190,6 +245,18 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
     eos = torch.tensor(s.eos_token_id or [], device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     logits = model.head(model.encode(ids, cache)[:, -1])                        # [B, V]
+    store = graphs.for_model(model) if (dev.type == "cuda" if cuda_graphs is None else cuda_graphs) else None
+
+    def one_token(tok: torch.Tensor) -> tuple[torch.Tensor]:                   # tok [B, 1] -> ([B, V],)
+        return (model.head(model.encode_step(tok, cache)[:, -1]),)
+
+    def next_logits(tok: torch.Tensor) -> torch.Tensor:
+        if store is None:
+            return model.head(model.encode(tok[:, None], cache)[:, -1])
+        key = ("ar", B, cache.n, cache.step_slots(), graphs.buffer_key(*cache.tensors()))
+        (out,) = store.run(key, one_token, tok[:, None])
+        cache.advance_host()
+        return out
     out, kept = [], []
     for _ in range(s.max_new_tokens):
         if return_logits:
@@ -206,7 +273,7 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
             on_token(tok)
         if bool(finished.all()) or len(out) == s.max_new_tokens:
             break
-        logits = model.head(model.encode(tok[:, None], cache)[:, -1])
+        logits = next_logits(tok)
     new = torch.stack(out, 1)
     if len(out) < s.max_new_tokens:
         fill = s.pad_token_id if s.pad_token_id is not None else 0

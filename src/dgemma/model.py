@@ -20,7 +20,10 @@ from .config import ModelConfig, SamplerConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, scaled by `weight` itself (not 1 + weight), cast back to x's dtype."""
+    """RMSNorm in fp32, scaled by `weight` itself (not 1 + weight), cast back to x's dtype. On CUDA one fused
+    kernel (it computes in fp32 too); elsewhere the reference's op sequence."""
+    if x.is_cuda and not torch.is_grad_enabled():
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
@@ -122,22 +125,23 @@ class Experts(nn.Module):
         T, k = idx.shape
         E = self.gate_up_proj.shape[0]
         flat = idx.reshape(-1)                                          # [T*k]
-        order = torch.argsort(flat, stable=True)                        # slots grouped by expert
+        sorted_e, order = torch.sort(flat, stable=True)                 # slots grouped by expert
         tok = order // k                                                # token of each sorted slot
-        counts = torch.bincount(flat, minlength=E)                      # [E]
+        # end of each expert's group; searchsorted, unlike bincount, never syncs with the host
+        offs = torch.searchsorted(sorted_e, torch.arange(E, device=x.device), right=True)   # [E]
         xs = x.index_select(0, tok)                                     # [T*k, H]
         if self._grouped_ok(x):   # one grouped matmul per projection: no loop, no host sync
-            offs = torch.cumsum(counts, 0).to(torch.int32)
+            offs = offs.to(torch.int32)
             gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # [T*k, 2I]
             g, u = gu.chunk(2, dim=-1)
             y = torch._grouped_mm(F.gelu(g, approximate="tanh") * u, self.down_proj.transpose(1, 2), offs=offs)
         else:                     # training / odd shapes: a loop over the experts that received tokens
             ys, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    g, u = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+            for e, end in enumerate(offs.tolist()):
+                if end > start:
+                    g, u = F.linear(xs[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)
                     ys.append(F.linear(F.gelu(g, approximate="tanh") * u, self.down_proj[e]))
-                start += n
+                start = end
             y = torch.cat(ys)
         y = (y * w.reshape(-1)[order, None]).to(x.dtype)                # [T*k, H]
         return torch.zeros_like(x).index_add_(0, tok, y)
@@ -297,10 +301,28 @@ class DiffusionGemma(nn.Module):
         cache.end_encode()
         return h
 
-    def denoise(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
-        """Bidirectional pass over canvas [B, C] after the cache; soft: [B, C, H] self-cond signal or None."""
+    def encode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Causal pass of one new token per active row, ids [n, 1] -> [n, 1, H], with a device-side plan and
+        fixed shapes (CUDA-graph safe). Writes the cache's device state; the caller then runs
+        `cache.advance_host()` (outside any captured graph)."""
+        positions = cache.begin_step()
+
+        def attend_for(i: int):
+            def attend(q, k, v):
+                keys, vals, mask = cache.step_layer(i, k, v)
+                return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
+            return attend
+
+        h = self.run_layers(self.embed(ids), positions, attend_for, encoder=True)
+        cache.end_step()
+        return h
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None,
+                static: bool = False) -> torch.Tensor:
+        """Bidirectional pass over canvas [B, C] after the cache; soft: [B, C, H] self-cond signal or None.
+        static: fixed shapes and a device-side plan (see KVCache.begin_decode), for CUDA graphs."""
         h = self.self_conditioning(self.embed(canvas), soft)
-        positions = cache.begin_decode(canvas.shape[1])
+        positions = cache.begin_decode(canvas.shape[1], static)
 
         def attend_for(i: int):
             def attend(q, k, v):

@@ -1,0 +1,77 @@
+"""CUDA-graph replay of fixed-shape steps (the denoiser step, the one-token AR step).
+
+Knows: capturing a function of some input tensors once per key and replaying it. A key must name
+everything the captured kernels depend on besides the inputs: the shapes, and the addresses of the
+buffers the function reads or writes in place (the KV cache). Keys built from addresses let a graph
+serve a later call whose cache happens to reuse the same memory, and never a call whose cache does not.
+Does not know: what the function computes. Off CUDA (or with `enabled=False`) it simply calls the
+function, so the same code path runs, and is tested, on the CPU.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Hashable
+
+import torch
+
+
+def buffer_key(*tensors: torch.Tensor) -> tuple:
+    """Addresses and shapes of tensors a captured function touches."""
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+
+
+class StepGraphs:
+    """`run(key, fn, *inputs)`: the first call of a key runs `fn` eagerly (warming cuBLAS and friends on a
+    side stream, as graph capture requires), the second captures it and every later call replays it with
+    the new inputs copied into the captured ones. Returns fresh tensors (clones), never graph buffers.
+    All graphs share one memory pool; at most `max_graphs` are kept (least recently used dropped)."""
+
+    def __init__(self, enabled: bool, max_graphs: int = 8) -> None:
+        self.enabled = enabled and torch.cuda.is_available()
+        self.max_graphs = max_graphs
+        self.pool = None
+        self.entries: OrderedDict[Hashable, object] = OrderedDict()
+        self.captures = 0                                   # graphs captured so far (for tests and stats)
+
+    def run(self, key: Hashable, fn: Callable[..., tuple[torch.Tensor, ...]], *inputs: torch.Tensor):
+        if not self.enabled:
+            return fn(*inputs)
+        entry = self.entries.get(key)
+        if entry is None:                                   # warm-up: a real step, run eagerly
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self._put(key, "warm")
+            return out
+        if entry == "warm":                                 # capture, then replay below
+            static_in = tuple(x.clone() for x in inputs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = fn(*static_in)
+            self.pool = graph.pool()
+            self.captures += 1
+            entry = (graph, static_in, static_out)
+            self._put(key, entry)
+        self.entries.move_to_end(key)
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, inputs):
+            dst.copy_(src)
+        graph.replay()
+        return tuple(o.clone() for o in static_out)
+
+    def _put(self, key: Hashable, value: object) -> None:
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_graphs:
+            self.entries.popitem(last=False)
+
+
+def for_model(model) -> StepGraphs:
+    """The model's graph store (one per model object, created on first use)."""
+    store = getattr(model, "_step_graphs", None)
+    if store is None:
+        store = StepGraphs(enabled=model.device.type == "cuda")
+        model._step_graphs = store
+    return store

@@ -1,0 +1,148 @@
+"""The static (CUDA-graph) paths: device-side plans with fixed shapes must compute what the dynamic paths do.
+
+On the CPU `cuda_graphs=True` runs the same static code eagerly; the tests marked gpu replay real graphs.
+"""
+import pytest
+import torch
+
+from dgemma import sampling
+from dgemma.graphs import StepGraphs
+from test_cache import model
+
+
+def _two_row_cache(m, a, b):
+    ca, cb = m.new_cache(1, 4), m.new_cache(1, 4)
+    m.encode(a, ca)
+    m.encode(b, cb)
+    cache = m.new_cache(2, 64)
+    cache.copy_row(0, ca)
+    cache.copy_row(1, cb)
+    return cache
+
+
+@torch.no_grad()
+def test_static_denoise_equals_dynamic_for_uneven_rows_past_the_window():
+    m = model()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(2, 64, (1, 3), generator=g), torch.randint(2, 64, (1, 13), generator=g)
+    cache = _two_row_cache(m, a, b)                      # lengths 3 and 13 (window 6)
+    for _ in range(3):
+        canvas = torch.randint(0, 64, (2, 8), generator=g)
+        soft = torch.randn(2, 8, 32, generator=g)
+        dyn = m.head(m.denoise(canvas, cache, soft))
+        st = m.head(m.denoise(canvas, cache, soft, static=True))
+        assert cache.key_slots(8, True)[1] > cache.key_slots(8, False)[1]   # padded to a power of two
+        assert torch.allclose(st, dyn, atol=1e-5), (st - dyn).abs().max()
+        m.encode(canvas, cache)
+
+
+@torch.no_grad()
+def test_static_denoise_with_left_padding():
+    m = model()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, 64, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    cache = m.new_cache(2, 40)
+    m.encode(ids, cache, mask.bool())
+    canvas = torch.randint(0, 64, (2, 8), generator=g)
+    assert torch.allclose(m.head(m.denoise(canvas, cache, static=True)), m.head(m.denoise(canvas, cache)),
+                          atol=1e-5)
+
+
+@torch.no_grad()
+def test_zero_self_conditioning_signal_equals_none():
+    m = model()
+    cache = m.new_cache(1, 16)
+    m.encode(torch.randint(2, 64, (1, 5)), cache)
+    canvas = torch.randint(0, 64, (1, 8))
+    assert torch.equal(m.denoise(canvas, cache, None), m.denoise(canvas, cache, torch.zeros(1, 8, 32)))
+
+
+@torch.no_grad()
+def test_one_token_step_equals_encode_for_uneven_rows():
+    m = model()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(2, 64, (1, 4), generator=g), torch.randint(2, 64, (1, 11), generator=g)
+    c_dyn, c_st = _two_row_cache(m, a, b), _two_row_cache(m, a, b)
+    for _ in range(9):                                   # both rows pass the window (6)
+        tok = torch.randint(2, 64, (2, 1), generator=g)
+        dyn = m.head(m.encode(tok, c_dyn))
+        st = m.head(m.encode_step(tok, c_st))
+        c_st.advance_host()
+        assert torch.allclose(st, dyn, atol=1e-5), (st - dyn).abs().max()
+        assert c_st.lengths == c_dyn.lengths and c_st.lens_dev.tolist() == c_dyn.lengths
+    canvas = torch.randint(0, 64, (2, 8), generator=g)   # the cache the steps wrote serves the denoiser too
+    assert torch.allclose(m.denoise(canvas, c_st), m.denoise(canvas, c_dyn), atol=1e-5)
+
+
+def test_ar_static_path_equals_dynamic():
+    m = model()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    dyn = m.generate_ar(ids, max_new_tokens=12, eos_token_id=None, return_logits=True, cuda_graphs=False)
+    st = m.generate_ar(ids, max_new_tokens=12, eos_token_id=None, return_logits=True, cuda_graphs=True)
+    assert torch.equal(st.sequences, dyn.sequences)
+    assert torch.allclose(st.step_logits, dyn.step_logits, atol=1e-5)
+
+
+def test_fast_generate_static_path_equals_eager():
+    m = model()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=24, max_denoising_steps=5, eos_token_id=None, stability_threshold=None,
+              seed=4, sampler="fast")
+    a = m.generate(ids, cuda_graphs=False, **kw)
+    b = m.generate(ids, cuda_graphs=True, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_cuda_graphs_need_the_fast_sampler():
+    m = model()
+    with pytest.raises(ValueError, match="fast"):
+        m.generate(torch.tensor([[3, 4]]), max_new_tokens=8, sampler="exact", cuda_graphs=True)
+
+
+def test_auto_sampler_is_exact_on_cpu():
+    m = model()
+    ids = torch.tensor([[3, 4, 5]])
+    kw = dict(max_new_tokens=8, max_denoising_steps=3, eos_token_id=None, seed=1)
+    assert torch.equal(m.generate(ids, **kw).sequences, m.generate(ids, sampler="exact", **kw).sequences)
+
+
+def test_graph_store_off_cuda_calls_through():
+    store = StepGraphs(enabled=True)
+    calls = []
+    for _ in range(3):
+        out = store.run("k", lambda x: (calls.append(1), x + 1)[1:], torch.ones(2))
+    assert len(calls) == 3 and torch.equal(out[0], torch.full((2,), 2.0)) and store.captures == 0
+
+
+# ---- real graphs ------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replay_equals_eager_on_cuda():
+    m = model().cuda()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    kw = dict(max_new_tokens=24, max_denoising_steps=5, eos_token_id=None, stability_threshold=None,
+              seed=4, sampler="fast")
+    a = m.generate(ids, cuda_graphs=False, **kw)
+    b = m.generate(ids, cuda_graphs=True, **kw)
+    assert m._step_graphs.captures >= 1
+    assert (a.sequences == b.sequences).float().mean() > 0.99
+    dyn = m.generate_ar(ids, max_new_tokens=12, eos_token_id=None, return_logits=True, cuda_graphs=False)
+    st = m.generate_ar(ids, max_new_tokens=12, eos_token_id=None, return_logits=True, cuda_graphs=True)
+    assert torch.allclose(st.step_logits, dyn.step_logits, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_sampler_distribution_on_cuda():
+    """The GPU sampler (inverse CDF, its own draws) has the distribution of softmax(logits / T)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(1, 16, device="cuda", generator=g) * 2
+    p = torch.softmax(logits / 0.7, -1)[0]
+    n = 200_000
+    rows = logits.expand(n, 16).contiguous()
+    res = sampling.sample_rows(rows, torch.tensor(0.7), uniform=torch.rand(n, device="cuda", generator=g))
+    counts = torch.bincount(res.sample, minlength=16).double()
+    chi2 = float(((counts - n * p.double()) ** 2 / (n * p.double())).sum())
+    assert chi2 < 37.7      # 15 degrees of freedom, p = 0.001

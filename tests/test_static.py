@@ -146,3 +146,22 @@ def test_fast_sampler_distribution_on_cuda():
     counts = torch.bincount(res.sample, minlength=16).double()
     chi2 = float(((counts - n * p.double()) ** 2 / (n * p.double())).sum())
     assert chi2 < 37.7      # 15 degrees of freedom, p = 0.001
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_logits_match_cpu():
+    """fp32 on CUDA equals the CPU model; bf16 on CUDA (grouped matmuls, fused norms) stays close."""
+    import copy
+    m = model()
+    g = torch.Generator().manual_seed(5)
+    ctx, canvas = torch.randint(2, 64, (2, 11), generator=g), torch.randint(0, 64, (2, 8), generator=g)
+    ref_e, ref_d = m.encoder_logits(ctx), m.denoise_logits(ctx, canvas)
+
+    def rel(a, b):
+        return float((a.float().cpu() - b).norm() / b.norm())
+
+    f32 = copy.deepcopy(m).cuda()
+    assert rel(f32.encoder_logits(ctx), ref_e) < 1e-4 and rel(f32.denoise_logits(ctx, canvas), ref_d) < 1e-4
+    b16 = copy.deepcopy(m).to("cuda", torch.bfloat16)
+    assert rel(b16.encoder_logits(ctx), ref_e) < 5e-2 and rel(b16.denoise_logits(ctx, canvas), ref_d) < 5e-2

@@ -23,6 +23,19 @@ def _peak(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
 
 
+def _copy_tb_s(dev: torch.device) -> float:
+    """Device-to-device copy bandwidth (bytes read + written), the ceiling a weight-reading step can reach."""
+    x = torch.empty(2**30, dtype=torch.uint8, device=dev)          # 1 GiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    _sync(dev)
+    return 2 * 10 * x.numel() / (time.perf_counter() - t) / 1e12
+
+
 def _prompt(vocab: int, batch: int, length: int) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
 
@@ -56,11 +69,12 @@ def run_dgemma(a: dict) -> dict:
     kw = dict(max_new_tokens=a["canvases"] * C, max_denoising_steps=a["steps"], eos_token_id=None)
     if not a["adaptive"]:
         kw["stability_threshold"] = None                     # fixed step count: no early stop
-    m.generate(ids, **{**kw, "max_new_tokens": C, "max_denoising_steps": 2}, seed=1)   # warm-up
+    sampler = a.get("sampler", "exact")
+    # warm-up with the same shapes (so CUDA graphs are captured before the clock starts), two steps a canvas
+    m.generate(ids, **{**kw, "max_denoising_steps": 2}, seed=1, sampler=sampler)
     stamps = []
     _sync(dev)
     t0 = time.perf_counter()
-    sampler = a.get("sampler", "exact")
     out = m.generate(ids, **kw, seed=0, sampler=sampler,
                      on_canvas=lambda c: (_sync(dev), stamps.append(time.perf_counter())))
     total = time.perf_counter() - t0
@@ -93,11 +107,13 @@ def run_dgemma(a: dict) -> dict:
     extra = {}
     if dev.type == "cuda":   # a canvas routes to (nearly) every expert: a step reads all the weights once
         weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
-        achieved = weight_bytes / (t_fwd + t_samp) / 1e12
-        name = torch.cuda.get_device_name(dev)
-        peak = next((v for k, v in {"H200": 4.8, "H100": 3.35, "A100": 2.0}.items() if k in name), None)
-        extra = {"weights_gb": weight_bytes / 1e9, "achieved_tb_s": achieved,
-                 "bandwidth_fraction": achieved / peak if peak else None}
+        step_s = total / passes                          # whole generate (encoder, sampler) per decoder pass
+        copy = _copy_tb_s(dev)
+        extra = {"gpu": torch.cuda.get_device_name(dev), "weights_gb": weight_bytes / 1e9,
+                 "weight_read_ms": 1000 * weight_bytes / (copy * 1e12), "copy_tb_s": copy,
+                 "bandwidth_fraction": weight_bytes / step_s / (copy * 1e12),
+                 "graphs_captured": getattr(getattr(m, "_step_graphs", None), "captures", 0),
+                 "peak_over_weights": torch.cuda.max_memory_allocated() / weight_bytes}
     return {**extra, "tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
             "step_ms": 1000 * total / passes, "first_canvas_s": stamps[0] - t0,
             "tokens_per_forward": float(out.tokens_per_forward.mean()), "peak_gib": _peak(dev),
@@ -110,7 +126,7 @@ def run_ar(a: dict) -> dict:
     dev = m.device
     ids = _prompt(m.config.vocab_size, a["batch"], a["prompt_len"]).to(dev)
     n = a["ar_tokens"]
-    m.generate_ar(ids, max_new_tokens=4, eos_token_id=None)      # warm-up
+    m.generate_ar(ids, max_new_tokens=n, eos_token_id=None)      # warm-up, same shapes (captures the graph)
     _sync(dev)
     t0 = time.perf_counter()
     m.generate_ar(ids, max_new_tokens=n, eos_token_id=None)
@@ -126,8 +142,11 @@ def run_reference(a: dict) -> dict:
     from transformers.utils import logging
     logging.set_verbosity_error()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a["dtype"] or "float32")
-    m = DiffusionGemmaForBlockDiffusion.from_pretrained(a["path"], dtype=dtype).to(a["device"]).eval()
     dev = torch.device(a["device"])
+    if a.get("path"):
+        m = DiffusionGemmaForBlockDiffusion.from_pretrained(a["path"], dtype=dtype).to(dev).eval()
+    else:        # random weights of a named shape, initialised by the reference itself on the device
+        m = reference_from_shape(a["shape"], dtype, dev)
     C, V = m.config.canvas_length, m.config.text_config.vocab_size
     ids = _prompt(V, a["batch"], a["prompt_len"]).to(dev)
     kw = dict(max_new_tokens=a["canvases"] * C, max_denoising_steps=a["steps"], eos_token_id=None,
@@ -155,6 +174,21 @@ def run_reference(a: dict) -> dict:
     return {"tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
             "step_ms": 1000 * total / passes, "first_canvas_s": stamps[1] - t0,
             "tokens_per_forward": float(out.tokens_per_forward.mean()), "peak_gib": _peak(dev)}
+
+
+def reference_from_shape(shape: str, dtype: torch.dtype, dev: torch.device):
+    """The reference model with the text shape of our preset `shape`, built directly on `dev`."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from dgemma.config import PRESETS
+    text = dict(PRESETS[shape])
+    canvas = text.pop("canvas_length")
+    vision = dict(model_type="gemma4_vision", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32, head_dim=16)
+    cfg = DiffusionGemmaConfig(text_config={**text, "use_bidirectional_attention": "vision"},
+                               vision_config=vision, canvas_length=canvas, eos_token_id=[1])
+    with torch.device(dev):
+        return DiffusionGemmaForBlockDiffusion._from_config(cfg, dtype=dtype).eval()
 
 
 if __name__ == "__main__":

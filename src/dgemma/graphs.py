@@ -26,15 +26,16 @@ class StepGraphs:
     the new inputs copied into the captured ones. Returns fresh tensors (clones), never graph buffers.
     All graphs share one memory pool; at most `max_graphs` are kept (least recently used dropped)."""
 
-    def __init__(self, enabled: bool, max_graphs: int = 8) -> None:
-        self.enabled = enabled and torch.cuda.is_available()
+    def __init__(self, enabled: bool = True, max_graphs: int = 8) -> None:
+        self.enabled = enabled                              # the caller's switch
+        self.capturable = torch.cuda.is_available()         # what the model allows (set by for_model)
         self.max_graphs = max_graphs
         self.pool = None
         self.entries: OrderedDict[Hashable, object] = OrderedDict()
         self.captures = 0                                   # graphs captured so far (for tests and stats)
 
     def run(self, key: Hashable, fn: Callable[..., tuple[torch.Tensor, ...]], *inputs: torch.Tensor):
-        if not self.enabled:
+        if not (self.enabled and self.capturable):
             return fn(*inputs)
         entry = self.entries.get(key)
         if entry is None:                                   # warm-up: a real step, run eagerly
@@ -69,9 +70,11 @@ class StepGraphs:
 
 
 def for_model(model) -> StepGraphs:
-    """The model's graph store (one per model object, created on first use)."""
+    """The model's graph store (one per model object, created on first use). It replays graphs only while the
+    model is capturable (`model.graph_safe()`: CUDA, bf16); otherwise it calls the step eagerly."""
     store = getattr(model, "_step_graphs", None)
     if store is None:
-        store = StepGraphs(enabled=model.device.type == "cuda")
+        store = StepGraphs()
         model._step_graphs = store
+    store.capturable = model.graph_safe()
     return store

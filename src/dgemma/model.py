@@ -131,10 +131,7 @@ class Experts(nn.Module):
         offs = torch.searchsorted(sorted_e, torch.arange(E, device=x.device), right=True)   # [E]
         xs = x.index_select(0, tok)                                     # [T*k, H]
         if self._grouped_ok(x):   # one grouped matmul per projection: no loop, no host sync
-            offs = offs.to(torch.int32)
-            gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # [T*k, 2I]
-            g, u = gu.chunk(2, dim=-1)
-            y = torch._grouped_mm(F.gelu(g, approximate="tanh") * u, self.down_proj.transpose(1, 2), offs=offs)
+            y = self._grouped(xs, offs.to(torch.int32), _variant(self, xs, offs))
         else:                     # training / odd shapes: a loop over the experts that received tokens
             ys, start = [], 0
             for e, end in enumerate(offs.tolist()):
@@ -144,7 +141,22 @@ class Experts(nn.Module):
                 start = end
             y = torch.cat(ys)
         y = (y * w.reshape(-1)[order, None]).to(x.dtype)                # [T*k, H]
-        return torch.zeros_like(x).index_add_(0, tok, y)
+        if not x.is_cuda:         # sequential: the reference's rounding, bit for bit
+            return torch.zeros_like(x).index_add_(0, tok, y)
+        return gather_sum(y, order, idx)   # on CUDA index_add_ uses atomics: run-to-run noise
+
+
+    def _grouped(self, xs: torch.Tensor, offs: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """xs [T*k, H] grouped by expert, offs [E] group ends -> [T*k, H]. transposed: the same products as
+        W_e @ xs_e^T, which puts the large weight dimension on the GEMM's M side (better tiles for few tokens
+        per expert on some GPUs; see _variant)."""
+        if transposed:
+            gu = torch._grouped_mm(self.gate_up_proj, xs.t(), offs=offs)             # [2I, T*k]
+            g, u = gu.chunk(2, dim=0)
+            return torch._grouped_mm(self.down_proj, F.gelu(g, approximate="tanh") * u, offs=offs).t()
+        gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)     # [T*k, 2I]
+        g, u = gu.chunk(2, dim=-1)
+        return torch._grouped_mm(F.gelu(g, approximate="tanh") * u, self.down_proj.transpose(1, 2), offs=offs)
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """torch._grouped_mm needs 16-byte aligned rows, takes only bf16 on CUDA, and has no reliable CPU
@@ -155,6 +167,46 @@ class Experts(nn.Module):
             return False
         align = 16 // x.element_size()
         return all(d % align == 0 for d in (self.down_proj.shape[1], self.down_proj.shape[2]))
+
+
+def gather_sum(y: torch.Tensor, order: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """What zeros.index_add_(0, order // k, y) computes on the CPU, without atomics: each token's k terms
+    (y [T*k, H], rows in expert-sorted slot order) added in ascending expert order. -> [T, H]."""
+    T, k = idx.shape
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)      # sorted position of each slot
+    pos = inv.view(T, k).gather(1, idx.argsort(dim=-1))                 # [T, k]
+    terms = y[pos]                                                      # [T, k, H]
+    out = terms[:, 0]
+    for j in range(1, k):
+        out = out + terms[:, j]
+    return out
+
+
+_VARIANTS: dict = {}   # (device, T*k, weight shape) -> transposed? (chosen once by timing, on CUDA only)
+
+
+def _variant(experts: Experts, xs: torch.Tensor, offs: torch.Tensor) -> bool:
+    """Which grouped-matmul layout is faster for this many slots: timed once per shape on CUDA (a first call
+    is never inside a graph capture: StepGraphs runs every step eagerly once before capturing it).
+    On the CPU: the plain layout. The transposed one needs T*k to be a multiple of 8."""
+    if not xs.is_cuda or xs.shape[0] % 8:
+        return False
+    key = (xs.device, xs.shape[0], tuple(experts.down_proj.shape))
+    if key not in _VARIANTS:
+        o = offs.to(torch.int32)
+        times = []
+        for transposed in (False, True):
+            experts._grouped(xs, o, transposed)                          # warm-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                experts._grouped(xs, o, transposed)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        _VARIANTS[key] = times[1] < times[0]
+    return _VARIANTS[key]
 
 
 class Layer(nn.Module):
@@ -281,6 +333,12 @@ class DiffusionGemma(nn.Module):
             cos, sin = rope[layer.sliding]
             h = layer(h, cos, sin, attend_for(i), encoder)
         return self.norm(h)
+
+    def graph_safe(self) -> bool:
+        """Can a step be captured in a CUDA graph? Yes on CUDA when the experts run as grouped matmuls (bf16,
+        aligned widths); their fallback loop reads group sizes on the host."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        return self.device.type == "cuda" and self.layers[0].experts._grouped_ok(probe)
 
     def new_cache(self, batch: int, capacity: int, scratch: int | None = None) -> KVCache:
         return KVCache(self.config, batch, capacity, self.device, self.dtype, scratch)

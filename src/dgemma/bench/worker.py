@@ -48,7 +48,7 @@ def build(a: dict):
     from dgemma.checkpoint import _parse_dtype, resolve_device
     from dgemma.config import preset
     dev = resolve_device(a["device"])
-    cfg = preset(a["shape"])
+    cfg = preset(a["shape"], **a.get("overrides", {}))
     with torch.device("meta"):
         m = dgemma.DiffusionGemma(cfg)
     m = m.to(_parse_dtype(a["dtype"]) or torch.bfloat16).to_empty(device=dev)   # cast on meta: one allocation
@@ -74,13 +74,18 @@ def run_dgemma(a: dict) -> dict:
     m.generate(ids, **{**kw, "max_denoising_steps": 2}, seed=1, sampler=sampler)
     stamps = []
     _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     out = m.generate(ids, **kw, seed=0, sampler=sampler,
                      on_canvas=lambda c: (_sync(dev), stamps.append(time.perf_counter())))
     total = time.perf_counter() - t0
+    peak = _peak(dev)                                        # of generate itself (CUDA: reset just before)
     passes = int(out.decoder_passes.max())
-    # the sampler's share of a step: the forward alone vs the sampler alone on the same shapes
+    # the sampler's share of a step: the forward (denoiser + head, chunk by chunk as generate does) vs the
+    # sampler on one chunk of logits, times the number of chunks
     cache = m.new_cache(a["batch"], a["prompt_len"] + C)
+    rows, rc = a["batch"] * C, sampling.rows_per_chunk(V)
     with torch.inference_mode():
         m.encode(ids, cache)
         canvas = torch.randint(0, V, (a["batch"], C), device=dev)
@@ -88,21 +93,25 @@ def run_dgemma(a: dict) -> dict:
         _sync(dev)
         t1 = time.perf_counter()
         for _ in range(reps):
-            h = m.denoise(canvas, cache).reshape(-1, m.config.hidden_size)
-            logits = m.head(h)
+            h = m.denoise(canvas, cache).reshape(rows, -1)
+            for r in range(0, rows, rc):
+                logits = m.head(h[r:r + rc])
         _sync(dev)
         t_fwd = (time.perf_counter() - t1) / reps
+        logits = m.head(h[:rc])
         noise = torch.empty_like(logits)
         temp = sampling.temperature(1, 2, 0.4, 0.8)
         copies = [logits.clone() for _ in range(reps)]      # sample_rows works in place
+        _sync(dev)
         t2 = time.perf_counter()
         for x in copies:
             q = noise.exponential_(1) if sampler == "exact" else None
             u = None if q is not None else torch.rand(x.shape[0], device=dev)
             r = sampling.sample_rows(x, temp, q, m.embed_tokens.weight, m.embed_scale(), u)
-            sampling.entropy_bound_accept(r.entropy.view(a["batch"], C), 0.1)
+            sampling.entropy_bound_accept(r.entropy[None], 0.1)
         _sync(dev)
-        t_samp = (time.perf_counter() - t2) / reps
+        t_samp = (time.perf_counter() - t2) / reps * -(-rows // rc)
+        del copies, logits, noise
     new = a["batch"] * out.sequences[:, ids.shape[1]:].shape[1]
     extra = {}
     if dev.type == "cuda":   # a canvas routes to (nearly) every expert: a step reads all the weights once
@@ -113,10 +122,10 @@ def run_dgemma(a: dict) -> dict:
                  "weight_read_ms": 1000 * weight_bytes / (copy * 1e12), "copy_tb_s": copy,
                  "bandwidth_fraction": weight_bytes / step_s / (copy * 1e12),
                  "graphs_captured": getattr(getattr(m, "_step_graphs", None), "captures", 0),
-                 "peak_over_weights": torch.cuda.max_memory_allocated() / weight_bytes}
+                 "peak_over_weights": peak * 2**30 / weight_bytes}
     return {**extra, "tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
             "step_ms": 1000 * total / passes, "first_canvas_s": stamps[0] - t0,
-            "tokens_per_forward": float(out.tokens_per_forward.mean()), "peak_gib": _peak(dev),
+            "tokens_per_forward": float(out.tokens_per_forward.mean()), "peak_gib": peak,
             "forward_ms": 1000 * t_fwd, "sampler_ms": 1000 * t_samp,
             "sampler_fraction": t_samp / (t_samp + t_fwd)}
 
@@ -128,6 +137,8 @@ def run_ar(a: dict) -> dict:
     n = a["ar_tokens"]
     m.generate_ar(ids, max_new_tokens=n, eos_token_id=None)      # warm-up, same shapes (captures the graph)
     _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     m.generate_ar(ids, max_new_tokens=n, eos_token_id=None)
     _sync(dev)
@@ -165,6 +176,8 @@ def run_reference(a: dict) -> dict:
     with torch.inference_mode():
         m.generate(ids, **{**kw, "max_new_tokens": C, "max_denoising_steps": 2})          # warm-up
         _sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         torch.manual_seed(0)                                   # the same random stream as dgemma's seed=0
         t0 = time.perf_counter()
         out = m.generate(ids, **kw, streamer=Streamer())

@@ -101,15 +101,9 @@ def main() -> None:
         se, order = torch.sort(flat, stable=True)
         xs = x.index_select(0, order // idx.shape[1])
         offs = torch.searchsorted(se, torch.arange(cfg.num_experts, device="cuda"), right=True).to(torch.int32)
-        for name, tr in (("plain", False), ("transposed", True)):
-            if tr and xs.shape[0] % 8:
-                continue
-            ms = timed(lambda: layer.experts._grouped(xs, offs, tr))
-            r[f"grouped_mm_{name}_T{T}_ms"] = ms
-            r[f"grouped_mm_{name}_T{T}_tb_s"] = exp_bytes / (ms / 1000) / 1e12
+        ms = timed(lambda: layer.experts._grouped(xs, offs))
+        r[f"grouped_mm_T{T}_ms"], r[f"grouped_mm_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
         r[f"experts_forward_T{T}_ms"] = timed(lambda: layer.experts(x, w, idx))
-    from dgemma.model import _VARIANTS
-    r["layout_choices"] = {str(k[1]): ("transposed" if v else "plain") for k, v in _VARIANTS.items()}
     hh = torch.randn(rc, H, device="cuda", dtype=m.dtype, generator=g)
     r["head_chunk_ms"] = timed(lambda: m.head(hh))
     lg = m.head(hh)

@@ -177,9 +177,8 @@ def test_cuda_logits_match_cpu():
     assert rel(b16.encoder_logits(ctx), ref_e) < 0.15 and rel(b16.denoise_logits(ctx, canvas), ref_d) < 0.15
 
 
-def test_expert_layouts_and_deterministic_combine_match():
-    """The transposed grouped-matmul layout and the atomics-free combine (both used on CUDA) compute what the
-    plain layout and the CPU's sequential index_add_ compute — the combine bit for bit."""
+def test_deterministic_expert_combine_matches_index_add():
+    """The atomics-free combine used on CUDA computes what the CPU's sequential index_add_ does, bit for bit."""
     from dgemma.config import ModelConfig
     from dgemma.model import Experts, gather_sum
     from test_cache import CFG
@@ -195,7 +194,5 @@ def test_expert_layouts_and_deterministic_combine_match():
         sorted_e, order = torch.sort(flat, stable=True)
         xs = x.index_select(0, order // k)
         offs = torch.searchsorted(sorted_e, torch.arange(6), right=True).to(torch.int32)
-        plain, trans = ex._grouped(xs, offs, False), ex._grouped(xs, offs, True)
-        assert torch.allclose(plain, trans, rtol=1e-5, atol=1e-4)
-        y = plain * torch.rand(T * k, 1, generator=g)
+        y = ex._grouped(xs, offs) * torch.rand(T * k, 1, generator=g)
         assert torch.equal(gather_sum(y, order, idx), torch.zeros_like(x).index_add_(0, order // k, y))

@@ -131,7 +131,7 @@ class Experts(nn.Module):
         offs = torch.searchsorted(sorted_e, torch.arange(E, device=x.device), right=True)   # [E]
         xs = x.index_select(0, tok)                                     # [T*k, H]
         if self._grouped_ok(x):   # one grouped matmul per projection: no loop, no host sync
-            y = self._grouped(xs, offs.to(torch.int32), _variant(self, xs, offs))
+            y = self._grouped(xs, offs.to(torch.int32))
         else:                     # training / odd shapes: a loop over the experts that received tokens
             ys, start = [], 0
             for e, end in enumerate(offs.tolist()):
@@ -146,14 +146,10 @@ class Experts(nn.Module):
         return gather_sum(y, order, idx)   # on CUDA index_add_ uses atomics: run-to-run noise
 
 
-    def _grouped(self, xs: torch.Tensor, offs: torch.Tensor, transposed: bool) -> torch.Tensor:
-        """xs [T*k, H] grouped by expert, offs [E] group ends -> [T*k, H]. transposed: the same products as
-        W_e @ xs_e^T, which puts the large weight dimension on the GEMM's M side (better tiles for few tokens
-        per expert on some GPUs; see _variant)."""
-        if transposed:
-            gu = torch._grouped_mm(self.gate_up_proj, xs.t(), offs=offs)             # [2I, T*k]
-            g, u = gu.chunk(2, dim=0)
-            return torch._grouped_mm(self.down_proj, F.gelu(g, approximate="tanh") * u, offs=offs).t()
+    def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """xs [T*k, H] grouped by expert, offs [E] int32 group ends -> [T*k, H]. (The transposed layout,
+        W_e @ xs_e^T, would put the weights on the GEMM's M side, but torch's kernel then needs every group's
+        token count to be a multiple of 8: a device-side assert otherwise.)"""
         gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)     # [T*k, 2I]
         g, u = gu.chunk(2, dim=-1)
         return torch._grouped_mm(F.gelu(g, approximate="tanh") * u, self.down_proj.transpose(1, 2), offs=offs)
@@ -181,36 +177,6 @@ def gather_sum(y: torch.Tensor, order: torch.Tensor, idx: torch.Tensor) -> torch
     for j in range(1, k):
         out = out + terms[:, j]
     return out
-
-
-_VARIANTS: dict = {}   # (device, T*k, weight shape) -> transposed? (chosen once by timing, on CUDA only)
-
-
-def _variant(experts: Experts, xs: torch.Tensor, offs: torch.Tensor) -> bool:
-    """Which grouped-matmul layout is faster for this many slots: timed once per shape on CUDA (a first call
-    is never inside a graph capture: StepGraphs runs every step eagerly once before capturing it).
-    On the CPU: the plain layout. The transposed one needs T*k to be a multiple of 8."""
-    if not xs.is_cuda or xs.shape[0] % 8:
-        return False
-    key = (xs.device, xs.shape[0], tuple(experts.down_proj.shape))
-    if key not in _VARIANTS:
-        o = offs.to(torch.int32)
-        times = []
-        for transposed in (False, True):
-            try:
-                experts._grouped(xs, o, transposed)                      # warm-up
-            except RuntimeError:                                         # layout not supported by this build
-                times.append(float("inf"))
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                experts._grouped(xs, o, transposed)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        _VARIANTS[key] = times[1] < times[0]
-    return _VARIANTS[key]
 
 
 class Layer(nn.Module):

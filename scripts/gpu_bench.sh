@@ -6,7 +6,7 @@
 #      batch 1 and 32: dgemma (fast sampler + CUDA graphs), AR (same weights, graphs), and the reference
 #      (transformers 5.23, built from the same shape on the GPU) when it can be imported.
 # If transformers 5.23 is not installed there, put its wheel in .whl/ (see docs/NOTES.md).
-# Usage on the device machine:  bash scripts/gpu_bench.sh   (results land in $OUT or bench_out/)
+# Usage on the device machine:  bash scripts/gpu_bench.sh  [PROFILE=0 to skip step 2]   (results land in $OUT or bench_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench_out}
@@ -19,8 +19,10 @@ fi
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static.py > "$OUTDIR/gpu_tests.txt" 2>&1
 tail -4 "$OUTDIR/gpu_tests.txt"
-timeout 200 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
-tail -45 "$OUTDIR/profile_log.txt"
+if [ "${PROFILE:-1}" != 0 ]; then      # PROFILE=0 skips the diagnostics
+  timeout 200 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
+  tail -45 "$OUTDIR/profile_log.txt"
+fi
 for B in 1 32; do
   timeout 240 python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch "$B" --steps 16 \
     --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,ar,reference --out "$OUTDIR/b$B" 2>&1 | grep -v "bench:" | tail -12

@@ -196,3 +196,21 @@ def test_deterministic_expert_combine_matches_index_add():
         offs = torch.searchsorted(sorted_e, torch.arange(6), right=True).to(torch.int32)
         y = ex._grouped(xs, offs) * torch.rand(T * k, 1, generator=g)
         assert torch.equal(gather_sum(y, order, idx), torch.zeros_like(x).index_add_(0, order // k, y))
+
+
+def test_workspace_cache_is_reused_only_when_free():
+    m = model()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=16, max_denoising_steps=3, eos_token_id=None, seed=2)
+    first = m.generate(ids, **kw)
+    held = first.cache
+    second = m.generate(ids, **kw)                  # the first output still holds its cache: a new one
+    assert second.cache is not held and torch.equal(first.sequences, second.sequences)
+    ptr = second.cache.k[0].data_ptr()
+    del first, held, second
+    third = m.generate(ids, **kw)                   # nothing holds the workspace any more: reset and reused
+    assert third.cache.k[0].data_ptr() == ptr
+    fresh = m.generate(ids, cache=m.new_cache(2, 8), **kw)
+    assert torch.equal(third.sequences, fresh.sequences)
+    cont = m.generate(third.sequences[:, -8:], cache=third.cache, **kw)   # continuing still works
+    assert cont.cache is third.cache and cont.cache.length == 5 + 16 + 8

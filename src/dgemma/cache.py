@@ -41,6 +41,16 @@ class KVCache:
         self.padded = False                         # some encoded slot is padding
         self._plan: dict = {}
 
+    def reset(self) -> "KVCache":
+        """Forget every position (a new conversation). Buffers keep their memory and addresses; stale K/V is
+        never read, since every plan only looks at valid slots of the current lengths."""
+        self.n, self.lengths, self.padded, self._plan = self.batch, [0] * self.batch, False, {}
+        self.lens_dev.zero_()
+        self.ring_pos.fill_(-1)
+        self.ring_valid.zero_()
+        self.full_valid.zero_()
+        return self
+
     def _lengths_changed(self) -> None:
         """Mirror the host `lengths` on the device (read by the static plans, which must not sync)."""
         self.lens_dev.copy_(torch.tensor(self.lengths, dtype=torch.long), non_blocking=False)

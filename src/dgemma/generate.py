@@ -88,7 +88,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
     n_canvas = math.ceil(s.max_new_tokens / CL)
     if cache is None:
-        cache = model.new_cache(B, L + n_canvas * CL)
+        cache = model.workspace_cache(B, L + n_canvas * CL)
     elif cache.n != B:
         raise ValueError(f"cache holds {cache.n} rows but input_ids has {B}")
     cur_len = cache.length + L
@@ -241,7 +241,7 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
     check_positions(model.config, L, s.max_new_tokens)
     dev = model.device
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
-    cache = model.new_cache(B, L + s.max_new_tokens, scratch=1)
+    cache = model.workspace_cache(B, L + s.max_new_tokens, scratch=1)
     eos = torch.tensor(s.eos_token_id or [], device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     logits = model.head(model.encode(ids, cache)[:, -1])                        # [B, V]

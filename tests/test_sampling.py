@@ -72,3 +72,25 @@ def test_fast_sampler_same_decisions_and_distribution():
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 6 * (2 * dof) ** 0.5          # ~6 sigma: a wrong sampler fails by orders of magnitude
     assert counts[~keep].sum() < 0.01 * n + 50
+
+
+def test_two_level_inverse_cdf_draws_like_the_full_cumsum():
+    """Blocks of 256 (no [n, V] cumulative sum): the same index as the one-level inverse CDF for the same
+    uniforms, and the right distribution, including rows with zero-probability entries."""
+    g = torch.Generator().manual_seed(3)
+    n, V = 4000, 1024
+    e = torch.rand(n, V, generator=g) ** 8
+    e[:, ::7] = 0.0                                    # impossible tokens must never be drawn
+    u = torch.rand(n, generator=g)
+    two, z2 = sampling.inverse_cdf(e, u)
+    one, z1 = sampling.inverse_cdf(e, u, block=V + 1)  # not a multiple: the one-level path
+    assert (two == one).float().mean() > 0.999 and torch.allclose(z1, z2, rtol=1e-5)
+    assert (two % 7 != 0).all()
+    row = e[:1].expand(50_000, V).contiguous()
+    draws, _ = sampling.inverse_cdf(row, torch.rand(50_000, generator=g))
+    p = e[0] / e[0].sum()
+    counts = torch.bincount(draws, minlength=V).double()
+    keep = p * 50_000 > 5
+    chi2 = float(((counts - 50_000 * p) ** 2 / (50_000 * p))[keep].sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5

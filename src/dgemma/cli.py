@@ -78,9 +78,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same device: same text)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default: float32 on the CPU, else the checkpoint's)")
-    p.add_argument("--sampler", choices=("exact", "fast"), default="exact",
+    p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="auto",
                    help="exact: the reference's random stream (seeded runs match it); fast: same distribution, "
-                        "one random number per position")
+                        "one random number per position, CUDA graphs on a GPU; auto (default): exact on the "
+                        "CPU, fast elsewhere")
     p.add_argument("-v", "--verbose", action="store_true", help="print speed statistics to stderr")
 
 

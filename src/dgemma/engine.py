@@ -63,11 +63,11 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, row_chunk: int | None = None, sampler: str = "exact") -> None:
-        """sampler: "exact" (the reference's random stream per request) or "fast" (same distribution,
-        one uniform per position; see sampling.sample_rows)."""
-        if sampler not in ("exact", "fast"):
-            raise ValueError(f"sampler must be 'exact' or 'fast' (got {sampler!r})")
+    def __init__(self, model, max_batch: int = 8, row_chunk: int | None = None, sampler: str = "auto") -> None:
+        """sampler: "exact" (the reference's random stream per request), "fast" (same distribution, one
+        uniform per position; see sampling.sample_rows) or "auto" (exact on the CPU, fast elsewhere). The
+        engine's steps run eagerly (rows come and go between steps); CUDA graphs are generate()'s."""
+        sampler = sampling.resolve_sampler(sampler, model.device)
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
         self.model, self.max_batch, self.sampler = model, max_batch, sampler

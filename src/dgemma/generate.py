@@ -70,10 +70,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     `cuda_graphs`: run each fast-sampler denoising step as one replayed CUDA graph (default: on CUDA with
     the fast sampler). The step then uses the cache's static plan; off CUDA, True runs that same path eagerly.
     """
-    if sampler == "auto":
-        sampler = "exact" if model.device.type == "cpu" else "fast"
-    if sampler not in ("exact", "fast"):
-        raise ValueError(f"sampler must be 'auto', 'exact' or 'fast' (got {sampler!r})")
+    sampler = sampling.resolve_sampler(sampler, model.device)
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
                          entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
                          stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,

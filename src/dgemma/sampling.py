@@ -15,6 +15,15 @@ from dataclasses import dataclass
 import torch
 
 
+def resolve_sampler(name: str, device: torch.device) -> str:
+    """"auto" -> "exact" on the CPU (the seeded contract), "fast" elsewhere; checks the name."""
+    if name == "auto":
+        return "exact" if torch.device(device).type == "cpu" else "fast"
+    if name not in ("exact", "fast"):
+        raise ValueError(f"sampler must be 'auto', 'exact' or 'fast' (got {name!r})")
+    return name
+
+
 def temperature(steps_left: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
     """T(n) = t_min + (t_max - t_min) * n / N, computed in fp32 exactly as the reference does."""
     return t_min + ((t_max - t_min) * (torch.tensor(steps_left, dtype=torch.int32) / max_steps))
@@ -85,25 +94,47 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
 
 def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding: torch.Tensor | None,
                embed_scale: torch.Tensor | None) -> RowResult:
-    """Few passes over the vocabulary: e = exp(lam - max) once serves the sample (inverse CDF on its
-    running sum), the entropy log Z - sum(e * (lam - max)) / Z and the soft embedding (e @ E) / Z."""
-    amax = torch.argmax(lam, dim=-1)
-    lam.sub_(lam.amax(dim=-1, keepdim=True))                      # lam - max, in place
+    """Few passes over the vocabulary: max and argmax together, e = exp(lam - max) once, which serves the
+    sample (two-level inverse CDF), the entropy log Z - <e, lam - max> / Z and the soft embedding (e @ E) / Z."""
+    n = lam.shape[0]
+    top, amax = lam.max(dim=-1)
+    lam.sub_(top[:, None])                                        # lam - max, in place
     e = lam.exp()                                                 # unnormalised probabilities [n, V]
-    cdf = torch.cumsum(e, dim=-1)
-    z = cdf[:, -1:]                                               # [n, 1] partition function
-    target = (uniform.to(cdf.device)[:, None] * z).contiguous()
-    sample = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=lam.shape[-1] - 1)
-    del cdf
-    ent = z[:, 0].log() - (e * lam).sum(-1) / z[:, 0]
+    sample, z = inverse_cdf(e, uniform.to(e.device))
+    ent = z.log() - torch.bmm(e[:, None, :], lam[:, :, None]).view(n) / z
     soft = None
     if embedding is not None:
         if embedding.dtype == torch.float32:
-            soft = torch.matmul(e, embedding) / z * embed_scale
+            soft = torch.matmul(e, embedding) / z[:, None] * embed_scale
         else:  # the reference rounds the logits to the embedding dtype before its softmax
             p = torch.softmax(lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
             soft = torch.matmul(p.to(embedding.dtype), embedding) * embed_scale
     return RowResult(sample, amax, ent, soft)
+
+
+INVERSE_CDF_BLOCK = 256
+
+
+def inverse_cdf(e: torch.Tensor, u: torch.Tensor, block: int = INVERSE_CDF_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index j drawn with P(j) = e[j] / Z from uniforms u [n] in [0, 1): e [n, V] -> (ids [n], Z [n]).
+
+    Two levels when V is a multiple of `block`: cumulative sums of the block sums find the block holding u * Z,
+    then one block's own cumulative sum finds the entry, so no [n, V] cumulative-sum tensor is written."""
+    n, V = e.shape
+    if V % block or V == block:
+        cdf = torch.cumsum(e, dim=-1)
+        z = cdf[:, -1]
+        j = torch.searchsorted(cdf, (u * z)[:, None].contiguous(), right=True)[:, 0]
+        return j.clamp_(max=V - 1), z
+    blocks = e.view(n, V // block, block)
+    cb = torch.cumsum(blocks.sum(dim=-1), dim=-1)                  # [n, nb] cumulative block sums
+    z = cb[:, -1]
+    t = (u * z)[:, None].contiguous()                              # [n, 1] target mass
+    b = torch.searchsorted(cb, t, right=True).clamp_(max=V // block - 1)          # [n, 1] its block
+    before = torch.where(b > 0, cb.gather(1, (b - 1).clamp_(min=0)), torch.zeros_like(t))
+    inner = blocks.gather(1, b[:, :, None].expand(n, 1, block))[:, 0]             # [n, block]
+    j = torch.searchsorted(torch.cumsum(inner, dim=-1) + before, t, right=True).clamp_(max=block - 1)
+    return (b * block + j)[:, 0], z
 
 
 def entropy_bound_accept(ent: torch.Tensor, bound: float) -> torch.Tensor:

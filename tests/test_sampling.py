@@ -78,7 +78,7 @@ def test_two_level_inverse_cdf_draws_like_the_full_cumsum():
     """Blocks of 256 (no [n, V] cumulative sum): the same index as the one-level inverse CDF for the same
     uniforms, and the right distribution, including rows with zero-probability entries."""
     g = torch.Generator().manual_seed(3)
-    n, V = 4000, 1024
+    n, V = 2000, 64 * 256
     e = torch.rand(n, V, generator=g) ** 8
     e[:, ::7] = 0.0                                    # impossible tokens must never be drawn
     u = torch.rand(n, generator=g)
@@ -86,11 +86,11 @@ def test_two_level_inverse_cdf_draws_like_the_full_cumsum():
     one, z1 = sampling.inverse_cdf(e, u, block=V + 1)  # not a multiple: the one-level path
     assert (two == one).float().mean() > 0.999 and torch.allclose(z1, z2, rtol=1e-5)
     assert (two % 7 != 0).all()
-    row = e[:1].expand(50_000, V).contiguous()
-    draws, _ = sampling.inverse_cdf(row, torch.rand(50_000, generator=g))
-    p = e[0] / e[0].sum()
-    counts = torch.bincount(draws, minlength=V).double()
-    keep = p * 50_000 > 5
-    chi2 = float(((counts - 50_000 * p) ** 2 / (50_000 * p))[keep].sum())
+    row = e[:1].expand(20_000, V).contiguous()
+    draws, _ = sampling.inverse_cdf(row, torch.rand(20_000, generator=g))
+    blk = e[0].view(64, 256).sum(-1) / e[0].sum()      # per block: enough draws per cell for chi-square
+    counts = torch.bincount(draws // 256, minlength=64).double()
+    keep = blk * 20_000 > 5
+    chi2 = float(((counts - 20_000 * blk) ** 2 / (20_000 * blk))[keep].sum())
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 6 * (2 * dof) ** 0.5

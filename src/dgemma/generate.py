@@ -123,8 +123,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             if fast is not None:
                 new_canvas, new_argmax, ent, new_soft = fast(canvas, soft, temp, gen)
             else:
-                new_canvas, new_argmax, ent, new_soft = _exact_step(model, cache, canvas, soft, temp, noise, gen,
-                                                                    row_chunk, s.entropy_bound)
+                new_canvas, new_argmax, ent, new_soft = denoise_step(model, cache, canvas, soft, temp,
+                                                                     s.entropy_bound, row_chunk, noise=noise, gen=gen)
             if stopper is not None:
                 if frozen.any():  # frozen rows keep canvas, argmax and self-conditioning input
                     new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
@@ -145,21 +145,30 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     return GenerateOutput(seq, n_valid / passes, passes, cache)
 
 
-def _exact_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor,
-                noise: torch.Tensor, gen, row_chunk: int, bound: float):
-    """One denoising step with the reference's random stream: the multinomial's exponential draws chunk by
-    chunk in row order, then the renoise ids. -> (next canvas, argmax, entropy, soft) [B, C](, H)."""
+def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor,
+                 bound: float, row_chunk: int, *, static: bool = False, noise: torch.Tensor | None = None,
+                 gen=None, uniform: torch.Tensor | None = None, renoise: torch.Tensor | None = None):
+    """One denoising step: denoiser pass, then head and sampler chunk by chunk over the B*C canvas rows, then
+    entropy-bound acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H]).
+
+    exact (`noise` [rows, V] buffer and `gen`): the reference's random stream — the multinomial's exponential
+    draws chunk by chunk in row order, then the renoise ids. fast (`uniform` [B*C] and `renoise` [B, C] drawn
+    by the caller): a pure function of its tensors, which is what lets CUDA graphs capture it."""
     B, C = canvas.shape
-    V = model.config.vocab_size
-    h = model.denoise(canvas, cache, soft).reshape(B * C, -1)               # [B*C, H]
+    h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens.weight, model.embed_scale()
     parts = []
     for r in range(0, B * C, row_chunk):
-        q = noise[:min(row_chunk, B * C - r)].exponential_(1, generator=gen)
-        parts.append(sampling.sample_rows(model.head(h[r:r + row_chunk]), temp, q, emb, scale))
+        logits = model.head(h[r:r + row_chunk])
+        if noise is not None:
+            q = noise[:logits.shape[0]].exponential_(1, generator=gen)
+            parts.append(sampling.sample_rows(logits, temp, q, emb, scale))
+        else:
+            parts.append(sampling.sample_rows(logits, temp, None, emb, scale, uniform[r:r + row_chunk]))
     res = sampling.RowResult.cat(parts, B, C)
     accept = sampling.entropy_bound_accept(res.entropy, bound)
-    renoise = sampling.init_canvas(B, C, V, canvas.device, gen)
+    if renoise is None:
+        renoise = sampling.init_canvas(B, C, model.config.vocab_size, canvas.device, gen)
     return torch.where(accept, res.sample, renoise), res.argmax, res.entropy, res.soft
 
 
@@ -186,14 +195,8 @@ class _FastStep:
         return self.graphs.run(key, self.step, canvas, soft, temp.to(dev), uniform, renoise)
 
     def step(self, canvas, soft, temp, uniform, renoise):
-        m, (B, C) = self.model, canvas.shape
-        h = m.denoise(canvas, self.cache, soft, static=self.static).reshape(B * C, -1)   # [B*C, H]
-        emb, scale, rc = m.embed_tokens.weight, m.embed_scale(), self.row_chunk
-        parts = [sampling.sample_rows(m.head(h[r:r + rc]), temp, None, emb, scale, uniform[r:r + rc])
-                 for r in range(0, B * C, rc)]
-        res = sampling.RowResult.cat(parts, B, C)
-        accept = sampling.entropy_bound_accept(res.entropy, self.bound)
-        return torch.where(accept, res.sample, renoise), res.argmax, res.entropy, res.soft
+        return denoise_step(self.model, self.cache, canvas, soft, temp, self.bound, self.row_chunk,
+                            static=self.static, uniform=uniform, renoise=renoise)
 
 
 def _finalize(seq: torch.Tensor, finished: torch.Tensor, CL: int, eos: torch.Tensor | None,

@@ -118,10 +118,11 @@ INVERSE_CDF_BLOCK = 256
 def inverse_cdf(e: torch.Tensor, u: torch.Tensor, block: int = INVERSE_CDF_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Index j drawn with P(j) = e[j] / Z from uniforms u [n] in [0, 1): e [n, V] -> (ids [n], Z [n]).
 
-    Two levels when V is a multiple of `block`: cumulative sums of the block sums find the block holding u * Z,
-    then one block's own cumulative sum finds the entry, so no [n, V] cumulative-sum tensor is written."""
+    Two levels for large vocabularies (V >= 64 blocks, a multiple of `block`): cumulative sums of the block sums
+    find the block holding u * Z, then one block's own cumulative sum finds the entry, so no [n, V]
+    cumulative-sum tensor is written. Small vocabularies take one cumulative sum (fewer, cheaper ops)."""
     n, V = e.shape
-    if V % block or V == block:
+    if V % block or V < 64 * block:
         cdf = torch.cumsum(e, dim=-1)
         z = cdf[:, -1]
         j = torch.searchsorted(cdf, (u * z)[:, None].contiguous(), right=True)[:, 0]

@@ -7,6 +7,9 @@ on demand. Every layer buffer has `scratch` slots behind the cached part: the de
 canvas K/V there, so a denoising step attends over one slice and allocates nothing.
 Rows may hold different lengths (the engine batches requests of different ages); only rows [:n] take
 part in a pass, so finished rows cost nothing once the engine compacts them away.
+Two kinds of plans: dynamic (host lengths, exact key ranges; the CPU path) and static (`begin_decode(static=True)`,
+`begin_step`): computed on the device from `lens_dev`, shapes fixed by (rows, canvas, power-of-two key slots),
+so a pass can be captured once in a CUDA graph and replayed as the lengths grow.
 Does not know: weights, the sampler, or text.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """The request-level engine: continuous batching gives each request exactly its batch-1 `generate` tokens."""
+import pytest
 import torch
 
 import dgemma
@@ -93,3 +94,36 @@ def test_cancel_frees_the_row(tmp_path):
     assert set(results) == {b, c} and eng.collect(a) is None
     toks, _ = expected(m, list(range(40, 44)), 3)
     assert results[c].tokens == toks
+
+
+def _run_engine(m, prompts, cuda_graphs, device="cpu"):
+    eng = Engine(m, max_batch=3, sampler="fast", cuda_graphs=cuda_graphs)
+    ids = [eng.submit(p, seed=50 + i, **KW) for i, p in enumerate(prompts[:3])]
+    eng.step()
+    ids.append(eng.submit(prompts[3], seed=53, **KW))       # arrives mid-flight, rows of different lengths
+    res = eng.run()
+    return [res[i].tokens for i in ids], eng
+
+
+def test_engine_static_step_equals_dynamic(tmp_path):
+    """The engine's graph path (static plan; eager here on the CPU) gives the dynamic path's tokens."""
+    m = peaky(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (3, 14, 6, 9)]
+    dyn, _ = _run_engine(m, prompts, cuda_graphs=False)
+    st, eng = _run_engine(m, prompts, cuda_graphs=True)
+    assert eng.graphs is not None and dyn == st
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_graph_replay_on_cuda(tmp_path):
+    m = peaky(tmp_path).to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (3, 14, 6, 9)]
+    m._step_graphs = None
+    replayed, eng = _run_engine(m, prompts, cuda_graphs=None)
+    assert eng.graphs is not None and eng.graphs.captures >= 1
+    eng.graphs.enabled = False
+    eager, _ = _run_engine(m, prompts, cuda_graphs=True)
+    assert replayed == eager

@@ -5,7 +5,9 @@ each row's denoising state, when a row's canvas is done (stable-and-confident st
 committing it (EOS/pad rules), admitting waiting requests into free rows and compacting finished rows
 away so they cost nothing. Every request draws from its own seeded generator in the reference's order,
 so a request's tokens do not depend on what else is in the batch: with one request in flight the engine
-reproduces `generate(..., seed=s)` of batch 1 exactly.
+reproduces `generate(..., seed=s)` of batch 1 exactly. A step is `generate.denoise_step` over the active
+rows (per-row temperatures and entropy bounds); with the fast sampler on CUDA it is a replayed graph, one per
+number of active rows.
 Does not know: text, HTTP. The server sits on `submit`, `step` and `collect`.
 """
 from __future__ import annotations
@@ -17,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import sampling
+from . import graphs, sampling
 from .config import SamplerConfig
-from .generate import check_positions, resolve_settings
+from .generate import check_positions, denoise_step, resolve_settings
 
 
 @dataclass
@@ -63,10 +65,12 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, row_chunk: int | None = None, sampler: str = "auto") -> None:
+    def __init__(self, model, max_batch: int = 8, row_chunk: int | None = None, sampler: str = "auto",
+                 cuda_graphs: bool | None = None) -> None:
         """sampler: "exact" (the reference's random stream per request), "fast" (same distribution, one
-        uniform per position; see sampling.sample_rows) or "auto" (exact on the CPU, fast elsewhere). The
-        engine's steps run eagerly (rows come and go between steps); CUDA graphs are generate()'s."""
+        uniform per position; see sampling.sample_rows) or "auto" (exact on the CPU, fast elsewhere).
+        cuda_graphs (default: where the model is capturable, i.e. CUDA and bf16): the fast sampler's step runs
+        on the cache's static plan and is captured once per number of active rows, then replayed."""
         sampler = sampling.resolve_sampler(sampler, model.device)
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
@@ -79,6 +83,11 @@ class Engine:
         self.done: dict[str, Result] = {}
         self._ids = itertools.count()
         self._noise = torch.empty(self.row_chunk, self.V, device=model.device) if sampler == "exact" else None
+        # CUDA graphs for the fast sampler's step (one per number of active rows), where the model allows them
+        # (off CUDA, cuda_graphs=True runs the same static step eagerly)
+        store = graphs.for_model(model) if sampler == "fast" else None
+        use = store is not None and (store.capturable if cuda_graphs is None else cuda_graphs)
+        self.graphs = store if use else None
 
     # ---- public API ---------------------------------------------------------------------------
     def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,
@@ -129,43 +138,52 @@ class Engine:
         self._admit()
         if not self.rows:
             return []
-        m, C, n = self.model, self.C, len(self.rows)
+        m, C, n, dev = self.model, self.C, len(self.rows), self.model.device
         canvas = torch.stack([r.canvas for r in self.rows])                                   # [n, C]
         soft = None
-        if any(r.soft is not None for r in self.rows):
-            zero = torch.zeros(C, m.config.hidden_size, dtype=m.dtype, device=m.device)
+        if self.graphs is not None or any(r.soft is not None for r in self.rows):
+            zero = torch.zeros(C, m.config.hidden_size, dtype=m.dtype, device=dev)   # = no signal, exactly
             soft = torch.stack([r.soft if r.soft is not None else zero for r in self.rows])   # [n, C, H]
-        h = m.denoise(canvas, self.cache, soft).reshape(n * C, -1)
-        temps = torch.stack([sampling.temperature(r.left, r.req.s.max_denoising_steps, r.req.s.t_min,
-                                                  r.req.s.t_max) for r in self.rows])
-        per_chunk = max(1, self.row_chunk // C)               # whole requests per sampler chunk
-        emb, scale = m.embed_tokens.weight, m.embed_scale()
-        results = []
-        for a in range(0, n, per_chunk):
-            rows = self.rows[a:a + per_chunk]
-            q = u = None
-            if self.sampler == "exact":
-                q = self._noise[: len(rows) * C]
-                for j, r in enumerate(rows):                  # each request's own random stream
-                    q[j * C:(j + 1) * C].exponential_(1, generator=r.req.gen)
+        temp = torch.stack([sampling.temperature(r.left, r.req.s.max_denoising_steps, r.req.s.t_min,
+                                                 r.req.s.t_max) for r in self.rows])
+        temp = temp.repeat_interleave(C)[:, None].to(dev)                                     # [n*C, 1]
+        bound = torch.tensor([[r.req.s.entropy_bound] for r in self.rows], dtype=torch.float32, device=dev)
+        rc = max(1, self.row_chunk // C) * C                  # whole requests per sampler chunk
+        if self.sampler == "exact":                           # each request's own stream, the reference's order
+            def exponentials(r0: int, r1: int) -> torch.Tensor:
+                q = self._noise[: r1 - r0]
+                for j in range(r0 // C, r1 // C):
+                    q[j * C - r0:(j + 1) * C - r0].exponential_(1, generator=self.rows[j].req.gen)
+                return q
+
+            new_canvas, argmax, ent, soft_new = denoise_step(
+                m, self.cache, canvas, soft, temp, bound, rc, exponentials=exponentials,
+                renoise=lambda: torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0]
+                                             for r in self.rows]))
+        else:                                                 # per request: C uniforms, then C renoise ids
+            uniform = torch.cat([torch.rand(C, device=dev, generator=r.req.gen) for r in self.rows])
+            renoise = torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0] for r in self.rows])
+            inputs = (canvas, soft, temp, bound, uniform, renoise)
+            if self.graphs is None:
+                new_canvas, argmax, ent, soft_new = self._fast_step(*inputs)
             else:
-                u = torch.cat([torch.rand(C, device=m.device, generator=r.req.gen) for r in rows])
-            t = temps[a:a + len(rows)].repeat_interleave(C)[:, None]
-            results.append(sampling.sample_rows(m.head(h[a * C:(a + len(rows)) * C]), t, q, emb, scale, u))
-        res = sampling.RowResult.cat(results, n, C)
-        sample, argmax, ent, soft_new = res.sample, res.argmax, res.entropy, res.soft
+                key = ("engine", n, C, rc, self.cache.key_slots(C, True), graphs.buffer_key(*self.cache.tensors()))
+                new_canvas, argmax, ent, soft_new = self.graphs.run(key, self._fast_step, *inputs)
         commit = []
         for b, r in enumerate(self.rows):
-            accept = sampling.entropy_bound_accept(ent[b:b + 1], r.req.s.entropy_bound)[0]
-            renoise = sampling.init_canvas(1, C, self.V, m.device, r.req.gen)[0]
-            r.canvas = torch.where(accept, sample[b], renoise)
-            r.argmax, r.soft = argmax[b], soft_new[b]
+            r.canvas, r.argmax, r.soft = new_canvas[b], argmax[b], soft_new[b]
             r.left -= 1
             r.req.passes += 1
             stop = bool(r.stopper(argmax[b:b + 1], ent[b:b + 1])[0]) if r.stopper is not None else False
             if stop or r.left == 0:
                 commit.append(b)
         return self._commit(commit) if commit else []
+
+    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise):
+        """The fast sampler's step as a function of tensors (captured per active-row count on CUDA)."""
+        rc = max(1, self.row_chunk // self.C) * self.C
+        return denoise_step(self.model, self.cache, canvas, soft, temp, bound, rc, static=self.graphs is not None,
+                            uniform=uniform, renoise=renoise)
 
     # ---- internals ----------------------------------------------------------------------------
     def _new_canvas(self, req: _Request) -> _Row:

@@ -123,8 +123,10 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             if fast is not None:
                 new_canvas, new_argmax, ent, new_soft = fast(canvas, soft, temp, gen)
             else:
-                new_canvas, new_argmax, ent, new_soft = denoise_step(model, cache, canvas, soft, temp,
-                                                                     s.entropy_bound, row_chunk, noise=noise, gen=gen)
+                new_canvas, new_argmax, ent, new_soft = denoise_step(
+                    model, cache, canvas, soft, temp, s.entropy_bound, row_chunk,
+                    exponentials=lambda r0, r1: noise[:r1 - r0].exponential_(1, generator=gen),
+                    renoise=lambda: sampling.init_canvas(B, CL, V, dev, gen))
             if stopper is not None:
                 if frozen.any():  # frozen rows keep canvas, argmax and self-conditioning input
                     new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
@@ -146,29 +148,33 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
 
 
 def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor,
-                 bound: float, row_chunk: int, *, static: bool = False, noise: torch.Tensor | None = None,
-                 gen=None, uniform: torch.Tensor | None = None, renoise: torch.Tensor | None = None):
-    """One denoising step: denoiser pass, then head and sampler chunk by chunk over the B*C canvas rows, then
-    entropy-bound acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H]).
+                 bound: float | torch.Tensor, row_chunk: int, *, static: bool = False,
+                 exponentials: Callable[[int, int], torch.Tensor] | None = None,
+                 uniform: torch.Tensor | None = None,
+                 renoise: torch.Tensor | Callable[[], torch.Tensor] | None = None):
+    """One denoising step of the rows in `canvas` [B, C] (generate's batch or the engine's requests):
+    denoiser pass, then head and sampler chunk by chunk over the B*C canvas rows, then entropy-bound
+    acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H]).
 
-    exact (`noise` [rows, V] buffer and `gen`): the reference's random stream — the multinomial's exponential
-    draws chunk by chunk in row order, then the renoise ids. fast (`uniform` [B*C] and `renoise` [B, C] drawn
-    by the caller): a pure function of its tensors, which is what lets CUDA graphs capture it."""
+    temp: a scalar tensor or [B*C, 1]; bound: a float or [B, 1] fp32 tensor.
+    exact: `exponentials(r0, r1)` returns the Exp(1) draws [r1 - r0, V] for canvas rows r0..r1 and `renoise()`
+    the [B, C] renoise ids, called in the reference's order (each chunk's draws before its sampling, renoise
+    after all of them). fast: `uniform` [B*C] and `renoise` [B, C] tensors drawn by the caller, which makes the
+    step a pure function of its tensors: what lets CUDA graphs capture it."""
     B, C = canvas.shape
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens.weight, model.embed_scale()
     parts = []
     for r in range(0, B * C, row_chunk):
-        logits = model.head(h[r:r + row_chunk])
-        if noise is not None:
-            q = noise[:logits.shape[0]].exponential_(1, generator=gen)
-            parts.append(sampling.sample_rows(logits, temp, q, emb, scale))
+        logits = model.head(h[r:r + row_chunk])                                 # [rows, V] fp32
+        t = temp if temp.dim() == 0 else temp[r:r + row_chunk]
+        if exponentials is not None:
+            parts.append(sampling.sample_rows(logits, t, exponentials(r, r + logits.shape[0]), emb, scale))
         else:
-            parts.append(sampling.sample_rows(logits, temp, None, emb, scale, uniform[r:r + row_chunk]))
+            parts.append(sampling.sample_rows(logits, t, None, emb, scale, uniform[r:r + row_chunk]))
     res = sampling.RowResult.cat(parts, B, C)
     accept = sampling.entropy_bound_accept(res.entropy, bound)
-    if renoise is None:
-        renoise = sampling.init_canvas(B, C, model.config.vocab_size, canvas.device, gen)
+    renoise = renoise() if callable(renoise) else renoise
     return torch.where(accept, res.sample, renoise), res.argmax, res.entropy, res.soft
 
 

@@ -26,7 +26,7 @@ class StepGraphs:
     the new inputs copied into the captured ones. Returns fresh tensors (clones), never graph buffers.
     All graphs share one memory pool; at most `max_graphs` are kept (least recently used dropped)."""
 
-    def __init__(self, enabled: bool = True, max_graphs: int = 8) -> None:
+    def __init__(self, enabled: bool = True, max_graphs: int = 16) -> None:
         self.enabled = enabled                              # the caller's switch
         self.capturable = torch.cuda.is_available()         # what the model allows (set by for_model)
         self.max_graphs = max_graphs

@@ -138,8 +138,9 @@ def inverse_cdf(e: torch.Tensor, u: torch.Tensor, block: int = INVERSE_CDF_BLOCK
     return (b * block + j)[:, 0], z
 
 
-def entropy_bound_accept(ent: torch.Tensor, bound: float) -> torch.Tensor:
-    """[B, C] entropies -> [B, C] bool: accept the k lowest-entropy positions while sum_{j<k} h_(j) <= bound."""
+def entropy_bound_accept(ent: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
+    """[B, C] entropies -> [B, C] bool: accept the k lowest-entropy positions while sum_{j<k} h_(j) <= bound
+    (a float, or a [B, 1] fp32 tensor of per-row bounds: the same fp32 comparison)."""
     sorted_h, order = torch.sort(ent, dim=-1, descending=False)
     keep = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
     return torch.scatter(torch.zeros_like(keep), -1, order, keep)

@@ -110,14 +110,20 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
+    """None -> cuda if available, else cpu; otherwise a device that exists on this machine (ConfigError if not)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise ConfigError(f"device {device!r} requested but {dev.type} is not available on this machine")
+        if dev.index is not None and dev.index >= backend.device_count():
+            raise ConfigError(f"device {device!r} requested but only {backend.device_count()} {dev.type} "
+                              "device(s) exist")
     return dev
 
 

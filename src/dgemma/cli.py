@@ -52,20 +52,8 @@ def _model_dir(given: str | None) -> Path:
 
 def _device(name: str | None):
     """None (auto) or a torch.device that exists on this machine."""
-    if name is None:
-        return None
-    import torch
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {name!r} (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type != "cpu":
-        backend = getattr(torch, dev.type, None)
-        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-            raise UsageError(f"device {name!r} requested but {dev.type} is not available on this machine")
-        if dev.index is not None and dev.index >= backend.device_count():
-            raise UsageError(f"device {name!r} requested but only {backend.device_count()} {dev.type} device(s) exist")
-    return dev
+    from .checkpoint import resolve_device
+    return None if name is None else resolve_device(name)
 
 
 # ---- generate --------------------------------------------------------------------------------------------

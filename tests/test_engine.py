@@ -80,6 +80,11 @@ def test_fast_sampler_engine_equals_generate(tmp_path):
     assert all(t == 0 for t in new[len(res.tokens):])
 
 
+def test_engine_refuses_graphs_with_the_exact_sampler(tmp_path):
+    with pytest.raises(ValueError, match="fast"):
+        Engine(peaky(tmp_path), sampler="exact", cuda_graphs=True)
+
+
 def test_cancel_frees_the_row(tmp_path):
     m = peaky(tmp_path)
     eng = Engine(m, max_batch=2)
@@ -121,7 +126,7 @@ def test_engine_graph_replay_on_cuda(tmp_path):
     m = peaky(tmp_path).to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (3, 14, 6, 9)]
-    m._step_graphs = None
+    m._runtime.graphs = None
     replayed, eng = _run_engine(m, prompts, cuda_graphs=None)
     assert eng.graphs is not None and eng.graphs.captures >= 1
     eng.graphs.enabled = False

@@ -84,7 +84,7 @@ def test_two_level_inverse_cdf_draws_like_the_full_cumsum():
     u = torch.rand(n, generator=g)
     two, z2 = sampling.inverse_cdf(e, u)
     one, z1 = sampling.inverse_cdf(e, u, block=V + 1)  # not a multiple: the one-level path
-    assert (two == one).float().mean() > 0.999 and torch.allclose(z1, z2, rtol=1e-5)
+    assert (two == one).float().mean() > 0.995 and torch.allclose(z1, z2, rtol=1e-5)   # rounding at block edges
     assert (two % 7 != 0).all()
     row = e[:1].expand(20_000, V).contiguous()
     draws, _ = sampling.inverse_cdf(row, torch.rand(20_000, generator=g))
@@ -94,3 +94,21 @@ def test_two_level_inverse_cdf_draws_like_the_full_cumsum():
     chi2 = float(((counts - 20_000 * blk) ** 2 / (20_000 * blk))[keep].sum())
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 6 * (2 * dof) ** 0.5
+
+
+def test_inverse_cdf_never_draws_impossible_tokens_at_block_edges():
+    """Targets just below a block boundary, the block's last token impossible: rounding between the block sums and
+    the in-block sums must not push a draw onto it (both paths)."""
+    n, V = 4000, 64 * 256
+    g = torch.Generator().manual_seed(5)
+    e = torch.rand(1, V, generator=g).expand(n, V).contiguous()
+    e[:, 255::256] = 0.0
+    e[:, -1] = 0.0
+    cb = torch.cumsum(e[0].view(64, 256).sum(-1), 0)
+    edges = cb[torch.randint(0, 63, (n,), generator=g)] / cb[-1]
+    u = (edges - torch.rand(n, generator=g) * 1e-6).clamp(0, 1 - 1e-7)
+    for block in (256, V + 1):
+        ids, _ = sampling.inverse_cdf(e, u, block=block)
+        assert (e.gather(1, ids[:, None]) > 0).all()
+    ids, _ = sampling.inverse_cdf(e, torch.full((n,), 1 - 2 ** -24))   # u as close to 1 as fp32 gets
+    assert (e.gather(1, ids[:, None]) > 0).all()

@@ -127,19 +127,19 @@ def test_graph_replay_equals_eager_on_cuda():
     kw = dict(max_new_tokens=24, max_denoising_steps=5, eos_token_id=None, stability_threshold=None,
               seed=4, sampler="fast")
     eager = m.generate(ids, cuda_graphs=True, **{**kw, "max_new_tokens": 8})   # warms the store up
-    m._step_graphs.enabled = False
+    m._runtime.graphs.enabled = False
     a = m.generate(ids, cuda_graphs=True, **kw)                                  # static path, eager
-    m._step_graphs.enabled = True
+    m._runtime.graphs.enabled = True
     b = m.generate(ids, cuda_graphs=True, **kw)                                  # static path, replayed
-    assert m._step_graphs.captures >= 1 and eager.sequences.shape[1] == 13
+    assert m._runtime.graphs.captures >= 1 and eager.sequences.shape[1] == 13
     assert torch.equal(a.sequences, b.sequences)
     st = m.generate_ar(ids, max_new_tokens=12, eos_token_id=None, return_logits=True, cuda_graphs=True)
-    m._step_graphs.enabled = False
+    m._runtime.graphs.enabled = False
     st_eager = m.generate_ar(ids, max_new_tokens=12, eos_token_id=None, return_logits=True, cuda_graphs=True)
     assert torch.equal(st.step_logits, st_eager.step_logits)
     f32 = model().cuda()
     out = f32.generate(ids, **kw)                                                # fast + graphs by default
-    assert not f32._step_graphs.capturable and f32._step_graphs.captures == 0 and out.sequences.shape[1] == 29
+    assert not f32.graph_safe() and f32._runtime.graphs is None and out.sequences.shape[1] == 29
 
 
 @pytest.mark.gpu
@@ -214,3 +214,14 @@ def test_workspace_cache_is_reused_only_when_free():
     assert torch.equal(third.sequences, fresh.sequences)
     cont = m.generate(third.sequences[:, -8:], cache=third.cache, **kw)   # continuing still works
     assert cont.cache is third.cache and cont.cache.length == 5 + 16 + 8
+
+
+def test_moving_or_copying_the_model_forgets_graphs_and_workspaces():
+    import copy
+    m = model()
+    m.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=8, max_denoising_steps=2, sampler="fast", cuda_graphs=True)
+    rt = m._runtime
+    assert rt.graphs is not None and rt.workspaces
+    assert copy.deepcopy(m)._runtime.workspaces == {}
+    m.to(torch.float64)
+    assert m._runtime is not rt and m._runtime.graphs is None and not m._runtime.workspaces

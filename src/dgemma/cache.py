@@ -25,7 +25,9 @@ class KVCache:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.ring = cfg.sliding_window - 1          # sliding layers keep the last W-1 positions
         self.scratch = scratch or cfg.canvas_length   # room for one canvas
-        self.capacity = max(int(capacity), 1)       # full-layer positions we can hold before growing
+        # full-layer positions we can hold before growing: a power of two, so that a static plan's key slots
+        # (a power of two >= what the rows need) never hit the buffer's end, and results do not depend on it
+        self.capacity = _pow2(max(int(capacity), 1))
         self.batch = batch                          # rows allocated
         self.n = batch                              # rows taking part in passes: [:n]
         self.lengths = [0] * batch                  # positions encoded per row (host ints: no syncs)
@@ -77,7 +79,7 @@ class KVCache:
         """Make room for `total_positions` positions per row on full layers (amortised doubling)."""
         if total_positions <= self.capacity:
             return
-        new_cap = max(total_positions, 2 * self.capacity)
+        new_cap = _pow2(max(total_positions, 2 * self.capacity))
         used = max(self.lengths)
         for i in range(self.cfg.num_hidden_layers):
             if self.cfg.is_sliding(i):

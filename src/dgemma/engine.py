@@ -85,6 +85,8 @@ class Engine:
         self._noise = torch.empty(self.row_chunk, self.V, device=model.device) if sampler == "exact" else None
         # CUDA graphs for the fast sampler's step (one per number of active rows), where the model allows them
         # (off CUDA, cuda_graphs=True runs the same static step eagerly)
+        if cuda_graphs and sampler != "fast":
+            raise ValueError("cuda_graphs needs sampler='fast' (the exact sampler's random streams run eagerly)")
         store = graphs.for_model(model) if sampler == "fast" else None
         use = store is not None and (store.capturable if cuda_graphs is None else cuda_graphs)
         self.graphs = store if use else None

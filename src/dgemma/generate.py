@@ -67,8 +67,9 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     `sampler`: "exact" draws random numbers exactly like the reference (the seeded contract); "fast"
     samples the same distribution with one uniform per position (see sampling.sample_rows); "auto" (the
     default) is exact on the CPU and fast elsewhere.
-    `cuda_graphs`: run each fast-sampler denoising step as one replayed CUDA graph (default: on CUDA with
-    the fast sampler). The step then uses the cache's static plan; off CUDA, True runs that same path eagerly.
+    `cuda_graphs`: run each fast-sampler denoising step as one replayed CUDA graph (default: with the fast
+    sampler where the model is capturable: CUDA, bf16). The step then uses the cache's static plan; where the
+    model is not capturable, True runs that same path eagerly.
     """
     sampler = sampling.resolve_sampler(sampler, model.device)
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
@@ -104,10 +105,13 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     passes = torch.zeros(B, dtype=torch.int32, device=dev)
     noise = torch.empty(min(row_chunk, B * CL), V, device=dev) if sampler == "exact" else None
     if cuda_graphs is None:
-        cuda_graphs = sampler == "fast" and dev.type == "cuda"
+        cuda_graphs = sampler == "fast" and model.graph_safe()
     if cuda_graphs and sampler != "fast":
         raise ValueError("cuda_graphs needs sampler='fast' (the exact sampler's random stream runs eagerly)")
     fast = _FastStep(model, cache, row_chunk, s.entropy_bound, static=cuda_graphs) if sampler == "fast" else None
+    # T(n) for n = N..1, computed on the CPU exactly as the reference does, moved to the device once
+    temps = torch.stack([sampling.temperature(n, s.max_denoising_steps, s.t_min, s.t_max)
+                         for n in range(s.max_denoising_steps, 0, -1)]).to(dev)
     seq = ids
     for c in range(n_canvas):
         if L or c:  # encode the prompt, then each committed canvas at the positions it had
@@ -117,9 +121,9 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         frozen = torch.zeros(B, dtype=torch.bool, device=dev)
         stopper = sampling.StableAndConfident(s.stability_threshold or 0, s.confidence_threshold or 0.0,
                                               B, CL, dev) if stop_rule else None
-        for n in range(s.max_denoising_steps, 0, -1):
+        for i in range(s.max_denoising_steps):
             passes += ~(frozen | finished)
-            temp = sampling.temperature(n, s.max_denoising_steps, s.t_min, s.t_max)
+            temp = temps[i]
             if fast is not None:
                 new_canvas, new_argmax, ent, new_soft = fast(canvas, soft, temp, gen)
             else:
@@ -198,7 +202,7 @@ class _FastStep:
             soft = torch.zeros(B, C, m.config.hidden_size, dtype=m.dtype, device=dev)
         key = ("denoise", B, C, self.cache.n, self.cache.key_slots(C, True), self.row_chunk, self.bound,
                graphs.buffer_key(*self.cache.tensors()))
-        return self.graphs.run(key, self.step, canvas, soft, temp.to(dev), uniform, renoise)
+        return self.graphs.run(key, self.step, canvas, soft, temp, uniform, renoise)
 
     def step(self, canvas, soft, temp, uniform, renoise):
         return denoise_step(self.model, self.cache, canvas, soft, temp, self.bound, self.row_chunk,
@@ -237,8 +241,8 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
                 cuda_graphs: bool | None = None) -> AROutput:
     """Autoregressive decoding through the causal encoder with the same weights and cache: the honest
     baseline for "how much faster is diffusion". temperature 0 = greedy.
-    `cuda_graphs` (default: on CUDA): each one-token step is a replayed CUDA graph over the cache's static
-    plan (`KVCache.begin_step`); off CUDA, True runs that same path eagerly."""
+    `cuda_graphs` (default: where the model is capturable: CUDA, bf16): each one-token step is a replayed CUDA
+    graph over the cache's static plan (`KVCache.begin_step`); elsewhere True runs that same path eagerly."""
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=_UNSET,
                          entropy_bound=_UNSET, t_min=_UNSET, t_max=_UNSET, stability_threshold=_UNSET,
                          confidence_threshold=_UNSET, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -251,7 +255,7 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
     eos = torch.tensor(s.eos_token_id or [], device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     logits = model.head(model.encode(ids, cache)[:, -1])                        # [B, V]
-    store = graphs.for_model(model) if (dev.type == "cuda" if cuda_graphs is None else cuda_graphs) else None
+    store = graphs.for_model(model) if (model.graph_safe() if cuda_graphs is None else cuda_graphs) else None
 
     def one_token(tok: torch.Tensor) -> tuple[torch.Tensor]:                   # tok [B, 1] -> ([B, V],)
         return (model.head(model.encode_step(tok, cache)[:, -1]),)

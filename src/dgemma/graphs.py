@@ -9,6 +9,7 @@ function, so the same code path runs, and is tested, on the CPU.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable, Hashable
 
@@ -23,7 +24,8 @@ def buffer_key(*tensors: torch.Tensor) -> tuple:
 class StepGraphs:
     """`run(key, fn, *inputs)`: the first call of a key runs `fn` eagerly (warming cuBLAS and friends on a
     side stream, as graph capture requires), the second captures it and every later call replays it with
-    the new inputs copied into the captured ones. Returns fresh tensors (clones), never graph buffers.
+    the new inputs copied into the captured ones (a key whose capture fails stays eager, with a warning).
+    Returns fresh tensors (clones), never graph buffers.
     All graphs share one memory pool; at most `max_graphs` are kept (least recently used dropped)."""
 
     def __init__(self, enabled: bool = True, max_graphs: int = 16) -> None:
@@ -46,11 +48,18 @@ class StepGraphs:
             torch.cuda.current_stream().wait_stream(side)
             self._put(key, "warm")
             return out
+        if entry == "eager":                                # capture failed for this key earlier
+            return fn(*inputs)
         if entry == "warm":                                 # capture, then replay below
             static_in = tuple(x.clone() for x in inputs)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_out = fn(*static_in)
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    static_out = fn(*static_in)
+            except RuntimeError as err:                     # something in fn cannot be captured: stay eager
+                warnings.warn(f"CUDA graph capture failed; this step runs eagerly from now on ({err})")
+                self._put(key, "eager")
+                return fn(*inputs)
             self.pool = graph.pool()
             self.captures += 1
             entry = (graph, static_in, static_out)
@@ -72,9 +81,8 @@ class StepGraphs:
 def for_model(model) -> StepGraphs:
     """The model's graph store (one per model object, created on first use). It replays graphs only while the
     model is capturable (`model.graph_safe()`: CUDA, bf16); otherwise it calls the step eagerly."""
-    store = getattr(model, "_step_graphs", None)
-    if store is None:
-        store = StepGraphs()
-        model._step_graphs = store
-    store.capturable = model.graph_safe()
-    return store
+    rt = model._runtime
+    if rt.graphs is None:
+        rt.graphs = StepGraphs()
+    rt.graphs.capturable = model.graph_safe()
+    return rt.graphs

@@ -230,6 +230,20 @@ class SelfConditioning(nn.Module):
         return rms_norm(e, None, self.eps)
 
 
+class _Runtime:
+    """A model's inference state that is not the model: captured CUDA graphs and workspace caches. Graphs hold
+    raw addresses of the weights, so moving or casting the model (`_apply`) starts a fresh one, and so does
+    copying it."""
+
+    def __init__(self) -> None:
+        self.graphs = None                        # graphs.StepGraphs, made on first use
+        self.workspaces: dict = {}                # (batch, capacity, scratch, device, dtype) -> KVCache
+        self.probe = object()                     # held like a workspace: the reference count of a free one
+
+    def __deepcopy__(self, memo) -> "_Runtime":
+        return _Runtime()
+
+
 class DiffusionGemma(nn.Module):
     """The model object `dgemma.load` returns. Shapes: B batch, S sequence, C canvas, V vocab, H hidden."""
 
@@ -244,6 +258,11 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
         self._rope_cache: dict = {}           # inv_freq and the embedding scale, per device
+        self._runtime = _Runtime()
+
+    def _apply(self, fn, recurse=True):
+        self._runtime = _Runtime()           # .to() / .cuda() / .half() move the weights: forget graphs
+        return super()._apply(fn, recurse)
 
     # ---- small helpers ----------------------------------------------------------------------
     @property
@@ -309,7 +328,8 @@ class DiffusionGemma(nn.Module):
         """Can a step be captured in a CUDA graph? Yes on CUDA when the experts run as grouped matmuls (bf16,
         aligned widths); their fallback loop reads group sizes on the host."""
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
-        return self.device.type == "cuda" and self.layers[0].experts._grouped_ok(probe)
+        with torch.inference_mode():
+            return self.device.type == "cuda" and self.layers[0].experts._grouped_ok(probe)
 
     def new_cache(self, batch: int, capacity: int, scratch: int | None = None) -> KVCache:
         return KVCache(self.config, batch, capacity, self.device, self.dtype, scratch)
@@ -319,9 +339,9 @@ class DiffusionGemma(nn.Module):
         again (reset) once nothing else refers to it — the caller dropped the output that carried it — so its
         buffers keep their addresses and a CUDA graph captured over them is replayed instead of re-captured."""
         shape = (batch, capacity, scratch or self.config.canvas_length, self.device, self.dtype)
-        kept = self.__dict__.setdefault("_workspaces", {})
-        ws = kept.get(shape)
-        if ws is not None and sys.getrefcount(ws) <= 3:   # the dict, `ws`, getrefcount's argument
+        kept = self._runtime.workspaces
+        ws, probe = kept.get(shape), self._runtime.probe   # each held by one container and one local here
+        if ws is not None and sys.getrefcount(ws) <= sys.getrefcount(probe):   # nobody else holds ws
             return ws.reset()
         ws = self.new_cache(batch, capacity, scratch)
         kept[shape] = ws

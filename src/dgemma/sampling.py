@@ -120,22 +120,29 @@ def inverse_cdf(e: torch.Tensor, u: torch.Tensor, block: int = INVERSE_CDF_BLOCK
 
     Two levels for large vocabularies (V >= 64 blocks, a multiple of `block`): cumulative sums of the block sums
     find the block holding u * Z, then one block's own cumulative sum finds the entry, so no [n, V]
-    cumulative-sum tensor is written. Small vocabularies take one cumulative sum (fewer, cheaper ops)."""
+    cumulative-sum tensor is written. Small vocabularies take one cumulative sum (fewer, cheaper ops).
+    Each target is kept strictly below the total it is searched in, so rounding can never push it past the
+    last entry onto an impossible (zero-probability) token."""
     n, V = e.shape
     if V % block or V < 64 * block:
         cdf = torch.cumsum(e, dim=-1)
         z = cdf[:, -1]
-        j = torch.searchsorted(cdf, (u * z)[:, None].contiguous(), right=True)[:, 0]
-        return j.clamp_(max=V - 1), z
+        t = torch.minimum((u * z)[:, None], _below(cdf[:, -1:])).contiguous()
+        return torch.searchsorted(cdf, t, right=True)[:, 0], z
     blocks = e.view(n, V // block, block)
     cb = torch.cumsum(blocks.sum(dim=-1), dim=-1)                  # [n, nb] cumulative block sums
     z = cb[:, -1]
-    t = (u * z)[:, None].contiguous()                              # [n, 1] target mass
-    b = torch.searchsorted(cb, t, right=True).clamp_(max=V // block - 1)          # [n, 1] its block
+    t = torch.minimum((u * z)[:, None], _below(cb[:, -1:])).contiguous()           # [n, 1] target mass
+    b = torch.searchsorted(cb, t, right=True)                                      # [n, 1] its block
     before = torch.where(b > 0, cb.gather(1, (b - 1).clamp_(min=0)), torch.zeros_like(t))
-    inner = blocks.gather(1, b[:, :, None].expand(n, 1, block))[:, 0]             # [n, block]
-    j = torch.searchsorted(torch.cumsum(inner, dim=-1) + before, t, right=True).clamp_(max=block - 1)
-    return (b * block + j)[:, 0], z
+    inner = torch.cumsum(blocks.gather(1, b[:, :, None].expand(n, 1, block))[:, 0], dim=-1)   # [n, block]
+    t_in = torch.minimum((t - before).clamp_(min=0), _below(inner[:, -1:])).contiguous()
+    return (b * block + torch.searchsorted(inner, t_in, right=True))[:, 0], z
+
+
+def _below(x: torch.Tensor) -> torch.Tensor:
+    """The largest float smaller than x (x > 0)."""
+    return torch.nextafter(x, torch.zeros_like(x))
 
 
 def entropy_bound_accept(ent: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,7 @@ def run_dgemma(a: dict) -> dict:
         extra = {"gpu": torch.cuda.get_device_name(dev), "weights_gb": weight_bytes / 1e9,
                  "weight_read_ms": 1000 * weight_bytes / (copy * 1e12), "copy_tb_s": copy,
                  "bandwidth_fraction": weight_bytes / step_s / (copy * 1e12),
-                 "graphs_captured": getattr(getattr(m, "_step_graphs", None), "captures", 0),
+                 "graphs_captured": m._runtime.graphs.captures if m._runtime.graphs else 0,
                  "peak_over_weights": peak * 2**30 / weight_bytes}
     return {**extra, "tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
             "step_ms": 1000 * total / passes, "first_canvas_s": stamps[0] - t0,

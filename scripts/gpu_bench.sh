@@ -3,7 +3,8 @@
 #   1. the GPU tests (graph replay = eager exactly, fp32 CUDA = CPU, bf16 grouped matmuls, GPU sampler chi-square);
 #   2. diagnostics of one 26B-A4B denoiser step and AR step (scripts/gpu_profile.py);
 #   3. `dgemma bench` on the 26B-A4B shape, random bf16 weights built on the GPU, 16 steps per canvas,
-#      batch 1 and 32: dgemma (fast sampler + CUDA graphs), AR (same weights, graphs), and the reference
+#      batch 1 and 32: dgemma (fast sampler + CUDA graphs), the request-level Engine (graphs per row count),
+#      AR (same weights, graphs), and the reference
 #      (transformers 5.23, built from the same shape on the GPU) when it can be imported.
 # If transformers 5.23 is not installed there, put its wheel in .whl/ (see docs/NOTES.md).
 # Usage on the device machine:  bash scripts/gpu_bench.sh  [PROFILE=0 to skip step 2]   (results land in $OUT or bench_out/)
@@ -25,5 +26,5 @@ if [ "${PROFILE:-1}" != 0 ]; then      # PROFILE=0 skips the diagnostics
 fi
 for B in 1 32; do
   timeout 240 python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch "$B" --steps 16 \
-    --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,ar,reference --out "$OUTDIR/b$B" 2>&1 | grep -v "bench:" | tail -12
+    --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,engine,ar,reference --out "$OUTDIR/b$B" 2>&1 | grep -v "bench:" | tail -12
 done

@@ -26,7 +26,8 @@ def add_bench(sub) -> None:
     p.add_argument("--adaptive", action="store_true", help="allow the stable-and-confident early stop")
     p.add_argument("--ar-tokens", type=int, default=64, help="tokens to decode in AR mode")
     p.add_argument("--systems", default="dgemma,dgemma-fast,reference,ar",
-                   help="comma-separated subset: dgemma (exact sampler), dgemma-fast, reference, ar")
+                   help="comma-separated subset: dgemma (exact sampler), dgemma-fast, reference, ar, "
+                        "engine (the request-level Engine, default sampler)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: the checkpoint's (bfloat16 for --shape)")
     p.add_argument("--threads", type=int, default=None)
@@ -50,10 +51,10 @@ def run_bench(a: argparse.Namespace) -> int:
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     systems = [s for s in a.systems.split(",") if s]
-    unknown = set(systems) - {"dgemma", "dgemma-fast", "reference", "ar"}
+    unknown = set(systems) - {"dgemma", "dgemma-fast", "reference", "ar", "engine"}
     if unknown or not systems:
         raise ValueError(f"--systems: unknown {', '.join(sorted(unknown)) or 'empty list'} "
-                         "(choose from dgemma, dgemma-fast, reference, ar)")
+                         "(choose from dgemma, dgemma-fast, reference, ar, engine)")
     from ..checkpoint import _parse_dtype, resolve_device
     device = resolve_device(a.device)
     _parse_dtype(a.dtype)

@@ -130,6 +130,37 @@ def run_dgemma(a: dict) -> dict:
             "sampler_fraction": t_samp / (t_samp + t_fwd)}
 
 
+def run_engine(a: dict) -> dict:
+    """The request-level Engine (what a server runs): `batch` requests submitted at once, each with its own
+    seed, the default sampler, the same fixed step count as the dgemma system."""
+    from dgemma.engine import Engine
+    m = build(a)
+    dev, C = m.device, m.config.canvas_length
+    prompts = _prompt(m.config.vocab_size, a["batch"], a["prompt_len"]).tolist()
+    kw = dict(max_new_tokens=a["canvases"] * C, max_denoising_steps=a["steps"], eos_token_id=None,
+              stability_threshold=None)
+    eng = Engine(m, max_batch=a["batch"])
+
+    def run_all(steps: int) -> dict:
+        ids = [eng.submit(p, seed=i, **{**kw, "max_denoising_steps": steps}) for i, p in enumerate(prompts)]
+        res = eng.run()
+        return {i: res[i] for i in ids}
+
+    run_all(2)                                               # warm-up (captures the step's graph on CUDA)
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    res = run_all(a["steps"])
+    _sync(dev)
+    total = time.perf_counter() - t0
+    new = sum(len(r.tokens) for r in res.values())
+    passes = max(r.decoder_passes for r in res.values())
+    return {"tokens_per_s": new / total, "total_s": total, "decoder_passes": passes,
+            "step_ms": 1000 * total / passes, "tokens_per_forward": new / a["batch"] / passes,
+            "peak_gib": _peak(dev), "sampler": eng.sampler}
+
+
 def run_ar(a: dict) -> dict:
     m = build(a)
     dev = m.device
@@ -209,5 +240,5 @@ if __name__ == "__main__":
     torch.set_num_threads(args.get("threads") or torch.get_num_threads())
     if args["system"] == "dgemma-fast":
         args.update(system="dgemma", sampler="fast")
-    fn = {"dgemma": run_dgemma, "reference": run_reference, "ar": run_ar}[args["system"]]
+    fn = {"dgemma": run_dgemma, "reference": run_reference, "ar": run_ar, "engine": run_engine}[args["system"]]
     print(json.dumps(fn(args)))

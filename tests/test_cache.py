@@ -27,6 +27,17 @@ def single(m, ctx, canvases):
     return out
 
 
+def two_row_cache(m, a, b, capacity: int = 64):
+    """Prompts a [1, La] and b [1, Lb] prefilled alone, then copied into rows 0 and 1 of one cache (the engine's way)."""
+    ca, cb = m.new_cache(1, 4), m.new_cache(1, 4)
+    m.encode(a, ca)
+    m.encode(b, cb)
+    cache = m.new_cache(2, capacity)
+    cache.copy_row(0, ca)
+    cache.copy_row(1, cb)
+    return cache
+
+
 @torch.no_grad()
 def test_rows_of_different_lengths_match_single_rows():
     m = model()
@@ -35,12 +46,7 @@ def test_rows_of_different_lengths_match_single_rows():
     canv = [torch.randint(0, 64, (2, 8), generator=g) for _ in range(3)]
     ref_a = single(m, a, [c[:1] for c in canv])
     ref_b = single(m, b, [c[1:] for c in canv])
-    ca, cb = m.new_cache(1, 4), m.new_cache(1, 4)
-    m.encode(a, ca)
-    m.encode(b, cb)
-    cache = m.new_cache(2, 4)               # grows as needed
-    cache.copy_row(0, ca)
-    cache.copy_row(1, cb)
+    cache = two_row_cache(m, a, b, capacity=4)   # grows as needed
     assert cache.lengths == [3, 13]
     for step, c in enumerate(canv):
         out = m.head(m.denoise(c, cache))

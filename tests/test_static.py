@@ -7,17 +7,7 @@ import torch
 
 from dgemma import sampling
 from dgemma.graphs import StepGraphs
-from test_cache import model
-
-
-def _two_row_cache(m, a, b):
-    ca, cb = m.new_cache(1, 4), m.new_cache(1, 4)
-    m.encode(a, ca)
-    m.encode(b, cb)
-    cache = m.new_cache(2, 64)
-    cache.copy_row(0, ca)
-    cache.copy_row(1, cb)
-    return cache
+from test_cache import model, two_row_cache
 
 
 @torch.no_grad()
@@ -25,7 +15,7 @@ def test_static_denoise_equals_dynamic_for_uneven_rows_past_the_window():
     m = model()
     g = torch.Generator().manual_seed(0)
     a, b = torch.randint(2, 64, (1, 3), generator=g), torch.randint(2, 64, (1, 13), generator=g)
-    cache = _two_row_cache(m, a, b)                      # lengths 3 and 13 (window 6)
+    cache = two_row_cache(m, a, b)                      # lengths 3 and 13 (window 6)
     for _ in range(3):
         canvas = torch.randint(0, 64, (2, 8), generator=g)
         soft = torch.randn(2, 8, 32, generator=g)
@@ -64,7 +54,7 @@ def test_one_token_step_equals_encode_for_uneven_rows():
     m = model()
     g = torch.Generator().manual_seed(3)
     a, b = torch.randint(2, 64, (1, 4), generator=g), torch.randint(2, 64, (1, 11), generator=g)
-    c_dyn, c_st = _two_row_cache(m, a, b), _two_row_cache(m, a, b)
+    c_dyn, c_st = two_row_cache(m, a, b), two_row_cache(m, a, b)
     for _ in range(9):                                   # both rows pass the window (6)
         tok = torch.randint(2, 64, (2, 1), generator=g)
         dyn = m.head(m.encode(tok, c_dyn))

@@ -230,6 +230,18 @@ class SelfConditioning(nn.Module):
         return rms_norm(e, None, self.eps)
 
 
+def _attention(layer_kv: Callable[[int, torch.Tensor, torch.Tensor], tuple]) -> Callable[[int], Callable]:
+    """`attend_for(i)` for run_layers over a KV cache: `layer_kv(i, k, v)` (one of the cache's per-layer methods)
+    stores the new keys/values and returns (keys, values, mask) to attend over; then scaled dot-product attention
+    with scale 1 (the q/k norms replace 1/sqrt(d)) and grouped query heads."""
+    def attend_for(i: int):
+        def attend(q, k, v):
+            keys, vals, mask = layer_kv(i, k, v)
+            return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
+        return attend
+    return attend_for
+
+
 class _Runtime:
     """A model's inference state that is not the model: captured CUDA graphs and workspace caches. Graphs hold
     raw addresses of the weights, so moving or casting the model (`_apply`) starts a fresh one, and so does
@@ -354,14 +366,7 @@ class DiffusionGemma(nn.Module):
                rows: list[int] | None = None) -> torch.Tensor:
         """Causal pass over ids [n, S] after each row's cached positions; writes the cache. -> [n, S, H]."""
         positions = cache.begin_encode(ids.shape[1], valid, rows)
-
-        def attend_for(i: int):
-            def attend(q, k, v):
-                keys, vals, mask = cache.encode_layer(i, k, v)
-                return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
-            return attend
-
-        h = self.run_layers(self.embed(ids), positions, attend_for, encoder=True)
+        h = self.run_layers(self.embed(ids), positions, _attention(cache.encode_layer), encoder=True)
         cache.end_encode()
         return h
 
@@ -370,14 +375,7 @@ class DiffusionGemma(nn.Module):
         fixed shapes (CUDA-graph safe). Writes the cache's device state; the caller then runs
         `cache.advance_host()` (outside any captured graph)."""
         positions = cache.begin_step()
-
-        def attend_for(i: int):
-            def attend(q, k, v):
-                keys, vals, mask = cache.step_layer(i, k, v)
-                return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
-            return attend
-
-        h = self.run_layers(self.embed(ids), positions, attend_for, encoder=True)
+        h = self.run_layers(self.embed(ids), positions, _attention(cache.step_layer), encoder=True)
         cache.end_step()
         return h
 
@@ -387,14 +385,7 @@ class DiffusionGemma(nn.Module):
         static: fixed shapes and a device-side plan (see KVCache.begin_decode), for CUDA graphs."""
         h = self.self_conditioning(self.embed(canvas), soft)
         positions = cache.begin_decode(canvas.shape[1], static)
-
-        def attend_for(i: int):
-            def attend(q, k, v):
-                keys, vals, mask = cache.decode_layer(i, k, v)
-                return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
-            return attend
-
-        return self.run_layers(h, positions, attend_for, encoder=False)
+        return self.run_layers(h, positions, _attention(cache.decode_layer), encoder=False)
 
     # ---- public API -------------------------------------------------------------------------
     def _ids(self, ids) -> torch.Tensor:

@@ -75,7 +75,8 @@ class Engine:
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
         self.model, self.max_batch, self.sampler = model, max_batch, sampler
-        self.row_chunk = max(self.C, row_chunk or sampling.rows_per_chunk(self.V))
+        # canvas rows per sampler chunk: whole requests, so each request's draws stay together
+        self.row_chunk = max(1, (row_chunk or sampling.rows_per_chunk(self.V)) // self.C) * self.C
         self.cache = model.new_cache(max_batch, 1024)
         self.cache.n = 0
         self.rows: list[_Row] = []
@@ -150,7 +151,6 @@ class Engine:
                                                  r.req.s.t_max) for r in self.rows])
         temp = temp.repeat_interleave(C)[:, None].to(dev)                                     # [n*C, 1]
         bound = torch.tensor([[r.req.s.entropy_bound] for r in self.rows], dtype=torch.float32, device=dev)
-        rc = max(1, self.row_chunk // C) * C                  # whole requests per sampler chunk
         if self.sampler == "exact":                           # each request's own stream, the reference's order
             def exponentials(r0: int, r1: int) -> torch.Tensor:
                 q = self._noise[: r1 - r0]
@@ -159,7 +159,7 @@ class Engine:
                 return q
 
             new_canvas, argmax, ent, soft_new = denoise_step(
-                m, self.cache, canvas, soft, temp, bound, rc, exponentials=exponentials,
+                m, self.cache, canvas, soft, temp, bound, self.row_chunk, exponentials=exponentials,
                 renoise=lambda: torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0]
                                              for r in self.rows]))
         else:                                                 # per request: C uniforms, then C renoise ids
@@ -169,7 +169,8 @@ class Engine:
             if self.graphs is None:
                 new_canvas, argmax, ent, soft_new = self._fast_step(*inputs)
             else:
-                key = ("engine", n, C, rc, self.cache.key_slots(C, True), graphs.buffer_key(*self.cache.tensors()))
+                key = ("engine", n, C, self.row_chunk, self.cache.key_slots(C, True),
+                       graphs.buffer_key(*self.cache.tensors()))
                 new_canvas, argmax, ent, soft_new = self.graphs.run(key, self._fast_step, *inputs)
         commit = []
         for b, r in enumerate(self.rows):
@@ -183,9 +184,8 @@ class Engine:
 
     def _fast_step(self, canvas, soft, temp, bound, uniform, renoise):
         """The fast sampler's step as a function of tensors (captured per active-row count on CUDA)."""
-        rc = max(1, self.row_chunk // self.C) * self.C
-        return denoise_step(self.model, self.cache, canvas, soft, temp, bound, rc, static=self.graphs is not None,
-                            uniform=uniform, renoise=renoise)
+        return denoise_step(self.model, self.cache, canvas, soft, temp, bound, self.row_chunk,
+                            static=self.graphs is not None, uniform=uniform, renoise=renoise)
 
     # ---- internals ----------------------------------------------------------------------------
     def _new_canvas(self, req: _Request) -> _Row:

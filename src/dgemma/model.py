@@ -146,7 +146,6 @@ class Experts(nn.Module):
             return torch.zeros_like(x).index_add_(0, tok, y)
         return gather_sum(y, order, idx)   # on CUDA index_add_ uses atomics: run-to-run noise
 
-
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """xs [T*k, H] grouped by expert, offs [E] int32 group ends -> [T*k, H]. (The transposed layout,
         W_e @ xs_e^T, would put the weights on the GEMM's M side, but torch's kernel then needs every group's

@@ -26,9 +26,11 @@ class StepGraphs:
     side stream, as graph capture requires), the second captures it and every later call replays it with
     the new inputs copied into the captured ones (a key whose capture fails stays eager, with a warning).
     Returns fresh tensors (clones), never graph buffers.
-    All graphs share one memory pool; at most `max_graphs` are kept (least recently used dropped)."""
+    All graphs share one memory pool (their intermediates reuse it; only their small outputs stay apart), so
+    keeping many is cheap; at most `max_graphs` are kept (least recently used dropped) — enough for an engine
+    to hold one per active-row count and a few key-slot sizes."""
 
-    def __init__(self, enabled: bool = True, max_graphs: int = 16) -> None:
+    def __init__(self, enabled: bool = True, max_graphs: int = 64) -> None:
         self.enabled = enabled                              # the caller's switch
         self.capturable = torch.cuda.is_available()         # what the model allows (set by for_model)
         self.max_graphs = max_graphs

@@ -23,6 +23,22 @@ def _peak(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
 
 
+def _start(dev: torch.device) -> float:
+    """Wait for queued work, reset the peak-memory counter (so peaks belong to the timed call), start the clock."""
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return time.perf_counter()
+
+
+def _settings(a: dict, canvas: int) -> dict:
+    """generate / Engine settings of a run: fixed step count unless --adaptive, no EOS."""
+    kw = dict(max_new_tokens=a["canvases"] * canvas, max_denoising_steps=a["steps"], eos_token_id=None)
+    if not a["adaptive"]:
+        kw["stability_threshold"] = None                     # fixed step count: no early stop
+    return kw
+
+
 def _copy_tb_s(dev: torch.device) -> float:
     """Device-to-device copy bandwidth (bytes read + written), the ceiling a weight-reading step can reach."""
     x = torch.empty(2**30, dtype=torch.uint8, device=dev)          # 1 GiB
@@ -66,17 +82,12 @@ def run_dgemma(a: dict) -> dict:
     m = build(a)
     dev, C, V = m.device, m.config.canvas_length, m.config.vocab_size
     ids = _prompt(V, a["batch"], a["prompt_len"]).to(dev)
-    kw = dict(max_new_tokens=a["canvases"] * C, max_denoising_steps=a["steps"], eos_token_id=None)
-    if not a["adaptive"]:
-        kw["stability_threshold"] = None                     # fixed step count: no early stop
+    kw = _settings(a, C)
     sampler = a.get("sampler", "exact")
     # warm-up with the same shapes (so CUDA graphs are captured before the clock starts), two steps a canvas
     m.generate(ids, **{**kw, "max_denoising_steps": 2}, seed=1, sampler=sampler)
     stamps = []
-    _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0 = _start(dev)
     out = m.generate(ids, **kw, seed=0, sampler=sampler,
                      on_canvas=lambda c: (_sync(dev), stamps.append(time.perf_counter())))
     total = time.perf_counter() - t0
@@ -132,13 +143,12 @@ def run_dgemma(a: dict) -> dict:
 
 def run_engine(a: dict) -> dict:
     """The request-level Engine (what a server runs): `batch` requests submitted at once, each with its own
-    seed, the default sampler, the same fixed step count as the dgemma system."""
+    seed, the default sampler, the same settings as the dgemma system."""
     from dgemma.engine import Engine
     m = build(a)
     dev, C = m.device, m.config.canvas_length
     prompts = _prompt(m.config.vocab_size, a["batch"], a["prompt_len"]).tolist()
-    kw = dict(max_new_tokens=a["canvases"] * C, max_denoising_steps=a["steps"], eos_token_id=None,
-              stability_threshold=None)
+    kw = _settings(a, C)
     eng = Engine(m, max_batch=a["batch"])
 
     def run_all(steps: int) -> dict:
@@ -147,10 +157,7 @@ def run_engine(a: dict) -> dict:
         return {i: res[i] for i in ids}
 
     run_all(2)                                               # warm-up (captures the step's graph on CUDA)
-    _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0 = _start(dev)
     res = run_all(a["steps"])
     _sync(dev)
     total = time.perf_counter() - t0
@@ -167,10 +174,7 @@ def run_ar(a: dict) -> dict:
     ids = _prompt(m.config.vocab_size, a["batch"], a["prompt_len"]).to(dev)
     n = a["ar_tokens"]
     m.generate_ar(ids, max_new_tokens=n, eos_token_id=None)      # warm-up, same shapes (captures the graph)
-    _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0 = _start(dev)
     m.generate_ar(ids, max_new_tokens=n, eos_token_id=None)
     _sync(dev)
     total = time.perf_counter() - t0
@@ -206,11 +210,8 @@ def run_reference(a: dict) -> dict:
 
     with torch.inference_mode():
         m.generate(ids, **{**kw, "max_new_tokens": C, "max_denoising_steps": 2})          # warm-up
-        _sync(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         torch.manual_seed(0)                                   # the same random stream as dgemma's seed=0
-        t0 = time.perf_counter()
+        t0 = _start(dev)
         out = m.generate(ids, **kw, streamer=Streamer())
         total = time.perf_counter() - t0
     new = a["batch"] * out.sequences[:, ids.shape[1]:].shape[1]

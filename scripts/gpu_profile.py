@@ -97,10 +97,8 @@ def main() -> None:
     for T in (B * C, B):                                   # a denoiser step's tokens, an AR step's tokens
         x = torch.randn(T, H, device="cuda", dtype=m.dtype, generator=g)
         w, idx = layer.router(x)
-        flat = idx.reshape(-1)
-        se, order = torch.sort(flat, stable=True)
-        xs = x.index_select(0, order // idx.shape[1])
-        offs = torch.searchsorted(se, torch.arange(cfg.num_experts, device="cuda"), right=True).to(torch.int32)
+        xs, _, _, offs = layer.experts.group(x, idx)
+        offs = offs.to(torch.int32)
         ms = timed(lambda: layer.experts._grouped(xs, offs))
         r[f"grouped_mm_T{T}_ms"], r[f"grouped_mm_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
         r[f"experts_forward_T{T}_ms"] = timed(lambda: layer.experts(x, w, idx))

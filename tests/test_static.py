@@ -180,12 +180,9 @@ def test_deterministic_expert_combine_matches_index_add():
         T, k = 40, 2
         x = torch.randn(T, 32, generator=g)
         idx = torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(T)])
-        flat = idx.reshape(-1)
-        sorted_e, order = torch.sort(flat, stable=True)
-        xs = x.index_select(0, order // k)
-        offs = torch.searchsorted(sorted_e, torch.arange(6), right=True).to(torch.int32)
-        y = ex._grouped(xs, offs) * torch.rand(T * k, 1, generator=g)
-        assert torch.equal(gather_sum(y, order, idx), torch.zeros_like(x).index_add_(0, order // k, y))
+        xs, order, tok, offs = ex.group(x, idx)
+        y = ex._grouped(xs, offs.to(torch.int32)) * torch.rand(T * k, 1, generator=g)
+        assert torch.equal(gather_sum(y, order, idx), torch.zeros_like(x).index_add_(0, tok, y))
 
 
 def test_workspace_cache_is_reused_only_when_free():

@@ -123,14 +123,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; w, idx: [T, k] -> [T, H]. Slots are sorted by expert; each weighted term is cast to
         x's dtype and accumulated per token in ascending expert order (as the reference does)."""
-        T, k = idx.shape
-        E = self.gate_up_proj.shape[0]
-        flat = idx.reshape(-1)                                          # [T*k]
-        sorted_e, order = torch.sort(flat, stable=True)                 # slots grouped by expert
-        tok = order // k                                                # token of each sorted slot
-        # end of each expert's group; searchsorted, unlike bincount, never syncs with the host
-        offs = torch.searchsorted(sorted_e, torch.arange(E, device=x.device), right=True)   # [E]
-        xs = x.index_select(0, tok)                                     # [T*k, H]
+        xs, order, tok, offs = self.group(x, idx)
         if self._grouped_ok(x):   # one grouped matmul per projection: no loop, no host sync
             y = self._grouped(xs, offs.to(torch.int32))
         else:                     # training / odd shapes: a loop over the experts that received tokens
@@ -145,6 +138,16 @@ class Experts(nn.Module):
         if not x.is_cuda:         # sequential: the reference's rounding, bit for bit
             return torch.zeros_like(x).index_add_(0, tok, y)
         return gather_sum(y, order, idx)   # on CUDA index_add_ uses atomics: run-to-run noise
+
+    def group(self, x: torch.Tensor, idx: torch.Tensor):
+        """Sort the T*k (token, expert) slots by expert. -> xs [T*k, H] (the slots' token rows), order [T*k]
+        (slot of each sorted row), tok [T*k] (its token), offs [E] (end of each expert's group)."""
+        k = idx.shape[1]
+        sorted_e, order = torch.sort(idx.reshape(-1), stable=True)
+        tok = order // k
+        # searchsorted, unlike bincount, never syncs with the host
+        offs = torch.searchsorted(sorted_e, torch.arange(self.gate_up_proj.shape[0], device=x.device), right=True)
+        return x.index_select(0, tok), order, tok, offs
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """xs [T*k, H] grouped by expert, offs [E] int32 group ends -> [T*k, H]. (The transposed layout,

@@ -24,3 +24,14 @@ def peaky_dir(tmp_path_factory):
     with torch.no_grad():
         ref.model.decoder.embed_tokens.weight.mul_(40)
     return save_reference(ref, tmp_path_factory.mktemp("peaky")), ref
+
+
+@pytest.fixture(scope="session")
+def peaky_model(tmp_path_factory):
+    """A loaded model that becomes confident (embeddings x8), for engine and server tests."""
+    import dgemma
+    from refmodels import reference_model, save_reference
+    ref = reference_model(0)
+    with torch.no_grad():
+        ref.model.decoder.embed_tokens.weight.mul_(8)
+    return dgemma.load(save_reference(ref, tmp_path_factory.mktemp("peaky8") / "m"), device="cpu")

@@ -5,23 +5,35 @@ each row's denoising state, when a row's canvas is done (stable-and-confident st
 committing it (EOS/pad rules), admitting waiting requests into free rows and compacting finished rows
 away so they cost nothing. Every request draws from its own seeded generator in the reference's order,
 so a request's tokens do not depend on what else is in the batch: with one request in flight the engine
-reproduces `generate(..., seed=s)` of batch 1 exactly. A step is `generate.denoise_step` over the active
-rows (per-row temperatures and entropy bounds); with the fast sampler on CUDA it is a replayed graph, one per
-number of active rows.
-Does not know: text, HTTP. The server sits on `submit`, `step` and `collect`.
+reproduces `generate(..., seed=s)` of batch 1 exactly (prompts up to one prefill chunk). A step is
+`generate.denoise_step` over the active rows (per-row temperatures and entropy bounds); with the fast sampler on
+CUDA it is a replayed graph, one per number of active rows.
+Prompts are encoded in chunks of `prefill_chunk` tokens aligned to absolute positions, about one chunk's worth of
+tokens per step, so a long prompt does not stall the rows already denoising; each finished prompt leaves a
+snapshot at its last chunk boundary in the prefix store (`prefix.PrefixStore`), and a later prompt that starts
+with a stored prefix (the next turn of a chat) encodes only the rest, with exactly the cold request's tokens.
+`warm(ids)` encodes a prefix in idle time without generating (the server does it with a finished chat turn).
+`max_new_tokens` is exact: the last canvas is cut, never overshot.
+Does not know: text, HTTP. The server sits on `submit`, `step`, `cancel` and `collect`.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from . import graphs, sampling
+from .cache import KVCache
 from .config import SamplerConfig
-from .generate import check_positions, denoise_step, resolve_settings
+from .generate import _UNSET, check_positions, denoise_step, resolve_settings
+from .prefix import PrefixStore
+
+SETTINGS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+            "confidence_threshold", "eos_token_id", "pad_token_id")
 
 
 @dataclass
@@ -31,6 +43,7 @@ class CanvasEvent:
     tokens: list[int]            # the canvas, cut after the first EOS (the EOS is kept)
     finished: bool
     finish_reason: str | None    # "eos" or "length" once finished
+    passes: int = 0              # decoder passes of this request so far
 
 
 @dataclass
@@ -41,17 +54,31 @@ class Result:
     finish_reason: str
     decoder_passes: int
     tokens_per_forward: float
+    cached_tokens: int = 0       # prompt tokens served from the prefix cache (not encoded again)
 
 
 @dataclass
+class StepStats:
+    """What the last `step` did (for metrics): prompt tokens encoded, rows denoised, seconds of each."""
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    rows: int = 0
+    pass_s: float = 0.0
+
+
+@dataclass(eq=False)
 class _Request:
     id: str
     prompt: list[int]
     s: SamplerConfig
     gen: torch.Generator
+    greedy: bool = False
     tokens: list[int] = field(default_factory=list)
     canvases: int = 0
     passes: int = 0
+    cached: int = 0                       # prompt tokens taken from the prefix store
+    pos: int = 0                          # prompt tokens encoded so far (into `one`)
+    one: KVCache | None = None            # the request's own one-row cache while its prompt is encoded
 
 
 @dataclass
@@ -66,11 +93,16 @@ class _Row:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, row_chunk: int | None = None, sampler: str = "auto",
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, prefill_chunk: int = 256,
+                 prefix_cache_bytes: int = 1 << 30) -> None:
         """sampler: "exact" (the reference's random stream per request), "fast" (same distribution, one
         uniform per position; see sampling.sample_rows) or "auto" (exact on the CPU, fast elsewhere).
         cuda_graphs (default: where the model is capturable, i.e. CUDA and bf16): the fast sampler's step runs
-        on the cache's static plan and is captured once per number of active rows, then replayed."""
+        on the cache's static plan and is captured once per number of active rows, then replayed.
+        prefill_chunk: prompts are encoded in aligned chunks of this many tokens, about one chunk per step;
+        also the granularity of prefix reuse. prefix_cache_bytes: memory for prompt snapshots (0: no reuse)."""
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
         sampler = sampling.resolve_sampler(sampler, model.device)
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
@@ -81,6 +113,11 @@ class Engine:
         self.cache.n = 0
         self.rows: list[_Row] = []
         self.waiting: deque[_Request] = deque()
+        self.prefilling: list[_Request] = []           # prompts being encoded, each bound for a free row
+        self.warming: deque[_Request] = deque()         # warm() jobs: encode in idle time, keep the snapshot
+        self.prefill_chunk = prefill_chunk
+        self.prefix = PrefixStore(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes > 0 else None
+        self.stats = StepStats()
         self.done: dict[str, Result] = {}
         self._ids = itertools.count()
         self._noise = torch.empty(self.row_chunk, self.V, device=model.device) if sampler == "exact" else None
@@ -93,35 +130,61 @@ class Engine:
         self.graphs = store if use else None
 
     # ---- public API ---------------------------------------------------------------------------
-    def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,
-               **settings) -> str:
-        """Queue a request (token ids); settings as for `generate` (max_new_tokens, max_denoising_steps, ...)."""
-        if not prompt:
-            raise ValueError("a request needs at least one prompt token")
-        if min(prompt) < 0 or max(prompt) >= self.V:
-            raise ValueError(f"token ids must lie in [0, {self.V})")
-        from .generate import _UNSET
-        keys = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-                "confidence_threshold", "eos_token_id", "pad_token_id")
-        unknown = set(settings) - set(keys)
+    def settings(self, **settings) -> SamplerConfig:
+        """Resolve and check request settings (as for `generate`) without submitting anything."""
+        unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        s = resolve_settings(self.model, **{k: settings.get(k, _UNSET) for k in keys})
+        return resolve_settings(self.model, **{k: settings.get(k, _UNSET) for k in SETTINGS})
+
+    def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,
+               greedy: bool = False, **settings) -> str:
+        """Queue a request (token ids); settings as for `generate` (max_new_tokens, max_denoising_steps, ...).
+        greedy: accepted positions take the argmax instead of a sample (temperatures still set the entropies)."""
+        self._check_ids(prompt)
+        s = self.settings(**settings)
         check_positions(self.model.config, len(prompt), math.ceil(s.max_new_tokens / self.C) * self.C)
         gen = torch.Generator(device=self.model.device)
         gen.manual_seed(int(seed)) if seed is not None else gen.seed()
         rid = request_id or f"req-{next(self._ids)}"
-        self.waiting.append(_Request(rid, list(prompt), s, gen))
+        self.waiting.append(_Request(rid, list(prompt), s, gen, greedy))
         return rid
 
+    def warm(self, prompt: list[int], max_jobs: int = 16) -> bool:
+        """Encode `prompt` when nothing else waits, only to leave its snapshot in the prefix store (a chat's
+        next turn starts with it). Returns False when there is nothing to gain (no store, or shorter than a
+        chunk). At most `max_jobs` wait; older ones are dropped."""
+        self._check_ids(prompt)
+        if self.prefix is None or len(prompt) < self.prefill_chunk:
+            return False
+        check_positions(self.model.config, len(prompt), 0)
+        last = len(prompt) // self.prefill_chunk * self.prefill_chunk     # nothing after the snapshot point
+        self.warming.append(_Request(f"warm-{next(self._ids)}", list(prompt[:last]), self.model.sampler_config, None))
+        while len(self.warming) > max_jobs:
+            self.warming.popleft()
+        return True
+
+    def _check_ids(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("a request needs at least one prompt token")
+        if min(prompt) < 0 or max(prompt) >= self.V:
+            raise ValueError(f"token ids must lie in [0, {self.V})")
+
     def cancel(self, request_id: str) -> None:
+        """Forget a request wherever it is (waiting, encoding its prompt, or denoising: its row is freed)."""
         self.waiting = deque(r for r in self.waiting if r.id != request_id)
+        self.prefilling = [r for r in self.prefilling if r.id != request_id]
         keep = [i for i, r in enumerate(self.rows) if r.req.id != request_id]
         if len(keep) != len(self.rows):
             self._compact(keep)
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting)
+        """Anything to do for submitted requests (warm jobs alone do not count; `step` runs them when idle)."""
+        return bool(self.rows or self.waiting or self.prefilling)
+
+    def queued(self) -> int:
+        """Requests not yet denoising (waiting or encoding their prompt)."""
+        return len(self.waiting) + len(self.prefilling)
 
     def collect(self, request_id: str) -> Result | None:
         """The finished request's result (and forget it), or None while it is still running."""
@@ -138,9 +201,18 @@ class Engine:
     def step(self) -> list[CanvasEvent]:
         """Admit waiting requests into free rows, run one denoiser pass over the active rows, sample,
         and commit every canvas that is done. Returns the canvases committed in this step."""
-        self._admit()
+        t0 = time.perf_counter()
+        self.stats = StepStats(prefill_tokens=self._prefill())
+        t1 = time.perf_counter()
+        self.stats.prefill_s = t1 - t0
         if not self.rows:
             return []
+        self.stats.rows = len(self.rows)
+        events = self._denoise()
+        self.stats.pass_s = time.perf_counter() - t1
+        return events
+
+    def _denoise(self) -> list[CanvasEvent]:
         m, C, n, dev = self.model, self.C, len(self.rows), self.model.device
         canvas = torch.stack([r.canvas for r in self.rows])                                   # [n, C]
         soft = None
@@ -151,6 +223,7 @@ class Engine:
                                                  r.req.s.t_max) for r in self.rows])
         temp = temp.repeat_interleave(C)[:, None].to(dev)                                     # [n*C, 1]
         bound = torch.tensor([[r.req.s.entropy_bound] for r in self.rows], dtype=torch.float32, device=dev)
+        greedy = torch.tensor([r.req.greedy for r in self.rows], device=dev)
         if self.sampler == "exact":                           # each request's own stream, the reference's order
             def exponentials(r0: int, r1: int) -> torch.Tensor:
                 q = self._noise[: r1 - r0]
@@ -161,11 +234,11 @@ class Engine:
             new_canvas, argmax, ent, soft_new = denoise_step(
                 m, self.cache, canvas, soft, temp, bound, self.row_chunk, exponentials=exponentials,
                 renoise=lambda: torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0]
-                                             for r in self.rows]))
+                                             for r in self.rows]), greedy=greedy)
         else:                                                 # per request: C uniforms, then C renoise ids
             uniform = torch.cat([torch.rand(C, device=dev, generator=r.req.gen) for r in self.rows])
             renoise = torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0] for r in self.rows])
-            inputs = (canvas, soft, temp, bound, uniform, renoise)
+            inputs = (canvas, soft, temp, bound, uniform, renoise, greedy)
             if self.graphs is None:
                 new_canvas, argmax, ent, soft_new = self._fast_step(*inputs)
             else:
@@ -182,10 +255,10 @@ class Engine:
                 commit.append(b)
         return self._commit(commit) if commit else []
 
-    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise):
+    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy):
         """The fast sampler's step as a function of tensors (captured per active-row count on CUDA)."""
         return denoise_step(self.model, self.cache, canvas, soft, temp, bound, self.row_chunk,
-                            static=self.graphs is not None, uniform=uniform, renoise=renoise)
+                            static=self.graphs is not None, uniform=uniform, renoise=renoise, greedy=greedy)
 
     # ---- internals ----------------------------------------------------------------------------
     def _new_canvas(self, req: _Request) -> _Row:
@@ -197,16 +270,51 @@ class Engine:
                                                   self.model.device)
         return _Row(req, canvas, canvas, None, s.max_denoising_steps, stopper)
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.rows) < self.max_batch:
-            req = self.waiting.popleft()
-            ids = torch.tensor([req.prompt], device=self.model.device)
-            one = self.model.new_cache(1, ids.shape[1])
-            self.model.encode(ids, one)                         # prefill alone, then move into a free row
-            b = len(self.rows)
+    def _prefill(self) -> int:
+        """Encode about `prefill_chunk` prompt tokens (at least one aligned chunk): requests bound for free rows
+        first, in arrival order; warm jobs only when no request waits. Finished prompts join the batch.
+        Returns the tokens encoded."""
+        while self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch:
+            self.prefilling.append(self._start(self.waiting.popleft()))
+        jobs = list(self.prefilling) or (list(self.warming) if not self.waiting else [])
+        done, K = 0, self.prefill_chunk
+        for req in jobs:
+            if req.one is None:                                  # a warm job starting now
+                self._start(req)
+            L = len(req.prompt)
+            while req.pos < L and done < K:
+                end = min(L, (req.pos // K + 1) * K)             # aligned: exactly the cold request's chunks
+                ids = torch.tensor([req.prompt[req.pos:end]], device=self.model.device)
+                self.model.encode(ids, req.one)
+                done, req.pos = done + end - req.pos, end
+                last = L // K * K                                # the snapshot point: last chunk boundary
+                if end == last and last > req.cached and self.prefix is not None:
+                    snap = req.one
+                    if end < L:                                  # the tail continues in req.one: keep a copy
+                        snap = self.model.new_cache(1, last + 1, scratch=1)
+                        snap.copy_row(0, req.one)
+                    self.prefix.insert(req.prompt[:last], snap)
+            if req.pos < L:
+                break                                            # budget spent; continue next step
+            if req in self.warming:
+                self.warming.remove(req)
+                continue
+            self.prefilling.remove(req)
+            b = len(self.rows)                                   # move into a free row
             self.cache.n = b + 1
-            self.cache.copy_row(b, one)
+            self.cache.copy_row(b, req.one)
+            req.one = None
             self.rows.append(self._new_canvas(req))
+        return done
+
+    def _start(self, req: _Request) -> _Request:
+        """Give a request its own one-row cache, starting from the longest stored prefix of its prompt."""
+        req.one = self.model.new_cache(1, len(req.prompt) + 1, scratch=1)
+        n, snap = self.prefix.lookup(req.prompt) if self.prefix is not None else (0, None)
+        if snap is not None:
+            req.one.copy_row(0, snap)
+            req.pos = req.cached = n
+        return req
 
     def _commit(self, commit: list[int]) -> list[CanvasEvent]:
         events, keep, encode_rows, encode_ids = [], [], [], []
@@ -219,16 +327,18 @@ class Engine:
             req.canvases += 1
             eos = set(s.eos_token_id or [])
             cut = next((i for i, t in enumerate(toks) if t in eos), None)
-            if cut is not None:
-                toks = toks[:cut + 1]
+            room = s.max_new_tokens - len(req.tokens)              # exact max_new_tokens: cut the last canvas
+            if cut is not None and cut < room:
+                toks, reason = toks[:cut + 1], "eos"
+            else:
+                toks = toks[:room]
+                reason = "length" if len(toks) == room else None
             req.tokens += toks
-            reason = "eos" if cut is not None else (
-                "length" if req.canvases * self.C >= s.max_new_tokens else None)
-            events.append(CanvasEvent(req.id, toks, reason is not None, reason))
+            events.append(CanvasEvent(req.id, toks, reason is not None, reason, req.passes))
             if reason is not None:
                 n_valid = len(req.tokens) if s.pad_token_id is None else sum(t != s.pad_token_id for t in req.tokens)
                 self.done[req.id] = Result(req.id, req.prompt, req.tokens, reason, req.passes,
-                                           n_valid / max(req.passes, 1))
+                                           n_valid / max(req.passes, 1), req.cached)
                 continue
             keep.append(b)
             encode_rows.append(b)

@@ -155,7 +155,8 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
                  bound: float | torch.Tensor, row_chunk: int, *, static: bool = False,
                  exponentials: Callable[[int, int], torch.Tensor] | None = None,
                  uniform: torch.Tensor | None = None,
-                 renoise: torch.Tensor | Callable[[], torch.Tensor] | None = None):
+                 renoise: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+                 greedy: torch.Tensor | None = None):
     """One denoising step of the rows in `canvas` [B, C] (generate's batch or the engine's requests):
     denoiser pass, then head and sampler chunk by chunk over the B*C canvas rows, then entropy-bound
     acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H]).
@@ -164,7 +165,8 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     exact: `exponentials(r0, r1)` returns the Exp(1) draws [r1 - r0, V] for canvas rows r0..r1 and `renoise()`
     the [B, C] renoise ids, called in the reference's order (each chunk's draws before its sampling, renoise
     after all of them). fast: `uniform` [B*C] and `renoise` [B, C] tensors drawn by the caller, which makes the
-    step a pure function of its tensors: what lets CUDA graphs capture it."""
+    step a pure function of its tensors: what lets CUDA graphs capture it.
+    greedy: [B] bool; those rows' accepted positions take the argmax instead of the sample."""
     B, C = canvas.shape
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens.weight, model.embed_scale()
@@ -179,7 +181,8 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     res = sampling.RowResult.cat(parts, B, C)
     accept = sampling.entropy_bound_accept(res.entropy, bound)
     renoise = renoise() if callable(renoise) else renoise
-    return torch.where(accept, res.sample, renoise), res.argmax, res.entropy, res.soft
+    sample = res.sample if greedy is None else torch.where(greedy[:, None], res.argmax, res.sample)
+    return torch.where(accept, sample, renoise), res.argmax, res.entropy, res.soft
 
 
 class _FastStep:

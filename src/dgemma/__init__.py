@@ -1,7 +1,7 @@
 """dgemma: a compact, fast, pure-PyTorch DiffusionGemma.
 
 Public API:
-    dgemma.load(path, *, device=None, dtype=None) -> DiffusionGemma
+    dgemma.load(path, *, device=None, dtype=None) -> DiffusionGemma  (path: a folder or a Hub id `owner/name`)
     model.encoder_logits(input_ids) -> [B, T, V]
     model.denoise_logits(context_ids, canvas_ids, self_conditioning_logits=None) -> [B, C, V]
     model.generate(input_ids, ...) -> GenerateOutput(.sequences, .tokens_per_forward, ...)
@@ -10,9 +10,10 @@ Public API:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load, save
+from .checkpoint import CheckpointError, load, resolve_model, save
 from .config import ConfigError, ModelConfig, SamplerConfig
 from .generate import GenerateOutput
 from .model import DiffusionGemma
@@ -25,10 +26,11 @@ def default_model_path() -> str:
     return str(Path(__file__).parent / "default_model")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a checkpoint folder or Hugging Face Hub model id (`owner/name`)."""
     from .tokenizer import Tokenizer
-    return Tokenizer.from_dir(path)
+    return Tokenizer.from_dir(resolve_model(path))
 
 
-__all__ = ["load", "save", "load_tokenizer", "default_model_path", "DiffusionGemma", "ModelConfig",
+__all__ = ["load", "save", "load_tokenizer", "resolve_model", "default_model_path", "DiffusionGemma", "ModelConfig",
            "SamplerConfig", "GenerateOutput", "ConfigError", "CheckpointError", "__version__"]

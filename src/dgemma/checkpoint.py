@@ -42,6 +42,68 @@ def hf_name(name: str) -> str:
     return _DECODER + name
 
 
+# Hub repo ids look like `owner/name` (letters, digits, `_`, `-`, `.`); paths start with `/`, `.` or `~`.
+_HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def resolve_model(name: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a Hugging Face Hub model id (`owner/name`) -> a local folder.
+
+    Hub ids go through `huggingface_hub.snapshot_download` (only config, safetensors, tokenizer and template
+    files), which honours HF_HUB_OFFLINE, HF_HOME / HF_HUB_CACHE, HF_TOKEN and the local cache. Every
+    failure becomes one `CheckpointError` line naming the id.
+    """
+    text = os.fspath(name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"model path {text!r} is not a folder")
+    if not _HUB_ID.fullmatch(text):
+        raise CheckpointError(f"model folder {text!r} does not exist")
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants as hub_constants
+        from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                           RepositoryNotFoundError)
+    except ImportError:
+        raise CheckpointError(f"model {text!r} is not a local folder; to use hub ids, pip install huggingface_hub "
+                              "(or dgemma[serve])") from None
+    version = tuple(int(p) for p in re.findall(r"\d+", huggingface_hub.__version__)[:2])
+    cli = "hf download" if version >= (0, 34) else "huggingface-cli download"
+    fetch = f"download it with `{cli} {text}` or pass a folder"
+    try:
+        return Path(huggingface_hub.snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:  # not cached (or partly) and the Hub cannot be asked
+        if type(e).__name__ == "IncompleteSnapshotError":
+            why = "its copy in the Hugging Face cache is incomplete and the Hub cannot be reached"
+        elif getattr(hub_constants, "HF_HUB_OFFLINE", False):
+            why = "is not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+        else:
+            why = "is not in the Hugging Face cache and the Hub cannot be reached"
+        msg = f"model {text!r} is not a local folder and {why}; {fetch}"
+    except GatedRepoError:
+        msg = (f"model {text!r} is gated on the Hugging Face Hub; accept its terms at https://huggingface.co/{text} "
+               "and log in (`hf auth login` or set HF_TOKEN), or pass a folder")
+    except RepositoryNotFoundError:
+        msg = (f"model {text!r} is neither a local folder nor a model on the Hugging Face Hub (if it is private, "
+               "log in with `hf auth login` or set HF_TOKEN)")
+    except (HfHubHTTPError, OSError) as e:
+        msg = f"could not fetch model {text!r} from the Hugging Face Hub ({_first_line(e)}); {fetch}"
+    except ValueError as e:  # HFValidationError: not a valid repo id
+        msg = f"model {text!r} is neither a local folder nor a valid Hugging Face Hub id ({_first_line(e)})"
+    except Exception as e:  # network library errors (httpx/requests) that are not OSErrors
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        msg = f"could not fetch model {text!r} from the Hugging Face Hub ({why}); {fetch}"
+    raise CheckpointError(msg)
+
+
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -129,7 +191,9 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
          dtype: torch.dtype | str | None = None):
-    """Load a DiffusionGemma checkpoint folder -> `DiffusionGemma` in eval mode.
+    """Load a DiffusionGemma checkpoint folder or Hub model id -> `DiffusionGemma` in eval mode.
+
+    path: a folder, or a Hugging Face Hub id (`owner/name`, see `resolve_model`); `model.path` is the local folder.
 
     device: None picks CUDA when available, else the CPU. dtype: None keeps the checkpoint's dtype.
     Tensors are read one by one from the files into their final memory (no mmap): loading needs about one
@@ -137,9 +201,7 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
     """
     from .model import DiffusionGemma
 
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"model folder {str(path)!r} does not exist")
+    path = resolve_model(path)
     cfg = ModelConfig.from_dir(path)
     sampler = SamplerConfig.from_dir(path, cfg)
     dev = resolve_device(device)

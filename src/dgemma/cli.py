@@ -41,13 +41,18 @@ def _positive(text: str) -> int:
 
 
 def _model_dir(given: str | None) -> Path:
+    """--model (a folder or a Hugging Face Hub id `owner/name`) -> a local folder; None: the shipped model."""
     from dgemma import default_model_path
-    path = Path(given or default_model_path())
-    if not path.is_dir():
-        if given is None:
+    from dgemma.checkpoint import CheckpointError, resolve_model
+    if given is None:
+        path = Path(default_model_path())
+        if not path.is_dir():
             raise UsageError(f"the shipped model is missing ({path}); pass --model PATH")
-        raise UsageError(f"model folder {str(path)!r} does not exist")
-    return path
+        return path
+    try:
+        return resolve_model(given)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
 
 
 def _device(name: str | None):
@@ -59,7 +64,8 @@ def _device(name: str | None):
 # ---- generate --------------------------------------------------------------------------------------------
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="text to continue (or the user message with --chat)")
-    p.add_argument("--model", metavar="PATH", help="checkpoint folder (default: the model shipped with dgemma)")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder or Hugging Face Hub id (default: the model shipped with dgemma)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT as one user turn with the chat template")
     p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="print at most N new tokens")
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
@@ -149,7 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # ---- info ------------------------------------------------------------------------------------------------
 def add_info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", help="checkpoint folder (default: the model shipped with dgemma)")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder or Hugging Face Hub id (default: the model shipped with dgemma)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES),
                    help="dtype for the memory estimate (default: the checkpoint's)")
     p.add_argument("--context", type=_positive, default=4096, metavar="N", help="prompt + new tokens (default 4096)")
@@ -241,7 +248,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 # (nested ones too, e.g. `dgemma tokenizer train`) and sets `func` or `run` = callable(args) -> exit code.
 # Example: "dgemma.train.cli:add_train". Imported only when the parser is built.
 PLUGINS: list[str] = ["dgemma.train.cli:add_train", "dgemma.train.cli:add_eval", "dgemma.train.cli:add_tokenizer",
-                      "dgemma.bench.cli:add_bench"]
+                      "dgemma.bench.cli:add_bench", "dgemma.serve.cli:add_serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,453 @@
+"""FastAPI routes of `dgemma serve`: OpenAI-compatible chat and text completions on the engine worker.
+
+Knows: HTTP, the OpenAI shapes (protocol.py), the chat template and tokenizer (text lives here, not in the
+engine), turning a request into engine settings (exact max_tokens, temperature, stop strings, seed, diffusion
+extras), SSE streaming of committed text, cancelling on disconnect, 401/404/429/503 and OpenAI-shaped errors
+(never a traceback), warming the prefix cache with a finished chat turn, Prometheus metrics.
+Does not know: the model math; it talks to the engine only through `worker.Worker`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, now, usage
+from .text import TextStream
+
+log = logging.getLogger("dgemma.serve")
+
+
+@dataclass
+class ServeConfig:
+    model_path: str
+    model_name: str
+    api_key: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    sampler: str = "auto"
+    prefill_chunk: int = 256
+    prefix_cache_bytes: int = 1 << 30
+
+
+@dataclass
+class State:
+    cfg: ServeConfig
+    ready: bool = False
+    failed: str | None = None
+    model: Any = None
+    tok: Any = None
+    engine: Any = None
+    worker: Any = None
+    metrics: Any = None
+    chat_eos: list[int] = field(default_factory=list)
+
+
+class Metrics:
+    """Prometheus metrics in a private registry (so two apps in one process do not collide)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        r = self.registry = CollectorRegistry()
+        fast = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
+        slow = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+        self.requests = Counter("dgemma_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.queue = Gauge("dgemma_queue_depth", "requests waiting for a batch row", registry=r)
+        self.rows = Gauge("dgemma_active_rows", "batch rows denoising", registry=r)
+        self.ttfc = Histogram("dgemma_time_to_first_canvas_seconds", "submit to first committed canvas",
+                              buckets=slow, registry=r)
+        self.pass_s = Histogram("dgemma_decoder_pass_seconds", "one engine step's denoiser pass and sampling",
+                                buckets=fast, registry=r)
+        self.prefill_s = Histogram("dgemma_prefill_seconds", "prompt encoding per engine step", buckets=fast,
+                                   registry=r)
+        self.tpf = Histogram("dgemma_tokens_per_forward", "generated tokens per decoder pass, per request",
+                             buckets=(.25, .5, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.hit_tokens = Counter("dgemma_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
+                                  registry=r)
+        self.prompt_tokens = Counter("dgemma_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generated = Counter("dgemma_generated_tokens", "tokens generated", registry=r)
+
+    def observe(self, kind: str, value: float) -> None:   # the worker's hook
+        {"pass_seconds": self.pass_s.observe, "prefill_seconds": self.prefill_s.observe,
+         "queue_depth": self.queue.set, "active_rows": self.rows.set}[kind](value)
+
+
+def load_state(state: State) -> None:
+    """Load model, tokenizer, engine and start the worker (run in a background thread at start-up)."""
+    try:
+        import torch
+        import dgemma
+        from dgemma.checkpoint import resolve_device
+        from dgemma.engine import Engine
+        from .worker import Worker
+        cfg = state.cfg
+        dev = resolve_device(cfg.device)
+        dtype = cfg.dtype or ("float32" if dev.type == "cpu" else None)
+        model = dgemma.load(cfg.model_path, device=dev, dtype=dtype)
+        tok = dgemma.load_tokenizer(model.path)
+        eos = list(model.sampler_config.eos_token_id or [])
+        end_turn = tok.token_to_id("<end_of_turn>")              # a chat reply also ends at its turn's end
+        state.chat_eos = eos + ([end_turn] if end_turn is not None and end_turn not in eos else [])
+        state.model, state.tok = model, tok
+        state.engine = Engine(model, max_batch=cfg.max_batch, sampler=cfg.sampler,
+                              prefill_chunk=cfg.prefill_chunk, prefix_cache_bytes=cfg.prefix_cache_bytes)
+        state.worker = Worker(state.engine, state.metrics.observe).start()
+        state.ready = True
+        log.info("model %s ready (%s, %s, max batch %d)", cfg.model_name, model.device,
+                 str(model.dtype).replace("torch.", ""), cfg.max_batch)
+        del torch
+    except Exception as e:                                      # reported by /health and the CLI
+        state.failed = f"{type(e).__name__}: {e}"
+        log.error("could not load the model: %s", state.failed)
+
+
+@dataclass
+class Job:
+    """One accepted request, ready for the worker."""
+    rid: str
+    ids: list[int]
+    kwargs: dict[str, Any]
+    stops: list[str]
+    chat: list[dict] | None
+    include_usage: bool
+
+
+def create_app(state: State) -> FastAPI:
+    app = FastAPI(title="dgemma", version=_version(), description=(
+        "OpenAI-compatible server for DiffusionGemma models. Diffusion controls (max_denoising_steps, "
+        "entropy_bound, t_min, t_max, confidence_threshold) are extra body fields; temperature scales the "
+        "denoising temperature schedule (0 = greedy)."))
+    app.state.dgemma = state
+
+    # ---- errors: always the OpenAI body -----------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error_response(request, e.status, e.body(), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
+        if err.get("type") == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: {param}"
+        elif err.get("type") in ("json_invalid", "model_attributes_type") or param is None:
+            msg, param = "the request body must be a JSON object", None
+        else:
+            msg = f"{param}: {err.get('msg', 'invalid value')}"
+        return _error_response(request, 400, error_body(msg, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(request, e.status_code, error_body(str(e.detail), kind), dict(e.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return _error_response(request, 500, error_body("internal server error", "server_error"))
+
+    def ready() -> State:
+        if not state.ready:
+            msg = f"the model failed to load: {state.failed}" if state.failed else "the model is still loading"
+            raise APIError(503, msg, kind="server_error", code="not_ready", headers={"Retry-After": "5"})
+        if state.worker.stopping:
+            raise APIError(503, state.worker.stopping, kind="server_error", code="shutting_down")
+        return state
+
+    async def auth(request: Request) -> None:
+        key = state.cfg.api_key
+        if not key:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    # ---- routes -----------------------------------------------------------------------------------
+    @app.get("/health", summary="200 once the model is loaded and the engine runs, else 503")
+    async def health():
+        if state.ready and not state.worker.stopping:
+            return {"status": "ok"}
+        return JSONResponse({"status": "failed" if state.failed else "loading", "error": state.failed}, 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict:
+        return {"id": state.cfg.model_name, "object": "model", "created": STARTED, "owned_by": "dgemma"}
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    async def one_model(model_id: str):
+        if model_id != state.cfg.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None,
+              responses={200: {"description": "a chat.completion, or with stream=true an SSE stream of "
+                                              "chat.completion.chunk events ending with `data: [DONE]`"}})
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        st = ready()
+        req.checks()
+        _check_model(st, req.model)
+        from dgemma.tokenizer import TokenizerError
+        messages = req.chat()
+        try:
+            ids = st.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TokenizerError as e:
+            raise APIError(400, str(e), "messages") from None
+        job = _job(st, req, ids, "chatcmpl", "messages", messages)
+        return await _respond(st, job, request, bool(req.stream), chat=True)
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None,
+              responses={200: {"description": "a text_completion, or with stream=true an SSE stream of "
+                                              "text_completion events ending with `data: [DONE]`"}})
+    async def completions(req: CompletionRequest, request: Request):
+        st = ready()
+        req.checks()
+        _check_model(st, req.model)
+        p = req.one_prompt()
+        if isinstance(p, str):
+            if not p:
+                raise APIError(400, "prompt is empty", "prompt")
+            ids = st.tok.encode(p, add_special_tokens=True)
+            bos = st.tok.bos_token_id
+            if bos is not None and ids[:1] != [bos]:
+                ids.insert(0, bos)
+        else:
+            ids = p
+            if min(ids) < 0 or max(ids) >= st.model.config.vocab_size:
+                raise APIError(400, f"token ids must lie in [0, {st.model.config.vocab_size})", "prompt")
+        job = _job(st, req, ids, "cmpl", "prompt", None)
+        return await _respond(st, job, request, bool(req.stream), chat=False)
+
+    return app
+
+
+STARTED = now()
+
+
+def _version() -> str:
+    from dgemma import __version__
+    return __version__
+
+
+def _error_response(request: Request, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    st: State = request.app.state.dgemma
+    if st.metrics is not None:
+        st.metrics.requests.labels(request.url.path if status != 404 else "other", str(status)).inc()
+    return JSONResponse(body, status, headers=headers)
+
+
+def _check_model(st: State, name: str) -> None:
+    if name != st.cfg.model_name:
+        raise APIError(404, f"the model {name!r} does not exist (this server has {st.cfg.model_name!r})",
+                       "model", "model_not_found")
+
+
+def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: list[dict] | None) -> Job:
+    """Request -> engine settings; every refusal is a 400/429 naming the parameter."""
+    cfg, base = st.model.config, st.model.sampler_config
+    C, room = cfg.canvas_length, cfg.max_position_embeddings - len(ids)
+    fit = room // C * C                                            # whole canvases that still fit
+    limit = req.limit()
+    if limit is None:
+        if fit < 1:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; with one {C}-token canvas it does not fit "
+                                f"the model's context of {cfg.max_position_embeddings}", prompt_param,
+                           "context_length_exceeded")
+        limit = min(base.max_new_tokens, fit)
+    elif math.ceil(limit / C) * C > room:
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise APIError(400, f"{len(ids)} prompt tokens + {limit} new tokens (in {C}-token canvases) exceed the "
+                            f"model's context of {cfg.max_position_embeddings}", param, "context_length_exceeded")
+    tau = 1.0 if req.temperature is None else req.temperature
+    t_min = req.t_min if req.t_min is not None else base.t_min
+    t_max = req.t_max if req.t_max is not None else base.t_max
+    kwargs: dict[str, Any] = dict(max_new_tokens=limit, t_min=t_min * (tau or 1.0), t_max=t_max * (tau or 1.0))
+    for name in ("max_denoising_steps", "entropy_bound", "confidence_threshold"):
+        if getattr(req, name) is not None:
+            kwargs[name] = getattr(req, name)
+    if chat is not None:
+        kwargs["eos_token_id"] = st.chat_eos
+    try:
+        st.engine.settings(**kwargs)
+    except ValueError as e:
+        msg = str(e)
+        param = next((p for p in ("t_max", "t_min", "entropy_bound", "max_denoising_steps", "confidence_threshold")
+                      if msg.startswith(p)), "temperature")
+        raise APIError(400, msg, param) from None
+    if st.worker.waiting >= st.cfg.max_queue:
+        raise APIError(429, f"{st.worker.waiting} requests are waiting (--max-queue {st.cfg.max_queue}); retry "
+                            "later", kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    kwargs.update(seed=req.seed, greedy=tau == 0)
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include)
+
+
+async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
+    """Submit the job; yield ("text", delta) as canvases commit, then ("end", finish_reason, usage).
+    Cancels the request if the consumer goes away (client disconnect) or a stop string ends it."""
+    loop, q = asyncio.get_running_loop(), asyncio.Queue()
+    worker, m = st.worker, st.metrics
+
+    def sink(kind: str, payload: Any) -> None:                   # called on the engine thread
+        loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+
+    text, n_tokens, t0, first, done = TextStream(st.tok, job.stops), 0, time.perf_counter(), True, False
+    worker.submit(job.rid, job.ids, sink, **job.kwargs)
+    try:
+        while True:
+            kind, p = await q.get()
+            if kind == "error":
+                done = True
+                raise APIError(503, p, kind="server_error", code="request_ended")
+            if kind == "canvas":
+                if first:
+                    m.ttfc.observe(time.perf_counter() - t0)
+                    first = False
+                n_tokens += len(p.tokens)
+                delta = text.push(p.tokens, final=p.finished)
+                if delta:
+                    yield "text", delta
+                if text.stopped:
+                    worker.cancel(job.rid)
+                    done = True
+                    yield "end", "stop", _finish(st, job, n_tokens, None, p.passes, t0)
+                    return
+            elif kind == "done":
+                done = True
+                reason = "stop" if p.finish_reason == "eos" else "length"
+                yield "end", reason, _finish(st, job, n_tokens, p, p.decoder_passes, t0)
+                if job.chat is not None:
+                    _warm(st, job.chat + [{"role": "assistant", "content": text.text}])
+                return
+    finally:
+        if not done:
+            worker.cancel(job.rid)
+            log.info("%s cancelled (client gone)", job.rid)
+
+
+def _finish(st: State, job: Job, n_tokens: int, res, passes: int, t0: float) -> dict:
+    cached = res.cached_tokens if res is not None else 0
+    m = st.metrics
+    m.prompt_tokens.inc(len(job.ids))
+    m.generated.inc(n_tokens)
+    m.hit_tokens.inc(cached)
+    if passes:
+        m.tpf.observe(n_tokens / passes)
+    log.info("%s done: %d prompt tokens (%d cached), %d new, %d passes, %.2f s", job.rid, len(job.ids), cached,
+             n_tokens, passes, time.perf_counter() - t0)
+    return usage(len(job.ids), n_tokens, cached)
+
+
+def _warm(st: State, conversation: list[dict]) -> None:
+    """Encode the finished turn as the next request will render it, in the engine's idle time."""
+    try:
+        ids = st.tok.apply_chat_template(conversation, add_generation_prompt=False, tokenize=True)
+    except ValueError:
+        return
+    if len(ids) < st.model.config.max_position_embeddings:
+        st.worker.warm(ids)
+
+
+async def _respond(st: State, job: Job, request: Request, stream: bool, chat: bool):
+    created, name, route = now(), st.cfg.model_name, request.url.path
+    if chat:
+        def piece(delta: dict, finish: str | None) -> dict:
+            return {"id": job.rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    else:
+        def piece(delta: dict, finish: str | None) -> dict:
+            return {"id": job.rid, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                                 "finish_reason": finish}]}
+
+    if stream:
+        async def sse() -> AsyncIterator[str]:
+            status = "200"
+            try:
+                if chat:
+                    yield _sse(_with_usage(piece({"role": "assistant", "content": ""}, None), job))
+                async for ev in _events(st, job):
+                    if ev[0] == "text":
+                        yield _sse(_with_usage(piece({"content": ev[1]}, None), job))
+                    else:
+                        yield _sse(_with_usage(piece({}, ev[1]), job))
+                        if job.include_usage:
+                            yield _sse({**piece({}, None), "choices": [], "usage": ev[2]})
+                yield "data: [DONE]\n\n"
+            except APIError as e:                               # server stopping: a clear error event
+                status = str(e.status)
+                yield _sse(e.body())
+                yield "data: [DONE]\n\n"
+            finally:
+                st.metrics.requests.labels(route, status).inc()
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect() -> dict:
+        parts, end = [], None
+        async for ev in _events(st, job):
+            if ev[0] == "text":
+                parts.append(ev[1])
+            else:
+                end = ev
+        text = "".join(parts)
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end[1]}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            obj = "chat.completion"
+        else:
+            choice["text"] = text
+            obj = "text_completion"
+        return {"id": job.rid, "object": obj, "created": created, "model": name, "choices": [choice],
+                "usage": end[2], "system_fingerprint": None}
+
+    task = asyncio.ensure_future(collect())
+    while not task.done():                                      # a client that goes away cancels its request
+        await asyncio.wait([task], timeout=0.1)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            st.metrics.requests.labels(route, "499").inc()
+            return Response(status_code=499)
+    body = task.result()                                        # re-raises APIError (handled above)
+    st.metrics.requests.labels(route, "200").inc()
+    return body
+
+
+def _with_usage(chunk: dict, job: Job) -> dict:
+    if job.include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def start_loading(state: State) -> threading.Thread:
+    t = threading.Thread(target=load_state, args=(state,), name="dgemma-load", daemon=True)
+    t.start()
+    return t

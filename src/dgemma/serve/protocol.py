@@ -1,0 +1,195 @@
+"""The OpenAI request and response shapes the server accepts and sends (pydantic models = the OpenAPI schema).
+
+Knows: which OpenAI fields exist, which of them dgemma honours, which it rejects unless they carry their
+neutral value (`n`, `top_p`, penalties, `logprobs`, `tools`, `response_format` other than text, ...), the
+diffusion controls that ride along as extra body fields, and the OpenAI error body. Unknown fields are rejected
+(400), as OpenAI does. `temperature` scales the checkpoint's temperature schedule: T(step) = temperature *
+(t_min + (t_max - t_min) * steps_left / steps); 0 means greedy (accepted positions take the argmax).
+Does not know: the engine, tokens, HTTP routing.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class APIError(Exception):
+    """An error with an OpenAI-shaped body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: str = Field(description='only "text" is supported')
+    text: Optional[str] = None
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description='"developer" is treated as "system"; the chat template decides how a system turn renders')
+    content: Union[str, list[TextPart]] = Field(
+        description="a string, or a list of text parts (joined with newlines); other part types are rejected")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"] = Field(description='only "text" (json_object / json_schema are not supported)')
+
+
+class DiffusionControls(_Strict):
+    """Extra body fields (diffusion sampler), each overriding the checkpoint's generation_config.json."""
+    max_denoising_steps: Optional[int] = Field(None, ge=1, le=1024,
+                                               description="maximum denoiser passes per canvas")
+    entropy_bound: Optional[float] = Field(None, gt=0, le=1e6, description=(
+        "per step, accept the lowest-entropy positions while their summed entropy stays within this bound"))
+    t_min: Optional[float] = Field(None, gt=0, le=100, description="temperature of the last denoising step")
+    t_max: Optional[float] = Field(None, gt=0, le=100, description="temperature of the first denoising step")
+    confidence_threshold: Optional[float] = Field(None, ge=0, le=1e6, description=(
+        "a canvas commits early once its argmax is stable and its mean entropy is below this"))
+
+
+class _Common(DiffusionControls):
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1, description=(
+        "exact upper bound on generated tokens (default: the checkpoint's max_new_tokens, less where the "
+        "context ends sooner)"))
+    temperature: Optional[float] = Field(None, ge=0, le=2, description=(
+        "scales the denoising temperature schedule; 0 = greedy argmax (default 1)"))
+    top_p: Optional[float] = Field(None, ge=0, le=1, description="only 1 (no nucleus truncation)")
+    n: Optional[int] = Field(None, ge=1, le=128, description="only 1")
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = Field(None, description=(
+        "up to 4 strings; the text ends before the first one generated"))
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1, description=(
+        "the same request with the same seed gives the same text, batched with others or not"))
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, description="only 0")
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, description="only 0")
+    logit_bias: Optional[dict[str, float]] = Field(None, description="only empty")
+    user: Optional[str] = Field(None, description="accepted, not logged")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if v is None:
+            return v
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return v
+
+    def stops(self) -> list[str]:
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def neutral_checks(self) -> None:
+        """Reject fields dgemma cannot honour unless they carry their neutral value."""
+        for name, ok in (("n", self.n in (None, 1)), ("top_p", self.top_p in (None, 1.0)),
+                         ("presence_penalty", not self.presence_penalty),
+                         ("frequency_penalty", not self.frequency_penalty),
+                         ("logit_bias", not self.logit_bias)):
+            if not ok:
+                raise APIError(400, f"{name} is not supported by dgemma (only its default value)", name,
+                               "unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="same as max_tokens")
+    logprobs: Optional[bool] = Field(None, description="only false")
+    top_logprobs: Optional[int] = Field(None, description="not supported")
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Any]] = Field(None, description="not supported (only empty)")
+    tool_choice: Optional[Any] = Field(None, description='not supported (only "none")')
+    parallel_tool_calls: Optional[bool] = None
+    functions: Optional[list[Any]] = Field(None, description="not supported")
+    function_call: Optional[Any] = Field(None, description="not supported")
+
+    def checks(self) -> None:
+        self.neutral_checks()
+        if self.logprobs or self.top_logprobs is not None:
+            raise APIError(400, "logprobs are not supported by dgemma", "logprobs", "unsupported_parameter")
+        for name in ("tools", "functions", "function_call"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} are not supported by dgemma", name, "unsupported_parameter")
+        if self.tool_choice not in (None, "none"):
+            raise APIError(400, "tool_choice is not supported by dgemma", "tool_choice", "unsupported_parameter")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.type != "text" or part.text is None:
+                        raise APIError(400, f"content part type {part.type!r} is not supported (only text)",
+                                       f"messages[{i}].content[{j}].type", "unsupported_content")
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat(self) -> list[dict[str, str]]:
+        """Messages as the chat template takes them (text parts joined, developer -> system)."""
+        out = []
+        for m in self.messages:
+            text = m.content if isinstance(m.content, str) else "\n".join(p.text or "" for p in m.content)
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        return out
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(description=(
+        "one prompt: a string or a list of token ids (a list holding one of those is accepted too)"))
+    echo: Optional[bool] = Field(None, description="only false")
+    best_of: Optional[int] = Field(None, description="only 1")
+    logprobs: Optional[int] = Field(None, description="not supported")
+    suffix: Optional[str] = Field(None, description="not supported")
+
+    def checks(self) -> None:
+        self.neutral_checks()
+        for name, ok in (("echo", not self.echo), ("best_of", self.best_of in (None, 1)),
+                         ("logprobs", self.logprobs is None), ("suffix", self.suffix is None)):
+            if not ok:
+                raise APIError(400, f"{name} is not supported by dgemma", name, "unsupported_parameter")
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+    def one_prompt(self) -> str | list[int]:
+        p = self.prompt
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, list) and (not p or not all(isinstance(t, int) for t in p)):
+            raise APIError(400, "prompt must be one string or one non-empty list of token ids (batches of "
+                                "prompts are not supported)", "prompt")
+        return p
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def now() -> int:
+    return int(time.time())

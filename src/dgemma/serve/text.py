@@ -1,0 +1,43 @@
+"""Committed token ids -> text deltas for one reply: incremental detokenizing and stop strings.
+
+Knows: that a byte-level tokenizer may end a canvas in the middle of a UTF-8 character (held back until its other
+bytes arrive), that a stop string may straddle two canvases (text that could begin one is held back), and
+where the reply ends when a stop string appears (before it). Decoding always starts from the reply's first
+token, so word pieces are never split or repeated.
+Does not know: the engine, HTTP, the chat template.
+"""
+from __future__ import annotations
+
+
+class TextStream:
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tok, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.text = ""          # everything sent so far
+        self.stopped = False    # a stop string was found: the reply ends here
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """Add committed ids; returns the new text that is safe to send (may be empty)."""
+        if self.stopped:
+            return ""
+        self.ids += ids
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not final:
+            full = full.rstrip("\ufffd")           # a character split across canvases: wait for its bytes
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        hits = [i for i in (full.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            end, self.stopped = min(hits), True
+        elif final:
+            end = len(full)
+        else:                                      # hold back a tail that may be the start of a stop string
+            end = len(full) - max((k for s in self.stops for k in range(1, len(s))
+                                   if full.endswith(s[:k])), default=0)
+        if not full.startswith(self.text):         # a decoder that rewrote earlier text: send only what is new
+            common = 0
+            while common < min(len(full), len(self.text)) and full[common] == self.text[common]:
+                common += 1
+            self.text = self.text[:common]
+        new = full[len(self.text):max(end, len(self.text))]
+        self.text += new
+        return new

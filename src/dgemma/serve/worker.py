@@ -1,0 +1,142 @@
+"""The one thread that owns the Engine: HTTP handlers submit, cancel and warm through it, and get their
+request's committed canvases back through a callback.
+
+Knows: a command queue (submit / cancel / warm / stop) drained before every engine step, so a cancel takes
+effect within one step; stepping while there is work and sleeping on the queue when there is none; handing
+each request's events (canvas, done, error) to the callback it registered; how many requests wait for a row
+(for 429s); ending every open request with an error when the server stops or the engine fails.
+Does not know: text, HTTP, OpenAI shapes. Metrics are reported to an optional `observe(kind, value)` hook.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("dgemma.serve")
+Sink = Callable[[str, Any], None]         # sink(kind, payload): kind "canvas" | "done" | "error"
+
+
+class Worker:
+    def __init__(self, engine, observe: Callable[[str, float], None] | None = None) -> None:
+        self.engine = engine
+        self.observe = observe or (lambda kind, value: None)
+        self.commands: queue.Queue = queue.Queue()
+        self.sinks: dict[str, Sink] = {}
+        self.started_at: dict[str, float] = {}
+        self.waiting = 0                          # submitted, not yet denoising (read by handlers, approximate)
+        self.stopping: str | None = None
+        self.thread = threading.Thread(target=self._loop, name="dgemma-engine", daemon=True)
+
+    # ---- called from any thread ------------------------------------------------------------------
+    def start(self) -> "Worker":
+        self.thread.start()
+        return self
+
+    def submit(self, request_id: str, prompt: list[int], sink: Sink, **kwargs) -> None:
+        """Queue a request (validated by the caller: engine.settings and the position check)."""
+        if self.stopping:
+            sink("error", self.stopping)
+            return
+        self.waiting += 1
+        self.commands.put(("submit", request_id, prompt, sink, kwargs))
+
+    def cancel(self, request_id: str) -> None:
+        self.commands.put(("cancel", request_id))
+
+    def warm(self, prompt: list[int]) -> None:
+        self.commands.put(("warm", prompt))
+
+    def stop(self, reason: str = "the server is shutting down", wait: float = 10.0) -> None:
+        """End every open request with `reason` and stop the loop after the current step."""
+        self.stopping = reason
+        self.commands.put(("stop",))
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(wait)
+
+    # ---- the engine thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        eng = self.engine
+        while True:
+            idle = not eng.has_work() and not eng.warming
+            if not self._drain(block=idle):
+                break
+            if not (eng.has_work() or eng.warming):
+                continue
+            try:
+                events = eng.step()
+            except Exception as e:                         # never leave a client hanging
+                log.exception("engine step failed")
+                self._fail_all(f"internal error in the engine: {type(e).__name__}")
+                continue
+            st = eng.stats
+            if st.prefill_tokens:
+                self.observe("prefill_seconds", st.prefill_s)
+            if st.rows:
+                self.observe("pass_seconds", st.pass_s)
+            for ev in events:
+                sink = self.sinks.get(ev.request_id)
+                if sink is None:
+                    continue
+                sink("canvas", ev)
+                if ev.finished:
+                    res = eng.collect(ev.request_id)
+                    self.sinks.pop(ev.request_id, None)
+                    self.started_at.pop(ev.request_id, None)
+                    sink("done", res)
+            self.waiting = eng.queued() + self._queued_submits()
+            self.observe("queue_depth", self.waiting)
+            self.observe("active_rows", len(eng.rows))
+        self._fail_all(self.stopping or "the server is shutting down")
+
+    def _queued_submits(self) -> int:
+        return sum(1 for c in list(self.commands.queue) if c[0] == "submit")
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands (waiting for one if `block`); False once told to stop."""
+        try:
+            cmd = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind = cmd[0]
+            if kind == "stop":
+                return False
+            if kind == "submit":
+                _, rid, prompt, sink, kwargs = cmd
+                try:
+                    self.engine.submit(prompt, request_id=rid, **kwargs)
+                    self.sinks[rid] = sink
+                    self.started_at[rid] = time.perf_counter()
+                except ValueError as e:                    # the caller validated; a race is still reported
+                    sink("error", str(e))
+            elif kind == "cancel":
+                self.engine.cancel(cmd[1])
+                self.sinks.pop(cmd[1], None)
+                self.started_at.pop(cmd[1], None)
+            elif kind == "warm":
+                try:
+                    self.engine.warm(cmd[1])
+                except ValueError:
+                    pass
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _fail_all(self, reason: str) -> None:
+        for rid, sink in list(self.sinks.items()):
+            self.engine.cancel(rid)
+            sink("error", reason)
+        self.sinks.clear()
+        self.started_at.clear()
+        while True:                                        # submits that never reached the engine
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "submit":
+                cmd[3]("error", reason)
+        self.waiting = self.engine.queued()

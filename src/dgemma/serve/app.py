@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -142,7 +143,7 @@ def create_app(state: State) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _UNION_TAG.match(str(x))]
         param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
         if err.get("type") == "extra_forbidden":
             msg = f"Unrecognized request argument supplied: {param}"
@@ -246,6 +247,7 @@ def create_app(state: State) -> FastAPI:
 
 
 STARTED = now()
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\])$")   # pydantic union branches
 
 
 def _version() -> str:
@@ -272,11 +274,11 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     C, room = cfg.canvas_length, cfg.max_position_embeddings - len(ids)
     fit = room // C * C                                            # whole canvases that still fit
     limit = req.limit()
+    if fit < 1:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; with one {C}-token canvas it does not fit "
+                            f"the model's context of {cfg.max_position_embeddings}", prompt_param,
+                       "context_length_exceeded")
     if limit is None:
-        if fit < 1:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; with one {C}-token canvas it does not fit "
-                                f"the model's context of {cfg.max_position_embeddings}", prompt_param,
-                           "context_length_exceeded")
         limit = min(base.max_new_tokens, fit)
     elif math.ceil(limit / C) * C > room:
         param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"

@@ -73,12 +73,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def handle_exit(self, sig, frame) -> None:
             """Stop accepting, end in-flight requests with an error event, exit 0 (not re-raise the signal)."""
             if state.worker is not None and not state.worker.stopping:
-                threading.Thread(target=state.worker.stop, daemon=True).start()
+                state.worker.stop()           # after its current step; the error events are queued on the loop
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=10, access_log=False))
+                                   timeout_graceful_shutdown=30, access_log=False))
     loader = start_loading(state)
 
     def watch() -> None:                              # a model that cannot load stops the server (exit 1)

@@ -37,7 +37,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(_Strict):
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")      # other part types are named in a 400 by the request check
     type: str = Field(description='only "text" is supported')
     text: Optional[str] = None
 

@@ -64,6 +64,7 @@ class Worker:
             if not self._drain(block=idle):
                 break
             if not (eng.has_work() or eng.warming):
+                self._gauges()
                 continue
             try:
                 events = eng.step()
@@ -86,10 +87,13 @@ class Worker:
                     self.sinks.pop(ev.request_id, None)
                     self.started_at.pop(ev.request_id, None)
                     sink("done", res)
-            self.waiting = eng.queued() + self._queued_submits()
-            self.observe("queue_depth", self.waiting)
-            self.observe("active_rows", len(eng.rows))
+            self._gauges()
         self._fail_all(self.stopping or "the server is shutting down")
+
+    def _gauges(self) -> None:
+        self.waiting = self.engine.queued() + self._queued_submits()
+        self.observe("queue_depth", self.waiting)
+        self.observe("active_rows", len(self.engine.rows))
 
     def _queued_submits(self) -> int:
         return sum(1 for c in list(self.commands.queue) if c[0] == "submit")

@@ -1,0 +1,311 @@
+"""`dgemma serve` as a real process on a loopback port, driven by the official `openai` client: every route
+streamed and not, usage, exact max_tokens, stop strings, seeds with and without batching, cancel on
+disconnect, 429, 401, bad input (400/404 naming the parameter), prefix-reuse exactness, graceful shutdown."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import dgemma
+from serving import ServerProcess
+
+KEY = "test-key"
+NAME = "dgemma-default"
+FAST = {"max_denoising_steps": 4}          # keeps each canvas cheap on the CPU
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("serve") / "server.log", "wb")
+    srv = ServerProcess("--api-key", KEY, "--max-batch", "4", "--max-queue", "16", "--prefill-chunk", "32",
+                        log=log).wait_ready()
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """One row, one queue slot, no prefix cache: for 429s, the cold side of reuse, and shutdown."""
+    srv = ServerProcess("--max-batch", "1", "--max-queue", "1", "--prefill-chunk", "32", "--prefix-cache-mb", "0",
+                        env={"DGEMMA_API_KEY": KEY}).wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return dgemma.load_tokenizer(dgemma.default_model_path())
+
+
+def client(srv, key=KEY, **kw):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, **kw)
+
+
+def chat(c, content="Tell me about the sea.", **kw):
+    kw.setdefault("max_tokens", 40)
+    kw.setdefault("extra_body", FAST)
+    return c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}], **kw)
+
+
+def streamed(stream):
+    """Concatenated deltas, finish_reason, usage (from the include_usage chunk)."""
+    text, finish, usage, chunks = "", None, None, 0
+    for ch in stream:
+        chunks += 1
+        if ch.choices:
+            d = ch.choices[0]
+            text += (d.delta.content or "") if hasattr(d, "delta") else (d.text or "")
+            finish = d.finish_reason or finish
+        if ch.usage is not None:
+            usage = ch.usage
+    return text, finish, usage, chunks
+
+
+def test_models_and_health(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [NAME]
+    assert c.models.retrieve(NAME).id == NAME
+    assert httpx.get(server.url + "/health").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("nope")
+
+
+def test_chat_usage_and_stream_equals_nonstream(server, tok):
+    c = client(server)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=45, seed=7, extra_body=FAST)
+    n_prompt = len(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    u = r.usage
+    assert (u.prompt_tokens, u.total_tokens) == (n_prompt, n_prompt + u.completion_tokens)
+    assert u.prompt_tokens_details.cached_tokens == 0
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.role == "assistant"
+    if r.choices[0].finish_reason == "length":
+        assert u.completion_tokens == 45
+    s = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=45, seed=7, extra_body=FAST, stream=True,
+                                  stream_options={"include_usage": True})
+    text, finish, usage, chunks = streamed(s)
+    assert text == r.choices[0].message.content and finish == r.choices[0].finish_reason
+    assert usage.completion_tokens == u.completion_tokens and usage.prompt_tokens == n_prompt
+    assert chunks >= 4     # role, >= 2 canvases of text (45 tokens > one 32-token canvas), finish, usage
+
+
+def test_content_parts_equal_a_string(server):
+    c = client(server)
+    a = chat(c, "Hello\nworld", seed=3)
+    b = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}], max_tokens=40, seed=3,
+        extra_body=FAST)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_completions_routes(server):
+    c = client(server)
+    r = c.completions.create(model=NAME, prompt="The old house", max_tokens=33, seed=1, extra_body=FAST)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == 33
+    text, finish, usage, _ = streamed(c.completions.create(model=NAME, prompt="The old house", max_tokens=33,
+                                                           seed=1, extra_body=FAST, stream=True,
+                                                           stream_options={"include_usage": True}))
+    assert (text, finish, usage.completion_tokens) == (r.choices[0].text, r.choices[0].finish_reason,
+                                                       r.usage.completion_tokens)
+    ids = c.completions.create(model=NAME, prompt=[2, 100, 200], max_tokens=5, seed=1, extra_body=FAST)
+    assert ids.usage.prompt_tokens == 3
+
+
+@pytest.mark.parametrize("n", [1, 7, 32, 50])
+def test_max_tokens_is_exact(server, n):
+    # a huge confidence threshold never stops a canvas early; the model rarely says EOS: length is typical
+    r = client(server).completions.create(model=NAME, prompt="Once", max_tokens=n, seed=n, extra_body=FAST)
+    assert r.usage.completion_tokens <= n
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == n
+
+
+def test_stop_strings(server):
+    c = client(server)
+    full = c.completions.create(model=NAME, prompt="The road", max_tokens=64, seed=11, extra_body=FAST)
+    text = full.choices[0].text
+    word = next(w for w in text.split()[3:] if len(w) >= 3)
+    cut = text.index(word)
+    r = c.completions.create(model=NAME, prompt="The road", max_tokens=64, seed=11, stop=[word, "zzzq"],
+                             extra_body=FAST)
+    assert r.choices[0].text == text[:cut] and r.choices[0].finish_reason == "stop"
+    s, finish, _, _ = streamed(c.completions.create(model=NAME, prompt="The road", max_tokens=64, seed=11,
+                                                    stop=word, extra_body=FAST, stream=True))
+    assert s == text[:cut] and finish == "stop"
+
+
+def test_seed_is_reproducible_while_batched(server):
+    c = client(server)
+    alone = chat(c, "A seeded request", seed=123, max_tokens=64).choices[0].message.content
+    out: dict = {}
+
+    def other(i):
+        out[i] = chat(c, f"Some other request number {i}", seed=i, max_tokens=64).choices[0].message.content
+
+    threads = [threading.Thread(target=other, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    text, _, _, _ = streamed(chat(c, "A seeded request", seed=123, max_tokens=64, stream=True))
+    for t in threads:
+        t.join()
+    assert text == alone and len(out) == 3
+    unseeded = {chat(c, "A seeded request", max_tokens=64).choices[0].message.content for _ in range(2)}
+    assert len(unseeded) == 2                 # no seed: a fresh random stream each time
+
+
+def test_temperature_zero_is_greedy_and_deterministic(server):
+    c = client(server)
+    a = chat(c, "Greedy please", temperature=0, seed=1).choices[0].message.content
+    b = chat(c, "Greedy please", temperature=0, seed=2).choices[0].message.content
+    assert isinstance(a, str) and a and b
+
+
+def test_cancel_on_disconnect_frees_the_row(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": NAME, "messages": [{"role": "user", "content": "Go on and on"}],
+                            "max_tokens": 3000, "stream": True, "max_denoising_steps": 32}, timeout=30) as r:
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break                                    # first committed text: now hang up
+    t0 = time.time()
+    while server.metric("dgemma_active_rows") > 0:
+        assert time.time() - t0 < 5, "the disconnected request kept its row"
+        time.sleep(0.05)
+
+
+def test_auth(server):
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").models.list()
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": []})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+BAD = [  # (body changes, status, param)
+    ({"messages": []}, 400, "messages"),
+    ({"foo": 1}, 400, "foo"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format.type"),
+    ({"logprobs": True}, 400, "logprobs"),
+    ({"n": 2}, 400, "n"),
+    ({"top_p": 0.5}, 400, "top_p"),
+    ({"temperature": 3}, 400, "temperature"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": 10 ** 9}, 400, "max_tokens"),
+    ({"t_min": 2.0, "t_max": 1.0}, 400, "t_max"),
+    ({"max_denoising_steps": 0}, 400, "max_denoising_steps"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages"),
+    ({"model": "gpt-4"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("change,status,param", BAD, ids=[str(b[0])[:40] for b in BAD])
+def test_bad_requests_are_named(server, change, status, param):
+    body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **change}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_malformed_json_and_unknown_routes(server):
+    h = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": ["a", "b"]}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.get(server.url + "/v1/nothing", headers=h)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_queue_full_is_429(small):
+    c = client(small)
+    errors, done = [], []
+
+    def go(i):
+        try:
+            chat(c, f"request {i}", max_tokens=200, extra_body={"max_denoising_steps": 16})
+            done.append(i)
+        except openai.RateLimitError as e:
+            errors.append(e.response.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert errors and all(h for h in errors) and done
+
+
+def _conversation(tok):
+    # a history longer than the sliding window (64) and several prefill chunks (32)
+    long = " ".join(f"item{i}" for i in range(60))
+    return [{"role": "user", "content": f"Here is a list: {long}. Remember it."}]
+
+
+def test_second_turn_reuses_the_prefix_exactly(server, small, tok):
+    c, cold = client(server), client(small)
+    msgs = _conversation(tok)
+    r1 = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=40, seed=5, extra_body=FAST)
+    msgs2 = msgs + [{"role": "assistant", "content": r1.choices[0].message.content},
+                    {"role": "user", "content": "And now?"}]
+    n2 = len(tok.apply_chat_template(msgs2, add_generation_prompt=True, tokenize=True))
+    time.sleep(1.0)                                           # the finished turn is encoded in idle time
+    warm = c.chat.completions.create(model=NAME, messages=msgs2, max_tokens=70, seed=6, extra_body=FAST)
+    ref = cold.chat.completions.create(model=NAME, messages=msgs2, max_tokens=70, seed=6, extra_body=FAST)
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    assert ref.usage.prompt_tokens_details.cached_tokens == 0
+    assert cached >= len(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)) // 32 * 32
+    assert n2 - cached < 32 + 8                               # only the new turn (+ < one chunk) is encoded
+    assert warm.choices[0].message.content == ref.choices[0].message.content
+    assert warm.usage.completion_tokens == ref.usage.completion_tokens
+    assert server.metric("dgemma_prefix_cache_hit_tokens_total") >= cached
+
+
+def test_metrics(server):
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("dgemma_requests_total", "dgemma_queue_depth", "dgemma_active_rows",
+                 "dgemma_time_to_first_canvas_seconds", "dgemma_decoder_pass_seconds", "dgemma_tokens_per_forward",
+                 "dgemma_prefix_cache_hit_tokens_total", "dgemma_generated_tokens_total"):
+        assert name in text, name
+
+
+def test_graceful_shutdown_ends_streams_and_exits_0(small):
+    events = []
+
+    def stream():
+        try:
+            with httpx.stream("POST", small.url + "/v1/chat/completions", timeout=30,
+                              headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": NAME, "messages": [{"role": "user", "content": "Long story"}],
+                                    "max_tokens": 3000, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+        except httpx.HTTPError as e:
+            events.append(f"transport error {e}")
+
+    t = threading.Thread(target=stream)
+    t.start()
+    t0 = time.time()
+    while not any('"content": "' in e and '"content": ""' not in e for e in events):
+        assert time.time() - t0 < 30
+        time.sleep(0.05)
+    small.proc.send_signal(signal.SIGTERM)
+    assert small.proc.wait(30) == 0
+    t.join(10)
+    errors = [json.loads(e) for e in events if e.startswith('{"error"')]
+    assert errors and "shutting down" in errors[0]["error"]["message"] and events[-1] == "[DONE]", events[-3:]

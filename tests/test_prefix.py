@@ -135,3 +135,13 @@ def test_cancel_while_encoding(peaky_model):
     assert eng.prefilling and not eng.rows
     eng.cancel(rid)
     assert not eng.has_work()
+
+
+def test_cancel_outside_inference_mode_after_the_cache_grew(peaky_model):
+    eng = Engine(peaky_model, max_batch=2, prefill_chunk=K)
+    a = eng.submit(_ids(10, 1), seed=1, **{**KW, "max_new_tokens": 2000, "eos_token_id": None})
+    b = eng.submit(_ids(1100, 2), seed=2, **KW)           # grows the shared cache past its first capacity
+    while len(eng.rows) < 2:
+        eng.step()
+    eng.cancel(a)                                         # called from plain code (a server thread)
+    assert [r.req.id for r in eng.rows] == [b]

@@ -170,6 +170,7 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.V:
             raise ValueError(f"token ids must lie in [0, {self.V})")
 
+    @torch.inference_mode()
     def cancel(self, request_id: str) -> None:
         """Forget a request wherever it is (waiting, encoding its prompt, or denoising: its row is freed)."""
         self.waiting = deque(r for r in self.waiting if r.id != request_id)

@@ -117,9 +117,13 @@ class Worker:
                 except ValueError as e:                    # the caller validated; a race is still reported
                     sink("error", str(e))
             elif kind == "cancel":
-                self.engine.cancel(cmd[1])
                 self.sinks.pop(cmd[1], None)
                 self.started_at.pop(cmd[1], None)
+                try:
+                    self.engine.cancel(cmd[1])
+                except Exception:
+                    log.exception("cancel failed")
+                    self._fail_all("internal error in the engine")
             elif kind == "warm":
                 try:
                     self.engine.warm(cmd[1])

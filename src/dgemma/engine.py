@@ -58,6 +58,22 @@ class Result:
 
 
 @dataclass
+class Frame:
+    """One denoising pass of one request that asked for frames (`submit(frames=True)`): its canvas after the
+    pass. state per position: 0 = noise (renoised this pass), 1 = accepted, 2 = committed (the canvas's last
+    frame, `final`, whose tokens are exactly the committed ones)."""
+    request_id: str
+    canvas: int                  # which canvas of the request (0-based)
+    step: int                    # pass within that canvas (0-based)
+    final: bool
+    tokens: list[int]
+    state: list[int]
+    entropy: list[float]         # per position, of the pass's distribution (nats)
+    accepted: int
+    mean_entropy: float
+
+
+@dataclass
 class StepStats:
     """What the last `step` did (for metrics): prompt tokens encoded, rows denoised, seconds of each."""
     prefill_tokens: int = 0
@@ -73,6 +89,7 @@ class _Request:
     s: SamplerConfig
     gen: torch.Generator
     greedy: bool = False
+    frames: bool = False
     tokens: list[int] = field(default_factory=list)
     canvases: int = 0
     passes: int = 0
@@ -94,13 +111,15 @@ class _Row:
 class Engine:
     def __init__(self, model, max_batch: int = 8, row_chunk: int | None = None, sampler: str = "auto",
                  cuda_graphs: bool | None = None, prefill_chunk: int = 256,
-                 prefix_cache_bytes: int = 1 << 30) -> None:
+                 prefix_cache_bytes: int = 1 << 30, exact_reuse: bool = True) -> None:
         """sampler: "exact" (the reference's random stream per request), "fast" (same distribution, one
         uniform per position; see sampling.sample_rows) or "auto" (exact on the CPU, fast elsewhere).
         cuda_graphs (default: where the model is capturable, i.e. CUDA and bf16): the fast sampler's step runs
         on the cache's static plan and is captured once per number of active rows, then replayed.
         prefill_chunk: prompts are encoded in aligned chunks of this many tokens, about one chunk per step;
-        also the granularity of prefix reuse. prefix_cache_bytes: memory for prompt snapshots (0: no reuse)."""
+        also the granularity of prefix reuse. prefix_cache_bytes: memory for prompt snapshots (0: no reuse).
+        exact_reuse=False snapshots whole prompts (not just chunk boundaries), so a chat's next turn encodes only
+        its new tokens; its tokens then equal a cold request's only up to rounding (the terminal chat uses it)."""
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         sampler = sampling.resolve_sampler(sampler, model.device)
@@ -116,7 +135,10 @@ class Engine:
         self.prefilling: list[_Request] = []           # prompts being encoded, each bound for a free row
         self.warming: deque[_Request] = deque()         # warm() jobs: encode in idle time, keep the snapshot
         self.prefill_chunk = prefill_chunk
-        self.prefix = PrefixStore(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes > 0 else None
+        self.exact_reuse = exact_reuse
+        self.prefix = PrefixStore(prefix_cache_bytes, prefill_chunk if exact_reuse else 1) \
+            if prefix_cache_bytes > 0 else None
+        self.frames: list[Frame] = []               # frames of requests that asked for them (take_frames)
         self.stats = StepStats()
         self.done: dict[str, Result] = {}
         self._ids = itertools.count()
@@ -138,31 +160,41 @@ class Engine:
         return resolve_settings(self.model, **{k: settings.get(k, _UNSET) for k in SETTINGS})
 
     def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,
-               greedy: bool = False, **settings) -> str:
+               greedy: bool = False, frames: bool = False, **settings) -> str:
         """Queue a request (token ids); settings as for `generate` (max_new_tokens, max_denoising_steps, ...).
-        greedy: accepted positions take the argmax instead of a sample (temperatures still set the entropies)."""
+        greedy: accepted positions take the argmax instead of a sample (temperatures still set the entropies).
+        frames: record a `Frame` after every pass of this request (collect them with `take_frames`); requests
+        without frames cost nothing extra."""
         self._check_ids(prompt)
         s = self.settings(**settings)
         check_positions(self.model.config, len(prompt), math.ceil(s.max_new_tokens / self.C) * self.C)
         gen = torch.Generator(device=self.model.device)
         gen.manual_seed(int(seed)) if seed is not None else gen.seed()
         rid = request_id or f"req-{next(self._ids)}"
-        self.waiting.append(_Request(rid, list(prompt), s, gen, greedy))
+        self.waiting.append(_Request(rid, list(prompt), s, gen, greedy, frames))
         return rid
+
+    def take_frames(self) -> list[Frame]:
+        """Frames recorded since the last call, in order."""
+        out, self.frames = self.frames, []
+        return out
 
     def warm(self, prompt: list[int], max_jobs: int = 16) -> bool:
         """Encode `prompt` when nothing else waits, only to leave its snapshot in the prefix store (a chat's
         next turn starts with it). Returns False when there is nothing to gain (no store, or shorter than a
         chunk). At most `max_jobs` wait; older ones are dropped."""
         self._check_ids(prompt)
-        if self.prefix is None or len(prompt) < self.prefill_chunk:
+        last = self._snapshot_point(len(prompt))         # nothing after the snapshot point
+        if self.prefix is None or last == 0:
             return False
         check_positions(self.model.config, len(prompt), 0)
-        last = len(prompt) // self.prefill_chunk * self.prefill_chunk     # nothing after the snapshot point
         self.warming.append(_Request(f"warm-{next(self._ids)}", list(prompt[:last]), self.model.sampler_config, None))
         while len(self.warming) > max_jobs:
             self.warming.popleft()
         return True
+
+    def _snapshot_point(self, n: int) -> int:
+        return n // self.prefill_chunk * self.prefill_chunk if self.exact_reuse else n
 
     def _check_ids(self, prompt: list[int]) -> None:
         if not prompt:
@@ -246,6 +278,8 @@ class Engine:
                 key = ("engine", n, C, self.row_chunk, self.cache.key_slots(C, True),
                        graphs.buffer_key(*self.cache.tensors()))
                 new_canvas, argmax, ent, soft_new = self.graphs.run(key, self._fast_step, *inputs)
+        if any(r.req.frames for r in self.rows):
+            self._record_frames(new_canvas, ent, bound)
         commit = []
         for b, r in enumerate(self.rows):
             r.canvas, r.argmax, r.soft = new_canvas[b], argmax[b], soft_new[b]
@@ -255,6 +289,16 @@ class Engine:
             if stop or r.left == 0:
                 commit.append(b)
         return self._commit(commit) if commit else []
+
+    def _record_frames(self, new_canvas: torch.Tensor, ent: torch.Tensor, bound: torch.Tensor) -> None:
+        """Frames of this pass for the rows that asked (the same acceptance the step applied)."""
+        accept = sampling.entropy_bound_accept(ent, bound)
+        for b, r in enumerate(self.rows):
+            if r.req.frames:
+                acc, e = accept[b].tolist(), ent[b].float()
+                self.frames.append(Frame(r.req.id, r.req.canvases, r.req.s.max_denoising_steps - r.left, False,
+                                         new_canvas[b].tolist(), [int(a) for a in acc], e.tolist(), sum(acc),
+                                         float(e.mean())))
 
     def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy):
         """The fast sampler's step as a function of tensors (captured per active-row count on CUDA)."""
@@ -288,7 +332,7 @@ class Engine:
                 ids = torch.tensor([req.prompt[req.pos:end]], device=self.model.device)
                 self.model.encode(ids, req.one)
                 done, req.pos = done + end - req.pos, end
-                last = L // K * K                                # the snapshot point: last chunk boundary
+                last = self._snapshot_point(L)                   # exact reuse: the last chunk boundary
                 if end == last and last > req.cached and self.prefix is not None:
                     snap = req.one
                     if end < L:                                  # the tail continues in req.one: keep a copy
@@ -335,6 +379,12 @@ class Engine:
                 toks = toks[:room]
                 reason = "length" if len(toks) == room else None
             req.tokens += toks
+            if req.frames:                                        # the committed canvas closes its frames
+                last = self.frames[-1] if self.frames and self.frames[-1].request_id == req.id else None
+                ent = last.entropy[:len(toks)] if last is not None else [0.0] * len(toks)
+                self.frames.append(Frame(req.id, req.canvases - 1, r.req.s.max_denoising_steps - r.left, True,
+                                         list(toks), [2] * len(toks), ent, len(toks),
+                                         sum(ent) / max(len(ent), 1)))
             events.append(CanvasEvent(req.id, toks, reason is not None, reason, req.passes))
             if reason is not None:
                 n_valid = len(req.tokens) if s.pad_token_id is None else sum(t != s.pad_token_id for t in req.tokens)

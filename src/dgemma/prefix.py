@@ -23,7 +23,8 @@ def cache_bytes(cache: KVCache) -> int:
 
 
 class PrefixStore:
-    """Token-id prefixes (multiples of `chunk`) -> one-row cache snapshots, LRU under `budget_bytes`."""
+    """Token-id prefixes (multiples of `chunk`) -> one-row cache snapshots, LRU under `budget_bytes`.
+    chunk=1: any length (the engine's inexact mode, for the terminal chat)."""
 
     def __init__(self, budget_bytes: int, chunk: int) -> None:
         self.budget, self.chunk = int(budget_bytes), int(chunk)
@@ -36,7 +37,8 @@ class PrefixStore:
 
     def lookup(self, ids: list[int]) -> tuple[int, KVCache | None]:
         """The longest stored prefix of `ids` -> (its length, its snapshot), or (0, None)."""
-        for m in range(len(ids) // self.chunk * self.chunk, 0, -self.chunk):
+        lengths = sorted({len(k) for k in self.entries if len(k) <= len(ids)}, reverse=True)
+        for m in lengths:
             key = tuple(ids[:m])
             snap = self.entries.get(key)
             if snap is not None:

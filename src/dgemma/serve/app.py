@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
@@ -56,6 +57,7 @@ class State:
     worker: Any = None
     metrics: Any = None
     chat_eos: list[int] = field(default_factory=list)
+    pieces: dict[int, str] = field(default_factory=dict)     # token id -> its text, for frames
 
 
 class Metrics:
@@ -126,6 +128,7 @@ class Job:
     stops: list[str]
     chat: list[dict] | None
     include_usage: bool
+    frame_interval: float | None = None      # seconds between frames; None: no frames
 
 
 def create_app(state: State) -> FastAPI:
@@ -186,6 +189,13 @@ def create_app(state: State) -> FastAPI:
         if state.ready and not state.worker.stopping:
             return {"status": "ok"}
         return JSONResponse({"status": "failed" if state.failed else "loading", "error": state.failed}, 503)
+
+    @app.get("/", summary="the playground: a chat page that shows the canvas denoise", response_class=Response)
+    async def playground():
+        page = Path(__file__).parent / "static" / "index.html"
+        if not page.is_file():
+            raise APIError(404, "the playground page is not installed", kind="not_found_error")
+        return Response(page.read_bytes(), media_type="text/html; charset=utf-8")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics():
@@ -303,9 +313,11 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     if st.worker.waiting >= st.cfg.max_queue:
         raise APIError(429, f"{st.worker.waiting} requests are waiting (--max-queue {st.cfg.max_queue}); retry "
                             "later", kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    kwargs.update(seed=req.seed, greedy=tau == 0)
+    kwargs.update(seed=req.seed, greedy=tau == 0, frames=bool(req.denoising_frames))
     include = bool(req.stream_options and req.stream_options.include_usage)
-    return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include)
+    interval = (50 if req.frame_interval_ms is None else req.frame_interval_ms) / 1000 if req.denoising_frames \
+        else None
+    return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include, interval)
 
 
 async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
@@ -318,6 +330,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
         loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
 
     text, n_tokens, t0, first, done = TextStream(st.tok, job.stops), 0, time.perf_counter(), True, False
+    last_frame = -1e9
     worker.submit(job.rid, job.ids, sink, **job.kwargs)
     try:
         while True:
@@ -325,6 +338,12 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
             if kind == "error":
                 done = True
                 raise APIError(503, p, kind="server_error", code="request_ended")
+            if kind == "frame":
+                t = time.perf_counter()
+                if p.final or t - last_frame >= job.frame_interval:
+                    last_frame = t
+                    yield "frame", _frame(st, p)
+                continue
             if kind == "canvas":
                 if first:
                     m.ttfc.observe(time.perf_counter() - t0)
@@ -349,6 +368,17 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
         if not done:
             worker.cancel(job.rid)
             log.info("%s cancelled (client gone)", job.rid)
+
+
+def _frame(st: State, f) -> dict:
+    pieces = st.pieces
+    for t in f.tokens:
+        if t not in pieces:
+            pieces[t] = st.tok.decode([t], skip_special_tokens=False)
+    return {"canvas": f.canvas, "step": f.step, "final": f.final, "tokens": f.tokens,
+            "pieces": [pieces[t] for t in f.tokens], "state": f.state,
+            "entropy": [round(e, 4) for e in f.entropy], "accepted": f.accepted,
+            "mean_entropy": round(f.mean_entropy, 4)}
 
 
 def _finish(st: State, job: Job, n_tokens: int, res, passes: int, t0: float) -> dict:
@@ -395,6 +425,8 @@ async def _respond(st: State, job: Job, request: Request, stream: bool, chat: bo
                 async for ev in _events(st, job):
                     if ev[0] == "text":
                         yield _sse(_with_usage(piece({"content": ev[1]}, None), job))
+                    elif ev[0] == "frame":
+                        yield _sse({**piece({}, None), "choices": [], "dgemma_frame": ev[1]})
                     else:
                         yield _sse(_with_usage(piece({}, ev[1]), job))
                         if job.include_usage:
@@ -414,7 +446,7 @@ async def _respond(st: State, job: Job, request: Request, stream: bool, chat: bo
         async for ev in _events(st, job):
             if ev[0] == "text":
                 parts.append(ev[1])
-            else:
+            elif ev[0] == "end":
                 end = ev
         text = "".join(parts)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end[1]}

@@ -68,6 +68,12 @@ class DiffusionControls(_Strict):
     t_max: Optional[float] = Field(None, gt=0, le=100, description="temperature of the first denoising step")
     confidence_threshold: Optional[float] = Field(None, ge=0, le=1e6, description=(
         "a canvas commits early once its argmax is stable and its mean entropy is below this"))
+    denoising_frames: Optional[bool] = Field(None, description=(
+        "with stream=true: also send the canvas after each denoiser pass, as chunks with empty `choices` and a "
+        "`dgemma_frame` object {canvas, step, final, tokens, pieces, state (0 noise, 1 accepted, 2 committed), "
+        "entropy, accepted, mean_entropy}; the last frame of each canvas (final) holds the committed tokens"))
+    frame_interval_ms: Optional[int] = Field(None, ge=0, le=60000, description=(
+        "at most one frame per this many milliseconds (default 50; final frames are always sent)"))
 
 
 class _Common(DiffusionControls):
@@ -114,6 +120,8 @@ class _Common(DiffusionControls):
                                "unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
+        if self.denoising_frames and not self.stream:
+            raise APIError(400, "denoising_frames needs stream=true", "denoising_frames")
 
 
 class ChatCompletionRequest(_Common):

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 log = logging.getLogger("dgemma.serve")
-Sink = Callable[[str, Any], None]         # sink(kind, payload): kind "canvas" | "done" | "error"
+Sink = Callable[[str, Any], None]         # sink(kind, payload): kind "frame" | "canvas" | "done" | "error"
 
 
 class Worker:
@@ -77,6 +77,10 @@ class Worker:
                 self.observe("prefill_seconds", st.prefill_s)
             if st.rows:
                 self.observe("pass_seconds", st.pass_s)
+            for fr in eng.take_frames() if eng.frames else ():
+                sink = self.sinks.get(fr.request_id)
+                if sink is not None:
+                    sink("frame", fr)
             for ev in events:
                 sink = self.sinks.get(ev.request_id)
                 if sink is None:

@@ -309,3 +309,25 @@ def test_graceful_shutdown_ends_streams_and_exits_0(small):
     t.join(10)
     errors = [json.loads(e) for e in events if e.startswith('{"error"')]
     assert errors and "shutting down" in errors[0]["error"]["message"] and events[-1] == "[DONE]", events[-3:]
+
+
+def test_denoising_frames_stream(server, tok):
+    c = client(server)
+    kw = dict(max_tokens=40, seed=21)
+    plain = chat(c, "Show me", stream=True, **kw)
+    text_plain, _, _, _ = streamed(plain)
+    s = chat(c, "Show me", stream=True, extra_body={**FAST, "denoising_frames": True, "frame_interval_ms": 0}, **kw)
+    text, frames = "", []
+    for ch in s:                                  # the official client: frames are chunks with no choices
+        if ch.choices:
+            text += ch.choices[0].delta.content or ""
+        else:
+            frames.append(ch.model_extra["dgemma_frame"])
+    assert text == text_plain
+    finals = [f for f in frames if f["final"]]
+    assert finals and tok.decode([t for f in finals for t in f["tokens"]], skip_special_tokens=True) == text
+    assert all(len(f["pieces"]) == len(f["tokens"]) == len(f["state"]) for f in frames)
+    assert len(frames) > len(finals)              # intermediate passes too
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": NAME, "messages": [{"role": "user", "content": "x"}], "denoising_frames": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "denoising_frames"

@@ -248,7 +248,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 # (nested ones too, e.g. `dgemma tokenizer train`) and sets `func` or `run` = callable(args) -> exit code.
 # Example: "dgemma.train.cli:add_train". Imported only when the parser is built.
 PLUGINS: list[str] = ["dgemma.train.cli:add_train", "dgemma.train.cli:add_eval", "dgemma.train.cli:add_tokenizer",
-                      "dgemma.bench.cli:add_bench", "dgemma.serve.cli:add_serve"]
+                      "dgemma.bench.cli:add_bench", "dgemma.serve.cli:add_serve", "dgemma.chat:add_chat"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,5 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if oom else 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # `python -m dgemma.cli`: run the imported module's main, so that its error classes
+    from dgemma.cli import main as _main   # are the ones plugins raise (this file would otherwise load twice)
+    sys.exit(_main())

@@ -44,6 +44,7 @@ class ServeConfig:
     sampler: str = "auto"
     prefill_chunk: int = 256
     prefix_cache_bytes: int = 1 << 30
+    max_steps: int = 256                     # cap on max_denoising_steps per canvas (bounds one request's work)
 
 
 @dataclass
@@ -137,6 +138,7 @@ def create_app(state: State) -> FastAPI:
         "entropy_bound, t_min, t_max, confidence_threshold) are extra body fields; temperature scales the "
         "denoising temperature schedule (0 = greedy)."))
     app.state.dgemma = state
+    app.openapi = lambda: _openapi(app)
 
     # ---- errors: always the OpenAI body -----------------------------------------------------------
     @app.exception_handler(APIError)
@@ -257,6 +259,34 @@ def create_app(state: State) -> FastAPI:
 
 
 STARTED = now()
+_ERRORS = {400: "invalid request (the error names the parameter)", 401: "missing or wrong API key",
+           404: "unknown model or route", 429: "queue full (see Retry-After)",
+           503: "model loading or server shutting down"}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema with the responses this server really sends: OpenAI error bodies instead of 422, and the
+    SSE stream of the completion routes."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    err = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path.startswith("/v1/"):
+                for code, text in _ERRORS.items():
+                    responses[str(code)] = {"description": text, "content": {"application/json": {"schema": err}}}
+            if path in ("/v1/chat/completions", "/v1/completions"):
+                responses["200"]["content"] = {"application/json": {"schema": {"type": "object"}},
+                                               "text/event-stream": {"schema": {"type": "string"}}}
+    app.openapi_schema = schema
+    return schema
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\])$")   # pydantic union branches
 
 
@@ -294,6 +324,8 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
         param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         raise APIError(400, f"{len(ids)} prompt tokens + {limit} new tokens (in {C}-token canvases) exceed the "
                             f"model's context of {cfg.max_position_embeddings}", param, "context_length_exceeded")
+    if req.max_denoising_steps is not None and req.max_denoising_steps > st.cfg.max_steps:
+        raise APIError(400, f"max_denoising_steps must be <= {st.cfg.max_steps} on this server", "max_denoising_steps")
     tau = 1.0 if req.temperature is None else req.temperature
     t_min = req.t_min if req.t_min is not None else base.t_min
     t_max = req.t_max if req.t_max is not None else base.t_max

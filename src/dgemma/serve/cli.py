@@ -36,6 +36,8 @@ def add_serve(sub) -> None:
                         "(default 256)")
     p.add_argument("--prefix-cache-mb", type=int, default=1024, metavar="MB",
                    help="memory for reusable prompt prefixes (multi-turn chats); 0 turns reuse off (default 1024)")
+    p.add_argument("--max-denoising-steps", type=_positive, default=256, metavar="N",
+                   help="largest max_denoising_steps a request may ask for (bounds one request's work; default 256)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=cmd_serve)
 
@@ -64,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(model_path=str(path), model_name=name, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY")
                       or None, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                       max_queue=args.max_queue, sampler=args.sampler, prefill_chunk=args.prefill_chunk,
-                      prefix_cache_bytes=args.prefix_cache_mb << 20)
+                      prefix_cache_bytes=args.prefix_cache_mb << 20, max_steps=args.max_denoising_steps)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = State(cfg, metrics=Metrics())
     app = create_app(state)

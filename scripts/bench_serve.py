@@ -63,8 +63,9 @@ def requests(n: int) -> list[list[dict]]:
             for i in range(n)]
 
 
-def bench_concurrency(n: int, max_tokens: int, threads: int) -> dict:
-    srv = ServerProcess("--max-batch", str(n), "--max-queue", str(4 * n), env={"OMP_NUM_THREADS": str(threads)})
+def bench_concurrency(n: int, max_tokens: int, threads: int, sampler: str) -> dict:
+    srv = ServerProcess("--max-batch", str(n), "--max-queue", str(4 * n), "--sampler", sampler,
+                        env={"OMP_NUM_THREADS": str(threads)})
     srv.wait_ready()
     try:
         async def main():
@@ -75,20 +76,22 @@ def bench_concurrency(n: int, max_tokens: int, threads: int) -> dict:
             t_seq = time.perf_counter() - t0
             t0 = time.perf_counter()
             par = await asyncio.gather(*[one_stream(c, m, i, max_tokens, None) for i, m in enumerate(requests(n))])
-            return seq, t_seq, par, time.perf_counter() - t0
+            t_par = time.perf_counter() - t0
+            await c.close()
+            return seq, t_seq, par, t_par
         seq, t_seq, par, t_par = asyncio.run(main())
     finally:
         srv.stop()
     same = sum(a["text"] == b["text"] for a, b in zip(seq, par))
     tok_seq, tok_par = sum(r["tokens"] for r in seq), sum(r["tokens"] for r in par)
-    engine_s = engine_sequential(n, max_tokens, threads)
-    return {"clients": n, "max_tokens": max_tokens, "sequential_s": t_seq, "sequential_tok_s": tok_seq / t_seq,
+    engine_s = engine_sequential(n, max_tokens, threads, sampler)
+    return {"clients": n, "max_tokens": max_tokens, "sampler": sampler, "sequential_s": t_seq, "sequential_tok_s": tok_seq / t_seq,
             "concurrent_s": t_par, "concurrent_tok_s": tok_par / t_par,
             "speedup": (tok_par / t_par) / (tok_seq / t_seq), "same_text_seq_vs_concurrent": f"{same}/{n}",
             "engine_sequential_s": engine_s, "server_overhead": t_seq / engine_s - 1}
 
 
-def engine_sequential(n: int, max_tokens: int, threads: int) -> float:
+def engine_sequential(n: int, max_tokens: int, threads: int, sampler: str) -> float:
     """The same requests on an in-process Engine: token ids in, token ids out (what the server adds is the rest)."""
     import torch
     import dgemma
@@ -97,7 +100,7 @@ def engine_sequential(n: int, max_tokens: int, threads: int) -> float:
     model = dgemma.load(dgemma.default_model_path(), device="cpu", dtype="float32")
     tok = dgemma.load_tokenizer(model.path)
     eos = list(model.sampler_config.eos_token_id or []) + [tok.token_to_id("<end_of_turn>")]
-    eng = Engine(model, max_batch=n)
+    eng = Engine(model, max_batch=n, sampler=sampler)
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in requests(n)]
     run = lambda ids, seed, k: (eng.submit(ids, seed=seed, max_new_tokens=k, eos_token_id=eos), eng.run())  # noqa
     run(prompts[0], 999, 32)                                                               # warm-up
@@ -124,6 +127,7 @@ def bench_history(n_words: int, threads: int) -> dict:
                 before = srv.metric("dgemma_prefill_seconds_sum")
                 r2 = await one_stream(c, msgs, 2, 64, None)
                 r2["encode_s"] = srv.metric("dgemma_prefill_seconds_sum") - before
+                await c.close()
                 return r1, r2
             r1, r2 = asyncio.run(main())
         finally:
@@ -203,14 +207,15 @@ def main() -> int:
     ap.add_argument("--part", default="concurrency,history,stall,engine-history")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--history-words", type=int, default=2650, help="words of history (~1.45 tokens each)")
+    ap.add_argument("--history-words", type=int, default=2830, help="words of history (~1.45 tokens each)")
+    ap.add_argument("--sampler", default="fast", help="the server's --sampler (default fast, as the server)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     ap.add_argument("--json", default="bench_out/serve.json")
     a = ap.parse_args()
     out = {}
     parts = a.part.split(",")
     if "concurrency" in parts:
-        out["concurrency"] = bench_concurrency(a.clients, a.max_tokens, a.threads)
+        out["concurrency"] = bench_concurrency(a.clients, a.max_tokens, a.threads, a.sampler)
         print(json.dumps(out["concurrency"], indent=1), flush=True)
     if "history" in parts:
         out["history"] = bench_history(a.history_words, a.threads)

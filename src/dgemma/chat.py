@@ -8,7 +8,7 @@ template does not extend the ids' text, the whole conversation is re-rendered, a
 (stops a reply between engine steps, exits at the prompt); drawing a canvas with rich (noise dim, accepted bright,
 committed plain); plain text without control codes when stdout is not a terminal.
 Does not know: the model math, HTTP routes other than chat completions and the model list, tool calls, images.
-rich is needed only in a terminal (it is not a dependency of dgemma; without it the canvas is not shown).
+rich draws the canvas in a terminal (imported only there).
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ class ServeConfig:
     dtype: str | None = None
     max_batch: int = 8
     max_queue: int = 64
-    sampler: str = "auto"
+    sampler: str = "fast"
     prefill_chunk: int = 256
     prefix_cache_bytes: int = 1 << 30
     max_steps: int = 256                     # cap on max_denoising_steps per canvas (bounds one request's work)

@@ -29,8 +29,10 @@ def add_serve(sub) -> None:
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES),
                    help="compute dtype (default: float32 on the CPU, else the checkpoint's)")
-    p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="auto",
-                   help="auto (default): exact on the CPU, fast with CUDA graphs on a GPU")
+    p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="fast",
+                   help="fast (default): one random number per position, CUDA graphs on a GPU; exact: the "
+                        "reference's random stream (seeded CPU fp32 runs match transformers; slower when batched); "
+                        "auto: exact on the CPU, fast elsewhere. Seeds reproduce with either")
     p.add_argument("--prefill-chunk", type=_positive, default=256, metavar="N",
                    help="prompts are encoded N tokens per engine step; also the prefix-reuse granularity "
                         "(default 256)")

@@ -3,7 +3,7 @@
     python scripts/bench_engine_frames.py [--old-src PATH/src] [--repeats 5]
 
 Runs 4 requests (random prompts, 4 canvases each, 8 steps) through `Engine` on the shipped model in fp32, in
-fresh subprocesses taking turns (old, off, on, old, off, on, ...), and prints the median tokens/s of each. The
+fresh subprocesses taking turns (the order rotates each round), and prints the median tokens/s of each. The
 old checkout (e.g. `git worktree add /tmp/old 37efbe8`) is the engine before frames existed.
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ def main() -> int:
     systems = ([("old", a.old_src, "off")] if a.old_src else []) + [("frames off", here, "off"),
                                                                      ("frames on", here, "on")]
     res: dict[str, list[float]] = {name: [] for name, _, _ in systems}
-    for _ in range(a.repeats):
-        for name, src, mode in systems:
+    for r in range(a.repeats):
+        for name, src, mode in systems[r % len(systems):] + systems[:r % len(systems)]:   # rotate the order
             res[name].append(run(mode, src, a.threads))
     med = {k: statistics.median(v) for k, v in res.items()}
     for k, v in med.items():

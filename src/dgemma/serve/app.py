@@ -284,7 +284,7 @@ def _openapi(app: FastAPI) -> dict:
                     responses[str(code)] = {"description": text, "content": {"application/json": {"schema": err}}}
             if path in ("/v1/chat/completions", "/v1/completions"):
                 responses["200"]["content"] = {"application/json": {"schema": {"type": "object"}},
-                                               "text/event-stream": {"schema": {"type": "string"}}}
+                                               "text/event-stream": {"schema": {}}}
     app.openapi_schema = schema
     return schema
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\])$")   # pydantic union branches

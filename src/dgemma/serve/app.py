@@ -176,6 +176,13 @@ def create_app(state: State) -> FastAPI:
             raise APIError(503, state.worker.stopping, kind="server_error", code="shutting_down")
         return state
 
+    def accept(req) -> State:
+        """A completion request the server can take: model loaded, fields honourable, the model it names."""
+        st = ready()
+        req.checks()
+        _check_model(st, req.model)
+        return st
+
     async def auth(request: Request) -> None:
         key = state.cfg.api_key
         if not key:
@@ -221,9 +228,7 @@ def create_app(state: State) -> FastAPI:
               responses={200: {"description": "a chat.completion, or with stream=true an SSE stream of "
                                               "chat.completion.chunk events ending with `data: [DONE]`"}})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        st = ready()
-        req.checks()
-        _check_model(st, req.model)
+        st = accept(req)
         from dgemma.tokenizer import TokenizerError
         messages = req.chat()
         try:
@@ -237,9 +242,7 @@ def create_app(state: State) -> FastAPI:
               responses={200: {"description": "a text_completion, or with stream=true an SSE stream of "
                                               "text_completion events ending with `data: [DONE]`"}})
     async def completions(req: CompletionRequest, request: Request):
-        st = ready()
-        req.checks()
-        _check_model(st, req.model)
+        st = accept(req)
         p = req.one_prompt()
         if isinstance(p, str):
             if not p:

@@ -51,3 +51,17 @@ def test_frames_repeat_and_do_not_change_tokens(peaky_model):
     assert f3 == []
     toks = lambda ev, rid: [t for e in ev if e.request_id == rid for t in e.tokens]  # noqa: E731
     assert toks(ev1, a1) == toks(ev3, a3) and toks(ev1, b1) == toks(ev3, b3)
+
+
+def test_final_frames_carry_their_own_entropy_when_batched(peaky_model):
+    eng = Engine(peaky_model, max_batch=2, prefill_chunk=16)
+    ids = [eng.submit(_ids(12, i), seed=i, frames=True, **KW) for i in range(2)]
+    frames = []
+    while eng.has_work():
+        eng.step()
+        frames += eng.take_frames()
+    for rid in ids:
+        mine = [f for f in frames if f.request_id == rid]
+        for prev, f in zip(mine, mine[1:]):
+            if f.final:
+                assert f.entropy == prev.entropy[:len(f.tokens)] and f.mean_entropy > 0

@@ -145,3 +145,15 @@ def test_cancel_outside_inference_mode_after_the_cache_grew(peaky_model):
         eng.step()
     eng.cancel(a)                                         # called from plain code (a server thread)
     assert [r.req.id for r in eng.rows] == [b]
+
+
+def test_warm_jobs_wait_until_the_engine_is_idle(peaky_model):
+    eng = Engine(peaky_model, max_batch=2, prefill_chunk=K)
+    eng.submit(_ids(10, 1), seed=1, **KW)
+    eng.warm(_ids(64, 2))
+    while eng.has_work():                                  # the request's own prompt is shorter than a chunk
+        eng.step()
+        assert len(eng.prefix) == 0 and len(eng.warming) == 1   # nothing warmed while it runs
+    while eng.warming:
+        eng.step()
+    assert tuple(_ids(64, 2)) in eng.prefix.entries

@@ -95,6 +95,12 @@ def test_chat_usage_and_stream_equals_nonstream(server, tok):
     assert chunks >= 4     # role, >= 2 canvases of text (45 tokens > one 32-token canvas), finish, usage
 
 
+def test_message_name_is_accepted(server):
+    r = client(server).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi", "name": "bo"}],
+                                               max_tokens=4, extra_body=FAST)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_content_parts_equal_a_string(server):
     c = client(server)
     a = chat(c, "Hello\nworld", seed=3)
@@ -137,6 +143,7 @@ def test_stop_strings(server):
     r = c.completions.create(model=NAME, prompt="The road", max_tokens=64, seed=11, stop=[word, "zzzq"],
                              extra_body=FAST)
     assert r.choices[0].text == text[:cut] and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < full.usage.completion_tokens        # only the tokens up to the stop
     s, finish, _, _ = streamed(c.completions.create(model=NAME, prompt="The road", max_tokens=64, seed=11,
                                                     stop=word, extra_body=FAST, stream=True))
     assert s == text[:cut] and finish == "stop"
@@ -200,6 +207,8 @@ BAD = [  # (body changes, status, param)
     ({"temperature": 3}, 400, "temperature"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_tokens": 10 ** 9}, 400, "max_tokens"),
+    ({"max_tokens": 10 ** 400}, 400, "max_tokens"),
+    ({"stop": "x" * 300}, 400, "stop"),
     ({"t_min": 2.0, "t_max": 1.0}, 400, "t_max"),
     ({"max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),

@@ -96,7 +96,7 @@ class KVCache:
     def copy_row(self, dst: int, src_cache: "KVCache", src: int = 0) -> None:
         """Copy row `src` of `src_cache` (same model) into row `dst` of this cache."""
         L = src_cache.lengths[src]
-        self.reserve(L + 1)
+        self.reserve(L)
         for i in range(self.cfg.num_hidden_layers):
             n = src_cache.ring if self.cfg.is_sliding(i) else L
             self.k[i][dst, :, :n] = src_cache.k[i][src, :, :n]

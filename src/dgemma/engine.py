@@ -44,6 +44,7 @@ class CanvasEvent:
     finished: bool
     finish_reason: str | None    # "eos" or "length" once finished
     passes: int = 0              # decoder passes of this request so far
+    cached_tokens: int = 0       # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -90,6 +91,7 @@ class _Request:
     gen: torch.Generator
     greedy: bool = False
     frames: bool = False
+    last_entropy: list[float] | None = None  # entropies of this request's last frame
     tokens: list[int] = field(default_factory=list)
     canvases: int = 0
     passes: int = 0
@@ -296,8 +298,9 @@ class Engine:
         for b, r in enumerate(self.rows):
             if r.req.frames:
                 acc, e = accept[b].tolist(), ent[b].float()
+                r.req.last_entropy = e.tolist()
                 self.frames.append(Frame(r.req.id, r.req.canvases, r.req.s.max_denoising_steps - r.left, False,
-                                         new_canvas[b].tolist(), [int(a) for a in acc], e.tolist(), sum(acc),
+                                         new_canvas[b].tolist(), [int(a) for a in acc], r.req.last_entropy, sum(acc),
                                          float(e.mean())))
 
     def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy):
@@ -321,7 +324,8 @@ class Engine:
         Returns the tokens encoded."""
         while self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch:
             self.prefilling.append(self._start(self.waiting.popleft()))
-        jobs = list(self.prefilling) or (list(self.warming) if not self.waiting else [])
+        idle = not (self.waiting or self.rows)
+        jobs = list(self.prefilling) or (list(self.warming) if idle else [])   # warm jobs: only when idle
         done, K = 0, self.prefill_chunk
         for req in jobs:
             if req.one is None:                                  # a warm job starting now
@@ -336,7 +340,7 @@ class Engine:
                 if end == last and last > req.cached and self.prefix is not None:
                     snap = req.one
                     if end < L:                                  # the tail continues in req.one: keep a copy
-                        snap = self.model.new_cache(1, last + 1, scratch=1)
+                        snap = self.model.new_cache(1, last, scratch=1)
                         snap.copy_row(0, req.one)
                     self.prefix.insert(req.prompt[:last], snap)
             if req.pos < L:
@@ -354,7 +358,7 @@ class Engine:
 
     def _start(self, req: _Request) -> _Request:
         """Give a request its own one-row cache, starting from the longest stored prefix of its prompt."""
-        req.one = self.model.new_cache(1, len(req.prompt) + 1, scratch=1)
+        req.one = self.model.new_cache(1, len(req.prompt), scratch=1)
         n, snap = self.prefix.lookup(req.prompt) if self.prefix is not None else (0, None)
         if snap is not None:
             req.one.copy_row(0, snap)
@@ -380,12 +384,11 @@ class Engine:
                 reason = "length" if len(toks) == room else None
             req.tokens += toks
             if req.frames:                                        # the committed canvas closes its frames
-                last = self.frames[-1] if self.frames and self.frames[-1].request_id == req.id else None
-                ent = last.entropy[:len(toks)] if last is not None else [0.0] * len(toks)
+                ent = (req.last_entropy or [0.0] * self.C)[:len(toks)]
                 self.frames.append(Frame(req.id, req.canvases - 1, r.req.s.max_denoising_steps - r.left, True,
                                          list(toks), [2] * len(toks), ent, len(toks),
                                          sum(ent) / max(len(ent), 1)))
-            events.append(CanvasEvent(req.id, toks, reason is not None, reason, req.passes))
+            events.append(CanvasEvent(req.id, toks, reason is not None, reason, req.passes, req.cached))
             if reason is not None:
                 n_valid = len(req.tokens) if s.pad_token_id is None else sum(t != s.pad_token_id for t in req.tokens)
                 self.done[req.id] = Result(req.id, req.prompt, req.tokens, reason, req.passes,

@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -172,8 +171,9 @@ def create_app(state: State) -> FastAPI:
         if not state.ready:
             msg = f"the model failed to load: {state.failed}" if state.failed else "the model is still loading"
             raise APIError(503, msg, kind="server_error", code="not_ready", headers={"Retry-After": "5"})
-        if state.worker.stopping:
-            raise APIError(503, state.worker.stopping, kind="server_error", code="shutting_down")
+        if not state.worker.alive():
+            raise APIError(503, state.worker.stopping or "the engine stopped", kind="server_error",
+                           code="shutting_down")
         return state
 
     def accept(req) -> State:
@@ -195,7 +195,7 @@ def create_app(state: State) -> FastAPI:
     # ---- routes -----------------------------------------------------------------------------------
     @app.get("/health", summary="200 once the model is loaded and the engine runs, else 503")
     async def health():
-        if state.ready and not state.worker.stopping:
+        if state.ready and state.worker.alive():
             return {"status": "ok"}
         return JSONResponse({"status": "failed" if state.failed else "loading", "error": state.failed}, 503)
 
@@ -323,7 +323,7 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
                        "context_length_exceeded")
     if limit is None:
         limit = min(base.max_new_tokens, fit)
-    elif math.ceil(limit / C) * C > room:
+    elif -(-limit // C) * C > room:
         param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         raise APIError(400, f"{len(ids)} prompt tokens + {limit} new tokens (in {C}-token canvases) exceed the "
                             f"model's context of {cfg.max_position_embeddings}", param, "context_length_exceeded")
@@ -387,15 +387,15 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 delta = text.push(p.tokens, final=p.finished)
                 if delta:
                     yield "text", delta
-                if text.stopped:
+                if text.stopped:                          # count the tokens up to the stop string
                     worker.cancel(job.rid)
                     done = True
-                    yield "end", "stop", _finish(st, job, n_tokens, None, p.passes, t0)
+                    yield "end", "stop", _finish(st, job, text.used, p.cached_tokens, p.passes, t0)
                     return
             elif kind == "done":
                 done = True
                 reason = "stop" if p.finish_reason == "eos" else "length"
-                yield "end", reason, _finish(st, job, n_tokens, p, p.decoder_passes, t0)
+                yield "end", reason, _finish(st, job, n_tokens, p.cached_tokens, p.decoder_passes, t0)
                 if job.chat is not None:
                     _warm(st, job.chat + [{"role": "assistant", "content": text.text}])
                 return
@@ -416,8 +416,7 @@ def _frame(st: State, f) -> dict:
             "mean_entropy": round(f.mean_entropy, 4)}
 
 
-def _finish(st: State, job: Job, n_tokens: int, res, passes: int, t0: float) -> dict:
-    cached = res.cached_tokens if res is not None else 0
+def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: float) -> dict:
     m = st.metrics
     m.prompt_tokens.inc(len(job.ids))
     m.generated.inc(n_tokens)

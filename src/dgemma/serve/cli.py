@@ -76,8 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             """Stop accepting, end in-flight requests with an error event, exit 0 (not re-raise the signal)."""
-            if state.worker is not None and not state.worker.stopping:
-                state.worker.stop()           # after its current step; the error events are queued on the loop
+            if state.worker is not None and not state.worker.stopping:   # no locks or joins in a signal handler
+                state.worker.stopping = "the server is shutting down"
+                threading.Thread(target=state.worker.stop, daemon=True).start()
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 

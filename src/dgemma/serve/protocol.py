@@ -48,6 +48,7 @@ class Message(_Strict):
         description='"developer" is treated as "system"; the chat template decides how a system turn renders')
     content: Union[str, list[TextPart]] = Field(
         description="a string, or a list of text parts (joined with newlines); other part types are rejected")
+    name: Optional[str] = Field(None, max_length=256, description="accepted; the chat template does not use it")
 
 
 class StreamOptions(_Strict):
@@ -78,7 +79,7 @@ class DiffusionControls(_Strict):
 
 class _Common(DiffusionControls):
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1, description=(
+    max_tokens: Optional[int] = Field(None, ge=1, le=2 ** 31, description=(
         "exact upper bound on generated tokens (default: the checkpoint's max_new_tokens, less where the "
         "context ends sooner)"))
     temperature: Optional[float] = Field(None, ge=0, le=2, description=(
@@ -102,8 +103,8 @@ class _Common(DiffusionControls):
         if v is None:
             return v
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be up to 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings of at most 256 characters")
         return v
 
     def stops(self) -> list[str]:
@@ -126,7 +127,7 @@ class _Common(DiffusionControls):
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="same as max_tokens")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=2 ** 31, description="same as max_tokens")
     logprobs: Optional[bool] = Field(None, description="only false")
     top_logprobs: Optional[int] = Field(None, description="not supported")
     response_format: Optional[ResponseFormat] = None

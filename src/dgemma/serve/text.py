@@ -15,6 +15,7 @@ class TextStream:
         self.ids: list[int] = []
         self.text = ""          # everything sent so far
         self.stopped = False    # a stop string was found: the reply ends here
+        self.used = 0           # tokens up to the stop string (the fewest whose text reaches it), once stopped
 
     def push(self, ids: list[int], final: bool = False) -> str:
         """Add committed ids; returns the new text that is safe to send (may be empty)."""
@@ -28,6 +29,14 @@ class TextStream:
         hits = [i for i in (full.find(s, start) for s in self.stops) if i >= 0]
         if hits:
             end, self.stopped = min(hits), True
+            lo, hi = 0, len(self.ids)                  # fewest tokens whose text reaches the stop string
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(self.tok.decode(self.ids[:mid], skip_special_tokens=True)) >= end:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            self.used = lo
         elif final:
             end = len(full)
         else:                                      # hold back a tail that may be the start of a stop string

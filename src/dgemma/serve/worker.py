@@ -53,46 +53,49 @@ class Worker:
         """End every open request with `reason` and stop the loop after the current step."""
         self.stopping = reason
         self.commands.put(("stop",))
-        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+        if self.thread.is_alive() and threading.current_thread() is not self.thread and wait:
             self.thread.join(wait)
 
     # ---- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
         eng = self.engine
         while True:
-            idle = not eng.has_work() and not eng.warming
-            if not self._drain(block=idle):
-                break
-            if not (eng.has_work() or eng.warming):
-                self._gauges()
-                continue
             try:
-                events = eng.step()
-            except Exception as e:                         # never leave a client hanging
+                idle = not eng.has_work() and not eng.warming
+                if not self._drain(block=idle):
+                    break
+                if not (eng.has_work() or eng.warming):
+                    self._gauges()
+                    continue
+                self._step()
+            except Exception as e:                         # never leave a client hanging, never die
                 log.exception("engine step failed")
                 self._fail_all(f"internal error in the engine: {type(e).__name__}")
-                continue
-            st = eng.stats
-            if st.prefill_tokens:
-                self.observe("prefill_seconds", st.prefill_s)
-            if st.rows:
-                self.observe("pass_seconds", st.pass_s)
-            for fr in eng.take_frames() if eng.frames else ():
-                sink = self.sinks.get(fr.request_id)
-                if sink is not None:
-                    sink("frame", fr)
-            for ev in events:
-                sink = self.sinks.get(ev.request_id)
-                if sink is None:
-                    continue
-                sink("canvas", ev)
-                if ev.finished:
-                    res = eng.collect(ev.request_id)
-                    self.sinks.pop(ev.request_id, None)
-                    self.started_at.pop(ev.request_id, None)
-                    sink("done", res)
-            self._gauges()
         self._fail_all(self.stopping or "the server is shutting down")
+
+    def _step(self) -> None:
+        eng = self.engine
+        events = eng.step()
+        st = eng.stats
+        if st.prefill_tokens:
+            self.observe("prefill_seconds", st.prefill_s)
+        if st.rows:
+            self.observe("pass_seconds", st.pass_s)
+        for fr in eng.take_frames() if eng.frames else ():
+            sink = self.sinks.get(fr.request_id)
+            if sink is not None:
+                sink("frame", fr)
+        for ev in events:
+            sink = self.sinks.get(ev.request_id)
+            if sink is None:
+                continue
+            sink("canvas", ev)
+            if ev.finished:
+                res = eng.collect(ev.request_id)
+                self.sinks.pop(ev.request_id, None)
+                self.started_at.pop(ev.request_id, None)
+                sink("done", res)
+        self._gauges()
 
     def _gauges(self) -> None:
         self.waiting = self.engine.queued() + self._queued_submits()
@@ -139,11 +142,18 @@ class Worker:
                 return True
 
     def _fail_all(self, reason: str) -> None:
+        """End every open request with `reason`; drop half-done work (warm jobs, queued submits)."""
         for rid, sink in list(self.sinks.items()):
-            self.engine.cancel(rid)
+            try:
+                self.engine.cancel(rid)
+            except Exception:
+                log.exception("cancel failed")
             sink("error", reason)
         self.sinks.clear()
         self.started_at.clear()
+        self.engine.warming.clear()
+        self.engine.frames.clear()
+        keep = []
         while True:                                        # submits that never reached the engine
             try:
                 cmd = self.commands.get_nowait()
@@ -151,4 +161,11 @@ class Worker:
                 break
             if cmd[0] == "submit":
                 cmd[3]("error", reason)
+            elif cmd[0] == "stop":
+                keep.append(cmd)
+        for cmd in keep:                                   # a stop asked for meanwhile still stops the loop
+            self.commands.put(cmd)
         self.waiting = self.engine.queued()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping

@@ -1,0 +1,69 @@
+"""The engine worker with a fake engine: a failing step ends the open requests with an error, drops half-done
+warm work, and the worker keeps serving; stop ends everything and the thread exits."""
+import threading
+import time
+
+from dgemma.engine import CanvasEvent, Result, StepStats
+from dgemma.serve.worker import Worker
+
+
+class FakeEngine:
+    def __init__(self):
+        self.waiting, self.rows, self.warming, self.frames, self.prefilling = [], [], [], [], []
+        self.stats, self.fail_next, self.done = StepStats(), False, {}
+
+    def has_work(self):
+        return bool(self.waiting)
+
+    def queued(self):
+        return 0
+
+    def submit(self, prompt, request_id=None, **kw):
+        self.waiting.append(request_id)
+
+    def warm(self, ids):
+        self.warming.append(ids)
+
+    def cancel(self, rid):
+        self.waiting = [r for r in self.waiting if r != rid]
+
+    def step(self):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        rid = self.waiting.pop(0)
+        self.done[rid] = Result(rid, [1], [5], "eos", 1, 1.0)
+        return [CanvasEvent(rid, [5], True, "eos", 1)]
+
+    def collect(self, rid):
+        return self.done.pop(rid)
+
+    def take_frames(self):
+        return []
+
+
+def _submit(w, rid):
+    got, ev = [], threading.Event()
+
+    def sink(kind, payload):
+        got.append(kind)
+        if kind in ("done", "error"):
+            ev.set()
+    w.submit(rid, [1, 2], sink)
+    assert ev.wait(5)
+    return got
+
+
+def test_worker_survives_a_failing_step():
+    eng = FakeEngine()
+    w = Worker(eng).start()
+    assert _submit(w, "a") == ["canvas", "done"]
+    eng.fail_next = True
+    eng.warming.append([1] * 10)
+    assert _submit(w, "b") == ["error"]
+    assert eng.warming == [] and w.alive()
+    assert _submit(w, "c") == ["canvas", "done"]
+    t0 = time.time()
+    w.stop()
+    assert not w.thread.is_alive() and time.time() - t0 < 5
+    assert _submit(w, "d") == ["error"]

@@ -113,21 +113,41 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="held-out encoder perplexity, denoiser loss and tokens per forward")
+    p = sub.add_parser("eval", help="held-out encoder perplexity, denoiser loss and tokens per forward; "
+                                    "--quality: generated-text quality, diffusion vs AR")
     p.add_argument("--model", help="checkpoint folder (default: the shipped model)")
-    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--data", nargs="+", help="text files/folders and/or .jsonl files (required without --quality)")
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--canvases", type=int, default=2)
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=8, help="held-out prompts for tokens-per-forward")
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts for tokens-per-forward "
+                                                          "(--quality: fixed prompts to continue)")
     p.add_argument("--max-new-tokens", type=int, help="default: two canvases")
-    p.add_argument("--steps", type=int, help="max denoising steps (default: generation_config.json)")
+    p.add_argument("--steps", type=int, nargs="+", help="max denoising steps (default: generation_config.json); "
+                                                         "--quality: a list to sweep")
     p.add_argument("--val-percent", type=float, default=1.0, help="same split as training: only held-out data")
     p.add_argument("--all", action="store_true", help="use every document, not only the held-out split")
     p.add_argument("--json", help="also write the numbers to this file")
     p.add_argument("--device", default="cpu")
+    q = p.add_argument_group("quality suite (--quality)")
+    q.add_argument("--quality", action="store_true",
+                   help="measure generated text and task answers, AR vs each diffusion setting (no --data needed)")
+    q.add_argument("--sweep", action="store_true",
+                   help=f"sweep the default grid: steps {' '.join(map(str, SWEEP_STEPS))} x "
+                        f"entropy bound {' '.join(map(str, SWEEP_BOUNDS))}")
+    q.add_argument("--bound", type=float, nargs="+", help="entropy bounds to sweep (default: generation_config.json)")
+    q.add_argument("--t-min", type=float, help="diffusion t_min (default: generation_config.json)")
+    q.add_argument("--t-max", type=float, help="diffusion t_max (default: generation_config.json)")
+    q.add_argument("--tasks", type=int, default=8, help="seeded arithmetic / word problems (0 = none)")
+    q.add_argument("--ar-temperature", type=float, default=1.0, help="AR reference sampling temperature (0 = greedy)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", help="folder for quality.json and quality.png (created if missing)")
     p.set_defaults(func=run_eval)
+
+
+SWEEP_STEPS = (8, 16, 32)
+SWEEP_BOUNDS = (0.1, 0.5, 2.0)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -141,6 +161,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from .loop import evaluate
     from .objective import ObjectiveConfig
 
+    if args.quality:
+        return run_quality(args)
+    if not args.data:
+        raise ValueError("--data is required (or pass --quality for the generated-text quality suite)")
+    for flag in ("sweep", "bound", "t_min", "t_max", "out"):
+        if getattr(args, flag) not in (None, False):
+            raise ValueError(f"--{flag.replace('_', '-')} only goes with --quality")
+    if args.steps is not None and len(args.steps) != 1:
+        raise ValueError("--steps takes one value without --quality")
+    args.steps = args.steps[0] if args.steps else None
     _positive(args, "context", "canvases", "batches", "batch_size", "prompts", "max_new_tokens", "steps")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ValueError(f"--json: folder {str(Path(args.json).parent)!r} does not exist")
@@ -170,6 +200,80 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"{k}: {val:.4f}" if isinstance(val, float) else f"{k}: {val}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _quality_settings(args: argparse.Namespace) -> list[dict]:
+    """Diffusion settings of --quality: --sweep's grid, or the product of the --steps and --bound lists."""
+    if args.sweep and (args.steps or args.bound):
+        raise ValueError("--sweep is its own grid: leave out --steps/--bound, or drop --sweep")
+    steps = list(SWEEP_STEPS) if args.sweep else (args.steps or [None])
+    bounds = list(SWEEP_BOUNDS) if args.sweep else (args.bound or [None])
+    for s in steps:
+        if s is not None and s <= 0:
+            raise ValueError(f"--steps must be positive (got {s})")
+    for b in bounds:
+        if b is not None and b < 0:
+            raise ValueError(f"--bound must be >= 0 (got {b})")
+    out = []
+    for s in steps:
+        for b in bounds:
+            d = {"max_denoising_steps": s, "entropy_bound": b, "t_min": args.t_min, "t_max": args.t_max}
+            out.append({k: v for k, v in d.items() if v is not None})
+    return out
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .. import default_model_path, load
+    from ..generate import resolve_settings
+    from ..tokenizer import Tokenizer
+    from .quality import format_table, plot_frontier, prompt_set, run_suite
+
+    if args.data:
+        raise ValueError("--quality uses its own fixed prompts and tasks: leave out --data")
+    _positive(args, "prompts", "max_new_tokens")
+    if args.tasks < 0:
+        raise ValueError(f"--tasks must be >= 0 (got {args.tasks})")
+    if args.ar_temperature < 0:
+        raise ValueError(f"--ar-temperature must be >= 0 (got {args.ar_temperature})")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ValueError(f"--json: folder {str(Path(args.json).parent)!r} does not exist")
+    settings = _quality_settings(args)
+    path = Path(args.model or default_model_path())
+    model = load(path, device=args.device, dtype=torch.float32)
+    tok = Tokenizer.from_dir(path)
+    if args.prompts > len(prompt_set(tok)):
+        raise ValueError(f"--prompts: this tokenizer has {len(prompt_set(tok))} fixed prompts (got {args.prompts})")
+    for s in settings:                                 # bad settings fail now, not after the AR run
+        resolve_settings(model, max_new_tokens=1, **s)
+    new = args.max_new_tokens or 2 * model.config.canvas_length
+    total = (1 + len(settings)) * (args.prompts + args.tasks)
+    with tqdm(total=total, desc="quality", unit="gen", leave=False) as bar:
+        def step(name: str) -> None:
+            bar.set_postfix_str(name[:40], refresh=False)
+            bar.update(1)
+        res = run_suite(model, tok, settings, ar_temperature=args.ar_temperature, n_prompts=args.prompts,
+                        n_tasks=args.tasks, max_new_tokens=new, seed=args.seed, progress=step)
+    res = {"model": str(path), **res}
+    print(format_table(res))
+    text = json.dumps(res, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(text)
+        print(f"wrote {out / 'quality.json'}")
+        try:
+            plot_frontier(res, str(out / "quality.png"))
+            print(f"wrote {out / 'quality.png'}")
+        except ImportError:
+            print("quality.png skipped: matplotlib is not installed (pip install 'dgemma[plot]')")
     return 0
 
 

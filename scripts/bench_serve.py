@@ -101,7 +101,7 @@ def engine_sequential(n: int, max_tokens: int, threads: int, sampler: str) -> fl
     torch.set_num_threads(threads)
     model = dgemma.load(dgemma.default_model_path(), device="cpu", dtype="float32")
     tok = dgemma.load_tokenizer(model.path)
-    eos = list(model.sampler_config.eos_token_id or []) + [tok.token_to_id("<end_of_turn>")]
+    eos = tok.chat_eos(model.sampler_config.eos_token_id)                                 # as the server does
     eng = Engine(model, max_batch=n, sampler=sampler)
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in requests(n)]
     run = lambda ids, seed, k: (eng.submit(ids, seed=seed, max_new_tokens=k, eos_token_id=eos), eng.run())  # noqa

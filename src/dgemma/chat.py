@@ -164,15 +164,15 @@ class Local:
 
     def __init__(self, args: argparse.Namespace, system: str | None) -> None:
         import dgemma
-        from dgemma.checkpoint import resolve_device
+        from dgemma.checkpoint import compute_dtype, resolve_device
         from dgemma.cli import _device, _model_dir
         from dgemma.engine import Engine
         path, dev = _model_dir(args.model), resolve_device(_device(args.device))
-        self.model = dgemma.load(path, device=dev, dtype=args.dtype or ("float32" if dev.type == "cpu" else None))
+        self.model = dgemma.load(path, device=dev, dtype=compute_dtype(args.dtype, dev))
         self.tok = dgemma.load_tokenizer(self.model.path)
         sc = self.model.sampler_config
         self.end_turn = self.tok.token_to_id("<end_of_turn>")
-        self.eos = list(sc.eos_token_id or []) + [t for t in [self.end_turn] if t not in (sc.eos_token_id or [])]
+        self.eos = self.tok.chat_eos(sc.eos_token_id)
         self.pad = sc.pad_token_id
         self.eng = Engine(self.model, max_batch=1, exact_reuse=False)
         self.label = f"{path.name} ({self.model.device}, {str(self.model.dtype).replace('torch.', '')})"

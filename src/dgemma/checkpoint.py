@@ -189,6 +189,12 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
+def compute_dtype(dtype: str | None, device: torch.device) -> str | None:
+    """The dtype the commands compute in: the one asked for, else float32 on the CPU (faster there than bf16),
+    else None (the checkpoint's)."""
+    return dtype or ("float32" if device.type == "cpu" else None)
+
+
 def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
          dtype: torch.dtype | str | None = None):
     """Load a DiffusionGemma checkpoint folder or Hub model id -> `DiffusionGemma` in eval mode.

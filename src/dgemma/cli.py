@@ -125,13 +125,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       tokenize=True)
     else:
-        ids = tok.encode(args.prompt, add_special_tokens=True)
-        if tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
-            ids.insert(0, tok.bos_token_id)
+        ids = tok.encode_prompt(args.prompt)
     t0 = time.perf_counter()
-    from dgemma.checkpoint import resolve_device
-    dtype = args.dtype or ("float32" if resolve_device(device).type == "cpu" else None)   # CPUs: fp32 is faster
-    model = dgemma.load(path, device=device, dtype=dtype)
+    from dgemma.checkpoint import compute_dtype, resolve_device
+    model = dgemma.load(path, device=device, dtype=compute_dtype(args.dtype, resolve_device(device)))
     t1 = time.perf_counter()
     sc = model.sampler_config
     eos = set(sc.eos_token_id or []) | ({tok.eos_token_id} - {None})

@@ -331,12 +331,12 @@ class Engine:
             if req.one is None:                                  # a warm job starting now
                 self._start(req)
             L = len(req.prompt)
+            last = self._snapshot_point(L)                       # exact reuse: the last chunk boundary
             while req.pos < L and done < K:
                 end = min(L, (req.pos // K + 1) * K)             # aligned: exactly the cold request's chunks
                 ids = torch.tensor([req.prompt[req.pos:end]], device=self.model.device)
                 self.model.encode(ids, req.one)
                 done, req.pos = done + end - req.pos, end
-                last = self._snapshot_point(L)                   # exact reuse: the last chunk boundary
                 if end == last and last > req.cached and self.prefix is not None:
                     snap = req.one
                     if end < L:                                  # the tail continues in req.one: keep a copy
@@ -385,7 +385,7 @@ class Engine:
             req.tokens += toks
             if req.frames:                                        # the committed canvas closes its frames
                 ent = (req.last_entropy or [0.0] * self.C)[:len(toks)]
-                self.frames.append(Frame(req.id, req.canvases - 1, r.req.s.max_denoising_steps - r.left, True,
+                self.frames.append(Frame(req.id, req.canvases - 1, s.max_denoising_steps - r.left, True,
                                          list(toks), [2] * len(toks), ent, len(toks),
                                          sum(ent) / max(len(ent), 1)))
             events.append(CanvasEvent(req.id, toks, reason is not None, reason, req.passes, req.cached))

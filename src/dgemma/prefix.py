@@ -30,7 +30,7 @@ class PrefixStore:
         self.budget, self.chunk = int(budget_bytes), int(chunk)
         self.entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
         self.bytes = 0
-        self.hits = self.hit_tokens = self.evictions = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -43,8 +43,6 @@ class PrefixStore:
             snap = self.entries.get(key)
             if snap is not None:
                 self.entries.move_to_end(key)
-                self.hits += 1
-                self.hit_tokens += m
                 return m, snap
         return 0, None
 
@@ -65,7 +63,3 @@ class PrefixStore:
         self.entries[key] = snap
         self.bytes += size
         return True
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.bytes = 0

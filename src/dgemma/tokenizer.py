@@ -189,6 +189,20 @@ class Tokenizer:
         """Text of ``ids`` (a list, or anything iterable of ints such as a 1-D tensor)."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a plain-text prompt: special tokens added, and bos in front if the tokenizer did not add it."""
+        ids = self.encode(text, add_special_tokens=True)
+        bos = self.bos_token_id
+        if bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
+
+    def chat_eos(self, eos: list[int] | None) -> list[int]:
+        """The ids that end a chat reply: the model's `eos` plus this tokenizer's `<end_of_turn>`, if it has one."""
+        out = list(eos or [])
+        end_turn = self.token_to_id("<end_of_turn>")
+        return out + ([end_turn] if end_turn is not None and end_turn not in out else [])
+
     # ---- chat -------------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
                             **extra: Any) -> str | list[int]:

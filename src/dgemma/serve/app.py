@@ -95,17 +95,14 @@ def load_state(state: State) -> None:
     try:
         import torch
         import dgemma
-        from dgemma.checkpoint import resolve_device
+        from dgemma.checkpoint import compute_dtype, resolve_device
         from dgemma.engine import Engine
         from .worker import Worker
         cfg = state.cfg
         dev = resolve_device(cfg.device)
-        dtype = cfg.dtype or ("float32" if dev.type == "cpu" else None)
-        model = dgemma.load(cfg.model_path, device=dev, dtype=dtype)
+        model = dgemma.load(cfg.model_path, device=dev, dtype=compute_dtype(cfg.dtype, dev))
         tok = dgemma.load_tokenizer(model.path)
-        eos = list(model.sampler_config.eos_token_id or [])
-        end_turn = tok.token_to_id("<end_of_turn>")              # a chat reply also ends at its turn's end
-        state.chat_eos = eos + ([end_turn] if end_turn is not None and end_turn not in eos else [])
+        state.chat_eos = tok.chat_eos(model.sampler_config.eos_token_id)
         state.model, state.tok = model, tok
         state.engine = Engine(model, max_batch=cfg.max_batch, sampler=cfg.sampler,
                               prefill_chunk=cfg.prefill_chunk, prefix_cache_bytes=cfg.prefix_cache_bytes)
@@ -220,8 +217,7 @@ def create_app(state: State) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
     async def one_model(model_id: str):
-        if model_id != state.cfg.model_name:
-            raise APIError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
+        _check_model(state, model_id)
         return model_card()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None,
@@ -247,10 +243,7 @@ def create_app(state: State) -> FastAPI:
         if isinstance(p, str):
             if not p:
                 raise APIError(400, "prompt is empty", "prompt")
-            ids = st.tok.encode(p, add_special_tokens=True)
-            bos = st.tok.bos_token_id
-            if bos is not None and ids[:1] != [bos]:
-                ids.insert(0, bos)
+            ids = st.tok.encode_prompt(p)
         else:
             ids = p
             if min(ids) < 0 or max(ids) >= st.model.config.vocab_size:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from typing import Any, Callable
 
 log = logging.getLogger("dgemma.serve")
@@ -25,7 +24,6 @@ class Worker:
         self.observe = observe or (lambda kind, value: None)
         self.commands: queue.Queue = queue.Queue()
         self.sinks: dict[str, Sink] = {}
-        self.started_at: dict[str, float] = {}
         self.waiting = 0                          # submitted, not yet denoising (read by handlers, approximate)
         self.stopping: str | None = None
         self.thread = threading.Thread(target=self._loop, name="dgemma-engine", daemon=True)
@@ -86,14 +84,12 @@ class Worker:
             if sink is not None:
                 sink("frame", fr)
         for ev in events:
-            sink = self.sinks.get(ev.request_id)
+            res = eng.collect(ev.request_id) if ev.finished else None    # collected even if nobody listens
+            sink = self.sinks.pop(ev.request_id, None) if ev.finished else self.sinks.get(ev.request_id)
             if sink is None:
                 continue
             sink("canvas", ev)
-            if ev.finished:
-                res = eng.collect(ev.request_id)
-                self.sinks.pop(ev.request_id, None)
-                self.started_at.pop(ev.request_id, None)
+            if res is not None:
                 sink("done", res)
         self._gauges()
 
@@ -120,12 +116,10 @@ class Worker:
                 try:
                     self.engine.submit(prompt, request_id=rid, **kwargs)
                     self.sinks[rid] = sink
-                    self.started_at[rid] = time.perf_counter()
                 except ValueError as e:                    # the caller validated; a race is still reported
                     sink("error", str(e))
             elif kind == "cancel":
                 self.sinks.pop(cmd[1], None)
-                self.started_at.pop(cmd[1], None)
                 try:
                     self.engine.cancel(cmd[1])
                 except Exception:
@@ -150,7 +144,6 @@ class Worker:
                 log.exception("cancel failed")
             sink("error", reason)
         self.sinks.clear()
-        self.started_at.clear()
         self.engine.warming.clear()
         self.engine.frames.clear()
         keep = []

@@ -209,7 +209,7 @@ CHAT_PROMPTS = (
 def prompt_set(tok) -> list[tuple[str, list[int]]]:
     """(label, ids) of the fixed prompts: prose openings, with a chat prompt after every three when the tokenizer
     has a chat template (rendered with it, generation prompt added)."""
-    prose = [(p, tok.encode(p, add_special_tokens=True)) for p in PROSE_PROMPTS]
+    prose = [(p, tok.encode_prompt(p)) for p in PROSE_PROMPTS]
     chat = []
     if getattr(tok, "chat_template", None):
         chat = [(f"[chat] {p}", tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True))
@@ -257,7 +257,7 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
         raise ValueError(f"number of prompts must be between 1 and {len(prompts)} (got {n_prompts})")
     prompts = prompts[:n_prompts]
     tasks = make_tasks(n_tasks, seed, task_kind)
-    task_ids = [tok.encode(t.prompt, add_special_tokens=True) for t in tasks]
+    task_ids = [tok.encode_prompt(t.prompt) for t in tasks]
     settings = [_resolve_setting(model, s) for s in settings_list]
     pad = model.sampler_config.pad_token_id
     eos = _eos_ids(model)

@@ -195,11 +195,8 @@ class Local:
         return self.tok.encode(text), "re-rendered: the template does not extend the conversation's tokens"
 
     def _frame(self, f: Any) -> dict:
-        for t in f.tokens:
-            if t not in self.pieces:
-                self.pieces[t] = self.tok.decode([t], skip_special_tokens=False)
-        return {"canvas": f.canvas, "step": f.step, "final": f.final, "pieces": [self.pieces[t] for t in f.tokens],
-                "state": f.state, "accepted": f.accepted, "mean_entropy": f.mean_entropy}
+        from dgemma.serve.text import frame_json
+        return frame_json(f, self.tok, self.pieces)
 
     def reply(self, user: str, opt: Options, ui: UI, ctrl: CtrlC) -> Stats | None:
         from dgemma.serve.text import TextStream

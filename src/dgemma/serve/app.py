@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, now, usage
-from .text import TextStream
+from .text import TextStream, frame_json
 
 log = logging.getLogger("dgemma.serve")
 
@@ -370,7 +370,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 t = time.perf_counter()
                 if p.final or t - last_frame >= job.frame_interval:
                     last_frame = t
-                    yield "frame", _frame(st, p)
+                    yield "frame", frame_json(p, st.tok, st.pieces)
                 continue
             if kind == "canvas":
                 if first:
@@ -396,17 +396,6 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
         if not done:
             worker.cancel(job.rid)
             log.info("%s cancelled (client gone)", job.rid)
-
-
-def _frame(st: State, f) -> dict:
-    pieces = st.pieces
-    for t in f.tokens:
-        if t not in pieces:
-            pieces[t] = st.tok.decode([t], skip_special_tokens=False)
-    return {"canvas": f.canvas, "step": f.step, "final": f.final, "tokens": f.tokens,
-            "pieces": [pieces[t] for t in f.tokens], "state": f.state,
-            "entropy": [round(e, 4) for e in f.entropy], "accepted": f.accepted,
-            "mean_entropy": round(f.mean_entropy, 4)}
 
 
 def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: float) -> dict:

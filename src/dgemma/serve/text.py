@@ -1,4 +1,4 @@
-"""Committed token ids -> text deltas for one reply: incremental detokenizing and stop strings.
+"""Committed token ids -> text deltas for one reply: incremental detokenizing and stop strings; frames as JSON.
 
 Knows: that a byte-level tokenizer may end a canvas in the middle of a UTF-8 character (held back until its other
 bytes arrive), that a stop string may straddle two canvases (text that could begin one is held back), and
@@ -50,3 +50,15 @@ class TextStream:
         new = full[len(self.text):max(end, len(self.text))]
         self.text += new
         return new
+
+
+def frame_json(frame, tokenizer, pieces: dict[int, str]) -> dict:
+    """An engine `Frame` as the JSON the server streams and the terminal chat draws: token ids plus each one's
+    text (`pieces`, a cache of id -> text kept by the caller), states, entropies (4 decimals)."""
+    for t in frame.tokens:
+        if t not in pieces:
+            pieces[t] = tokenizer.decode([t], skip_special_tokens=False)
+    return {"canvas": frame.canvas, "step": frame.step, "final": frame.final, "tokens": frame.tokens,
+            "pieces": [pieces[t] for t in frame.tokens], "state": frame.state,
+            "entropy": [round(e, 4) for e in frame.entropy], "accepted": frame.accepted,
+            "mean_entropy": round(frame.mean_entropy, 4)}

@@ -106,7 +106,7 @@ def main() -> None:
     r["head_chunk_ms"] = timed(lambda: m.head(hh))
     lg = m.head(hh)
     uu = torch.rand(rc, device="cuda", generator=g)
-    r["sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(lg.clone(), temp, None, m.embed_tokens.weight,
+    r["sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(lg.clone(), temp, None, m.embed_tokens,
                                                                m.embed_scale(), uu))
 
     ar_ids = torch.randint(3, V, (B, a.prompt_len), device="cuda", generator=g)

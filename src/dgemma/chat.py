@@ -164,11 +164,11 @@ class Local:
 
     def __init__(self, args: argparse.Namespace, system: str | None) -> None:
         import dgemma
-        from dgemma.checkpoint import compute_dtype, resolve_device
-        from dgemma.cli import _device, _model_dir
+        from dgemma.checkpoint import resolve_device
+        from dgemma.cli import _device, _model_dir, load_model
         from dgemma.engine import Engine
         path, dev = _model_dir(args.model), resolve_device(_device(args.device))
-        self.model = dgemma.load(path, device=dev, dtype=compute_dtype(args.dtype, dev))
+        self.model = load_model(path, args, dev)
         self.tok = dgemma.load_tokenizer(self.model.path)
         sc = self.model.sampler_config
         self.end_turn = self.tok.token_to_id("<end_of_turn>")
@@ -391,7 +391,7 @@ def run(chat: Local | Remote, opt: Options, ui: UI) -> int:
 
 
 def add_chat(sub: Any) -> None:
-    from dgemma.cli import DTYPE_BYTES, _positive
+    from dgemma.cli import _positive, add_weights_args
     p = sub.add_parser("chat", help="chat in the terminal, watching the canvas denoise",
                        description="Chat in the terminal with a model in this process (default: the shipped model) "
                                    "or a running `dgemma serve` (--url). Slash commands: /help.")
@@ -399,7 +399,7 @@ def add_chat(sub: Any) -> None:
     p.add_argument("--url", help="talk to a running `dgemma serve` at URL instead of loading the model")
     p.add_argument("--api-key", metavar="KEY", help="with --url: the server's key (default: $DGEMMA_API_KEY)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default: float32 on the CPU)")
+    add_weights_args(p)
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
     p.add_argument("--bound", type=float, metavar="X", help="entropy bound")
     p.add_argument("--seed", type=int, metavar="N", help="seed every reply (default: unseeded)")
@@ -413,8 +413,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from dgemma.cli import UsageError
     if args.url is None and args.api_key:
         raise UsageError("--api-key needs --url")
-    if args.url is not None and (args.device or args.dtype):
-        raise UsageError("--device and --dtype are for the in-process model, not --url")
+    if args.url is not None and (args.device or args.dtype != "auto" or args.quantize or args.group_size):
+        raise UsageError("--device, --dtype, --quantize and --group-size are for the in-process model, not --url")
     if args.bound is not None and not 0 < args.bound < math.inf:
         raise UsageError("--bound must be a number > 0")
     ui = UI()

@@ -8,6 +8,7 @@ Does not know: the forward math.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -115,7 +116,9 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
+              "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+              "F8_E4M3": torch.float8_e4m3fn}
+ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def read_header(fn: Path) -> dict[str, dict]:
@@ -135,8 +138,9 @@ def read_header(fn: Path) -> dict[str, dict]:
     return header
 
 
-def read_tensor(fn: Path, info: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Read one tensor straight from the file into its own memory (no mmap, no second copy of the file)."""
+def read_tensor(fn: Path, info: dict, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """Read one tensor straight from the file into its own memory (no mmap, no second copy of the file);
+    dtype None keeps the stored dtype."""
     st = _ST_DTYPES.get(info["dtype"])
     if st is None:
         raise CheckpointError(f"{fn}: unsupported tensor dtype {info['dtype']}")
@@ -150,7 +154,7 @@ def read_tensor(fn: Path, info: dict, dtype: torch.dtype, device: torch.device) 
             f.seek(info["start"] + a)
             if f.readinto(memoryview(buf)) != b - a:
                 raise CheckpointError(f"{fn} is truncated")
-    return t.to(device=device, dtype=dtype)
+    return t.to(device=device, dtype=dtype or t.dtype)
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -189,45 +193,81 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
-def compute_dtype(dtype: str | None, device: torch.device) -> str | None:
-    """The dtype the commands compute in: the one asked for, else float32 on the CPU (faster there than bf16),
-    else None (the checkpoint's)."""
-    return dtype or ("float32" if device.type == "cpu" else None)
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AMX or AVX512-BF16)? Elsewhere bf16 matmuls are emulated: slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+
+
+# CPU: bf16 (AMX) beats fp32 once the matmuls outweigh the per-op overhead; measured in docs/NOTES.md
+# ("Cheaper hardware"): slower at hidden size 128-256, faster at 512
+CPU_BF16_MIN_HIDDEN = 512
+
+
+def auto_dtype(device: torch.device, stored: torch.dtype, cfg: ModelConfig, quantized: bool) -> torch.dtype:
+    """What `dtype="auto"` picks: on a GPU the checkpoint's half dtype (bf16 for an fp32 one); on the CPU bf16
+    where the CPU has native bf16 and the model is large enough, or its weights are quantized (the packed CPU
+    kernels take bf16 activations), else fp32."""
+    if device.type == "cpu":
+        fast = cpu_has_bf16() and (quantized or cfg.hidden_size >= CPU_BF16_MIN_HIDDEN)
+        return torch.bfloat16 if fast else torch.float32
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
-         dtype: torch.dtype | str | None = None):
+         dtype: torch.dtype | str | None = "auto", quantize: str | None = None, group_size: int | None = None):
     """Load a DiffusionGemma checkpoint folder or Hub model id -> `DiffusionGemma` in eval mode.
 
     path: a folder, or a Hugging Face Hub id (`owner/name`, see `resolve_model`); `model.path` is the local folder.
 
-    device: None picks CUDA when available, else the CPU. dtype: None keeps the checkpoint's dtype.
+    device: None picks CUDA when available, else the CPU. dtype: the compute dtype; "auto" (default) picks the
+    fastest one that keeps the model's behaviour (`auto_dtype`), None keeps the checkpoint's.
+    quantize: "int8", "int4" or "fp8" quantizes the weights while loading (quant.py; group_size for int4);
+    a folder written by `dgemma quantize` loads quantized without it.
     Tensors are read one by one from the files into their final memory (no mmap): loading needs about one
-    copy of the weights, plus one tensor when the dtype changes.
+    copy of the (quantized) weights, plus one tensor in flight.
     """
     from .model import DiffusionGemma
+    from .quant import QuantConfig, prepare, quantize as quantize_tensor
 
     path = resolve_model(path)
     cfg = ModelConfig.from_dir(path)
     sampler = SamplerConfig.from_dir(path, cfg)
     dev = resolve_device(device)
     files = _weight_files(path)
-    want = _parse_dtype(dtype)
+    stored_q = QuantConfig.from_hf(cfg.extra.get("quantization_config"))
+    asked_q = QuantConfig.make(quantize, group_size) if quantize else None
+    if stored_q and asked_q and stored_q != asked_q:
+        raise CheckpointError(f"{path} is already quantized ({stored_q.weights}); load it without quantize= "
+                              "or quantize its unquantized checkpoint")
+    if group_size is not None and not quantize:
+        raise ConfigError("group_size needs quantize='int4'")
+    q = stored_q or asked_q
     headers: dict[Path, dict] = {}
 
     def entry(key: str) -> tuple[Path, dict]:
+        if key not in files:
+            raise CheckpointError(f"{path}: tensor {key} is missing")
         fn = files[key]
         if fn not in headers:
             headers[fn] = read_header(fn)
         return fn, headers[fn][key]
 
+    want = _parse_dtype(None if dtype == "auto" else dtype)
     if want is None:
-        if _DECODER + "embed_tokens.weight" not in files:
-            raise CheckpointError(f"{path}: tensor {_DECODER}embed_tokens.weight is missing")
-        want = _ST_DTYPES.get(entry(_DECODER + "embed_tokens.weight")[1]["dtype"], torch.float32)
+        norm = entry(_DECODER + "norm.weight")[1]["dtype"]      # never quantized: the checkpoint's dtype
+        stored = _ST_DTYPES.get(norm, torch.float32)
+        want = auto_dtype(dev, stored, cfg, q is not None) if dtype == "auto" else stored
     with torch.device("meta"):
         model = DiffusionGemma(cfg, sampler)
-    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    qweights = prepare(model, q, want) if q else {}
+    inside = {f"{n}.{b}" for n in qweights for b in ("qdata", "scale", "zero")}
+    expected = {k: v for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
+                if k not in inside}
     for name, meta in expected.items():
         key = hf_name(name)
         if key not in files and name.endswith("encoder_layer_scalar"):
@@ -239,7 +279,23 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
             raise CheckpointError(
                 f"{path}: tensor {key} has shape {list(info['shape'])}, expected {list(meta.shape)} from config.json")
         _assign(model, name, read_tensor(fn, info, want, dev))
+    for name, qw in qweights.items():              # one weight at a time: read, quantize, keep the codes
+        key = hf_name(name)
+        try:
+            if stored_q:
+                parts = {"qdata": key, "scale": key + "_scale"} | ({"zero": key + "_zero"} if qw.zero is not None
+                                                                   else {})
+                qw.set({k: read_tensor(*entry(v), None, dev) for k, v in parts.items()}, dev)
+            else:
+                fn, info = entry(key)
+                if list(info["shape"]) != list(qw.shape):
+                    raise CheckpointError(f"{path}: tensor {key} has shape {list(info['shape'])}, expected "
+                                          f"{list(qw.shape)} from config.json")
+                qw.set(quantize_tensor(read_tensor(fn, info, None, dev), qw.weights, qw.group), dev)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: tensor {key}: {e}") from None
     model.path = str(path)
+    model.quantization = q
     return model.eval().requires_grad_(False)
 
 
@@ -258,6 +314,9 @@ def save(model, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30,
 
     Tensors larger than one shard go alone in their shard; `extra_files` (name -> bytes) are copied in.
     """
+    if getattr(model, "quantization", None):
+        raise CheckpointError("dgemma.save writes unquantized models; save the original weights, then run "
+                              "`dgemma quantize`")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -305,3 +364,115 @@ def save(model, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30,
     else:
         os.replace(tmp, path)
     return path
+
+
+# ---- quantized copies of a checkpoint folder ---------------------------------------------------------------------
+def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, weights: str, group_size: int | None = None,
+                    progress: bool = True) -> Path:
+    """Write a quantized copy of the checkpoint folder `src` to `dst` (quant.py's layout, same shard files,
+    `quantization_config` in config.json, every other file copied). Streams: one input tensor is in memory
+    at a time, and the output is written tensor by tensor. Atomic: nothing appears at `dst` on failure."""
+    from tqdm import tqdm
+
+    from .model import DiffusionGemma
+    from .quant import QuantConfig, quantizable, quantize
+
+    src, dst = resolve_model(src), Path(dst)
+    q = QuantConfig.make(weights, group_size)
+    cfg = ModelConfig.from_dir(src)
+    if cfg.extra.get("quantization_config"):
+        raise CheckpointError(f"{src} is already quantized: quantize its unquantized checkpoint")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"output folder {dst} already exists and is not empty")
+    files = _weight_files(src)
+    with torch.device("meta"):
+        meta = DiffusionGemma(cfg)
+    plan = {hf_name(n): ("int8", None) if emb else (q.weights, q.group_size) for n, _, emb in quantizable(meta)}
+    headers = {fn: read_header(fn) for fn in sorted(set(files.values()))}
+    for key, (w, g) in plan.items():          # check every shape before writing anything
+        if key not in files:
+            raise CheckpointError(f"{src}: tensor {key} is missing")
+        shape = headers[files[key]][key]["shape"]
+        if w == "int4" and shape[-1] % g:
+            raise CheckpointError(f"{src}: tensor {key} has input width {shape[-1]}, which int4 group size {g} "
+                                  f"does not divide (choose --group-size from 32, 64, 128, 256 dividing it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        total = sum(fn.stat().st_size for fn in headers)
+        weight_map: dict[str, str] = {}
+        with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
+            for fn, header in headers.items():
+                names = sorted((k for k in header if k in set(files) or k in plan),
+                               key=lambda k: header[k]["data_offsets"][0])
+                specs: list[tuple[str, str, list[int]]] = []
+                for k in names:
+                    if k in plan:
+                        w, g = plan[k]
+                        *lead, N, K = header[k]["shape"]
+                        code = {"int8": "I8", "fp8": "F8_E4M3", "int4": "U8"}[w]
+                        specs.append((k, code, [*lead, N, K // 2 if w == "int4" else K]))
+                        if w == "int4":
+                            specs += [(k + "_scale", "BF16", [*lead, N, K // g]), (k + "_zero", "BF16", [*lead, N, K // g])]
+                        else:
+                            specs.append((k + "_scale", "F32", [*lead, N]))
+                    else:
+                        specs.append((k, header[k]["dtype"], header[k]["shape"]))
+
+                def tensors():
+                    for k in names:
+                        t = read_tensor(fn, header[k], None, torch.device("cpu"))
+                        if k in plan:
+                            out = quantize(t, *plan[k])
+                            yield from (out[p] for p in ("qdata", "scale", "zero") if p in out)
+                        else:
+                            yield t
+                        bar.update(header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+
+                _write_safetensors(tmp / fn.name, specs, tensors())
+                weight_map.update({name: fn.name for name, _, _ in specs})
+        if (src / INDEX).is_file():
+            size = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
+        config = json.loads((src / "config.json").read_text())
+        config["quantization_config"] = q.to_hf()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in src.iterdir():                # tokenizer, template, generation config, README...
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX, "config.json"):
+                shutil.copy2(f, tmp / f.name)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _write_safetensors(fn: Path, specs: list[tuple[str, str, list[int]]], tensors) -> None:
+    """Write a safetensors file whose header is known in advance (name, dtype code, shape), then each tensor
+    as `tensors` yields it, in order: the file never needs all of them in memory."""
+    sizes = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1}
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, code, shape in specs:
+        n = sizes[code]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(fn, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for (name, code, shape), t in zip(specs, tensors, strict=True):
+            if ST_NAMES[t.dtype] != code or list(t.shape) != list(shape):
+                raise CheckpointError(f"internal: tensor {name} is {t.dtype} {list(t.shape)}, header says {code} {shape}")
+            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)

@@ -61,6 +61,24 @@ def _device(name: str | None):
     return None if name is None else resolve_device(name)
 
 
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """--dtype, --quantize, --group-size: how the model's weights are held (generate, serve, chat, eval)."""
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPE_BYTES)], default="auto",
+                   help="compute dtype; auto (default): bf16 on GPUs and on CPUs with native bf16 (AMX, AVX512-BF16) "
+                        "for quantized or large models, else float32")
+    p.add_argument("--quantize", choices=("int8", "int4", "fp8"),
+                   help="quantize the weights while loading (a `dgemma quantize` folder needs no flag)")
+    p.add_argument("--group-size", type=_positive, metavar="G", help="int4: inputs per scale (default 64)")
+
+
+def load_model(path, args: argparse.Namespace, device=None):
+    """dgemma.load with the weights flags of `add_weights_args`."""
+    import dgemma
+    if args.group_size is not None and args.quantize != "int4":
+        raise UsageError("--group-size needs --quantize int4")
+    return dgemma.load(path, device=device, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
+
+
 # ---- generate --------------------------------------------------------------------------------------------
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="text to continue (or the user message with --chat)")
@@ -71,11 +89,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
     p.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same device: same text)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default: float32 on the CPU, else the checkpoint's)")
+    add_weights_args(p)
     p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="auto",
                    help="exact: the reference's random stream (seeded runs match it); fast: same distribution, "
                         "one random number per position, CUDA graphs on a GPU; auto (default): exact on the "
-                        "CPU, fast elsewhere")
+                        "CPU in float32, fast elsewhere")
     p.add_argument("-v", "--verbose", action="store_true", help="print speed statistics to stderr")
 
 
@@ -117,7 +135,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("empty prompt")
     device = _device(args.device)
     import torch
-    import dgemma
     from dgemma.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(path)
@@ -127,8 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = tok.encode_prompt(args.prompt)
     t0 = time.perf_counter()
-    from dgemma.checkpoint import compute_dtype, resolve_device
-    model = dgemma.load(path, device=device, dtype=compute_dtype(args.dtype, resolve_device(device)))
+    model = load_model(path, args, device)
     t1 = time.perf_counter()
     sc = model.sampler_config
     eos = set(sc.eos_token_id or []) | ({tok.eos_token_id} - {None})
@@ -158,6 +174,9 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
                    help="dtype for the memory estimate (default: the checkpoint's)")
     p.add_argument("--context", type=_positive, default=4096, metavar="N", help="prompt + new tokens (default 4096)")
     p.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences generated at once (default 1)")
+    p.add_argument("--quantize", choices=("int8", "int4", "fp8"),
+                   help="estimate the weights quantized this way (default: as stored)")
+    p.add_argument("--group-size", type=_positive, metavar="G", help="int4: inputs per scale (default 64)")
 
 
 def _safetensors_header(f: Path) -> dict:
@@ -209,7 +228,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     # context, every layer plus one canvas of scratch slots
     slots = [((W - 1) if cfg.is_sliding(i) else args.context) + CL for i in range(L)]
     kv = args.batch * nb * sum(2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * slots[i] for i in range(L))
-    weights = params["total"] * nb
+    from dgemma.quant import QuantConfig, model_bytes
+    q = QuantConfig.make(args.quantize, args.group_size) if args.quantize else \
+        QuantConfig.from_hf(cfg.extra.get("quantization_config"))
+    if args.group_size is not None and not args.quantize:
+        raise UsageError("--group-size needs --quantize int4")
+    qbytes, rest = model_bytes(cfg, q, nb)
+    weights = qbytes + rest
+    scheme = (f"{q.weights}" + (f" (groups of {q.group_size})" if q.group_size else "") + ", embedding int8, "
+              f"the rest {dtype}") if q else dtype
     from dgemma.sampling import rows_per_chunk
     sampler = min(rows_per_chunk(V), args.batch * CL) * V * 4 * SAMPLER_BUFFERS
     g, s = cfg.global_head_dim, cfg.head_dim
@@ -228,9 +255,33 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"in {len(files)} file(s)\n"
           f"memory       ~{_size(weights + kv + sampler)} for inference in {dtype}, context {args.context}, "
           f"batch {args.batch}\n"
-          f"  weights    {_size(weights)}\n"
+          f"  weights    {_size(weights)} ({scheme})\n"
           f"  kv cache   {_size(kv)}\n"
           f"  sampler    {_size(sampler)} (fp32 [rows, vocab] logits/sampler buffers; prompt-pass activations extra)")
+    return 0
+
+
+# ---- quantize --------------------------------------------------------------------------------------------
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN_FOLDER", help="checkpoint folder (or Hub id) with unquantized weights")
+    p.add_argument("output", metavar="OUT_FOLDER", help="new folder to write (must not exist, or be empty)")
+    p.add_argument("--weights", choices=("int8", "int4", "fp8"), required=True,
+                   help="int8 / fp8: one scale per output row; int4: a scale and a zero per group of inputs")
+    p.add_argument("--group-size", type=_positive, metavar="G", help="int4: inputs per scale (default 64)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dgemma.checkpoint import quantize_folder
+    from dgemma.config import ModelConfig
+    from dgemma.quant import QuantConfig
+    if args.group_size is not None and args.weights != "int4":
+        raise UsageError("--group-size needs --weights int4")
+    out = quantize_folder(args.input, args.output, args.weights, args.group_size, progress=sys.stderr.isatty())
+    cfg = ModelConfig.from_dir(out)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    q = QuantConfig.from_hf(cfg.extra["quantization_config"])
+    print(f"wrote {out}: {q.weights}" + (f" (groups of {q.group_size})" if q.group_size else "")
+          + f", {_size(size)} of tensors; load it with dgemma.load({str(out)!r}) or --model {out}")
     return 0
 
 
@@ -240,6 +291,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "generate": ("generate text with a DiffusionGemma checkpoint", add_generate_args, cmd_generate),
     "info": ("show a checkpoint's configuration, size and inference memory", add_info_args, cmd_info),
+    "quantize": ("write an int8 / int4 / fp8 weight-quantized copy of a checkpoint folder", add_quantize_args,
+                 cmd_quantize),
 }
 # Commands that live in other modules: "module:function", where function(subparsers) adds its own subparser(s)
 # (nested ones too, e.g. `dgemma tokenizer train`) and sets `func` or `run` = callable(args) -> exit code.

@@ -124,7 +124,7 @@ class Engine:
         its new tokens; its tokens then equal a cold request's only up to rounding (the terminal chat uses it)."""
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
-        sampler = sampling.resolve_sampler(sampler, model.device)
+        sampler = sampling.resolve_sampler(sampler, model.device, model.dtype)
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
         self.model, self.max_batch, self.sampler = model, max_batch, sampler

@@ -71,7 +71,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     sampler where the model is capturable: CUDA, bf16). The step then uses the cache's static plan; where the
     model is not capturable, True runs that same path eagerly.
     """
-    sampler = sampling.resolve_sampler(sampler, model.device)
+    sampler = sampling.resolve_sampler(sampler, model.device, model.dtype)
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
                          entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
                          stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
@@ -169,7 +169,7 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     greedy: [B] bool; those rows' accepted positions take the argmax instead of the sample."""
     B, C = canvas.shape
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
-    emb, scale = model.embed_tokens.weight, model.embed_scale()
+    emb, scale = model.embed_tokens, model.embed_scale()
     parts = []
     for r in range(0, B * C, row_chunk):
         logits = model.head(h[r:r + row_chunk])                                 # [rows, V] fp32

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import KVCache
 from .config import ModelConfig, SamplerConfig
+from .quant import QWeight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -40,6 +42,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class Embedding(nn.Embedding):
+    """The tied embedding and output head (quant.QEmbedding has the same methods for int8 weights)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [.., H] -> h @ E^T [.., V] in h's dtype."""
+        return F.linear(h, self.weight)
+
+    def mix(self, p: torch.Tensor) -> torch.Tensor:
+        """p [n, V] -> p @ E [n, H] in the embedding's dtype."""
+        return torch.matmul(p.to(self.weight.dtype), self.weight)
 
 
 class GatedMLP(nn.Module):
@@ -124,7 +142,10 @@ class Experts(nn.Module):
         """x: [T, H]; w, idx: [T, k] -> [T, H]. Slots are sorted by expert; each weighted term is cast to
         x's dtype and accumulated per token in ascending expert order (as the reference does)."""
         xs, order, tok, offs = self.group(x, idx)
-        if self._grouped_ok(x):   # one grouped matmul per projection: no loop, no host sync
+        if isinstance(self.down_proj, QWeight):   # quantized: per-expert kernels, or one grouped kernel on CUDA
+            g, u = self.gate_up_proj.grouped(xs, offs).chunk(2, dim=-1)
+            y = self.down_proj.grouped(F.gelu(g, approximate="tanh") * u, offs)
+        elif self._grouped_ok(x):   # one grouped matmul per projection: no loop, no host sync
             y = self._grouped(xs, offs.to(torch.int32))
         else:                     # training / odd shapes: a loop over the experts that received tokens
             ys, start = [], 0
@@ -160,6 +181,8 @@ class Experts(nn.Module):
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """torch._grouped_mm needs 16-byte aligned rows, takes only bf16 on CUDA, and has no reliable CPU
         backward."""
+        if isinstance(self.down_proj, QWeight):
+            return x.is_cuda and kernels.available()
         if torch.is_grad_enabled() and (x.requires_grad or self.down_proj.requires_grad):
             return False
         if x.device.type == "cuda" and x.dtype != torch.bfloat16:
@@ -267,7 +290,8 @@ class DiffusionGemma(nn.Module):
         self.sampler_config = sampler or SamplerConfig(eos_token_id=list(cfg.eos_token_id),
                                                        pad_token_id=cfg.pad_token_id)
         self.path: str | None = None
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.quantization = None              # quant.QuantConfig when the weights are quantized
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
@@ -281,11 +305,12 @@ class DiffusionGemma(nn.Module):
     # ---- small helpers ----------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The compute dtype (weights may be stored quantized: see quant.py)."""
+        return self.norm.weight.dtype
 
     def embed_scale(self) -> torch.Tensor:
         """sqrt(H) as the reference stores it: an fp32 scalar cast to the embedding dtype (53.0 in bf16),
@@ -317,7 +342,7 @@ class DiffusionGemma(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden [.., H] -> fp32 softcapped logits [.., V] through the tied embedding."""
-        logits = F.linear(h, self.embed_tokens.weight).float()
+        logits = self.embed_tokens.logits(h).float()
         cap = self.config.final_logit_softcapping
         if not cap:
             return logits
@@ -328,7 +353,7 @@ class DiffusionGemma(nn.Module):
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """[B, C, V] self-conditioning logits -> softmax_f32 @ E * sqrt(H): [B, C, H]."""
         p = sc_logits.softmax(dim=-1, dtype=torch.float32).to(self.dtype)
-        return torch.matmul(p, self.embed_tokens.weight) * self.embed_scale()
+        return self.embed_tokens.mix(p) * self.embed_scale()
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, attend_for: Callable[[int], Callable],
                    encoder: bool) -> torch.Tensor:

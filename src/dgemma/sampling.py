@@ -6,7 +6,8 @@ the stable-and-confident stop rule. Every random number is drawn in the referenc
 then the renoise randint [B, C]), so a seeded CPU run reproduces the reference token for token.
 `torch.multinomial(p, 1)` on the CPU is exactly `argmax(p / Exp(1))` with the exponentials drawn row
 after row, which lets us sample chunk by chunk without a [B*C, V] probability tensor.
-Does not know: the model (it gets logits and, optionally, an embedding matrix).
+Does not know: the model (it gets logits and, optionally, the embedding: anything with `.dtype` and
+`.mix(p) -> p @ E`, model.Embedding or quant.QEmbedding).
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 
-def resolve_sampler(name: str, device: torch.device) -> str:
-    """"auto" -> "exact" on the CPU (the seeded contract), "fast" elsewhere; checks the name."""
+def resolve_sampler(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto" -> "exact" where the seeded contract holds (CPU, fp32: the reference's tokens), else "fast";
+    checks the name."""
     if name == "auto":
-        return "exact" if torch.device(device).type == "cpu" else "fast"
+        return "exact" if torch.device(device).type == "cpu" and dtype == torch.float32 else "fast"
     if name not in ("exact", "fast"):
         raise ValueError(f"sampler must be 'auto', 'exact' or 'fast' (got {name!r})")
     return name
@@ -66,12 +68,12 @@ class RowResult:
 
 
 def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | None = None,
-                embedding: torch.Tensor | None = None, embed_scale: torch.Tensor | None = None,
+                embedding=None, embed_scale: torch.Tensor | None = None,
                 uniform: torch.Tensor | None = None) -> RowResult:
     """One step's per-position work for n rows of fp32 logits [n, V] (overwritten in place).
 
     temp: a scalar or [n, 1] tensor. lam = logits / T; a sample from softmax(lam); argmax; entropy; and,
-    with `embedding` [V, H], the next step's self-conditioning input softmax_f32(lam in the embedding
+    with `embedding` (E [V, H]), the next step's self-conditioning input softmax_f32(lam in the embedding
     dtype) @ E * sqrt(H).
     * exact (`noise` given): noise is [n, V] Exp(1) draws filled by the caller, who owns the random stream;
       sample = argmax(softmax(lam) / noise), which is what torch.multinomial computes, and the entropy uses
@@ -88,11 +90,11 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
     if embedding is not None:
         p_sc = probs if embedding.dtype == torch.float32 else torch.softmax(
             lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
-        soft = torch.matmul(p_sc.to(embedding.dtype), embedding) * embed_scale
+        soft = embedding.mix(p_sc) * embed_scale
     return RowResult(sample, torch.argmax(lam, dim=-1), entropy(lam), soft)
 
 
-def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding: torch.Tensor | None,
+def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
                embed_scale: torch.Tensor | None) -> RowResult:
     """Few passes over the vocabulary: max and argmax together, e = exp(lam - max) once, which serves the
     sample (two-level inverse CDF), the entropy log Z - <e, lam - max> / Z and the soft embedding (e @ E) / Z."""
@@ -105,10 +107,10 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding: torch.Tensor
     soft = None
     if embedding is not None:
         if embedding.dtype == torch.float32:
-            soft = torch.matmul(e, embedding) / z[:, None] * embed_scale
+            soft = embedding.mix(e) / z[:, None] * embed_scale
         else:  # the reference rounds the logits to the embedding dtype before its softmax
             p = torch.softmax(lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
-            soft = torch.matmul(p.to(embedding.dtype), embedding) * embed_scale
+            soft = embedding.mix(p) * embed_scale
     return RowResult(sample, amax, ent, soft)
 
 

@@ -31,6 +31,9 @@ def add_bench(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: the checkpoint's (bfloat16 for --shape)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantize", choices=("int8", "int4", "fp8"),
+                   help="dgemma systems (and AR) run with weights quantized this way; the reference stays unquantized")
+    p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default 64)")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=run_bench)
 
@@ -65,7 +68,13 @@ def run_bench(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = {"device": a.device, "dtype": a.dtype, "batch": a.batch, "prompt_len": a.prompt_len,
               "canvases": a.canvases, "steps": a.steps, "adaptive": a.adaptive, "ar_tokens": a.ar_tokens,
-              "threads": a.threads, "path": None, "shape": a.shape}
+              "threads": a.threads, "path": None, "shape": a.shape, "quantize": a.quantize,
+              "group_size": a.group_size}
+    if a.quantize:
+        from ..quant import QuantConfig
+        QuantConfig.make(a.quantize, a.group_size)
+    elif a.group_size is not None:
+        raise ValueError("--group-size needs --quantize int4")
     tmp = None
     # on the CPU both systems read the same random weights from a folder; on a GPU (where the 26B shape would
     # be a 50 GB folder) the reference builds its own random weights of the shape on the device

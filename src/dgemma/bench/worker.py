@@ -60,20 +60,31 @@ def build(a: dict):
     """The checkpoint at a["path"], or random weights of a named shape built directly on the device."""
     import dgemma
     if a.get("path"):
-        return dgemma.load(a["path"], device=a["device"], dtype=a["dtype"])
+        dtype = a["dtype"] or ("auto" if a.get("quantize") else None)     # None: the checkpoint's
+        return dgemma.load(a["path"], device=a["device"], dtype=dtype, quantize=a.get("quantize"),
+                           group_size=a.get("group_size"))
     from dgemma.checkpoint import _parse_dtype, resolve_device
     from dgemma.config import preset
+    from dgemma.quant import QuantConfig, prepare, quantize
     dev = resolve_device(a["device"])
     cfg = preset(a["shape"], **a.get("overrides", {}))
+    dtype = _parse_dtype(a["dtype"] if a["dtype"] != "auto" else None) or torch.bfloat16
     with torch.device("meta"):
-        m = dgemma.DiffusionGemma(cfg)
-    m = m.to(_parse_dtype(a["dtype"]) or torch.bfloat16).to_empty(device=dev)   # cast on meta: one allocation
+        m = dgemma.DiffusionGemma(cfg).to(dtype)                 # cast on meta: one allocation
+    q = QuantConfig.make(a["quantize"], a.get("group_size")) if a.get("quantize") else None
+    qws = prepare(m, q, dtype) if q else {}
+    m = m.to_empty(device=dev)
+    inside = {id(t) for qw in qws.values() for t in qw.buffers()}
     torch.manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
         for b in m.buffers():
-            b.fill_(1.0)
+            if id(b) not in inside:
+                b.fill_(1.0)
+        for qw in qws.values():    # one random weight at a time, quantized: the full-precision model never exists
+            qw.set(quantize(torch.empty(qw.shape, dtype=dtype, device=dev).normal_(0, 0.02), qw.weights, qw.group), dev)
+    m.quantization = q
     return m.eval().requires_grad_(False)
 
 
@@ -118,7 +129,7 @@ def run_dgemma(a: dict) -> dict:
         for x in copies:
             q = noise.exponential_(1) if sampler == "exact" else None
             u = None if q is not None else torch.rand(x.shape[0], device=dev)
-            r = sampling.sample_rows(x, temp, q, m.embed_tokens.weight, m.embed_scale(), u)
+            r = sampling.sample_rows(x, temp, q, m.embed_tokens, m.embed_scale(), u)
             sampling.entropy_bound_accept(r.entropy[None], 0.1)
         _sync(dev)
         t_samp = (time.perf_counter() - t2) / reps * -(-rows // rc)
@@ -242,4 +253,8 @@ if __name__ == "__main__":
     if args["system"] == "dgemma-fast":
         args.update(system="dgemma", sampler="fast")
     fn = {"dgemma": run_dgemma, "reference": run_reference, "ar": run_ar, "engine": run_engine}[args["system"]]
-    print(json.dumps(fn(args)))
+    result = fn(args)
+    if args.get("quantize"):                 # which quantized matmul paths ran (quant.py), and how often
+        from dgemma.quant import PATHS
+        result["quant_paths"] = dict(PATHS)
+    print(json.dumps(result))

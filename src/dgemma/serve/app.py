@@ -37,7 +37,9 @@ class ServeConfig:
     model_name: str
     api_key: str | None = None
     device: str | None = None
-    dtype: str | None = None
+    dtype: str = "auto"
+    quantize: str | None = None
+    group_size: int | None = None
     max_batch: int = 8
     max_queue: int = 64
     sampler: str = "fast"
@@ -95,12 +97,13 @@ def load_state(state: State) -> None:
     try:
         import torch
         import dgemma
-        from dgemma.checkpoint import compute_dtype, resolve_device
+        from dgemma.checkpoint import resolve_device
         from dgemma.engine import Engine
         from .worker import Worker
         cfg = state.cfg
         dev = resolve_device(cfg.device)
-        model = dgemma.load(cfg.model_path, device=dev, dtype=compute_dtype(cfg.dtype, dev))
+        model = dgemma.load(cfg.model_path, device=dev, dtype=cfg.dtype, quantize=cfg.quantize,
+                            group_size=cfg.group_size)
         tok = dgemma.load_tokenizer(model.path)
         state.chat_eos = tok.chat_eos(model.sampler_config.eos_token_id)
         state.model, state.tok = model, tok

@@ -12,7 +12,7 @@ import threading
 
 
 def add_serve(sub) -> None:
-    from dgemma.cli import DTYPE_BYTES, _positive
+    from dgemma.cli import _positive, add_weights_args
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API",
                        description="Serve a model behind an OpenAI-compatible HTTP API (chat and text completions, "
                                    "streaming, continuous batching, multi-turn prefix reuse, /metrics).")
@@ -27,8 +27,7 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue", type=_positive, default=64, metavar="N",
                    help="requests waiting for a batch row before new ones get 429 (default 64)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES),
-                   help="compute dtype (default: float32 on the CPU, else the checkpoint's)")
+    add_weights_args(p)
     p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="fast",
                    help="fast (default): one random number per position, CUDA graphs on a GPU; exact: the "
                         "reference's random stream (seeded CPU fp32 runs match transformers; slower when batched); "
@@ -66,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or (args.model if args.model and not os.path.isdir(args.model)
                                       else path.name if args.model else "dgemma-default")
     cfg = ServeConfig(model_path=str(path), model_name=name, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY")
-                      or None, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                      or None, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                      group_size=args.group_size, max_batch=args.max_batch,
                       max_queue=args.max_queue, sampler=args.sampler, prefill_chunk=args.prefill_chunk,
                       prefix_cache_bytes=args.prefix_cache_mb << 20, max_steps=args.max_denoising_steps)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -130,6 +130,10 @@ def add_eval(sub) -> None:
     p.add_argument("--all", action="store_true", help="use every document, not only the held-out split")
     p.add_argument("--json", help="also write the numbers to this file")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="compute dtype (default float32)")
+    p.add_argument("--quantize", choices=("int8", "int4", "fp8"), help="evaluate with weights quantized this way")
+    p.add_argument("--group-size", type=int, help="int4: inputs per scale (default 64)")
     q = p.add_argument_group("quality suite (--quality)")
     q.add_argument("--quality", action="store_true",
                    help="measure generated text and task answers, AR vs each diffusion setting (no --data needed)")
@@ -153,9 +157,7 @@ SWEEP_BOUNDS = (0.1, 0.5, 2.0)
 def run_eval(args: argparse.Namespace) -> int:
     import math
 
-    import torch
-
-    from .. import default_model_path, load
+    from .. import default_model_path
     from ..tokenizer import Tokenizer
     from .data import encode_documents, pack
     from .loop import evaluate
@@ -177,7 +179,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json and Path(args.json).is_dir():
         raise ValueError(f"--json {args.json!r} is a folder")
     path = Path(args.model or default_model_path())
-    model = load(path, device=args.device, dtype=torch.float32)
+    model = _load(args, path)
     tok = Tokenizer.from_dir(path)
     CL = model.config.canvas_length
     tr, va = encode_documents(args.data, tok, 100.0 if args.all else args.val_percent)
@@ -203,6 +205,13 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace, path: Path):
+    from .. import load
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError("--group-size needs --quantize int4")
+    return load(path, device=args.device, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
+
+
 def _quality_settings(args: argparse.Namespace) -> list[dict]:
     """Diffusion settings of --quality: --sweep's grid, or the product of the --steps and --bound lists."""
     if args.sweep and (args.steps or args.bound):
@@ -224,10 +233,9 @@ def _quality_settings(args: argparse.Namespace) -> list[dict]:
 
 
 def run_quality(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
-    from .. import default_model_path, load
+    from .. import default_model_path
     from ..generate import resolve_settings
     from ..tokenizer import Tokenizer
     from .quality import format_table, plot_frontier, prompt_set, run_suite
@@ -246,7 +254,7 @@ def run_quality(args: argparse.Namespace) -> int:
         raise ValueError(f"--json: folder {str(Path(args.json).parent)!r} does not exist")
     settings = _quality_settings(args)
     path = Path(args.model or default_model_path())
-    model = load(path, device=args.device, dtype=torch.float32)
+    model = _load(args, path)
     tok = Tokenizer.from_dir(path)
     if args.prompts > len(prompt_set(tok)):
         raise ValueError(f"--prompts: this tokenizer has {len(prompt_set(tok))} fixed prompts (got {args.prompts})")

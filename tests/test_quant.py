@@ -1,0 +1,329 @@
+"""Weight-only quantization (quant.py, kernels.py, checkpoint.quantize_folder, `dgemma quantize`)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dgemma
+from dgemma import checkpoint, kernels, quant
+from dgemma.cli import main
+from dgemma.config import ConfigError, preset
+
+SHIPPED = dgemma.default_model_path()
+
+
+def _kl(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean())
+
+
+def _top1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+def test_int4_layout_on_known_values():
+    # one row, one group of 32: min -1, max 2 -> scale 0.2, zero = -1 + 8 * 0.2 = 0.6
+    w = torch.linspace(-1, 2, 32)[None]
+    t = quant.quantize(w, "int4", 32)
+    assert t["qdata"].dtype == torch.uint8 and t["qdata"].shape == (1, 16)
+    assert t["scale"].dtype == torch.bfloat16 and t["scale"].shape == (1, 1)
+    assert float(t["scale"]) == pytest.approx(0.2, rel=1e-2) and float(t["zero"]) == pytest.approx(0.6, rel=1e-2)
+    codes = torch.stack((t["qdata"] & 15, t["qdata"] >> 4), -1).flatten()   # even k in the low nibble
+    assert codes[0] == 0 and codes[-1] == 15 and torch.all(codes[1:] >= codes[:-1])
+    back = quant.dequantize(t, "int4", torch.float32)
+    assert (back - w).abs().max() <= 0.11                    # half a step of 0.2 (+ bf16 scale rounding)
+
+
+@pytest.mark.parametrize("weights,group,tol", [("int8", None, 0.012), ("fp8", None, 0.07), ("int4", 32, 0.1),
+                                               ("int4", 128, 0.13)])
+def test_quantize_round_trip(weights, group, tol):
+    w = torch.randn(3, 48, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 1, 48)[:, None]
+    t = quant.quantize(w.bfloat16(), weights, group)
+    back = quant.dequantize(t, weights, torch.float32)
+    assert back.shape == w.shape
+    rel = float(((back - w).norm(dim=-1) / w.norm(dim=-1)).max())     # the worst row
+    assert rel < tol
+    # a scale layout read wrongly (rows shuffled) is far off: the bound above can fail
+    bad = {**t, "scale": t["scale"].flip(-2 if weights == "int4" else -1)}
+    assert float((quant.dequantize(bad, weights, torch.float32) - w).norm() / w.norm()) > 10 * tol
+
+
+def test_scheme_checks():
+    with pytest.raises(ConfigError, match="unknown quantization"):
+        quant.QuantConfig.make("int3")
+    with pytest.raises(ConfigError, match="int4 only"):
+        quant.QuantConfig.make("int8", 64)
+    with pytest.raises(ConfigError, match="group size"):
+        quant.QuantConfig.make("int4", 48)
+    with pytest.raises(ConfigError, match="does not divide"):
+        quant.quantize(torch.randn(4, 96), "int4", 64)
+    assert quant.QuantConfig.from_hf(quant.QuantConfig.make("int4").to_hf()) == quant.QuantConfig("int4", 64)
+    with pytest.raises(ConfigError, match="not one dgemma reads"):
+        quant.QuantConfig.from_hf({"quant_method": "gptq", "bits": 4})
+
+
+def _qweight(weights, group, shape, dtype, gen=0):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(gen))
+    qw = quant.QWeight(shape, weights, group, dtype)
+    qw.set(quant.quantize(w, weights, group), torch.device("cpu"))
+    return qw
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32), ("int4", 64), ("fp8", None)])
+def test_fast_paths_equal_the_fallback(weights, group, rows):
+    qw = _qweight(weights, group, (64, 128), torch.bfloat16)
+    plain = quant.quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)), weights, group)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    quant.PATHS.clear()
+    fast = qw.linear(x)
+    want = {"int4": "int4pack", "int8": "int8pack" if rows <= quant.FEW_ROWS else "convert", "fp8": "convert"}[weights]
+    assert set(quant.PATHS) == {want}                         # the fast path ran, not the fallback
+    slow = quant.fallback(x, plain, weights)                  # dequantize, then matmul
+    exact = x.float() @ quant.dequantize(plain, weights, torch.float32).T
+    assert (fast.float() - slow.float()).abs().max() <= 0.02 * exact.abs().max()
+    assert (qw.dequantized().float() - quant.dequantize(plain, weights, torch.bfloat16).float()).abs().max() == 0
+
+
+def test_fallback_works_in_slices(monkeypatch):
+    plain = quant.quantize(torch.randn(100, 64), "int4", 32)
+    x = torch.randn(3, 64)
+    whole = quant.fallback(x, plain, "int4")
+    monkeypatch.setattr(quant, "CHUNK", 64 * 7)                # 7 rows at a time
+    assert torch.allclose(quant.fallback(x, plain, "int4"), whole, atol=1e-5)
+
+
+def test_grouped_experts_equal_per_expert_matmuls():
+    qw = _qweight("int4", 32, (4, 32, 64), torch.bfloat16)
+    offs = torch.tensor([3, 3, 10, 12])                       # expert 1 gets no rows
+    x = torch.randn(12, 64).bfloat16()
+    out = qw.grouped(x, offs)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        ref = x[start:end].float() @ qw.dequantized()[e].float().T
+        assert torch.allclose(out[start:end].float(), ref, atol=0.05, rtol=0.02)
+        start = end
+
+
+@pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
+@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32), ("fp8", None)])
+def test_triton_kernel_in_the_interpreter(weights, group, monkeypatch):
+    """The CUDA kernel's indexing, dequantization and grouping, run by Triton's interpreter on the CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels.available.cache_clear()
+    kernels._kernel.cache_clear()
+    try:
+        w = torch.randn(3, 48, 96, generator=torch.Generator().manual_seed(0))
+        t = quant.quantize(w, weights, group)
+        offs = torch.tensor([5, 5, 23])
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(23, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+            got = kernels.qmm(x, t, weights, group, offs)
+            ref = torch.cat([quant.fallback(x[a:b].float(), {k: v[e] for k, v in t.items()}, weights)
+                             for e, (a, b) in enumerate([(0, 5), (5, 5), (5, 23)])])
+            assert got.dtype == dtype
+            assert (got.float() - ref).abs().max() <= (1e-4 if dtype == torch.float32 else 0.01) * ref.abs().max()
+            one = {k: v[2] for k, v in t.items()}                 # a dense layer: one group of all rows
+            dense, want = kernels.qmm(x[:7], one, weights, group, None), quant.fallback(x[:7].float(), one, weights)
+            assert (dense.float() - want).abs().max() <= 0.01 * want.abs().max()
+    finally:
+        kernels.available.cache_clear()
+        kernels._kernel.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def shipped_bf16():
+    m = dgemma.load(SHIPPED, dtype="bfloat16")
+    tok = dgemma.load_tokenizer(SHIPPED)
+    ids = torch.tensor([tok.encode("The little girl walked to the park with her dog. She saw a big tree and")] * 2)
+    canvas = torch.randint(3, m.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    return m, ids, canvas, m.encoder_logits(ids), m.denoise_logits(ids, canvas)
+
+
+# measured on the shipped model (docs/NOTES.md): int8 ~0.0006/0.0002, fp8 ~0.002/0.0005, int4 ~0.017/0.004
+@pytest.mark.parametrize("weights,kl_enc,kl_den,top1", [("int8", 0.003, 0.002, 0.9), ("fp8", 0.008, 0.004, 0.85),
+                                                        ("int4", 0.05, 0.02, 0.75)])
+def test_quality_on_the_shipped_model(shipped_bf16, weights, kl_enc, kl_den, top1):
+    base, ids, canvas, enc, den = shipped_bf16
+    m = dgemma.load(SHIPPED, dtype="bfloat16", quantize=weights)
+    assert m.quantization.weights == weights and m.dtype == torch.bfloat16
+    e, d = m.encoder_logits(ids), m.denoise_logits(ids, canvas)
+    assert _kl(e, enc) < kl_enc and _kl(d, den) < kl_den
+    assert _top1(e, enc) >= top1 and _top1(d, den) >= top1 - 0.1
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    from dgemma.bench.worker import build
+    path = tmp_path_factory.mktemp("small") / "m"
+    dgemma.save(build({"shape": "small", "device": "cpu", "dtype": "float32"}), path)
+    return path
+
+
+@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32), ("fp8", None)])
+def test_quantized_model_equals_its_dequantized_weights(small_dir, weights, group):
+    """Every quantized layer is wired to the right weight with the right scales: an fp32 model holding the
+    dequantized weights gives the same logits (random `small` shape; in bf16 rounding noise would hide a
+    small error, KL ~3e-3 between bf16 and fp32 themselves)."""
+    q = dgemma.load(small_dir, dtype="float32", quantize=weights, group_size=group)
+    deq = dgemma.load(small_dir, dtype="float32")
+    with torch.no_grad():
+        for name, qw in q.named_modules():
+            if isinstance(qw, quant.QWeight):
+                deq.get_parameter(name).copy_(qw.dequantized())   # same names: "....weight", "experts.down_proj"
+    ids = torch.randint(3, q.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    quant.PATHS.clear()
+    assert _kl(q.encoder_logits(ids), deq.encoder_logits(ids)) < 1e-6
+    canvas = ids[:, :q.config.canvas_length]
+    assert _kl(q.denoise_logits(ids, canvas), deq.denoise_logits(ids, canvas)) < 1e-6
+    assert "fallback" not in quant.PATHS
+
+
+def test_generate_and_engine_with_quantized_weights():
+    from dgemma.engine import Engine
+    m = dgemma.load(SHIPPED, quantize="int8")
+    assert m.dtype == (torch.bfloat16 if checkpoint.cpu_has_bf16() else torch.float32)
+    ids = torch.tensor([[2, 10, 11, 12]])
+    out = m.generate(ids, max_new_tokens=40, seed=0)
+    again = m.generate(ids, max_new_tokens=40, seed=0)
+    assert torch.equal(out.sequences, again.sequences) and out.sequences.shape[1] >= 44
+    assert int(out.sequences.max()) < m.config.vocab_size
+    ar = m.generate_ar(ids, max_new_tokens=8)
+    assert ar.sequences.shape[1] == 12
+    eng = Engine(m, max_batch=2)
+    rid = eng.submit([2, 10, 11], max_new_tokens=20, seed=1)
+    assert len(eng.run()[rid].tokens) <= 20
+
+
+def test_cast_and_save_of_a_quantized_model(tmp_path):
+    m = dgemma.load(SHIPPED, dtype="bfloat16", quantize="fp8")
+    codes = m.layers[0].mlp.up_proj.weight.qdata.clone()
+    m.to(torch.float32)
+    qw = m.layers[0].mlp.up_proj.weight
+    assert qw.qdata.dtype == torch.float8_e4m3fn and torch.equal(qw.qdata.float(), codes.float())
+    assert qw.dtype == torch.float32 and m.dtype == torch.float32
+    m.encoder_logits(torch.tensor([[2, 5, 6]]))
+    with pytest.raises(checkpoint.CheckpointError, match="dgemma quantize"):
+        dgemma.save(m, tmp_path / "x")
+
+
+def test_quantize_command_writes_a_loadable_folder(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", SHIPPED, str(out), "--weights", "int4", "--group-size", "32"]) == 0
+    assert "int4 (groups of 32)" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "dgemma", "weights": "int4", "group_size": 32,
+                                          "embedding": "int8", "format_version": 1}
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    header = checkpoint.read_header(out / "model.safetensors")
+    key = "model.decoder.layers.0.experts.down_proj"
+    assert header[key]["dtype"] == "U8" and header[key + "_scale"]["dtype"] == "BF16"
+    assert header["model.decoder.embed_tokens.weight"]["dtype"] == "I8"
+    assert header["model.decoder.layers.0.router.proj.weight"]["dtype"] == header["model.decoder.norm.weight"]["dtype"]
+    assert (out / "model.safetensors").stat().st_size < 0.45 * (Path(SHIPPED) / "model.safetensors").stat().st_size
+    a = dgemma.load(out, dtype="bfloat16")                     # no flag: the folder says it is quantized
+    b = dgemma.load(SHIPPED, dtype="bfloat16", quantize="int4", group_size=32)
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    assert torch.equal(a.encoder_logits(ids), b.encoder_logits(ids))
+    with pytest.raises(checkpoint.CheckpointError, match="already quantized"):
+        dgemma.load(out, quantize="int8")
+    # user errors: one line, exit 2, nothing written
+    for argv, msg in [(["quantize", str(out), str(tmp_path / "r"), "--weights", "int8"], "already quantized"),
+                      (["quantize", SHIPPED, str(out), "--weights", "int8"], "not empty"),
+                      (["quantize", SHIPPED, str(tmp_path / "s"), "--weights", "int4", "--group-size", "48"],
+                       "group size"),
+                      (["quantize", SHIPPED, str(tmp_path / "t"), "--weights", "int8", "--group-size", "32"],
+                       "int4")]:
+        assert main(argv) == 2
+        assert msg in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_quantize_sharded_folder(tmp_path):
+    from dgemma.bench.worker import build
+    m = build({"shape": "small", "device": "cpu", "dtype": "float32"})
+    dgemma.save(m, tmp_path / "m", max_shard_bytes=1 << 20)
+    assert (tmp_path / "m" / checkpoint.INDEX).is_file()
+    checkpoint.quantize_folder(tmp_path / "m", tmp_path / "q", "int8", progress=False)
+    index = json.loads((tmp_path / "q" / checkpoint.INDEX).read_text())["weight_map"]
+    assert "model.decoder.layers.1.self_attn.q_proj.weight_scale" in index
+    assert all((tmp_path / "q" / f).is_file() for f in set(index.values()))
+    ids = torch.tensor([[2, 5, 6, 7]])
+    q = dgemma.load(tmp_path / "q", dtype="bfloat16")
+    assert torch.equal(q.encoder_logits(ids), dgemma.load(tmp_path / "m", dtype="bfloat16",
+                                                          quantize="int8").encoder_logits(ids))
+
+
+def test_memory_estimates():
+    cfg = preset("26b-a4b")
+    for name, group in (("int4", 64), ("int4", 128)):
+        qb, rest = quant.model_bytes(cfg, quant.QuantConfig.make(name, group), 2)
+        assert qb + rest < 16e9                                 # int4 26B-A4B fits 16 GB of weights
+    full = sum(quant.model_bytes(cfg, None, 2))
+    q8 = sum(quant.model_bytes(cfg, quant.QuantConfig.make("int8"), 2))
+    assert 0.49 < q8 / full < 0.52
+
+
+def test_info_reports_quantized_estimate(capsys):
+    assert main(["info", "--quantize", "int4"]) == 0
+    text = capsys.readouterr().out
+    assert "int4 (groups of 64)" in text
+    assert main(["info", "--group-size", "32"]) == 2
+
+
+def test_auto_dtype_and_sampler(monkeypatch):
+    from dgemma.sampling import resolve_sampler
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(checkpoint, "cpu_has_bf16", lambda: True)
+    assert checkpoint.auto_dtype(cpu, torch.float32, preset("100m"), False) == torch.bfloat16
+    assert checkpoint.auto_dtype(cpu, torch.float32, preset("tiny"), False) == torch.float32
+    assert checkpoint.auto_dtype(cpu, torch.float32, preset("tiny"), True) == torch.bfloat16
+    assert checkpoint.auto_dtype(torch.device("cuda"), torch.float32, preset("tiny"), False) == torch.bfloat16
+    monkeypatch.setattr(checkpoint, "cpu_has_bf16", lambda: False)
+    assert checkpoint.auto_dtype(cpu, torch.bfloat16, preset("100m"), True) == torch.float32
+    assert resolve_sampler("auto", cpu, torch.float32) == "exact"
+    assert resolve_sampler("auto", cpu, torch.bfloat16) == "fast"
+    assert resolve_sampler("auto", torch.device("cuda"), torch.float32) == "fast"
+
+
+def test_generate_command_with_quantize(capsys):
+    assert main(["generate", "Once upon a time", "--quantize", "int8", "--max-new-tokens", "8", "--seed", "0",
+                 "-v"]) == 0
+    assert "tokens/s" in capsys.readouterr().err
+    assert main(["generate", "hi", "--group-size", "32"]) == 2
+
+
+PEAK = """
+import resource, sys, torch, dgemma
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "load":
+    m = dgemma.load(sys.argv[2], quantize=sys.argv[3], dtype="bfloat16")
+    assert m.encoder_logits(torch.tensor([[2, 3, 4]])).shape[-1] == m.config.vocab_size
+else:
+    from dgemma.checkpoint import quantize_folder
+    quantize_folder(sys.argv[2], sys.argv[4], sys.argv[3], progress=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+@pytest.fixture(scope="module")
+def bf16_100m(tmp_path_factory):
+    from dgemma.bench.worker import build
+    path = tmp_path_factory.mktemp("m100") / "m"
+    dgemma.save(build({"shape": "100m", "device": "cpu", "dtype": "bfloat16"}), path)
+    return path
+
+
+@pytest.mark.parametrize("mode,weights", [("load", "int8"), ("load", "int4"), ("write", "int4")])
+def test_quantizing_streams_tensor_by_tensor(bf16_100m, tmp_path, mode, weights):
+    """Quantizing the 100m shape never holds the bf16 model: the peak growth stays well under its size."""
+    size = (bf16_100m / "model.safetensors").stat().st_size
+    r = subprocess.run([sys.executable, "-c", PEAK, mode, str(bf16_100m), weights, str(tmp_path / "q")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    grew = int(r.stdout.split()[-1])
+    assert grew < 0.75 * size, (grew, size)

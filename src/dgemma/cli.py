@@ -71,11 +71,18 @@ def add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=_positive, metavar="G", help="int4: inputs per scale (default 64)")
 
 
+def check_weights_args(args: argparse.Namespace) -> None:
+    from dgemma.quant import QuantConfig
+    if args.group_size is not None and args.quantize != "int4":
+        raise UsageError("--group-size needs --quantize int4")
+    if args.quantize:
+        QuantConfig.make(args.quantize, args.group_size)
+
+
 def load_model(path, args: argparse.Namespace, device=None):
     """dgemma.load with the weights flags of `add_weights_args`."""
     import dgemma
-    if args.group_size is not None and args.quantize != "int4":
-        raise UsageError("--group-size needs --quantize int4")
+    check_weights_args(args)
     return dgemma.load(path, device=device, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
 
 

@@ -98,19 +98,14 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
                embed_scale: torch.Tensor | None) -> RowResult:
     """Few passes over the vocabulary: max and argmax together, e = exp(lam - max) once, which serves the
     sample (two-level inverse CDF), the entropy log Z - <e, lam - max> / Z and the soft embedding (e @ E) / Z."""
-    n = lam.shape[0]
     top, amax = lam.max(dim=-1)
     lam.sub_(top[:, None])                                        # lam - max, in place
     e = lam.exp()                                                 # unnormalised probabilities [n, V]
     sample, z = inverse_cdf(e, uniform.to(e.device))
-    ent = z.log() - torch.bmm(e[:, None, :], lam[:, :, None]).view(n) / z
-    soft = None
-    if embedding is not None:
-        if embedding.dtype == torch.float32:
-            soft = embedding.mix(e) / z[:, None] * embed_scale
-        else:  # the reference rounds the logits to the embedding dtype before its softmax
-            p = torch.softmax(lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
-            soft = embedding.mix(p) * embed_scale
+    ent = z.log() - torch.linalg.vecdot(e, lam) / z
+    # (the reference rounds the logits to a bf16 embedding's dtype before this softmax; the fast sampler takes
+    # the fp32 probabilities it already has: a second softmax over [n, V] was 40% of its CPU time)
+    soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
     return RowResult(sample, amax, ent, soft)
 
 

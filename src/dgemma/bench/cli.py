@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,9 @@ def add_bench(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: the checkpoint's (bfloat16 for --shape)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="glibc malloc settings of every system's process: tuned (default; what dgemma.load sets on "
+                        "the CPU: freed memory stays in the heap) or glibc's defaults")
     p.add_argument("--quantize", choices=("int8", "int4", "fp8"),
                    help="dgemma systems (and AR) run with weights quantized this way; the reference stays unquantized")
     p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default 64)")
@@ -38,9 +42,15 @@ def add_bench(sub) -> None:
     p.set_defaults(func=run_bench)
 
 
-def _run(system: str, args: dict) -> dict:
+# glibc's malloc settings for every system's process (see checkpoint.tune_malloc): the same for all of them
+MALLOC_ENV = {"tuned": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)},
+              "default": {"DGEMMA_TUNE_MALLOC": "0"}}
+
+
+def _run(system: str, args: dict, malloc: str = "tuned") -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | MALLOC_ENV[malloc]
     r = subprocess.run([sys.executable, "-m", "dgemma.bench.worker", json.dumps({**args, "system": system})],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": " | ".join(r.stderr.strip().splitlines()[-3:]) or "failed"}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -69,7 +79,7 @@ def run_bench(a: argparse.Namespace) -> int:
     common = {"device": a.device, "dtype": a.dtype, "batch": a.batch, "prompt_len": a.prompt_len,
               "canvases": a.canvases, "steps": a.steps, "adaptive": a.adaptive, "ar_tokens": a.ar_tokens,
               "threads": a.threads, "path": None, "shape": a.shape, "quantize": a.quantize,
-              "group_size": a.group_size}
+              "group_size": a.group_size, "malloc": a.malloc}
     if a.quantize:
         from ..quant import QuantConfig
         QuantConfig.make(a.quantize, a.group_size)
@@ -94,7 +104,7 @@ def run_bench(a: argparse.Namespace) -> int:
             raise ValueError(f"model folder {common['path']!r} does not exist")
     results = {}
     for s in tqdm(systems, desc="bench", unit="system"):
-        results[s] = _run(s, common)
+        results[s] = _run(s, common, a.malloc)
     if tmp is not None:
         tmp.cleanup()
     report = {"setup": {k: v for k, v in common.items() if k != "path"} | {"model": a.model or a.shape or

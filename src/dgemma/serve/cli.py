@@ -44,7 +44,7 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dgemma.cli import UsageError, _device, _model_dir
+    from dgemma.cli import UsageError, _device, _model_dir, check_weights_args
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -55,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 0..65535 (got {args.port})")
     if args.prefix_cache_mb < 0:
         raise UsageError("--prefix-cache-mb must be >= 0")
+    check_weights_args(args)
     path = _model_dir(args.model)
     _device(args.device)
     from dgemma.config import ModelConfig

@@ -145,7 +145,7 @@ def test_against_a_server(tmp_path):
 def test_next_prompt_extends_the_ids_or_re_renders():
     import argparse
     from dgemma.chat import Local
-    chat = Local(argparse.Namespace(model=None, device="cpu", dtype=None), "Be brief.")
+    chat = Local(argparse.Namespace(model=None, device="cpu", dtype="auto", quantize=None, group_size=None), "Be brief.")
     tok = chat.tok
     first, note = chat.prompt("Hi")
     assert note == "" and first == tok.apply_chat_template(chat.messages + [{"role": "user", "content": "Hi"}],

@@ -109,30 +109,36 @@ def test_grouped_experts_equal_per_expert_matmuls():
         start = end
 
 
+INTERPRETED = """
+import sys, torch
+from dgemma import kernels, quant
+assert kernels.available()
+weights, group = sys.argv[1], (int(sys.argv[2]) or None)
+w = torch.randn(3, 48, 96, generator=torch.Generator().manual_seed(0))
+t = quant.quantize(w, weights, group)
+offs = torch.tensor([5, 5, 23])
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(23, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = kernels.qmm(x, t, weights, group, offs)
+    ref = torch.cat([quant.fallback(x[a:b].float(), {k: v[e] for k, v in t.items()}, weights)
+                     for e, (a, b) in enumerate([(0, 5), (5, 5), (5, 23)])])
+    assert got.dtype == dtype
+    assert (got.float() - ref).abs().max() <= (1e-4 if dtype == torch.float32 else 0.01) * ref.abs().max()
+    one = {k: v[2] for k, v in t.items()}                 # a dense layer: one group of all rows
+    dense, want = kernels.qmm(x[:7], one, weights, group, None), quant.fallback(x[:7].float(), one, weights)
+    assert (dense.float() - want).abs().max() <= 0.01 * want.abs().max()
+print("ok")
+"""
+
+
 @pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
 @pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32), ("fp8", None)])
-def test_triton_kernel_in_the_interpreter(weights, group, monkeypatch):
-    """The CUDA kernel's indexing, dequantization and grouping, run by Triton's interpreter on the CPU."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels.available.cache_clear()
-    kernels._kernel.cache_clear()
-    try:
-        w = torch.randn(3, 48, 96, generator=torch.Generator().manual_seed(0))
-        t = quant.quantize(w, weights, group)
-        offs = torch.tensor([5, 5, 23])
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(23, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
-            got = kernels.qmm(x, t, weights, group, offs)
-            ref = torch.cat([quant.fallback(x[a:b].float(), {k: v[e] for k, v in t.items()}, weights)
-                             for e, (a, b) in enumerate([(0, 5), (5, 5), (5, 23)])])
-            assert got.dtype == dtype
-            assert (got.float() - ref).abs().max() <= (1e-4 if dtype == torch.float32 else 0.01) * ref.abs().max()
-            one = {k: v[2] for k, v in t.items()}                 # a dense layer: one group of all rows
-            dense, want = kernels.qmm(x[:7], one, weights, group, None), quant.fallback(x[:7].float(), one, weights)
-            assert (dense.float() - want).abs().max() <= 0.01 * want.abs().max()
-    finally:
-        kernels.available.cache_clear()
-        kernels._kernel.cache_clear()
+def test_triton_kernel_in_the_interpreter(weights, group):
+    """The CUDA kernel's indexing, dequantization and grouping, run by Triton's interpreter on the CPU (in a
+    fresh process: the interpreter must be on before triton is first imported)."""
+    r = subprocess.run([sys.executable, "-c", INTERPRETED, weights, str(group or 0)], capture_output=True,
+                       text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

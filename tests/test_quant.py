@@ -333,3 +333,14 @@ def test_quantizing_streams_tensor_by_tensor(bf16_100m, tmp_path, mode, weights)
     assert r.returncode == 0, r.stderr
     grew = int(r.stdout.split()[-1])
     assert grew < 0.75 * size, (grew, size)
+
+
+def test_weights_flags_are_checked_before_loading(capsys):
+    assert main(["serve", "--group-size", "32", "--port", "0"]) == 2
+    assert "--group-size needs --quantize int4" in capsys.readouterr().err
+    assert main(["serve", "--quantize", "int4", "--group-size", "48", "--port", "0"]) == 2
+    assert "group size" in capsys.readouterr().err
+    assert main(["chat", "--url", "http://127.0.0.1:9", "--quantize", "int8"]) == 2
+    assert "in-process model" in capsys.readouterr().err
+    assert main(["bench", "--group-size", "32", "--out", "/nonexistent/x"]) == 2
+    assert main(["eval", "--quality", "--group-size", "32"]) == 2

@@ -162,3 +162,39 @@ def test_cli_quality_errors(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("dgemma: error:") and msg in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def uniform_scorer_dir(tmp_path_factory):
+    """A tiny transformers causal LM (Llama) whose head is zero: every next token has probability 1 / V, so any
+    text's perplexity is exactly V. Its tokenizer is the shipped model's tokenizer.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    path = tmp_path_factory.mktemp("scorer")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(dgemma.default_model_path() + "/tokenizer.json"),
+                                  bos_token="<bos>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+    m.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, len(tok)
+
+
+def test_text_scorer_known_perplexity(uniform_scorer_dir):
+    path, V = uniform_scorer_dir
+    s = q.TextScorer(str(path))
+    assert s.perplexity("The old house", " stood empty for years.") == pytest.approx(V, rel=1e-4)
+    assert math.isnan(s.perplexity("The old house", ""))
+
+
+def test_cli_quality_with_an_independent_scorer(uniform_scorer_dir, tmp_path, capsys):
+    path, V = uniform_scorer_dir
+    assert main(["eval", "--quality", "--prompts", "1", "--tasks", "0", "--max-new-tokens", "8", "--steps", "2",
+                 "--scorer", str(path), "--json", str(tmp_path / "q.json")]) == 0
+    res = json.loads((tmp_path / "q.json").read_text())
+    assert "independent scorer" in res["perplexity_mean"]
+    assert all(r["perplexity"] == pytest.approx(V, rel=1e-4) for r in res["runs"])
+    assert main(["eval", "--quality", "--scorer", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err

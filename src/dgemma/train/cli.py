@@ -146,6 +146,8 @@ def add_eval(sub) -> None:
     q.add_argument("--tasks", type=int, default=8, help="seeded arithmetic / word problems (0 = none)")
     q.add_argument("--ar-temperature", type=float, default=1.0, help="AR reference sampling temperature (0 = greedy)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--scorer", metavar="FOLDER", help="score text with this causal LM (a local transformers folder "
+                   "with its tokenizer) instead of the model's own encoder; needs transformers")
     q.add_argument("--out", help="folder for quality.json and quality.png (created if missing)")
     p.set_defaults(func=run_eval)
 
@@ -167,7 +169,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return run_quality(args)
     if not args.data:
         raise ValueError("--data is required (or pass --quality for the generated-text quality suite)")
-    for flag in ("sweep", "bound", "t_min", "t_max", "out"):
+    for flag in ("sweep", "bound", "t_min", "t_max", "out", "scorer"):
         if getattr(args, flag) not in (None, False):
             raise ValueError(f"--{flag.replace('_', '-')} only goes with --quality")
     if args.steps is not None and len(args.steps) != 1:
@@ -253,6 +255,10 @@ def run_quality(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ValueError(f"--json: folder {str(Path(args.json).parent)!r} does not exist")
     settings = _quality_settings(args)
+    text_scorer = None
+    if args.scorer:
+        from .quality import TextScorer
+        text_scorer = TextScorer(args.scorer)
     path = Path(args.model or default_model_path())
     model = _load(args, path)
     tok = Tokenizer.from_dir(path)
@@ -267,7 +273,8 @@ def run_quality(args: argparse.Namespace) -> int:
             bar.set_postfix_str(name[:40], refresh=False)
             bar.update(1)
         res = run_suite(model, tok, settings, ar_temperature=args.ar_temperature, n_prompts=args.prompts,
-                        n_tasks=args.tasks, max_new_tokens=new, seed=args.seed, progress=step)
+                        n_tasks=args.tasks, max_new_tokens=new, seed=args.seed, progress=step,
+                        text_scorer=text_scorer)
     res = {"model": str(path), **res}
     print(format_table(res))
     text = json.dumps(res, indent=2)

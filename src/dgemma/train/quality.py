@@ -3,7 +3,8 @@
 Knows: how to continue a fixed set of prompts with autoregressive decoding (the reference point) and with each
 block-diffusion setting, and how to measure the continuations:
   * perplexity of the continuation given its prompt under a scorer (default: the model's own causal encoder,
-    `model.encoder_logits`); scoring stops at the first EOS (the EOS itself is scored, pad never is). The
+    `model.encoder_logits`; or `TextScorer`, any causal LM folder transformers loads, scoring the text);
+    scoring stops at the first EOS (the EOS itself is scored, pad never is). The
     suite reports the geometric mean over prompts of the per-prompt perplexities (each prompt weighs the same);
   * distinct-1/2 (unique n-grams / n-grams of one continuation, token ids, averaged over prompts) and the longest
     repeated n-gram (longest token n-gram occurring twice, overlaps allowed, max over prompts), so that degenerate
@@ -83,6 +84,50 @@ def perplexity(model, prompt_ids: Sequence[int], cont_ids: Sequence[int], scorer
     """exp(mean NLL) of the continuation given the prompt (see continuation_nll); nan if nothing was scored."""
     s, n = continuation_nll(model, prompt_ids, cont_ids, scorer)
     return math.exp(s / n) if n else float("nan")
+
+
+class TextScorer:
+    """An independent scorer: a causal LM in a local transformers folder (config, weights, tokenizer; e.g. a
+    small GPT-2 or Llama), loaded with transformers (an optional extra). It scores text, so it does not need the
+    model's tokenizer: perplexity of the continuation's own tokens given the prompt's."""
+
+    def __init__(self, path: str, device: str = "cpu") -> None:
+        from pathlib import Path
+        if not Path(path).is_dir():
+            raise ValueError(f"scorer {path!r} is not a folder (a transformers causal LM with its tokenizer)")
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise ValueError("an independent scorer needs transformers: pip install transformers") from None
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"scorer {path!r} could not be loaded as a transformers causal LM: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.device, self.name = device, path
+
+    @torch.inference_mode()
+    def perplexity(self, prompt: str, cont: str) -> float:
+        """exp(mean NLL) of the tokens `prompt + cont` has beyond those it shares with `prompt` alone (a token
+        that straddles the boundary is scored as continuation); nan for an empty continuation."""
+        p, full = self.tok(prompt)["input_ids"], self.tok(prompt + cont)["input_ids"]
+        k = 0
+        while k < min(len(p), len(full)) and p[k] == full[k]:
+            k += 1
+        if not cont or k >= len(full):
+            return float("nan")
+        if k == 0:                        # the first scored token needs a context: the scorer's BOS, if it has one
+            if self.tok.bos_token_id is None:
+                return float("nan") if len(full) == 1 else self._score(full, 1)
+            full, k = [self.tok.bos_token_id] + full, 1
+        return self._score(full, k)
+
+    def _score(self, full: list[int], k: int) -> float:
+        ids = torch.tensor([full], device=self.device)
+        logp = torch.log_softmax(self.model(ids).logits[0, k - 1:-1].float(), dim=-1)
+        nll = -logp.gather(1, ids[0, k:, None]).mean()
+        return float(torch.exp(nll))
 
 
 def geometric_mean(values: Iterable[float]) -> float:
@@ -239,7 +284,8 @@ def _resolve_setting(model, s: dict) -> dict:
 
 def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 1.0, n_prompts: int = 8,
               n_tasks: int = 8, max_new_tokens: int = 64, seed: int = 0, task_kind: str = "mixed",
-              sampler: str = "auto", scorer: Scorer | None = None, n_samples: int = 3,
+              sampler: str = "auto", scorer: Scorer | None = None, text_scorer: TextScorer | None = None,
+              n_samples: int = 3,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Continue `n_prompts` fixed prompts and answer `n_tasks` seeded problems with AR (temperature `ar_temperature`,
     0 = greedy) and with each diffusion setting (dicts over SETTING_KEYS; left-out keys come from the model's
@@ -290,7 +336,11 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
             secs += time.perf_counter() - t0
             n_tok += sum(1 for t in new if t != pad)
             cont = _trim(new[:max_new_tokens], eos, pad)
-            ppl.append(perplexity(model, ids, cont, scorer))
+            if text_scorer is not None:
+                body_text = tok.decode([t for t in cont if t not in eos])
+                ppl.append(text_scorer.perplexity(tok.decode(ids, skip_special_tokens=True), body_text))
+            else:
+                ppl.append(perplexity(model, ids, cont, scorer))
             body = [t for t in cont if t not in eos]
             d1.append(distinct_n(body, 1))
             d2.append(distinct_n(body, 2))
@@ -316,7 +366,8 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
                         "samples": samples})
     return {"max_new_tokens": max_new_tokens, "n_prompts": n_prompts, "n_tasks": n_tasks, "seed": seed,
             "ar_temperature": ar_temperature, "sampler": sampler, "task_kind": task_kind,
-            "perplexity_mean": "geometric mean over prompts of exp(mean NLL) under the model's causal encoder",
+            "perplexity_mean": "geometric mean over prompts of exp(mean NLL) under " + (
+                f"the independent scorer {text_scorer.name}" if text_scorer else "the model's causal encoder"),
             "tasks": [asdict(t) for t in tasks], "runs": results}
 
 

@@ -266,9 +266,10 @@ def test_quantize_sharded_folder(tmp_path):
 
 def test_memory_estimates():
     cfg = preset("26b-a4b")
-    for name, group in (("int4", 64), ("int4", 128)):
-        qb, rest = quant.model_bytes(cfg, quant.QuantConfig.make(name, group), 2)
-        assert qb + rest < 16e9                                 # int4 26B-A4B fits 16 GB of weights
+    qb, rest = quant.model_bytes(cfg, quant.QuantConfig.make("int4"), 2)
+    assert qb + rest < 16e9                                     # int4 26B-A4B (groups of 64) fits 16 GB of weights
+    with pytest.raises(ConfigError, match="does not divide the input width 2112"):   # the dense down_proj
+        quant.model_bytes(cfg, quant.QuantConfig.make("int4", 128), 2)
     full = sum(quant.model_bytes(cfg, None, 2))
     q8 = sum(quant.model_bytes(cfg, quant.QuantConfig.make("int8"), 2))
     assert 0.49 < q8 / full < 0.52
@@ -288,7 +289,11 @@ def test_auto_dtype_and_sampler(monkeypatch):
     assert checkpoint.auto_dtype(cpu, torch.float32, preset("100m"), False) == torch.bfloat16
     assert checkpoint.auto_dtype(cpu, torch.float32, preset("tiny"), False) == torch.float32
     assert checkpoint.auto_dtype(cpu, torch.float32, preset("tiny"), True) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert checkpoint.auto_dtype(torch.device("cuda"), torch.float32, preset("tiny"), False) == torch.bfloat16
+    assert checkpoint.auto_dtype(torch.device("cuda"), torch.float16, preset("tiny"), False) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)           # before Ampere
+    assert checkpoint.auto_dtype(torch.device("cuda"), torch.float32, preset("tiny"), False) == torch.float16
     monkeypatch.setattr(checkpoint, "cpu_has_bf16", lambda: False)
     assert checkpoint.auto_dtype(cpu, torch.bfloat16, preset("100m"), True) == torch.float32
     assert resolve_sampler("auto", cpu, torch.float32) == "exact"
@@ -344,3 +349,37 @@ def test_weights_flags_are_checked_before_loading(capsys):
     assert "in-process model" in capsys.readouterr().err
     assert main(["bench", "--group-size", "32", "--out", "/nonexistent/x"]) == 2
     assert main(["eval", "--quality", "--group-size", "32"]) == 2
+
+
+def test_int8_kernel_only_for_widths_it_takes():
+    """torch's int8 CPU kernel reads inputs in blocks of 16: other widths (e.g. experts of width 24) take the
+    convert path (the kernel returned garbage or crashed there)."""
+    qw = _qweight("int8", None, (32, 24), torch.bfloat16)
+    x = torch.randn(4, 24).bfloat16()
+    quant.PATHS.clear()
+    got = qw.linear(x)
+    assert set(quant.PATHS) == {"convert"}
+    want = x.float() @ qw.dequantized().float().T
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_packed_int4_stays_on_the_cpu_in_bf16_or_fp32():
+    qw = _qweight("int4", 32, (32, 64), torch.bfloat16)
+    assert qw.cpu_int4
+    with pytest.raises(RuntimeError, match="stay on the CPU"):
+        qw.double()
+    assert qw.qdata.dtype == torch.uint8 and qw.dtype == torch.bfloat16      # nothing moved or cast
+    qw.float()
+    assert qw.dtype == torch.float32 and qw.scale.dtype == torch.float32
+    x = torch.randn(2, 64)
+    assert torch.allclose(qw.linear(x), x @ qw.dequantized().T, rtol=1e-4, atol=1e-4)
+
+
+def test_a_quantized_folder_cannot_be_trained_or_misreported(tmp_path, capsys):
+    checkpoint.quantize_folder(SHIPPED, tmp_path / "q8", "int8", progress=False)
+    assert main(["info", "--model", str(tmp_path / "q8")]) == 0
+    assert "the rest bfloat16" in capsys.readouterr().out         # the F32 scales are not the compute dtype
+    (tmp_path / "d.txt").write_text("Some text to train on.\n\nAnother paragraph of text.\n")
+    assert main(["train", "--data", str(tmp_path / "d.txt"), "--init-from", str(tmp_path / "q8"), "--out",
+                 str(tmp_path / "run"), "--steps", "1"]) == 2
+    assert "cannot be trained" in capsys.readouterr().err

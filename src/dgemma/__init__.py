@@ -1,7 +1,8 @@
 """dgemma: a compact, fast, pure-PyTorch DiffusionGemma.
 
 Public API:
-    dgemma.load(path, *, device=None, dtype=None) -> DiffusionGemma  (path: a folder or a Hub id `owner/name`)
+    dgemma.load(path, *, device=None, dtype="auto", quantize=None, group_size=None) -> DiffusionGemma
+        (path: a folder or a Hub id `owner/name`; quantize: "int8" | "int4" | "fp8")
     model.encoder_logits(input_ids) -> [B, T, V]
     model.denoise_logits(context_ids, canvas_ids, self_conditioning_logits=None) -> [B, C, V]
     model.generate(input_ids, ...) -> GenerateOutput(.sequences, .tokens_per_forward, ...)

@@ -226,13 +226,18 @@ CPU_BF16_MIN_HIDDEN = 512
 
 
 def auto_dtype(device: torch.device, stored: torch.dtype, cfg: ModelConfig, quantized: bool) -> torch.dtype:
-    """What `dtype="auto"` picks: on a GPU the checkpoint's half dtype (bf16 for an fp32 one); on the CPU bf16
+    """What `dtype="auto"` picks: on a GPU the checkpoint's half dtype (for an fp32 one bf16, or fp16 where the GPU
+    has no bf16); on the CPU bf16
     where the CPU has native bf16 and the model is large enough, or its weights are quantized (the packed CPU
     kernels take bf16 activations), else fp32."""
     if device.type == "cpu":
         fast = cpu_has_bf16() and (quantized or cfg.hidden_size >= CPU_BF16_MIN_HIDDEN)
         return torch.bfloat16 if fast else torch.float32
-    return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if stored in (torch.bfloat16, torch.float16):
+        return stored
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16                                 # GPUs before Ampere
+    return torch.bfloat16
 
 
 def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
@@ -261,8 +266,9 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
     stored_q = QuantConfig.from_hf(cfg.extra.get("quantization_config"))
     asked_q = QuantConfig.make(quantize, group_size) if quantize else None
     if stored_q and asked_q and stored_q != asked_q:
-        raise CheckpointError(f"{path} is already quantized ({stored_q.weights}); load it without quantize= "
-                              "or quantize its unquantized checkpoint")
+        held = stored_q.weights + (f", groups of {stored_q.group_size}" if stored_q.group_size else "")
+        raise CheckpointError(f"{path} is already quantized ({held}): load it as it is, or quantize its "
+                              "unquantized checkpoint")
     if group_size is not None and not quantize:
         raise ConfigError("group_size needs quantize='int4'")
     q = stored_q or asked_q

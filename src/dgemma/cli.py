@@ -226,8 +226,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 key = ST_DTYPES.get(t["dtype"], t["dtype"])
                 by_dtype[key] = by_dtype.get(key, 0) + t["data_offsets"][1] - t["data_offsets"][0]
     ckpt_dtypes = sorted(by_dtype, key=by_dtype.get, reverse=True)
-    floats = [d for d in ckpt_dtypes if d in DTYPE_BYTES]      # a quantized folder's codes are U8 / I8 / F8
-    dtype = args.dtype or (floats[0] if floats else "float32")
+    norm = next((h["model.decoder.norm.weight"]["dtype"] for h in map(_safetensors_header, files)
+                 if "model.decoder.norm.weight" in h), None)       # never quantized: the compute dtype as stored
+    dtype = args.dtype or (ST_DTYPES.get(norm) if ST_DTYPES.get(norm) in DTYPE_BYTES else "float32")
     nb, CL, W, V = DTYPE_BYTES[dtype], cfg.canvas_length, cfg.sliding_window, cfg.vocab_size
     L = cfg.num_hidden_layers
     n_sliding = sum(cfg.is_sliding(i) for i in range(L))

@@ -53,7 +53,7 @@ class QuantConfig:
             raise ConfigError(f"unknown quantization {weights!r} (choose from {', '.join(SCHEMES)})")
         if weights != "int4":
             if group_size is not None:
-                raise ConfigError(f"--group-size applies to int4 only ({weights} has one scale per output row)")
+                raise ConfigError(f"a group size applies to int4 only ({weights} has one scale per output row)")
             return cls(weights)
         g = DEFAULT_GROUP if group_size is None else group_size
         if g not in INT4_GROUPS:
@@ -136,16 +136,17 @@ class QWeight(nn.Module):
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half() on the model: moves keep the stored dtypes (the codes and scales); a cast
         changes only the compute dtype."""
-        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=self.qdata.device)).dtype
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.qdata.device))
+        if self.cpu_int4 and (probe.device.type != "cpu" or probe.dtype not in (torch.bfloat16, torch.float32)):
+            raise RuntimeError("int4 weights packed for the CPU kernel stay on the CPU and compute in bf16 or fp32: "
+                               "load the model again with the device and dtype you want")
+        self.dtype = probe.dtype
         for k, t in list(self._buffers.items()):
             if t is None:
                 continue
             new = fn(t)
             self._buffers[k] = new if new.dtype == t.dtype else t.to(new.device)
         if self.cpu_int4:
-            if self.qdata.device.type != "cpu":
-                raise RuntimeError("int4 weights packed for the CPU kernel cannot move to another device: "
-                                   "load the model on that device instead")
             self.scale = self.scale.to(self.dtype)
         return self
 
@@ -215,13 +216,18 @@ class QWeight(nn.Module):
             return "int4pack"
         if x.is_cuda:
             from . import kernels
-            if kernels.available():
+            fp8_ok = self.weights != "fp8" or torch.cuda.get_device_capability(x.device) >= (8, 9)
+            if kernels.available() and fp8_ok:
                 return "triton"
+            if not fp8_ok:
+                _warn_once("cuda-fp8", "this GPU has no fp8 (compute capability < 8.9): fp8 weights are dequantized "
+                                       "a slice at a time before a dense matmul (slow); use int8 or int4 here")
+                return "fallback"
             _warn_once("cuda", "Triton is not installed: quantized matmuls dequantize slices of each weight "
                                "before a dense matmul (slow); pip install triton")
             return "fallback"
-        if self.weights == "int8" and x.dtype == torch.bfloat16 and x.shape[0] <= FEW_ROWS:
-            return "int8pack"
+        if self.weights == "int8" and x.dtype == torch.bfloat16 and x.shape[0] <= FEW_ROWS and self.shape[-1] % 16 == 0:
+            return "int8pack"            # (the kernel reads rows in blocks of 16 inputs: wrong or a crash otherwise)
         if self.weights != "int4" and x.dtype in (torch.bfloat16, torch.float32):
             return "convert"   # many rows: converting the codes for the dense (AMX) matmul beats the packed kernel
         _warn_once(f"cpu-{self.weights}-{x.dtype}", f"no CPU kernel for {self.weights} weights of shape "
@@ -300,8 +306,8 @@ class QEmbedding(nn.Module):
         for r in range(0, V, step):
             part = torch.matmul((p[..., r:r + step] * w.scale[r:r + step].to(p.dtype)).to(w.dtype),
                                 w.qdata[r:r + step].to(w.dtype))
-            out = part if out is None else out + part
-        return out
+            out = part.float() if out is None else out.add_(part)   # sums of the slices in fp32, one rounding
+        return out.to(w.dtype)
 
 
 def quantizable(model: nn.Module) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -364,7 +370,10 @@ def model_bytes(cfg, q: QuantConfig | None, dtype_bytes: int) -> tuple[int, int]
     if q is None:
         return 0, total * dtype_bytes
     qb = qn = 0
-    for _, shape, is_embed in quantizable(m):
+    for name, shape, is_embed in quantizable(m):
+        if not is_embed and q.weights == "int4" and shape[-1] % q.group_size:
+            raise ConfigError(f"int4 group size {q.group_size} does not divide the input width {shape[-1]} of "
+                              f"{name}; choose a group size from {', '.join(map(str, INT4_GROUPS))} that does")
         qb += weight_bytes(shape, "int8" if is_embed else q.weights, None if is_embed else q.group_size)
         qn += math.prod(shape)
     return qb, (total - qn) * dtype_bytes

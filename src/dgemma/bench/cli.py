@@ -83,6 +83,7 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.quantize:
         from ..quant import QuantConfig
         QuantConfig.make(a.quantize, a.group_size)
+        a.dtype = a.dtype or "bfloat16"          # quantized systems and the reference compute in the same dtype
     elif a.group_size is not None:
         raise ValueError("--group-size needs --quantize int4")
     tmp = None

@@ -137,7 +137,7 @@ def run_dgemma(a: dict) -> dict:
     new = a["batch"] * out.sequences[:, ids.shape[1]:].shape[1]
     extra = {}
     if dev.type == "cuda":   # a canvas routes to (nearly) every expert: a step reads all the weights once
-        weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+        weight_bytes = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))   # codes too
         step_s = total / passes                          # whole generate (encoder, sampler) per decoder pass
         copy = _copy_tb_s(dev)
         extra = {"gpu": torch.cuda.get_device_name(dev), "weights_gb": weight_bytes / 1e9,

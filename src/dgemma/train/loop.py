@@ -157,6 +157,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
         model = load(ckpt, device=dev, dtype=torch.float32)
     elif init_from:
         model = load(init_from, device=dev, dtype=torch.float32)
+        if model.quantization:
+            raise TrainError(f"{init_from} holds quantized weights ({model.quantization.weights}), which cannot be "
+                             "trained: fine-tune its unquantized checkpoint (and quantize the result)")
     else:
         if model_cfg is None:
             raise TrainError("a model config or --init-from is needed")

@@ -59,7 +59,7 @@ def _kernel():
                     w = tl.load(q_ptr + e * sqe + cols[None, :] * sqn + ks[:, None], mask=wmask, other=0.0)
                     w = w.to(tl.float32)
                 if F32DOT:   # fp32 inputs, or the interpreter (whose bf16 dot is wrong)
-                    acc += tl.dot(a.to(tl.float32), w)
+                    acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")   # not TF32
                 else:        # tensor cores: codes dequantized to the activation dtype
                     acc += tl.dot(a, w.to(a.dtype))
             if not INT4:   # one scale per output row of the weight: applied once, after the sum

@@ -409,3 +409,10 @@ def test_cuda_kernel_equals_the_fallback(weights, group):
     a = m.generate(ids, max_new_tokens=64, seed=0, sampler="fast", cuda_graphs=True)
     b = m.generate(ids, max_new_tokens=64, seed=0, sampler="fast", cuda_graphs=False)
     assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32), ("fp8", None)])
+def test_memory_estimate_equals_a_loaded_model(small_dir, weights, group):
+    m = dgemma.load(small_dir, dtype="bfloat16", quantize=weights, group_size=group)
+    held = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    assert held == sum(quant.model_bytes(m.config, m.quantization, 2))

@@ -416,3 +416,14 @@ def test_memory_estimate_equals_a_loaded_model(small_dir, weights, group):
     m = dgemma.load(small_dir, dtype="bfloat16", quantize=weights, group_size=group)
     held = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
     assert held == sum(quant.model_bytes(m.config, m.quantization, 2))
+
+
+def test_bench_quantized_against_the_reference(tmp_path):
+    """The folder both systems read is saved unquantized; both compute in bf16 unless told otherwise."""
+    assert main(["bench", "--shape", "tiny", "--quantize", "int8", "--steps", "1", "--prompt-len", "8",
+                 "--canvases", "1", "--systems", "dgemma-fast,reference", "--threads", "2",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["setup"]["dtype"] == "bfloat16"
+    assert "error" not in report["results"]["dgemma-fast"] and "error" not in report["results"]["reference"]
+    assert report["results"]["dgemma-fast"]["quant_paths"]

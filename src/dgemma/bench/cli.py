@@ -71,6 +71,10 @@ def run_bench(a: argparse.Namespace) -> int:
     from ..checkpoint import _parse_dtype, resolve_device
     device = resolve_device(a.device)
     _parse_dtype(a.dtype)
+    from ..cli import check_weights_args
+    check_weights_args(a)
+    if a.quantize:
+        a.dtype = a.dtype or "bfloat16"          # quantized systems and the reference compute in the same dtype
     if "reference" in systems and importlib.util.find_spec("transformers") is None:
         print("transformers is not installed: skipping the reference", file=sys.stderr)
         systems.remove("reference")
@@ -80,12 +84,6 @@ def run_bench(a: argparse.Namespace) -> int:
               "canvases": a.canvases, "steps": a.steps, "adaptive": a.adaptive, "ar_tokens": a.ar_tokens,
               "threads": a.threads, "path": None, "shape": a.shape, "quantize": a.quantize,
               "group_size": a.group_size, "malloc": a.malloc}
-    if a.quantize:
-        from ..quant import QuantConfig
-        QuantConfig.make(a.quantize, a.group_size)
-        a.dtype = a.dtype or "bfloat16"          # quantized systems and the reference compute in the same dtype
-    elif a.group_size is not None:
-        raise ValueError("--group-size needs --quantize int4")
     tmp = None
     # on the CPU both systems read the same random weights from a folder; on a GPU (where the 26B shape would
     # be a 50 GB folder) the reference builds its own random weights of the shape on the device
@@ -95,7 +93,7 @@ def run_bench(a: argparse.Namespace) -> int:
         from .. import save
         from .worker import build
         tmp = tempfile.TemporaryDirectory(prefix="dgemma-bench-")
-        m = build({**common, "device": "cpu", "dtype": a.dtype or "float32"})
+        m = build({**common, "device": "cpu", "dtype": a.dtype or "float32", "quantize": None})   # saved unquantized
         save(m, Path(tmp.name) / a.shape)
         common.update(path=str(Path(tmp.name) / a.shape), dtype=a.dtype or "float32")
         del m, torch

@@ -60,8 +60,7 @@ def build(a: dict):
     """The checkpoint at a["path"], or random weights of a named shape built directly on the device."""
     import dgemma
     if a.get("path"):
-        dtype = a["dtype"] or ("auto" if a.get("quantize") else None)     # None: the checkpoint's
-        return dgemma.load(a["path"], device=a["device"], dtype=dtype, quantize=a.get("quantize"),
+        return dgemma.load(a["path"], device=a["device"], dtype=a["dtype"], quantize=a.get("quantize"),
                            group_size=a.get("group_size"))
     from dgemma.checkpoint import _parse_dtype, resolve_device
     from dgemma.config import preset

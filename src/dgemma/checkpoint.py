@@ -254,7 +254,7 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
     copy of the (quantized) weights, plus one tensor in flight.
     """
     from .model import DiffusionGemma
-    from .quant import QuantConfig, prepare, quantize as quantize_tensor
+    from .quant import QuantConfig, prepare, quantize as quantize_tensor, stored_name
 
     path = resolve_model(path)
     cfg = ModelConfig.from_dir(path)
@@ -308,9 +308,7 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
         key = hf_name(name)
         try:
             if stored_q:
-                parts = {"qdata": key, "scale": key + "_scale"} | ({"zero": key + "_zero"} if qw.zero is not None
-                                                                   else {})
-                qw.set({k: read_tensor(*entry(v), None, dev) for k, v in parts.items()}, dev)
+                qw.set({p: read_tensor(*entry(stored_name(key, p)), None, dev) for p in qw.stored()}, dev)
             else:
                 fn, info = entry(key)
                 if list(info["shape"]) != list(qw.shape):
@@ -372,8 +370,7 @@ def save(model, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30,
         (tmp / "generation_config.json").write_text(json.dumps(model.sampler_config.to_hf(), indent=2))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)                 # mkdtemp makes 0700; a model folder is shared
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
@@ -400,7 +397,7 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, weights: str
     from tqdm import tqdm
 
     from .model import DiffusionGemma
-    from .quant import QuantConfig, quantizable, quantize
+    from .quant import QuantConfig, plan, quantize, stored_name
 
     src, dst = resolve_model(src), Path(dst)
     q = QuantConfig.make(weights, group_size)
@@ -412,15 +409,18 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, weights: str
     files = _weight_files(src)
     with torch.device("meta"):
         meta = DiffusionGemma(cfg)
-    plan = {hf_name(n): ("int8", None) if emb else (q.weights, q.group_size) for n, _, emb in quantizable(meta)}
+    try:
+        layout = {hf_name(n): qw for n, qw in plan(meta, q).items()}     # the stored tensors of each weight
+    except ConfigError as e:
+        raise CheckpointError(f"{src}: {e}") from None
     headers = {fn: read_header(fn) for fn in sorted(set(files.values()))}
-    for key, (w, g) in plan.items():          # check every shape before writing anything
+    for key, qw in layout.items():            # check every shape before writing anything
         if key not in files:
             raise CheckpointError(f"{src}: tensor {key} is missing")
         shape = headers[files[key]][key]["shape"]
-        if w == "int4" and shape[-1] % g:
-            raise CheckpointError(f"{src}: tensor {key} has input width {shape[-1]}, which int4 group size {g} "
-                                  f"does not divide (choose --group-size from 32, 64, 128, 256 dividing it)")
+        if list(shape) != list(qw.shape):
+            raise CheckpointError(f"{src}: tensor {key} has shape {list(shape)}, expected {list(qw.shape)} from "
+                                  "config.json")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
@@ -428,28 +428,21 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, weights: str
         weight_map: dict[str, str] = {}
         with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
             for fn, header in headers.items():
-                names = sorted((k for k in header if k in set(files) or k in plan),
-                               key=lambda k: header[k]["data_offsets"][0])
+                names = sorted((k for k in header if k in files), key=lambda k: header[k]["data_offsets"][0])
                 specs: list[tuple[str, str, list[int]]] = []
                 for k in names:
-                    if k in plan:
-                        w, g = plan[k]
-                        *lead, N, K = header[k]["shape"]
-                        code = {"int8": "I8", "fp8": "F8_E4M3", "int4": "U8"}[w]
-                        specs.append((k, code, [*lead, N, K // 2 if w == "int4" else K]))
-                        if w == "int4":
-                            specs += [(k + "_scale", "BF16", [*lead, N, K // g]), (k + "_zero", "BF16", [*lead, N, K // g])]
-                        else:
-                            specs.append((k + "_scale", "F32", [*lead, N]))
+                    if k in layout:
+                        specs += [(stored_name(k, p), ST_NAMES[t.dtype], list(t.shape))
+                                  for p, t in layout[k].stored().items()]
                     else:
                         specs.append((k, header[k]["dtype"], header[k]["shape"]))
 
                 def tensors():
                     for k in names:
                         t = read_tensor(fn, header[k], None, torch.device("cpu"))
-                        if k in plan:
-                            out = quantize(t, *plan[k])
-                            yield from (out[p] for p in ("qdata", "scale", "zero") if p in out)
+                        if k in layout:
+                            out = quantize(t, layout[k].weights, layout[k].group)
+                            yield from (out[p] for p in layout[k].stored())
                         else:
                             yield t
                         bar.update(header[k]["data_offsets"][1] - header[k]["data_offsets"][0])

@@ -238,10 +238,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     slots = [((W - 1) if cfg.is_sliding(i) else args.context) + CL for i in range(L)]
     kv = args.batch * nb * sum(2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * slots[i] for i in range(L))
     from dgemma.quant import QuantConfig, model_bytes
+    check_weights_args(args)
     q = QuantConfig.make(args.quantize, args.group_size) if args.quantize else \
         QuantConfig.from_hf(cfg.extra.get("quantization_config"))
-    if args.group_size is not None and not args.quantize:
-        raise UsageError("--group-size needs --quantize int4")
     qbytes, rest = model_bytes(cfg, q, nb)
     weights = qbytes + rest
     scheme = (f"{q.weights}" + (f" (groups of {q.group_size})" if q.group_size else "") + ", embedding int8, "

@@ -115,7 +115,7 @@ class Engine:
                  cuda_graphs: bool | None = None, prefill_chunk: int = 256,
                  prefix_cache_bytes: int = 1 << 30, exact_reuse: bool = True) -> None:
         """sampler: "exact" (the reference's random stream per request), "fast" (same distribution, one
-        uniform per position; see sampling.sample_rows) or "auto" (exact on the CPU, fast elsewhere).
+        uniform per position; see sampling.sample_rows) or "auto" (exact on the CPU in fp32, fast elsewhere).
         cuda_graphs (default: where the model is capturable, i.e. CUDA and bf16): the fast sampler's step runs
         on the cache's static plan and is captured once per number of active rows, then replayed.
         prefill_chunk: prompts are encoded in aligned chunks of this many tokens, about one chunk per step;

@@ -66,7 +66,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     output's last canvas plus the new turn). `on_canvas(tokens [B, C])` is called after each commit.
     `sampler`: "exact" draws random numbers exactly like the reference (the seeded contract); "fast"
     samples the same distribution with one uniform per position (see sampling.sample_rows); "auto" (the
-    default) is exact on the CPU and fast elsewhere.
+    default) is exact on the CPU in fp32 and fast elsewhere.
     `cuda_graphs`: run each fast-sampler denoising step as one replayed CUDA graph (default: with the fast
     sampler where the model is capturable: CUDA, bf16). The step then uses the cache's static plan; where the
     model is not capturable, True runs that same path eagerly.

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .cache import KVCache
 from .config import ModelConfig, SamplerConfig
 from .quant import QWeight
@@ -181,8 +180,8 @@ class Experts(nn.Module):
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """torch._grouped_mm needs 16-byte aligned rows, takes only bf16 on CUDA, and has no reliable CPU
         backward."""
-        if isinstance(self.down_proj, QWeight):
-            return x.is_cuda and kernels.available()
+        if isinstance(self.down_proj, QWeight):   # graph-safe only where the grouped Triton kernel runs
+            return self.down_proj.path(x) == "triton"
         if torch.is_grad_enabled() and (x.requires_grad or self.down_proj.requires_grad):
             return False
         if x.device.type == "cuda" and x.dtype != torch.bfloat16:

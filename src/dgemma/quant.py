@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ConfigError
 
 SCHEMES = ("int8", "int4", "fp8")
@@ -193,7 +194,6 @@ class QWeight(nn.Module):
         if path == "int8pack":
             return torch._weight_int8pack_mm(x.contiguous(), t["qdata"], t["scale"].to(x.dtype))
         if path == "triton":
-            from . import kernels
             return kernels.qmm(x, t, self.weights, self.group, None)
         return fallback(x, t, self.weights)          # "convert" runs the same code: int8/fp8 codes, row scales
 
@@ -201,7 +201,6 @@ class QWeight(nn.Module):
         """xs [T, K] rows sorted by expert, offs [E] group ends -> [T, N] (each group through its expert)."""
         if self.path(xs) == "triton":
             PATHS["triton"] += 1
-            from . import kernels
             return kernels.qmm(xs, self.stored(), self.weights, self.group, offs)
         out = xs.new_empty(xs.shape[0], self.shape[-2])
         start = 0
@@ -215,7 +214,6 @@ class QWeight(nn.Module):
         if self.cpu_int4:
             return "int4pack"
         if x.is_cuda:
-            from . import kernels
             fp8_ok = self.weights != "fp8" or torch.cuda.get_device_capability(x.device) >= (8, 9)
             if kernels.available() and fp8_ok:
                 return "triton"
@@ -325,40 +323,45 @@ def quantizable(model: nn.Module) -> list[tuple[str, tuple[int, ...], bool]]:
     return out
 
 
-def prepare(model: nn.Module, q: QuantConfig, dtype: torch.dtype) -> dict[str, QWeight]:
-    """Swap the quantizable weights of a (meta) model for empty QWeights. -> parameter name -> QWeight."""
-    made = {}
+def plan(model: nn.Module, q: QuantConfig, dtype: torch.dtype = torch.bfloat16) -> dict[str, QWeight]:
+    """Parameter name -> the empty (meta) QWeight that weight becomes under `q`: the embedding int8, the rest
+    q's scheme. Its buffers are the stored layout (what a folder holds, what memory estimates count). Checks
+    that an int4 group size divides every input width (one ConfigError naming the weight)."""
+    out = {}
     for name, shape, is_embed in quantizable(model):
         weights, group = ("int8", None) if is_embed else (q.weights, q.group_size)
+        if weights == "int4" and shape[-1] % group:
+            raise ConfigError(f"int4 group size {group} does not divide the input width {shape[-1]} of {name}; "
+                              f"choose a group size from {', '.join(map(str, INT4_GROUPS))} that does")
         with torch.device("meta"):
-            qw = QWeight(shape, weights, group, dtype)
+            out[name] = QWeight(shape, weights, group, dtype)
+    return out
+
+
+def stored_name(key: str, part: str) -> str:
+    """The file name of one stored tensor of the weight named `key`: the codes keep the name, then _scale, _zero."""
+    return key if part == "qdata" else f"{key}_{part}"
+
+
+def prepare(model: nn.Module, q: QuantConfig, dtype: torch.dtype) -> dict[str, QWeight]:
+    """Swap the quantizable weights of a (meta) model for empty QWeights (`plan`). -> parameter name -> QWeight."""
+    made = plan(model, q, dtype)
+    for name, qw in made.items():
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
-        if is_embed:
+        if isinstance(mod, nn.Embedding):
             _replace(model, mod_name, QEmbedding(qw))
         elif attr == "weight":
             _replace(model, mod_name, QLinear(qw))
         else:                                   # experts: the parameter becomes a submodule of the same name
             del mod._parameters[attr]
             mod.add_module(attr, qw)
-        made[name] = qw
     return made
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
-def weight_bytes(shape: tuple[int, ...], weights: str, group: int | None) -> int:
-    """Bytes a quantized weight takes (codes, scales, zeros)."""
-    n = 1
-    for d in shape:
-        n *= d
-    rows = n // shape[-1]
-    if weights == "int4":
-        return n // 2 + 4 * (n // group)
-    return n + 4 * rows
 
 
 def model_bytes(cfg, q: QuantConfig | None, dtype_bytes: int) -> tuple[int, int]:
@@ -369,11 +372,6 @@ def model_bytes(cfg, q: QuantConfig | None, dtype_bytes: int) -> tuple[int, int]
     total = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
     if q is None:
         return 0, total * dtype_bytes
-    qb = qn = 0
-    for name, shape, is_embed in quantizable(m):
-        if not is_embed and q.weights == "int4" and shape[-1] % q.group_size:
-            raise ConfigError(f"int4 group size {q.group_size} does not divide the input width {shape[-1]} of "
-                              f"{name}; choose a group size from {', '.join(map(str, INT4_GROUPS))} that does")
-        qb += weight_bytes(shape, "int8" if is_embed else q.weights, None if is_embed else q.group_size)
-        qn += math.prod(shape)
-    return qb, (total - qn) * dtype_bytes
+    layout = plan(m, q).values()
+    qb = sum(t.numel() * t.element_size() for qw in layout for t in qw.buffers())
+    return qb, (total - sum(math.prod(qw.shape) for qw in layout)) * dtype_bytes

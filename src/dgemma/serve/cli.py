@@ -31,7 +31,7 @@ def add_serve(sub) -> None:
     p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="fast",
                    help="fast (default): one random number per position, CUDA graphs on a GPU; exact: the "
                         "reference's random stream (seeded CPU fp32 runs match transformers; slower when batched); "
-                        "auto: exact on the CPU, fast elsewhere. Seeds reproduce with either")
+                        "auto: exact on the CPU in float32, fast elsewhere. Seeds reproduce with either")
     p.add_argument("--prefill-chunk", type=_positive, default=256, metavar="N",
                    help="prompts are encoded N tokens per engine step; also the prefix-reuse granularity "
                         "(default 256)")

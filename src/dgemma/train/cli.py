@@ -209,8 +209,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace, path: Path):
     from .. import load
-    if args.group_size is not None and args.quantize != "int4":
-        raise ValueError("--group-size needs --quantize int4")
+    from ..cli import check_weights_args
+    check_weights_args(args)
     return load(path, device=args.device, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
 
 

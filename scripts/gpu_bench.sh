@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The prepared device check (one H100/H200 run, about 4 minutes on an H200):
-#   1. the GPU tests (graph replay = eager exactly, fp32 CUDA = CPU, bf16 grouped matmuls, GPU sampler chi-square);
-#   2. diagnostics of one 26B-A4B denoiser step and AR step (scripts/gpu_profile.py);
+# The prepared device check (one H100/H200 run, about 4-5 minutes on an H200; the MoE comparison is not timed yet):
+#   1. the GPU tests (graph replay = eager exactly, fp32 CUDA = CPU, bf16 grouped matmuls, GPU sampler chi-square,
+#      the fused Triton MoE kernels against torch._grouped_mm and fp32);
+#   2. diagnostics of one 26B-A4B denoiser step and AR step (scripts/gpu_profile.py), the MoE both ways:
+#      fused Triton kernels (DGEMMA_MOE=fused, opt-in) and torch._grouped_mm (default) (kernel counts, step times);
 #   3. `dgemma bench` on the 26B-A4B shape, random bf16 weights built on the GPU, 16 steps per canvas,
 #      batch 1 and 32: dgemma (fast sampler + CUDA graphs), the request-level Engine (graphs per row count),
 #      AR (same weights, graphs), and the reference
 #      (transformers 5.23, built from the same shape on the GPU) when it can be imported.
 # If transformers 5.23 is not installed there, put its wheel in .whl/ (see docs/NOTES.md).
-# Usage on the device machine:  bash scripts/gpu_bench.sh  [PROFILE=0 to skip step 2]   (results land in $OUT or bench_out/)
+# Usage on the device machine:  bash scripts/gpu_bench.sh  [PROFILE=0 to skip step 2; MOE=fused: bench with kernels.moe]   (results land in $OUT or bench_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench_out}
@@ -18,12 +20,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static.py > "$OUTDIR/gpu_tests.txt" 2>&1
-tail -4 "$OUTDIR/gpu_tests.txt"
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static.py tests/test_kernels.py \
+  > "$OUTDIR/gpu_tests.txt" 2>&1
+tail -6 "$OUTDIR/gpu_tests.txt"
 if [ "${PROFILE:-1}" != 0 ]; then      # PROFILE=0 skips the diagnostics
-  timeout 200 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
-  tail -45 "$OUTDIR/profile_log.txt"
+  timeout 240 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
+  tail -70 "$OUTDIR/profile_log.txt"
 fi
+export DGEMMA_MOE=${MOE:-grouped}
 for B in 1 32; do
   timeout 240 python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch "$B" --steps 16 \
     --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,engine,ar,reference --out "$OUTDIR/b$B" 2>&1 | grep -v "bench:" | tail -12

@@ -2,7 +2,10 @@
 
 Prints and writes (to $OUT or bench_out/) JSON with: agreement of the static (graph) plan with the dynamic one,
 eager vs CUDA-graph step time, the MoE's share and achieved bandwidth, and a kernel-time table of one
-eager step.  Usage:  PYTHONPATH=src python scripts/gpu_profile.py [--shape 26b-a4b] [--batch 1]
+eager step. The MoE runs two ways, compared side by side (keys prefixed fused_ / grouped_): the fused Triton
+kernels (kernels.moe, DGEMMA_MOE=fused) and torch._grouped_mm (the default, DGEMMA_MOE=grouped): the GPU kernels launched per
+denoiser step and per AR step, the time of one step (eager and graph-replayed), and the experts layer alone.
+Usage:  PYTHONPATH=src python scripts/gpu_profile.py [--shape 26b-a4b] [--batch 1]
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from dgemma import sampling
+from dgemma import kernels, sampling
 from dgemma.bench.worker import build
 from dgemma.generate import _FastStep
 
@@ -34,6 +38,25 @@ def timed(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def kernel_count(prof) -> int:
+    """GPU kernels the profiler recorded (memcpy / memset not counted)."""
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def profiled(fn):
+    """(profiler, fn's result) of one call of fn, CUDA activity only."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return prof, out
+
+
+def set_moe(mode: str) -> None:
+    """'fused' (kernels.moe) or 'grouped' (torch._grouped_mm); Experts reads DGEMMA_MOE on every call."""
+    os.environ["DGEMMA_MOE"] = mode
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -43,7 +66,7 @@ def main() -> None:
     a = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "bench_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    r = {"shape": a.shape, "batch": a.batch, "gpu": torch.cuda.get_device_name()}
+    r = {"shape": a.shape, "batch": a.batch, "gpu": torch.cuda.get_device_name(), "triton": kernels.available()}
     # correctness at the real dimensions, in fp32 (no routing flips from rounding), 6 layers (5 sliding + 1 full)
     m = build({"shape": a.shape, "device": "cuda", "dtype": "float32", "overrides": {"num_hidden_layers": 6}})
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -78,30 +101,48 @@ def main() -> None:
     temp = torch.tensor(0.6, device="cuda")
     u = torch.rand(B * C, device="cuda", generator=g)
     ren = torch.randint(0, V, (B, C), device="cuda", generator=g)
-    eager_out = step.step(canvas, soft, temp, u, ren)
     store = step.graphs
-    key = ("profile", B)
-    for _ in range(3):                                     # warm-up, capture, replay
-        graph_out = store.run(key, step.step, canvas, soft, temp, u, ren)
-    r["graph_equals_eager"] = all(torch.equal(x, y) for x, y in zip(graph_out, eager_out))
-
-    r["eager_forward_ms"] = timed(lambda: m.denoise(canvas, cache, soft))
-    r["eager_static_step_ms"] = timed(lambda: step.step(canvas, soft, temp, u, ren))
-    r["graph_step_ms"] = timed(lambda: store.run(key, step.step, canvas, soft, temp, u, ren))
     weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
     r["weights_gb"] = weight_bytes / 1e9
-    r["graph_step_weight_tb_s"] = weight_bytes / (r["graph_step_ms"] / 1000) / 1e12
+    outs = {}
+    for mode in ("fused", "grouped"):                      # a graph key per mode: graphs keep the path they captured
+        set_moe(mode)
+        eager_out = step.step(canvas, soft, temp, u, ren)
+        key = ("profile", B, mode)
+        for _ in range(3):                                 # warm-up, capture, replay
+            graph_out = store.run(key, step.step, canvas, soft, temp, u, ren)
+        r[f"{mode}_graph_equals_eager"] = all(torch.equal(x, y) for x, y in zip(graph_out, eager_out))
+        outs[mode] = m.denoise(canvas, cache, soft).float()
+        r[f"{mode}_eager_forward_ms"] = timed(lambda: m.denoise(canvas, cache, soft))
+        r[f"{mode}_eager_static_step_ms"] = timed(lambda: step.step(canvas, soft, temp, u, ren))
+        r[f"{mode}_graph_step_ms"] = timed(lambda: store.run(key, step.step, canvas, soft, temp, u, ren))
+        r[f"{mode}_graph_step_weight_tb_s"] = weight_bytes / (r[f"{mode}_graph_step_ms"] / 1000) / 1e12
+        prof, _ = profiled(lambda: step.step(canvas, soft, temp, u, ren))
+        r[f"{mode}_denoise_step_kernels"] = kernel_count(prof)
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+        (out_dir / f"profile_b{B}_{mode}.txt").write_text(table)
+    # bf16 routing flips make whole-step differences of a few % possible; the experts-layer comparison is below
+    r["bf16_denoise_fused_vs_grouped_rel_err"] = float((outs["fused"] - outs["grouped"]).norm() / outs["grouped"].norm())
 
     layer = m.layers[0]
     exp_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
     for T in (B * C, B):                                   # a denoiser step's tokens, an AR step's tokens
         x = torch.randn(T, H, device="cuda", dtype=m.dtype, generator=g)
         w, idx = layer.router(x)
-        xs, _, _, offs = layer.experts.group(x, idx)
+        xs, order, _, offs = layer.experts.group(x, idx)
         offs = offs.to(torch.int32)
         ms = timed(lambda: layer.experts._grouped(xs, offs))
         r[f"grouped_mm_T{T}_ms"], r[f"grouped_mm_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
-        r[f"experts_forward_T{T}_ms"] = timed(lambda: layer.experts(x, w, idx))
+        if kernels.available():
+            ws = w.reshape(-1)[order]                      # each sorted row's routing weight
+            ms = timed(lambda: kernels.moe(xs, layer.experts.gate_up_proj, layer.experts.down_proj, offs, ws))
+            r[f"fused_moe_T{T}_ms"], r[f"fused_moe_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
+        ys = {}
+        for mode in ("fused", "grouped"):
+            set_moe(mode)
+            ys[mode] = layer.experts(x, w, idx).float()
+            r[f"{mode}_experts_forward_T{T}_ms"] = timed(lambda: layer.experts(x, w, idx))
+        r[f"experts_fused_vs_grouped_T{T}_rel_err"] = float((ys["fused"] - ys["grouped"]).norm() / ys["grouped"].norm())
     hh = torch.randn(rc, H, device="cuda", dtype=m.dtype, generator=g)
     r["head_chunk_ms"] = timed(lambda: m.head(hh))
     lg = m.head(hh)
@@ -110,31 +151,30 @@ def main() -> None:
                                                                m.embed_scale(), uu))
 
     ar_ids = torch.randint(3, V, (B, a.prompt_len), device="cuda", generator=g)
-    m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)           # warm-up, capture
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)
-    torch.cuda.synchronize()
-    r["ar_ms_per_token_with_prefill"] = 1000 * (time.perf_counter() - t) / 32
-
-    from torch.profiler import ProfilerActivity, profile
-    ar_cache = m.new_cache(B, a.prompt_len + 8, scratch=1)
-    m.encode(ar_ids, ar_cache)
-    tok = ar_ids[:, -1:]
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        m.head(m.encode_step(tok, ar_cache)[:, -1])
+    for mode in ("fused", "grouped"):
+        set_moe(mode)
+        m._runtime.graphs = None                           # generate_ar's graph keys do not name the MoE path
+        m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)       # warm-up, capture
         torch.cuda.synchronize()
-    ar_table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70)
-    (out_dir / f"profile_ar_b{B}.txt").write_text(ar_table)
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step.step(canvas, soft, temp, u, ren)
+        t = time.perf_counter()
+        m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
-    (out_dir / f"profile_b{B}.txt").write_text(table)
+        r[f"{mode}_ar_ms_per_token_with_prefill"] = 1000 * (time.perf_counter() - t) / 32
+        ar_cache = m.new_cache(B, a.prompt_len + 8, scratch=1)
+        m.encode(ar_ids, ar_cache)
+        m.head(m.encode_step(ar_ids[:, -1:], ar_cache)[:, -1])           # warm-up (Triton compiles on first use)
+        ar_cache = m.new_cache(B, a.prompt_len + 8, scratch=1)
+        m.encode(ar_ids, ar_cache)
+        prof, _ = profiled(lambda: m.head(m.encode_step(ar_ids[:, -1:], ar_cache)[:, -1]))
+        r[f"{mode}_ar_step_kernels"] = kernel_count(prof)
+        ar_table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70)
+        (out_dir / f"profile_ar_b{B}_{mode}.txt").write_text(ar_table)
+    m._runtime.graphs = None
+    os.environ.pop("DGEMMA_MOE")
+
     (out_dir / f"profile_b{B}.json").write_text(json.dumps(r, indent=2))
-    print(table)
-    print(ar_table)
+    print((out_dir / f"profile_b{B}_fused.txt").read_text())
+    print((out_dir / f"profile_ar_b{B}_fused.txt").read_text())
     print(json.dumps(r, indent=2))
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import KVCache
 from .config import ModelConfig, SamplerConfig
 from .quant import QWeight
@@ -129,7 +130,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Expert weights as 3-D tensors; tokens are grouped by expert and run through grouped matmuls."""
+    """Expert weights as 3-D tensors; tokens are grouped by expert and run through grouped matmuls (on CUDA
+    torch._grouped_mm, or the fused Triton kernels of kernels.moe with DGEMMA_MOE=fused)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -141,6 +143,9 @@ class Experts(nn.Module):
         """x: [T, H]; w, idx: [T, k] -> [T, H]. Slots are sorted by expert; each weighted term is cast to
         x's dtype and accumulated per token in ascending expert order (as the reference does)."""
         xs, order, tok, offs = self.group(x, idx)
+        if self._fused_ok(x):     # CUDA: two Triton kernels, routing weights applied inside (kernels.moe)
+            y = kernels.moe(xs, self.gate_up_proj, self.down_proj, offs, w.reshape(-1)[order])   # [T*k, H]
+            return gather_sum(y, order, idx)
         if isinstance(self.down_proj, QWeight):   # quantized: per-expert kernels, or one grouped kernel on CUDA
             g, u = self.gate_up_proj.grouped(xs, offs).chunk(2, dim=-1)
             y = self.down_proj.grouped(F.gelu(g, approximate="tanh") * u, offs)
@@ -176,6 +181,13 @@ class Experts(nn.Module):
         gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)     # [T*k, 2I]
         g, u = gu.chunk(2, dim=-1)
         return torch._grouped_mm(F.gelu(g, approximate="tanh") * u, self.down_proj.transpose(1, 2), offs=offs)
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """The fused Triton MoE (kernels.moe) runs: CUDA, bf16 / fp16, plain weights, no autograd, Triton
+        present, and DGEMMA_MOE=fused. (fp32 on CUDA keeps the exact per-expert loop.)"""
+        return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not isinstance(self.down_proj, QWeight)
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.down_proj.requires_grad))
+                and kernels.available() and kernels.moe_enabled())
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """torch._grouped_mm needs 16-byte aligned rows, takes only bf16 on CUDA, and has no reliable CPU

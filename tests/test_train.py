@@ -184,3 +184,25 @@ def test_block_causal_pass_equals_single_canvas_passes():
 def test_all_canvases_objective_trains():
     first, last = _fit(ObjectiveConfig(context_length=4, all_canvases=True), 30)
     assert last[1] < 0.7 * first[1]
+
+
+def test_noise_level_schedule():
+    """t_power 1 is the spec's uniform t (mean 1/2); t_power 0.5 leans to heavy noise (mean 2/3); both one-canvas
+    and all-canvases corruption follow it, and validation always measures at uniform t."""
+    from dgemma.train.objective import _noise_all_canvases, _noise_one_canvas
+    V, n, C = 1 << 20, 4, 64                 # replacements almost never equal the clean token
+    ids = torch.zeros(256, n * C, dtype=torch.long)
+    score = torch.ones(256, n, C, dtype=torch.bool)
+    for power, mean in ((1.0, 0.5), (0.5, 2 / 3), (0.25, 0.8)):
+        cfg = ObjectiveConfig(context_length=0, t_power=power)
+        g = torch.Generator().manual_seed(0)
+        _, x0, _, noisy = _noise_one_canvas(ids, score, V, cfg, g)
+        assert abs((noisy != x0).float().mean().item() - mean) < 0.03, power
+        _, x0, _, noisy = _noise_all_canvases(ids, score, V, cfg, g)
+        assert abs((noisy != x0).float().mean().item() - mean) < 0.03, power
+    m = tiny_model()
+    ids = torch.randint(3, 64, (4, 4 + 2 * 8), generator=torch.Generator().manual_seed(1))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    from dgemma.train.loop import evaluate
+    assert evaluate(m, ids, score, ObjectiveConfig(context_length=4, t_power=0.25), 2, 2) == \
+        evaluate(m, ids, score, ObjectiveConfig(context_length=4), 2, 2)

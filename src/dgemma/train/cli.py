@@ -38,6 +38,8 @@ def add_train(sub) -> None:
     p.add_argument("--sc-prob", type=float, default=0.5, help="self-conditioning probability")
     p.add_argument("--all-canvases", action="store_true",
                    help="score every canvas in one block-causal denoiser pass (default: one random canvas)")
+    p.add_argument("--t-power", type=float, default=1.0,
+                   help="noise level t = u**P, u uniform: 1 = uniform (the spec), < 1 favours heavy noise")
     p.add_argument("--freeze-router", action="store_true")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
@@ -62,7 +64,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from ..checkpoint import resolve_device
 
-    _positive(args, "steps", "batch_size", "grad_accum", "lr", "context", "canvases", "canvas_length", "save_every")
+    _positive(args, "steps", "batch_size", "grad_accum", "lr", "context", "canvases", "canvas_length", "save_every",
+              "t_power")
     if args.eval_every < 0:
         raise ValueError("--eval-every must be >= 0 (0 = never)")
     resolve_device(args.device)                       # fail now, not after tokenizing
@@ -105,7 +108,7 @@ def run_train(args: argparse.Namespace) -> int:
                       seed=args.seed, freeze_router=args.freeze_router,
                       objective=ObjectiveConfig(context_length=args.context, ar_weight=args.ar_weight,
                                                 diffusion_weight=args.diffusion_weight, sc_prob=args.sc_prob,
-                                                all_canvases=args.all_canvases))
+                                                all_canvases=args.all_canvases, t_power=args.t_power))
     ckpt = train(cfg, mcfg, train_data, val_data, init_from=args.init_from, resume=args.resume,
                  device=args.device, extra_files=_tokenizer_files(tok_dir))
     print(f"checkpoint: {ckpt}")

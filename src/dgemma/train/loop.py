@@ -7,12 +7,13 @@ Does not know: the loss (objective.py) or file formats (data.py).
 """
 from __future__ import annotations
 
+
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -122,7 +123,9 @@ def _restore(model, opt, path: Path) -> tuple[int, list]:
 
 def evaluate(model, ids: torch.Tensor, score: torch.Tensor, ocfg: ObjectiveConfig, batch: int,
              n_batches: int, seed: int = 1234) -> dict[str, float]:
-    """Mean AR and denoiser losses over the first n_batches validation batches (fixed noise seed)."""
+    """Mean AR and denoiser losses over the first n_batches validation batches (fixed noise seed; uniform noise
+    level whatever the training schedule, so that runs stay comparable)."""
+    ocfg = replace(ocfg, t_power=1.0)
     g = torch.Generator(device=ids.device).manual_seed(seed)
     tot = {"ar": 0.0, "diffusion": 0.0}
     n = 0

@@ -13,7 +13,8 @@ Choices the spec leaves open (written down here):
   * losses are token means over the batch (not per-example means), each weighted 1 by default;
   * the self-conditioning logits fed to pass 2 are pass 1's raw logits (no temperature);
   * gradients of the denoiser loss flow into the encoder K/V (no stop-gradient on the cache);
-  * a canvas is valid when it has at least one scored token; examples with none skip the denoiser loss.
+  * a canvas is valid when it has at least one scored token; examples with none skip the denoiser loss;
+  * optionally (`t_power` < 1) the noise level leans towards heavy noise, where the sampler spends most steps.
 Knows: the model's `embed`, `run_layers`, `self_conditioning`, `head`. Does not know: data or optimisers.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ObjectiveConfig:
     diffusion_weight: float = 1.0
     sc_prob: float = 0.5
     t_eps: float = 1e-4
+    t_power: float = 1.0             # t = u ** t_power, u ~ U(eps, 1-eps): 1 is the spec's uniform t, < 1 favours heavy noise
     all_canvases: bool = False       # score every canvas in one block-causal pass (else one per example)
 
 
@@ -127,6 +129,12 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
     return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach()}
 
 
+def _noise_level(cfg: ObjectiveConfig, shape: tuple[int, ...], dev, generator) -> torch.Tensor:
+    """Per-canvas corruption probability t = u ** t_power, u ~ U(eps, 1 - eps)."""
+    u = cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(shape, device=dev, generator=generator)
+    return u if cfg.t_power == 1.0 else u ** cfg.t_power
+
+
 def _noise_one_canvas(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
     """One valid canvas per example, chosen uniformly, noised with t ~ U(eps, 1-eps).
     -> start [B], clean x0 [B, C], scored mask [B, C], noisy [B, C]."""
@@ -138,7 +146,7 @@ def _noise_one_canvas(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
     start = cfg.context_length + idx * CL
     x0 = ids.gather(1, start[:, None] + torch.arange(CL, device=dev)[None])
     mask = canv_score[torch.arange(B, device=dev), idx] & valid.any(-1)[:, None]
-    t = cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(B, 1, device=dev, generator=generator)
+    t = _noise_level(cfg, (B, 1), dev, generator)
     noisy = torch.where(torch.rand(B, CL, device=dev, generator=generator) < t,
                         torch.randint(0, V, (B, CL), device=dev, generator=generator), x0)
     return start, x0, mask, noisy
@@ -151,7 +159,7 @@ def _noise_all_canvases(ids, canv_score, V: int, cfg: ObjectiveConfig, generator
     dev, P = ids.device, cfg.context_length
     start = P + torch.arange(n, device=dev)[None].expand(B, n) * CL
     x0 = ids[:, P:]
-    t = cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(B, n, 1, device=dev, generator=generator)
+    t = _noise_level(cfg, (B, n, 1), dev, generator)
     flip = (torch.rand(B, n, CL, device=dev, generator=generator) < t).reshape(B, n * CL)
     noisy = torch.where(flip, torch.randint(0, V, (B, n * CL), device=dev, generator=generator), x0)
     return start, x0, canv_score.reshape(B, n * CL), noisy

@@ -206,3 +206,22 @@ def test_noise_level_schedule():
     from dgemma.train.loop import evaluate
     assert evaluate(m, ids, score, ObjectiveConfig(context_length=4, t_power=0.25), 2, 2) == \
         evaluate(m, ids, score, ObjectiveConfig(context_length=4), 2, 2)
+
+
+def test_noise_profile_against_inference_paths():
+    """dgemma eval's denoiser-vs-encoder profile: the encoder's CE equals the inference encoder's; at t = 0 every
+    token is clean and its CE is the inference denoiser's on the clean canvas; at t = 1 every token is corrupted."""
+    import torch.nn.functional as F
+    from dgemma.train.loop import noise_profile
+    m = tiny_model()
+    P, C = 4, 8
+    ids = torch.randint(3, 64, (6, P + 2 * C), generator=torch.Generator().manual_seed(2))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    prof = noise_profile(m, ids, score, P, batch=4, n_batches=2, levels=(0.0, 1.0))
+    with torch.no_grad():
+        enc = F.cross_entropy(m.encoder_logits(ids[:, :P + 1])[:, P - 1], ids[:, P])
+        den = m.denoise_logits(ids[:, :P], ids[:, P:P + C])
+    assert abs(prof["encoder_next"] - enc.item()) < 1e-4
+    assert abs(prof["t=0/clean"] - F.cross_entropy(den.flatten(0, 1), ids[:, P:P + C].flatten()).item()) < 1e-4
+    assert prof["t=0/first"] != prof["t=0/first"] and prof["t=1/clean"] != prof["t=1/clean"]   # nothing to score
+    assert prof["t=1/corrupted"] > prof["t=0/clean"]

@@ -64,3 +64,4 @@ def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch):
                  "--json", str(out)]) == 0
     ev = json.loads(out.read_text())
     assert ev["encoder_perplexity"] > 1 and 0 < ev["tokens_per_forward"] <= 8
+    assert ev["by_noise"]["t=1/corrupted"] > ev["by_noise"]["t=0.2/clean"]

@@ -165,7 +165,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .. import default_model_path
     from ..tokenizer import Tokenizer
     from .data import encode_documents, pack
-    from .loop import evaluate
+    from .loop import evaluate, noise_profile
     from .objective import ObjectiveConfig
 
     if args.quality:
@@ -205,6 +205,10 @@ def run_eval(args: argparse.Namespace) -> int:
            "max_denoising_steps": args.steps or model.sampler_config.max_denoising_steps}
     for k, val in res.items():
         print(f"{k}: {val:.4f}" if isinstance(val, float) else f"{k}: {val}")
+    # the denoiser against the encoder, by noise level (first canvas after the context)
+    res["by_noise"] = noise_profile(model, ids, score, args.context, args.batch_size, args.batches)
+    for k, val in res["by_noise"].items():
+        print(f"cross-entropy {k}: {val:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

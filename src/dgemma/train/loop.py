@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -139,6 +140,48 @@ def evaluate(model, ids: torch.Tensor, score: torch.Tensor, ocfg: ObjectiveConfi
             n += 1
     model.train(was)
     return {k: v / max(n, 1) for k, v in tot.items()}
+
+
+NOISE_LEVELS = (1.0, 0.8, 0.5, 0.2)
+
+
+@torch.no_grad()
+def noise_profile(model, ids: torch.Tensor, score: torch.Tensor, context: int, batch: int, n_batches: int,
+                  levels: tuple[float, ...] = NOISE_LEVELS, seed: int = 1234) -> dict[str, float]:
+    """Where the denoiser stands against the encoder: the first canvas after `context` clean tokens, corrupted at
+    fixed levels t (no self-conditioning, as at a canvas's first step). -> {"encoder_next": the encoder's CE on the
+    canvas's first token, f"t={t}/first": the denoiser's CE on that token when it is corrupted, f"t={t}/corrupted",
+    f"t={t}/clean": its CE on all corrupted / clean scored canvas tokens}. At t = 1 the denoiser sees what the
+    encoder sees for the first token, so the gap between "encoder_next" and "t=1/first" is the context the
+    denoiser fails to use. Sequences must hold at least `context` + canvas_length tokens."""
+    from .objective import _denoiser_pass, _encoder_pass
+    C, V = model.config.canvas_length, model.config.vocab_size
+    g = torch.Generator(device=ids.device).manual_seed(seed)
+    sums: dict[str, list[float]] = {}
+
+    def add(key: str, ce: torch.Tensor) -> None:
+        acc = sums.setdefault(key, [0.0, 0])
+        acc[0], acc[1] = acc[0] + float(ce.sum()), acc[1] + ce.numel()
+
+    was = model.training
+    model.eval()
+    for s in range(0, min(len(ids), batch * n_batches), batch):
+        x, sc = ids[s:s + batch, :context + C], score[s:s + batch, :context + C]
+        h, kv = _encoder_pass(model, x)
+        x0, scored = x[:, context:], sc[:, context:]                                   # [b, C]
+        ce_enc = F.cross_entropy(model.head(h[:, context - 1]), x0[:, 0], reduction="none")
+        add("encoder_next", ce_enc[scored[:, 0]])
+        start = torch.full((len(x),), context, device=x.device)
+        for t in levels:
+            flip = torch.rand(x0.shape, device=x.device, generator=g) < t
+            noisy = torch.where(flip, torch.randint(0, V, x0.shape, device=x.device, generator=g), x0)
+            logits = _denoiser_pass(model, noisy, start, kv, None)                     # [b, C, V]
+            ce = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
+            add(f"t={t:g}/first", ce[:, 0][flip[:, 0] & scored[:, 0]])
+            add(f"t={t:g}/corrupted", ce[flip & scored])
+            add(f"t={t:g}/clean", ce[~flip & scored])
+    model.train(was)
+    return {k: (v / n if n else float("nan")) for k, (v, n) in sums.items()}
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[torch.Tensor, torch.Tensor],

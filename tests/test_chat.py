@@ -69,7 +69,7 @@ def test_steps_command_changes_the_passes():
 
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on():
-    child = spawn("--steps", "32", "--max-new-tokens", "2000", "--seed", "2")   # this seed: a reply of ~800 tokens
+    child = spawn("--steps", "32", "--max-new-tokens", "2000", "--seed", "5")   # this seed: a reply of ~1,100 tokens
     child.sendline("Once upon a time")
     child.expect_exact("time\r\n")                    # the terminal's echo of the line
     child.expect(r"\S")                               # the reply's first text

@@ -7,7 +7,6 @@ Does not know: the loss (objective.py) or file formats (data.py).
 """
 from __future__ import annotations
 
-
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from safetensors.torch import save as st_save
 from ..checkpoint import load, save
 from ..config import ModelConfig, SamplerConfig
 from ..model import DiffusionGemma
-from .objective import ObjectiveConfig, losses
+from .objective import ObjectiveConfig, _denoiser_pass, _encoder_pass, losses
 
 CKPT = "checkpoint"
 
@@ -154,7 +153,6 @@ def noise_profile(model, ids: torch.Tensor, score: torch.Tensor, context: int, b
     f"t={t}/clean": its CE on all corrupted / clean scored canvas tokens}. At t = 1 the denoiser sees what the
     encoder sees for the first token, so the gap between "encoder_next" and "t=1/first" is the context the
     denoiser fails to use. Sequences must hold at least `context` + canvas_length tokens."""
-    from .objective import _denoiser_pass, _encoder_pass
     C, V = model.config.canvas_length, model.config.vocab_size
     g = torch.Generator(device=ids.device).manual_seed(seed)
     sums: dict[str, list[float]] = {}

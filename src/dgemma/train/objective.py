@@ -32,7 +32,7 @@ class ObjectiveConfig:
     diffusion_weight: float = 1.0
     sc_prob: float = 0.5
     t_eps: float = 1e-4
-    t_power: float = 1.0             # t = u ** t_power, u ~ U(eps, 1-eps): 1 is the spec's uniform t, < 1 favours heavy noise
+    t_power: float = 1.0             # t = u ** t_power, u ~ U(eps, 1-eps): 1 = the spec's uniform t
     all_canvases: bool = False       # score every canvas in one block-causal pass (else one per example)
 
 
@@ -132,11 +132,11 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
 def _noise_level(cfg: ObjectiveConfig, shape: tuple[int, ...], dev, generator) -> torch.Tensor:
     """Per-canvas corruption probability t = u ** t_power, u ~ U(eps, 1 - eps)."""
     u = cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(shape, device=dev, generator=generator)
-    return u if cfg.t_power == 1.0 else u ** cfg.t_power
+    return u ** cfg.t_power
 
 
 def _noise_one_canvas(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
-    """One valid canvas per example, chosen uniformly, noised with t ~ U(eps, 1-eps).
+    """One valid canvas per example, chosen uniformly, noised at level t (_noise_level).
     -> start [B], clean x0 [B, C], scored mask [B, C], noisy [B, C]."""
     B, n, CL = canv_score.shape
     dev = ids.device
@@ -153,7 +153,7 @@ def _noise_one_canvas(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
 
 
 def _noise_all_canvases(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
-    """Every canvas noised with its own t (scored in one block-causal pass).
+    """Every canvas noised at its own level t (_noise_level; scored in one block-causal pass).
     -> start [B, n], clean x0 [B, n*C], scored mask [B, n*C], noisy [B, n*C]."""
     B, n, CL = canv_score.shape
     dev, P = ids.device, cfg.context_length

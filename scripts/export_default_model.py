@@ -35,7 +35,7 @@ QUALITY_CMD = "dgemma eval --quality --prompts 15 --tasks 0 --max-new-tokens 64 
 FT_SAMPLER = {"max_denoising_steps": 32, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3}
 
 
-def quality_table(m) -> str:
+def quality_table() -> str:
     """The quality suite on the exported model (its shipped settings): AR and diffusion rows as a markdown table."""
     subprocess.run(QUALITY_CMD.split(), cwd=ROOT, capture_output=True, text=True, check=True)
     q = json.loads((ROOT / "quality" / "quality.json").read_text())
@@ -148,7 +148,7 @@ Generated text (`{QUALITY_CMD}`: 15 fixed prompts, 64 new tokens, perplexity und
 geometric mean; AR at temperature 1; diffusion with the shipped settings: at most {FT_SAMPLER['max_denoising_steps']} steps
 per canvas, entropy bound {FT_SAMPLER['entropy_bound']}, temperatures {FT_SAMPLER['t_max']} down to {FT_SAMPLER['t_min']}):
 
-{quality_table(m)}
+{quality_table()}
 
 Comparisons with the previous model at several settings: `docs/NOTES.md` ("Diffusion text of the shipped model").
 """

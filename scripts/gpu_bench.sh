@@ -3,13 +3,15 @@
 #   1. the GPU tests (graph replay = eager exactly, fp32 CUDA = CPU, bf16 grouped matmuls, GPU sampler chi-square,
 #      the fused Triton MoE kernels against torch._grouped_mm and fp32);
 #   2. diagnostics of one 26B-A4B denoiser step and AR step (scripts/gpu_profile.py), the MoE both ways:
-#      fused Triton kernels (DGEMMA_MOE=fused, opt-in) and torch._grouped_mm (default) (kernel counts, step times);
+#      with every fused Triton kernel (DGEMMA_FUSED=all: MoE, sampler, norm + RoPE; opt-in) and with the default
+#      torch path (torch._grouped_mm etc.): kernel counts, step times, one head + sampler chunk both ways;
 #   3. `dgemma bench` on the 26B-A4B shape, random bf16 weights built on the GPU, 16 steps per canvas,
 #      batch 1 and 32: dgemma (fast sampler + CUDA graphs), the request-level Engine (graphs per row count),
 #      AR (same weights, graphs), and the reference
 #      (transformers 5.23, built from the same shape on the GPU) when it can be imported.
 # If transformers 5.23 is not installed there, put its wheel in .whl/ (see docs/NOTES.md).
-# Usage on the device machine:  bash scripts/gpu_bench.sh  [PROFILE=0 to skip step 2; MOE=fused: bench with kernels.moe]   (results land in $OUT or bench_out/)
+# Usage on the device machine:  bash scripts/gpu_bench.sh  [PROFILE=0 to skip step 2; FUSED=all (or a list such as
+#                               moe,rope): bench with those fused kernels]   (results land in $OUT or bench_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench_out}
@@ -27,7 +29,7 @@ if [ "${PROFILE:-1}" != 0 ]; then      # PROFILE=0 skips the diagnostics
   timeout 240 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
   tail -70 "$OUTDIR/profile_log.txt"
 fi
-export DGEMMA_MOE=${MOE:-grouped}
+export DGEMMA_FUSED=${FUSED:-}
 for B in 1 32; do
   timeout 240 python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch "$B" --steps 16 \
     --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,engine,ar,reference --out "$OUTDIR/b$B" 2>&1 | grep -v "bench:" | tail -12

@@ -2,9 +2,11 @@
 
 Prints and writes (to $OUT or bench_out/) JSON with: agreement of the static (graph) plan with the dynamic one,
 eager vs CUDA-graph step time, the MoE's share and achieved bandwidth, and a kernel-time table of one
-eager step. The MoE runs two ways, compared side by side (keys prefixed fused_ / grouped_): the fused Triton
-kernels (kernels.moe, DGEMMA_MOE=fused) and torch._grouped_mm (the default, DGEMMA_MOE=grouped): the GPU kernels launched per
+eager step. The step runs two ways, compared side by side (keys prefixed fused_ / torch_): with every fused
+Triton kernel (DGEMMA_FUSED=all: kernels.moe, kernels.norm_rope, the sampler's kernels.sampler_rows) and with
+the default torch path (torch._grouped_mm, eager norms and RoPE, torch sampler ops): the GPU kernels launched per
 denoiser step and per AR step, the time of one step (eager and graph-replayed), and the experts layer alone.
+One chunk of the head + fast sampler is timed with torch ops and with the fused kernel (sampling.fused_rows).
 Usage:  PYTHONPATH=src python scripts/gpu_profile.py [--shape 26b-a4b] [--batch 1]
 """
 from __future__ import annotations
@@ -52,9 +54,9 @@ def profiled(fn):
     return prof, out
 
 
-def set_moe(mode: str) -> None:
-    """'fused' (kernels.moe) or 'grouped' (torch._grouped_mm); Experts reads DGEMMA_MOE on every call."""
-    os.environ["DGEMMA_MOE"] = mode
+def set_path(mode: str) -> None:
+    """'fused' (every kernel of kernels.FUSIBLE) or 'torch'; the model reads DGEMMA_FUSED on every call."""
+    os.environ["DGEMMA_FUSED"] = "all" if mode == "fused" else ""
 
 
 @torch.inference_mode()
@@ -105,8 +107,8 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
     r["weights_gb"] = weight_bytes / 1e9
     outs = {}
-    for mode in ("fused", "grouped"):                      # a graph key per mode: graphs keep the path they captured
-        set_moe(mode)
+    for mode in ("fused", "torch"):                      # a graph key per mode: graphs keep the path they captured
+        set_path(mode)
         eager_out = step.step(canvas, soft, temp, u, ren)
         key = ("profile", B, mode)
         for _ in range(3):                                 # warm-up, capture, replay
@@ -122,7 +124,7 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
         (out_dir / f"profile_b{B}_{mode}.txt").write_text(table)
     # bf16 routing flips make whole-step differences of a few % possible; the experts-layer comparison is below
-    r["bf16_denoise_fused_vs_grouped_rel_err"] = float((outs["fused"] - outs["grouped"]).norm() / outs["grouped"].norm())
+    r["bf16_denoise_fused_vs_torch_rel_err"] = float((outs["fused"] - outs["torch"]).norm() / outs["torch"].norm())
 
     layer = m.layers[0]
     exp_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
@@ -138,21 +140,27 @@ def main() -> None:
             ms = timed(lambda: kernels.moe(xs, layer.experts.gate_up_proj, layer.experts.down_proj, offs, ws))
             r[f"fused_moe_T{T}_ms"], r[f"fused_moe_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
         ys = {}
-        for mode in ("fused", "grouped"):
-            set_moe(mode)
+        for mode in ("fused", "torch"):
+            set_path(mode)
             ys[mode] = layer.experts(x, w, idx).float()
             r[f"{mode}_experts_forward_T{T}_ms"] = timed(lambda: layer.experts(x, w, idx))
-        r[f"experts_fused_vs_grouped_T{T}_rel_err"] = float((ys["fused"] - ys["grouped"]).norm() / ys["grouped"].norm())
+        r[f"experts_fused_vs_torch_T{T}_rel_err"] = float((ys["fused"] - ys["torch"]).norm() / ys["torch"].norm())
     hh = torch.randn(rc, H, device="cuda", dtype=m.dtype, generator=g)
     r["head_chunk_ms"] = timed(lambda: m.head(hh))
     lg = m.head(hh)
     uu = torch.rand(rc, device="cuda", generator=g)
     r["sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(lg.clone(), temp, None, m.embed_tokens,
                                                                m.embed_scale(), uu))
+    if kernels.available():   # the same chunk from the raw logits in one Triton kernel (DGEMMA_FUSED=sampler)
+        cap = cfg.final_logit_softcapping
+        r["fused_head_and_sampler_chunk_ms"] = timed(lambda: sampling.fused_rows(
+            m.embed_tokens.logits(hh), temp, cap, uu, m.embed_tokens, m.embed_scale()))
+        r["torch_head_and_sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(
+            m.head(hh), temp, None, m.embed_tokens, m.embed_scale(), uu))
 
     ar_ids = torch.randint(3, V, (B, a.prompt_len), device="cuda", generator=g)
-    for mode in ("fused", "grouped"):
-        set_moe(mode)
+    for mode in ("fused", "torch"):
+        set_path(mode)
         m._runtime.graphs = None                           # generate_ar's graph keys do not name the MoE path
         m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)       # warm-up, capture
         torch.cuda.synchronize()
@@ -170,7 +178,7 @@ def main() -> None:
         ar_table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70)
         (out_dir / f"profile_ar_b{B}_{mode}.txt").write_text(ar_table)
     m._runtime.graphs = None
-    os.environ.pop("DGEMMA_MOE")
+    os.environ.pop("DGEMMA_FUSED")
 
     (out_dir / f"profile_b{B}.json").write_text(json.dumps(r, indent=2))
     print((out_dir / f"profile_b{B}_fused.txt").read_text())

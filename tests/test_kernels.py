@@ -153,8 +153,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.skipif(not torch.cuda.is_available() or not kernels.triton_installed(), reason="needs CUDA and triton")
 def test_fused_moe_equals_grouped_mm_on_cuda(monkeypatch):
     """bf16 on a GPU at the 26B-A4B expert sizes: the fused kernels and torch._grouped_mm both stay close to fp32;
-    Experts picks the fused path with DGEMMA_MOE=fused and not without; a CUDA graph replays the fused step exactly."""
-    monkeypatch.setenv("DGEMMA_MOE", "fused")
+    Experts picks the fused path with DGEMMA_FUSED=moe and not without; a CUDA graph replays the fused step exactly."""
+    monkeypatch.setenv("DGEMMA_FUSED", "moe")
     E, H, I, k = 128, 2816, 704, 8
     f32 = _experts(E, H, I, k).cuda()
     b16 = copy.deepcopy(f32).to(torch.bfloat16)
@@ -168,10 +168,10 @@ def test_fused_moe_equals_grouped_mm_on_cuda(monkeypatch):
             xb = x.bfloat16()
             assert b16._fused_ok(xb)
             fused = b16(xb, w, idx)
-            monkeypatch.delenv("DGEMMA_MOE")
+            monkeypatch.delenv("DGEMMA_FUSED")
             assert not b16._fused_ok(xb) and b16._grouped_ok(xb)
             grouped = b16(xb, w, idx)
-            monkeypatch.setenv("DGEMMA_MOE", "fused")
+            monkeypatch.setenv("DGEMMA_FUSED", "moe")
             assert _rel(fused, want) < 1e-2 and _rel(grouped, want) < 1e-2, (T, _rel(fused, want), _rel(grouped, want))
             assert _rel(fused, grouped) < 2e-2
         odd = _experts(8, 200, 84, 2).cuda()               # widths _grouped_mm cannot take (rows not 16-byte)
@@ -192,3 +192,245 @@ def test_fused_moe_equals_grouped_mm_on_cuda(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, eager)
+
+
+SAMPLER_INTERPRETED = r"""
+import os, torch, dgemma
+from dgemma import kernels, sampling
+
+class Emb:                                   # what the sampler needs of an embedding: dtype and mix
+    def __init__(self, w):
+        self.weight, self.dtype = w, w.dtype
+    def mix(self, p):
+        return p.to(self.dtype) @ self.weight
+
+g = torch.Generator().manual_seed(0)
+# rows, vocabulary (not a multiple of the block; two-level search in torch), softcap, raw dtype, temperatures
+for n, V, cap, dt, per_row, edt in [(7, 3000, 30.0, "float32", False, "float32"),
+                                    (5, 256 * 70, 30.0, "bfloat16", True, "bfloat16"),
+                                    (3, 4100, None, "float32", True, "float32")]:
+    raw = (torch.randn(n, V, generator=g) * 8).to(getattr(torch, dt))
+    raw[0, 5] = raw[0, 9] = raw[0].max() + 1                # a tie for the max: the first index wins
+    temp = torch.rand(n, 1, generator=g) + 0.1 if per_row else torch.tensor(0.7)
+    u = torch.rand(n, generator=g)
+    emb = Emb(torch.randn(V, 24, generator=g).to(getattr(torch, edt)))
+    scale = torch.tensor(24 ** 0.5)
+    head = raw.float() if cap is None else torch.tanh(raw.float() / cap) * cap
+    want = sampling.sample_rows(head.clone(), temp, None, emb, scale, u)
+    got = sampling.fused_rows(raw, temp, cap, u, emb, scale)
+    assert torch.equal(got.argmax, want.argmax) and int(got.argmax[0]) == 5, (got.argmax, want.argmax)
+    assert torch.equal(got.sample, want.sample), (got.sample, want.sample)
+    assert torch.allclose(got.entropy, want.entropy, rtol=1e-4, atol=1e-4), (got.entropy, want.entropy)
+    tol = 1e-5 if edt == "float32" else 1e-2
+    assert float((got.soft.float() - want.soft.float()).norm() / want.soft.float().norm()) < tol
+    # the kernel's own outputs: e = exp(lam - max) and the block sums add up to Z
+    lam = head / temp
+    amax, z, ent, e, bsum = kernels.sampler_rows(raw, temp.reshape(-1).expand(n).float(), cap, 256, torch.float32)
+    ref_e = (lam - lam.max(-1, keepdim=True).values).exp()
+    assert torch.allclose(e, ref_e, rtol=1e-4, atol=1e-6) and bsum.shape == (n, -(-V // 256))   # tanh rounding
+    assert torch.allclose(bsum.sum(-1), z, rtol=1e-5) and torch.allclose(z, ref_e.sum(-1), rtol=1e-5)
+# the whole generate loop with the fast sampler: the same text with the kernel as with torch ops
+path = dgemma.default_model_path()
+model, ids = dgemma.load(path), [dgemma.load_tokenizer(path).encode_prompt("The river")]
+outs, calls = [], {n: 0 for n in ("sampler_rows", "norm_rope", "post_attention", "route", "post_ffn")}
+for name in calls:                                                            # count the kernels' launches
+    setattr(kernels, name, (lambda f, n: lambda *a, **k: calls.__setitem__(n, calls[n] + 1) or f(*a, **k))(
+        getattr(kernels, name), name))
+for fused in ("", "sampler", "all"):        # (on the CPU "all" adds norm_rope and the norms: MoE needs CUDA)
+    os.environ["DGEMMA_FUSED"] = fused
+    before = dict(calls)
+    outs.append(model.generate(ids, max_new_tokens=64, sampler="fast", seed=3).sequences)
+    used = {n for n in calls if calls[n] > before[n]}
+    assert used == {"": set(), "sampler": {"sampler_rows"}, "all": set(calls)}[fused], (fused, used)
+assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), outs
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
+def test_fused_sampler_rows_in_the_interpreter():
+    """kernels.sampler_rows + sampling.fused_rows against the torch fast sampler on the softcapped fp32 logits:
+    the same argmax (first index on ties), samples, entropies and soft embeddings up to rounding; and the shipped
+    model's seeded text with the fused sampler, and with every kernel that runs on the CPU, equals the torch
+    path's."""
+    r = subprocess.run([sys.executable, "-c", SAMPLER_INTERPRETED], capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.triton_installed(), reason="needs CUDA and triton")
+def test_fused_sampler_on_cuda():
+    """bf16 head logits of the 26B-A4B vocabulary: sampling.fused_rows = the torch fast sampler up to rounding
+    (samples equal on >= 99% of rows), and a CUDA graph replays it exactly."""
+    from dgemma import sampling
+    from dgemma.model import Embedding
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, V, H = 256, 262144, 2816
+    emb = Embedding(V, H).cuda().bfloat16()
+    with torch.no_grad():
+        emb.weight.normal_(0, 1, generator=g)
+    h = torch.randn(n, H, device="cuda", generator=g, dtype=torch.bfloat16) / H ** 0.5
+    temp, u, scale = torch.tensor(0.6, device="cuda"), torch.rand(n, device="cuda", generator=g), torch.tensor(53.0)
+    with torch.inference_mode():
+        raw = emb.logits(h)
+        want = sampling.sample_rows(torch.tanh(raw.float() / 30) * 30, temp, None, emb, scale, u)
+        got = sampling.fused_rows(raw, temp, 30.0, u, emb, scale)
+        assert torch.equal(got.argmax, want.argmax)
+        assert float((got.sample == want.sample).float().mean()) >= 0.99
+        assert torch.allclose(got.entropy, want.entropy, rtol=1e-3, atol=1e-3)
+        assert _rel(got.soft, want.soft) < 1e-2
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = sampling.fused_rows(raw, temp, 30.0, u, emb, scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured.sample, got.sample) and torch.equal(captured.soft, got.soft)
+
+
+ROPE_INTERPRETED = r"""
+import torch
+from dgemma import kernels
+from dgemma.config import preset
+from dgemma.model import Attention, DiffusionGemma
+
+g = torch.Generator().manual_seed(0)
+for D, sliding, per_row, dtype in [(48, True, False, torch.float32), (32, False, True, torch.float32),
+                                   (64, True, True, torch.bfloat16)]:
+    cfg = preset("small", head_dim=D, global_head_dim=D, num_attention_heads=3,
+                 num_key_value_heads=1 if not sliding else 3)
+    layer = 0 if sliding else 3                                          # small: layers 0-2 sliding, 3 full
+    att = Attention(cfg, layer).to(dtype)
+    with torch.no_grad():
+        for p in att.parameters():
+            p.normal_(0, 0.3, generator=g)
+    B, S = 2, 5
+    x = torch.randn(B, S, cfg.hidden_size, generator=g).to(dtype)
+    model = DiffusionGemma(cfg).to(dtype)
+    pos = torch.arange(7, 7 + S)
+    pos = torch.stack([pos, pos + 100]) if per_row else pos
+    cos, sin = model.rope(pos)[att.sliding]
+    with torch.inference_mode():
+        want = att.qkv(x, cos, sin)                                      # DGEMMA_FUSED unset: the eager ops
+        B, S, _ = x.shape
+        q = att.q_proj(x).view(B, S, att.heads, att.head_dim)
+        k = att.k_proj(x).view(B, S, att.kv_heads, att.head_dim)
+        v = att.v_proj(x).view(B, S, att.kv_heads, att.head_dim) if att.v_proj is not None else None
+        got = kernels.norm_rope(q, k, v, att.q_norm.weight, att.k_norm.weight, cos, sin, att.eps)
+    for w, o in zip(want, got):
+        strides = [[st for st, n in zip(t.stride(), t.shape) if n > 1] for t in (o, w)]   # (size-1 dims: any)
+        assert o.shape == w.shape and strides[0] == strides[1] and o.dtype == w.dtype, strides
+        err = float((o.float() - w.float()).abs().max())
+        assert err < (1e-5 if dtype == torch.float32 else 0.05), (D, sliding, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
+def test_fused_norm_rope_in_the_interpreter():
+    """kernels.norm_rope against Attention.qkv's eager ops: sliding (own v) and full (v = raw k) layers, a head
+    width whose half is not a power of two, positions shared and per row, fp32 and bf16; same shapes and strides."""
+    r = subprocess.run([sys.executable, "-c", ROPE_INTERPRETED], capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+LAYER_INTERPRETED = r"""
+import os, torch
+from dgemma import kernels
+from dgemma.config import preset
+from dgemma.model import DiffusionGemma, rms_norm
+
+g = torch.Generator().manual_seed(0)
+cfg = preset("small", vocab_size=512, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+             hidden_size=200, num_experts=6, top_k_experts=3, canvas_length=8)
+model = DiffusionGemma(cfg)
+with torch.no_grad():                      # random weights everywhere, norms and scalars included
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and "rope" not in name:
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.2) + (p.dim() == 1))
+# the router alone: ties broken like torch.topk (first index), weights renormalised and scaled
+router = model.layers[0].router
+logits = router.proj(torch.randn(33, cfg.hidden_size, generator=g))
+logits[0, 1] = logits[0, 4] = logits[0].max() + 1
+w, idx = kernels.route(logits, router.k, router.per_expert_scale)
+probs = torch.softmax(logits, -1, dtype=torch.float32)
+tw, ti = torch.topk(probs, router.k, dim=-1)
+assert torch.equal(idx, ti) and idx[0, 0] == 1 and idx[0, 1] == 4, (idx[:2], ti[:2])
+assert torch.allclose(w, tw / tw.sum(-1, keepdim=True) * router.per_expert_scale[ti], rtol=1e-6, atol=1e-7)
+# the two row kernels against the eager ops, in bf16 (each output rounded where the eager ops round)
+L = model.layers[1].to(torch.bfloat16)
+h, a, m1, m2 = (torch.randn(2, 7, cfg.hidden_size, generator=g).bfloat16() for _ in range(4))
+norm = lambda x, w: rms_norm(x, w, L.router.eps)
+with torch.inference_mode():
+    r = h + L.post_attention_layernorm(a)
+    want = (r, L.pre_feedforward_layernorm(r), L.pre_feedforward_layernorm_2(r),
+            rms_norm(r, None, L.router.eps) * L.router.scale * L.router.root)
+    got = kernels.post_attention(h, a, L.post_attention_layernorm.weight, L.pre_feedforward_layernorm.weight,
+                                 L.pre_feedforward_layernorm_2.weight, L.router.scale, L.router.root, L.router.eps)
+    tail = (r + L.post_feedforward_layernorm(L.post_feedforward_layernorm_1(m1) + L.post_feedforward_layernorm_2(m2)))
+    want += (tail * L.layer_scalar,)
+    got += (kernels.post_ffn(r, m1, m2, L.post_feedforward_layernorm_1.weight, L.post_feedforward_layernorm_2.weight,
+                             L.post_feedforward_layernorm.weight, L.layer_scalar, L.router.eps),)
+for i, (x, y) in enumerate(zip(got, want)):
+    assert x.dtype == torch.bfloat16 and x.shape == y.shape
+    assert float((x.float() - y.float()).norm() / y.float().norm()) < 2e-2, i   # (the interpreter truncates to bf16)
+# whole fp32 passes: encoder and denoiser logits with the norms (and norm_rope) fused vs eager
+model.float()
+ids = torch.randint(3, 512, (2, 12), generator=g)
+canvas = torch.randint(3, 512, (2, cfg.canvas_length), generator=g)
+outs = []
+for fused in ("", "norms", "norms,rope"):
+    os.environ["DGEMMA_FUSED"] = fused
+    with torch.inference_mode():
+        outs.append((model.encoder_logits(ids), model.denoise_logits(ids, canvas)))
+for got in outs[1:]:
+    for x, y in zip(got, outs[0]):
+        assert float((x - y).norm() / y.norm()) < 1e-4
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
+def test_fused_layer_norms_in_the_interpreter():
+    """kernels.route against Router's torch ops (ties, renormalisation, expert scales); post_attention and post_ffn
+    against the eager ops in bf16; whole fp32 encoder and denoiser passes of a random model (norm weights and layer
+    scalars random too) with the fused layer tail (DGEMMA_FUSED=norms, and with norm_rope) against the eager ops."""
+    r = subprocess.run([sys.executable, "-c", LAYER_INTERPRETED], capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.triton_installed(), reason="needs CUDA and triton")
+def test_fused_layer_kernels_on_cuda(monkeypatch):
+    """bf16 at the 26B-A4B layer widths (2 layers: sliding + full): the denoiser's hidden states with every fused
+    kernel (DGEMMA_FUSED=all) stay close to the eager path's and to fp32, and a CUDA graph replays the fused
+    static step exactly."""
+    from dgemma.bench.worker import build
+    m = build({"shape": "26b-a4b", "device": "cuda", "dtype": "float32",
+               "overrides": {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}})
+    g = torch.Generator(device="cuda").manual_seed(0)
+    V, C = m.config.vocab_size, m.config.canvas_length
+    ids = torch.randint(3, V, (2, 100), device="cuda", generator=g)
+    canvas = torch.randint(0, V, (2, C), device="cuda", generator=g)
+    with torch.inference_mode():
+        cache = m.new_cache(2, 100 + C)
+        m.encode(ids, cache)
+        want = m.denoise(canvas, cache).float()                    # fp32, eager
+        m.to(torch.bfloat16)
+        cache = m.new_cache(2, 100 + C)
+        m.encode(ids, cache)
+        eager = m.denoise(canvas, cache).float()
+        monkeypatch.setenv("DGEMMA_FUSED", "all")
+        cache = m.new_cache(2, 100 + C)
+        m.encode(ids, cache)
+        fused = m.denoise(canvas, cache, static=True)
+        assert _rel(fused, want) < 3e-2 and _rel(eager, want) < 3e-2, (_rel(fused, want), _rel(eager, want))
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = m.denoise(canvas, cache, static=True)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, fused)

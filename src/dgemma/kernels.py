@@ -8,9 +8,22 @@ so a step that runs them can be captured in a CUDA graph.
     codes of its weight tile, dequantizes them in registers and accumulates in fp32.
   * `moe`: the unquantized (bf16 / fp16; fp32 for tests) mixture-of-experts MLP in two kernels: gate and up
     projections with GELU-tanh(gate) * up in the epilogue, then the down projection times each row's routing
-    weight. Opt-in until it has been measured on a GPU: model.Experts uses it on CUDA with DGEMMA_MOE=fused in
-    the environment, and the two torch._grouped_mm calls otherwise.
-Does not know: the stored layout's origin (quant.py), routing or the combine of each token's k rows (model.py).
+    weight. model.Experts uses it on CUDA with DGEMMA_FUSED=moe (or all), and two torch._grouped_mm calls
+    otherwise.
+  * `sampler_rows`: the fast sampler's pass over a chunk of raw head logits (softcap, temperature, max / argmax,
+    exp, normaliser, entropy, block sums for the inverse-CDF draw) in one kernel: two reads of the logits and
+    one write of e, instead of ~10 torch passes over fp32 [rows, V]. generate.denoise_step uses it (through
+    sampling.fused_rows) with DGEMMA_FUSED=sampler.
+  * `norm_rope`: the attention's q / k / v epilogue (RMSNorm of each head, RoPE on q and k, the weightless norm
+    of v) in one kernel instead of ~11 per layer; model.Attention uses it on CUDA with DGEMMA_FUSED=rope.
+  * `post_attention`, `route`, `post_ffn`: the rest of a layer around its matmuls (post-attention norm and
+    residual add, the three pre-norms, the router's softmax / top-k / renormalisation / expert scales, the
+    post-FFN norms, residual add and layer scalar) in three kernels instead of ~25; model.Layer uses them
+    on CUDA with DGEMMA_FUSED=norms.
+Every fused kernel is opt-in (`fused(name)`, DGEMMA_FUSED=moe,sampler,rope,norms or all) until a GPU run has
+measured it.
+Does not know: the stored layout's origin (quant.py), routing or the combine of each token's k rows (model.py),
+the sampling rule (sampling.py).
 """
 from __future__ import annotations
 
@@ -31,10 +44,17 @@ def available() -> bool:
     return triton_installed() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def moe_enabled() -> bool:
-    """The fused MoE kernels are wanted: DGEMMA_MOE=fused (the default, torch._grouped_mm, stays until the fused
-    path has run on a GPU); read on every call so one process can time both."""
-    return os.environ.get("DGEMMA_MOE", "grouped") == "fused"
+FUSIBLE = ("moe", "sampler", "rope", "norms")
+
+
+def fused(name: str, x: torch.Tensor) -> bool:
+    """Kernel `name` (one of FUSIBLE) is wanted and can run on x's device: named in DGEMMA_FUSED
+    (comma-separated, or "all"), Triton installed, and x on CUDA (or any device under Triton's interpreter).
+    Every fused kernel is opt-in until a GPU run has measured it; read on every call, so one process can time
+    both paths."""
+    want = os.environ.get("DGEMMA_FUSED", "")
+    names = FUSIBLE if want.strip() == "all" else [w.strip() for w in want.split(",")]
+    return name in names and available() and (x.is_cuda or _interpreted())
 
 
 def _interpreted() -> bool:
@@ -58,55 +78,18 @@ def _blocks(ends: torch.Tensor, rows: int, BM: int) -> tuple[torch.Tensor, torch
 
 
 @functools.cache
-def _kernel():
-    import triton
-    import triton.language as tl
+def _kernels():
+    """The Triton kernels (triton_kernels.py), imported on first use: importing this module does not import triton."""
+    from . import triton_kernels
+    return triton_kernels
 
-    @triton.jit
-    def qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, blk_e_ptr, blk_row_ptr, ends_ptr,
-                   N, K, E, sxm, sqe, sqn, sse, ssn, som,
-                   INT4: tl.constexpr, F32DOT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid_b, pid_n = tl.program_id(0), tl.program_id(1)
-        e = tl.load(blk_e_ptr + pid_b)
-        if e < E:
-            r0 = tl.load(blk_row_ptr + pid_b)
-            r1 = tl.load(ends_ptr + e)
-            rows = r0 + tl.arange(0, BM)
-            cols = pid_n * BN + tl.arange(0, BN)
-            rmask, nmask = rows < r1, cols < N
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < K
-                a = tl.load(x_ptr + rows[:, None] * sxm + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                wmask = kmask[:, None] & nmask[None, :]
-                if INT4:
-                    byte = tl.load(q_ptr + e * sqe + cols[None, :] * sqn + (ks // 2)[:, None], mask=wmask, other=0)
-                    code = (byte.to(tl.int32) >> ((ks % 2) * 4)[:, None]) & 15
-                    soff = e * sse + cols[None, :] * ssn + (ks // G)[:, None]
-                    s = tl.load(s_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
-                    z = tl.load(z_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
-                    w = (code.to(tl.float32) - 8.0) * s + z
-                else:
-                    w = tl.load(q_ptr + e * sqe + cols[None, :] * sqn + ks[:, None], mask=wmask, other=0.0)
-                    w = w.to(tl.float32)
-                if F32DOT:   # fp32 inputs, or the interpreter (whose bf16 dot is wrong)
-                    acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")   # not TF32
-                else:        # tensor cores: codes dequantized to the activation dtype
-                    acc += tl.dot(a, w.to(a.dtype))
-            if not INT4:   # one scale per output row of the weight: applied once, after the sum
-                acc = acc * tl.load(s_ptr + e * sse + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rows[:, None] * som + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & nmask[None, :])
-
-    return triton, qmm_kernel
 
 
 def qmm(x: torch.Tensor, t: dict[str, torch.Tensor], weights: str, group: int | None,
         offs: torch.Tensor | None) -> torch.Tensor:
     """x [T, K] @ W_e^T per row group -> [T, N] in x's dtype. t: the stored layout (quant.py) of a 2-D weight
     (offs None) or of E experts [E, N, ..] with offs [E] the end of each expert's rows in x."""
-    triton, kernel = _kernel()
+    kernel = _kernels().qmm_kernel
     x = x.contiguous()
     q, s = t["qdata"], t["scale"]
     if q.dim() == 2:
@@ -123,7 +106,7 @@ def qmm(x: torch.Tensor, t: dict[str, torch.Tensor], weights: str, group: int | 
     BM = 16 if T <= 16 * E else 64
     BN, BK = 64, 64
     blk_e, blk_row = _blocks(ends, T, BM)
-    grid = (blk_e.shape[0], triton.cdiv(N, BN))
+    grid = (blk_e.shape[0], -(-N // BN))
     kernel[grid](x, q, s, z, out, blk_e, blk_row, ends, N, K, E, x.stride(0), q.stride(0), q.stride(1),
                  s.stride(0), s.stride(1), out.stride(0), INT4=weights == "int4",
                  F32DOT=x.dtype == torch.float32 or _interpreted(), G=group or 1, BM=BM, BN=BN, BK=BK)
@@ -131,79 +114,6 @@ def qmm(x: torch.Tensor, t: dict[str, torch.Tensor], weights: str, group: int | 
 
 
 # ---- the unquantized MoE MLP --------------------------------------------------------------------------------
-@functools.cache
-def _moe_kernels():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gate_up_kernel(x_ptr, w_ptr, h_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, I, K, E, sxm, swe, swn, shm,
-                       F32DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """h[rows, cols] = gelu_tanh(x W_gate^T) * (x W_up^T) for a block of one expert's rows; W = w[e] [2I, K]."""
-        pid_b, pid_n = tl.program_id(0), tl.program_id(1)
-        e = tl.load(blk_e_ptr + pid_b)
-        if e < E:
-            r0 = tl.load(blk_row_ptr + pid_b)
-            r1 = tl.load(ends_ptr + e)
-            rows = r0 + tl.arange(0, BM)                                      # [BM]
-            cols = pid_n * BN + tl.arange(0, BN)                              # [BN] in [0, I)
-            rmask, nmask = rows < r1, cols < I
-            wg = w_ptr + e.to(tl.int64) * swe + cols[None, :] * swn           # [1, BN] gate rows of W
-            wu = wg + I * swn                                                 # the matching up rows
-            gate = tl.zeros((BM, BN), dtype=tl.float32)
-            up = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                ks = k0 + tl.arange(0, BK)                                    # [BK]
-                kmask = ks < K
-                a = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + ks[None, :],
-                            mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
-                wmask = kmask[:, None] & nmask[None, :]
-                g = tl.load(wg + ks[:, None], mask=wmask, other=0.0)          # [BK, BN] = W_gate^T tile
-                u = tl.load(wu + ks[:, None], mask=wmask, other=0.0)
-                if F32DOT:   # fp32 inputs, or the interpreter (whose bf16 dot is wrong)
-                    a = a.to(tl.float32)
-                    gate += tl.dot(a, g.to(tl.float32), input_precision="ieee")
-                    up += tl.dot(a, u.to(tl.float32), input_precision="ieee")
-                else:
-                    gate += tl.dot(a, g)
-                    up += tl.dot(a, u)
-            # gelu_tanh(g) = g * (1 + tanh(z)) / 2 = g * sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)
-            z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-            h = gate * tl.sigmoid(2.0 * z) * up
-            tl.store(h_ptr + rows[:, None].to(tl.int64) * shm + cols[None, :], h.to(h_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & nmask[None, :])
-
-    @triton.jit
-    def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, N, K, E, shm, swe, swn, sym,
-                    F32DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """y[rows, cols] = (h W^T) * ws[rows] for a block of one expert's rows; W = w[e] [N, K]."""
-        pid_b, pid_n = tl.program_id(0), tl.program_id(1)
-        e = tl.load(blk_e_ptr + pid_b)
-        if e < E:
-            r0 = tl.load(blk_row_ptr + pid_b)
-            r1 = tl.load(ends_ptr + e)
-            rows = r0 + tl.arange(0, BM)                                      # [BM]
-            cols = pid_n * BN + tl.arange(0, BN)                              # [BN] in [0, N)
-            rmask, nmask = rows < r1, cols < N
-            wp = w_ptr + e.to(tl.int64) * swe + cols[None, :] * swn           # [1, BN]
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < K
-                a = tl.load(h_ptr + rows[:, None].to(tl.int64) * shm + ks[None, :],
-                            mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
-                w = tl.load(wp + ks[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)   # [BK, BN]
-                if F32DOT:
-                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(a, w)
-            acc = acc * tl.load(ws_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]   # routing weight
-            tl.store(y_ptr + rows[:, None].to(tl.int64) * sym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & nmask[None, :])
-
-    return triton, gate_up_kernel, down_kernel
-
-
 def moe_block_rows(rows: int, experts: int) -> int:
     """BM for `moe` by the mean rows per expert: 16 for decoding-sized groups (a 26B-A4B denoiser step at batch 1
     sends ~16 rows to each expert), 64 / 128 for large batches (~2,000 rows per expert). Untuned: thresholds
@@ -222,7 +132,7 @@ def moe(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch
     down projection's fp32 sum is multiplied by the fp32 weight and rounded once (torch._grouped_mm rounds the
     projections and the GELU product separately, then multiplies the rounded y by w: not bit-identical).
     block_m overrides the rows per block (tests)."""
-    triton, gate_up_kernel, down_kernel = _moe_kernels()
+    k = _kernels()
     M, H = xs.shape
     E, I = down.shape[0], down.shape[2]
     assert gate_up.shape == (E, 2 * I, H) and down.shape == (E, H, I), (gate_up.shape, down.shape)
@@ -238,10 +148,105 @@ def moe(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch
     blk_e, blk_row = _blocks(ends, M, BM)                                        # [nb], [nb]
     f32dot = xs.dtype == torch.float32 or _interpreted()
     h = torch.empty(M, I, dtype=xs.dtype, device=xs.device)                      # [M, I]
-    gate_up_kernel[(blk_e.shape[0], triton.cdiv(I, BN))](
+    k.gate_up_kernel[(blk_e.shape[0], -(-I // BN))](
         xs, gate_up, h, blk_e, blk_row, ends, I, H, E, xs.stride(0), gate_up.stride(0), gate_up.stride(1),
         h.stride(0), F32DOT=f32dot, BM=BM, BN=BN, BK=BK, num_warps=warps)
-    down_kernel[(blk_e.shape[0], triton.cdiv(H, BN))](
+    k.down_kernel[(blk_e.shape[0], -(-H // BN))](
         h, down, w_slot.contiguous(), y, blk_e, blk_row, ends, H, I, E, h.stride(0), down.stride(0),
         down.stride(1), y.stride(0), F32DOT=f32dot, BM=BM, BN=BN, BK=BK, num_warps=warps)
     return y
+
+
+# ---- the fast sampler's pass over the logits ----------------------------------------------------------------
+def sampler_rows(x: torch.Tensor, temp: torch.Tensor, cap: float | None, block: int,
+                 e_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Raw head logits x [n, V] (any float dtype, before the softcap) and temperatures temp [n] fp32, in one
+    kernel that reads x twice and writes e once -> (argmax [n] int64, Z [n], entropy [n], e [n, V] in e_dtype,
+    block sums [n, ceil(V / block)] fp32), all statistics of lam = softcap(x) / T in fp32:
+    e = exp(lam - max lam), Z = sum e, entropy of softmax(lam), and the sums of e over blocks of `block`
+    entries (what sampling.inverse_cdf searches first). The softcap's tanh is 2 sigmoid(2y) - 1, so values
+    differ from torch.tanh by rounding."""
+    k = _kernels()
+    n, V = x.shape
+    x = x.contiguous()
+    BV = max(block, 2048)
+    assert BV % block == 0 and block & (block - 1) == 0, "block must be a power of two"
+    amax = torch.empty(n, dtype=torch.int32, device=x.device)
+    z = torch.empty(n, dtype=torch.float32, device=x.device)
+    ent = torch.empty(n, dtype=torch.float32, device=x.device)
+    e = torch.empty(n, V, dtype=e_dtype, device=x.device)
+    bsum = torch.empty(n, -(-V // block), dtype=torch.float32, device=x.device)
+    if n:
+        k.sampler_rows_kernel[(n,)](x, temp.float().contiguous(), e, amax, z, ent, bsum, V, x.stride(0), e.stride(0),
+                             bsum.stride(0), float(cap or 1.0), CAP=bool(cap), BV=BV, BS=block, num_warps=8)
+    return amax.long(), z, ent, e, bsum
+
+
+# ---- the attention's q / k / v epilogue ---------------------------------------------------------------------
+def norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, wq: torch.Tensor, wk: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, S, Hq, D], k and v [B, S, Hkv, D] straight from their projections (v None: v = the raw k), head
+    norm weights wq, wk [D], cos / sin [S, D] or [B, 1, S, D] -> q, k, v [B, H, S, D] (views of [B, S, H, D]
+    tensors, the strides the eager path gives): q and k RMS-normed with their weights then roped, v normed
+    without a weight. One kernel launch; fp32 inside, each output rounded where the eager path rounds."""
+    kern = _kernels()
+    B, S, HQ, D = q.shape
+    HKV = k.shape[2]
+    assert D % 2 == 0 and k.shape == (B, S, HKV, D) and (v is None or v.shape == k.shape)
+    q2, k2 = q.reshape(B * S, HQ * D), k.reshape(B * S, HKV * D)                # [B*S, H*D] row views
+    v2 = k2 if v is None else v.reshape(B * S, HKV * D)
+    for t in (q2, k2, v2):
+        assert t.stride(1) == 1, "rows must be contiguous"
+    cs, sn = cos.reshape(-1, S, D), sin.reshape(-1, S, D)                       # [1 or B, S, D]
+    assert cs.stride(2) == 1 and cs.stride() == sn.stride()
+    qo, ko, vo = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)  # [B, S, H, D]
+    if B * S:
+        kern.norm_rope_kernel[(B * S, HQ + HKV)](
+            q2, k2, v2, wq, wk, cs, sn, qo, ko, vo, S, HQ, D, eps, q2.stride(0), k2.stride(0), v2.stride(0),
+            cs.stride(0) if cs.shape[0] > 1 else 0, cs.stride(1), HQ * D, HKV * D, HKV * D,
+            BH=max(16, 1 << (D // 2 - 1).bit_length()))
+    return qo.transpose(1, 2), ko.transpose(1, 2), vo.transpose(1, 2)
+
+
+# ---- the layer's norms, residual adds and router maths ------------------------------------------------------
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def post_attention(h: torch.Tensor, a: torch.Tensor, w_pa: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   w_router: torch.Tensor, root: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """After the attention's output projection a [.., H], for residual h [.., H], in one kernel:
+    r = h + norm(a) * w_pa, and from r the dense MLP's input norm(r) * w1, the experts' input norm(r) * w2
+    and the router's input norm(r) * w_router * root. -> (r, x1, x2, z), each [.., H] in h's dtype."""
+    H = h.shape[-1]
+    h, a = h.contiguous(), a.contiguous()
+    r, x1, x2, z = (torch.empty_like(h) for _ in range(4))
+    if h.numel():
+        _kernels().post_attention_kernel[(h.numel() // H,)](h, a, w_pa, w1, w2, w_router, r, x1, x2, z, H, eps,
+                                                              root, BH=_pow2(H), num_warps=8 if H > 1024 else 4)
+    return r, x1, x2, z
+
+
+def post_ffn(r: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+             w: torch.Tensor, scalar: torch.Tensor, eps: float) -> torch.Tensor:
+    """The layer's tail in one kernel: (r + norm(norm(m1) * w1 + norm(m2) * w2) * w) * scalar, [.., H] in r's
+    dtype (m1: the dense MLP's output, m2: the experts', scalar: the layer scalar [1])."""
+    H = r.shape[-1]
+    r, m1, m2 = r.contiguous(), m1.contiguous(), m2.contiguous()
+    out = torch.empty_like(r)
+    if r.numel():
+        _kernels().post_ffn_kernel[(r.numel() // H,)](r, m1, m2, w1, w2, w, scalar, out, H, eps, BH=_pow2(H),
+                                                      num_warps=8 if H > 1024 else 4)
+    return out
+
+
+def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k] int64), as model.Router computes them
+    (softmax in fp32, top k in descending order, renormalised, times each expert's scale), in one kernel."""
+    T, E = logits.shape
+    w = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    if T:
+        _kernels().route_kernel[(T,)](logits.contiguous(), per_expert_scale, w, idx, E, K=k, BE=_pow2(E),
+                                      BK=_pow2(k))
+    return w, idx

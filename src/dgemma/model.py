@@ -102,9 +102,13 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x: [B, S, H] -> q [B, Hq, S, D], k, v [B, Hkv, S, D] (k roped; full layers: v = raw k)."""
         B, S, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, S, self.heads, self.head_dim)).transpose(1, 2)
+        q = self.q_proj(x).view(B, S, self.heads, self.head_dim)
         k_raw = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim) if self.v_proj is not None else None
+        if not torch.is_grad_enabled() and kernels.fused("rope", x):   # norms and RoPE in one Triton kernel
+            return kernels.norm_rope(q, k_raw, v, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps)
+        v = k_raw if v is None else v
+        q = self.q_norm(q).transpose(1, 2)
         k = self.k_norm(k_raw).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -131,7 +135,7 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Expert weights as 3-D tensors; tokens are grouped by expert and run through grouped matmuls (on CUDA
-    torch._grouped_mm, or the fused Triton kernels of kernels.moe with DGEMMA_MOE=fused)."""
+    torch._grouped_mm, or the fused Triton kernels of kernels.moe with DGEMMA_FUSED=moe)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -184,10 +188,10 @@ class Experts(nn.Module):
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         """The fused Triton MoE (kernels.moe) runs: CUDA, bf16 / fp16, plain weights, no autograd, Triton
-        present, and DGEMMA_MOE=fused. (fp32 on CUDA keeps the exact per-expert loop.)"""
+        present, and DGEMMA_FUSED=moe. (fp32 on CUDA keeps the exact per-expert loop.)"""
         return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not isinstance(self.down_proj, QWeight)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.down_proj.requires_grad))
-                and kernels.available() and kernels.moe_enabled())
+                and kernels.fused("moe", x))
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """torch._grouped_mm needs 16-byte aligned rows, takes only bf16 on CUDA, and has no reliable CPU
@@ -240,6 +244,8 @@ class Layer(nn.Module):
         B, S, H = h.shape
         q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
         o = attend(q, k, v).transpose(1, 2).reshape(B, S, -1)
+        if not torch.is_grad_enabled() and kernels.fused("norms", h):
+            return self._fused_tail(h, self.self_attn.o_proj(o), encoder)
         h = h + self.post_attention_layernorm(self.self_attn.o_proj(o))
         r = h
         m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
@@ -249,6 +255,21 @@ class Layer(nn.Module):
         m2 = self.post_feedforward_layernorm_2(m2)
         h = r + self.post_feedforward_layernorm(m1 + m2)
         return h * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+
+    def _fused_tail(self, h: torch.Tensor, a: torch.Tensor, encoder: bool) -> torch.Tensor:
+        """forward after the attention's output projection a [B, S, H], with the norms, residual adds, router
+        softmax / top-k and layer scalar in three Triton kernels (kernels.post_attention, route, post_ffn):
+        the same maths, fp32 inside, rounded where the eager ops round."""
+        B, S, H = h.shape
+        eps, router = self.router.eps, self.router
+        r, x1, x2, z = kernels.post_attention(h, a, self.post_attention_layernorm.weight,
+                                              self.pre_feedforward_layernorm.weight,
+                                              self.pre_feedforward_layernorm_2.weight, router.scale, router.root, eps)
+        w, idx = kernels.route(router.proj(z.view(-1, H)), router.k, router.per_expert_scale)
+        m2 = self.experts(x2.view(-1, H), w, idx).view(B, S, H)
+        return kernels.post_ffn(r, self.mlp(x1), m2, self.post_feedforward_layernorm_1.weight,
+                                self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
+                                self.encoder_layer_scalar if encoder else self.layer_scalar, eps)
 
 
 class SelfConditioning(nn.Module):

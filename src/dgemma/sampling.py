@@ -126,15 +126,53 @@ def inverse_cdf(e: torch.Tensor, u: torch.Tensor, block: int = INVERSE_CDF_BLOCK
         z = cdf[:, -1]
         t = torch.minimum((u * z)[:, None], _below(cdf[:, -1:])).contiguous()
         return torch.searchsorted(cdf, t, right=True)[:, 0], z
-    blocks = e.view(n, V // block, block)
-    cb = torch.cumsum(blocks.sum(dim=-1), dim=-1)                  # [n, nb] cumulative block sums
+    blocks = e.view(n, V // block, block)                                          # [n, nb, block]
+    return two_level_search(blocks.sum(dim=-1), u,
+                            lambda b: blocks.gather(1, b[:, :, None].expand(n, 1, block))[:, 0])
+
+
+def two_level_search(bsum: torch.Tensor, u: torch.Tensor, block_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """inverse_cdf's two levels from the block sums bsum [n, nb] of e: cumulative block sums find the block
+    holding u * Z, `block_of(b [n, 1]) -> [n, block]` gives that block's e, whose cumulative sum finds the
+    entry. -> (ids [n], Z [n])."""
+    cb = torch.cumsum(bsum, dim=-1)                                                # [n, nb] cumulative block sums
     z = cb[:, -1]
     t = torch.minimum((u * z)[:, None], _below(cb[:, -1:])).contiguous()           # [n, 1] target mass
     b = torch.searchsorted(cb, t, right=True)                                      # [n, 1] its block
     before = torch.where(b > 0, cb.gather(1, (b - 1).clamp_(min=0)), torch.zeros_like(t))
-    inner = torch.cumsum(blocks.gather(1, b[:, :, None].expand(n, 1, block))[:, 0], dim=-1)   # [n, block]
+    inner = torch.cumsum(block_of(b), dim=-1)                                      # [n, block]
     t_in = torch.minimum((t - before).clamp_(min=0), _below(inner[:, -1:])).contiguous()
-    return (b * block + torch.searchsorted(inner, t_in, right=True))[:, 0], z
+    return (b * inner.shape[1] + torch.searchsorted(inner, t_in, right=True))[:, 0], z
+
+
+def fused_rows(raw: torch.Tensor, temp: torch.Tensor, cap: float | None, uniform: torch.Tensor, embedding=None,
+               embed_scale: torch.Tensor | None = None) -> RowResult:
+    """The fast sampler (`_fast_rows`) on the head's raw logits [n, V], before the softcap, with the logits read
+    twice and e written once, by one Triton kernel (kernels.sampler_rows; CUDA with DGEMMA_FUSED=sampler, or
+    Triton's interpreter in tests), instead of ~10 passes of torch ops over fp32 [n, V] tensors. e is stored in
+    the embedding's dtype, which is what the self-conditioning matmul reads; the sample searches the kernel's
+    fp32 block sums, then one block's e recomputed in fp32 from the raw logits. Same outputs as
+    sample_rows(head(raw), temp, uniform=...) up to rounding."""
+    from . import kernels
+    n, V = raw.shape
+    t = temp.to(device=raw.device, dtype=torch.float32).reshape(-1).expand(n)   # [n]
+    amax, _, ent, e, bsum = kernels.sampler_rows(raw, t, cap, INVERSE_CDF_BLOCK,
+                                                  torch.float32 if embedding is None else embedding.dtype)
+    inv_t = 1.0 / t[:, None]                                                     # [n, 1]
+
+    def lam(x: torch.Tensor) -> torch.Tensor:                                    # the kernel's formula, in torch
+        x = x.float()
+        return (cap * (2.0 * torch.sigmoid(x * (2.0 / cap)) - 1.0) if cap else x) * inv_t
+
+    top = lam(raw.gather(1, amax[:, None]))                                      # [n, 1] max lam
+
+    def block_of(b: torch.Tensor) -> torch.Tensor:                               # [n, 1] -> e of that block
+        cols = b * INVERSE_CDF_BLOCK + torch.arange(INVERSE_CDF_BLOCK, device=raw.device)    # [n, block]
+        return torch.where(cols < V, (lam(raw.gather(1, cols.clamp(max=V - 1))) - top).exp(), 0.0)
+
+    sample, z = two_level_search(bsum, uniform.to(raw.device), block_of)
+    soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
+    return RowResult(sample, amax, ent, soft)
 
 
 def _below(x: torch.Tensor) -> torch.Tensor:

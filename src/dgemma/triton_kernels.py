@@ -1,0 +1,274 @@
+"""The Triton kernels themselves (module-level @triton.jit functions, so that kernels can call helpers in the
+interpreter too). Imported only by kernels.py, on first use: importing dgemma never imports triton.
+Knows: the tile maths. Does not know: shapes, launch grids, when a kernel is used (kernels.py).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def block_tile(blk_row_ptr, ends_ptr, e, N, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's tile of a real block of expert e: rows [BM], cols [BN] in [0, N) and their masks."""
+    r0 = tl.load(blk_row_ptr + tl.program_id(0))
+    r1 = tl.load(ends_ptr + e)
+    rows = r0 + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    return rows, cols, rows < r1, cols < N
+
+
+@triton.jit
+def qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, blk_e_ptr, blk_row_ptr, ends_ptr,
+               N, K, E, sxm, sqe, sqn, sse, ssn, som,
+               INT4: tl.constexpr, F32DOT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    e = tl.load(blk_e_ptr + tl.program_id(0))
+    if e < E:                                                             # else a spare block
+        rows, cols, rmask, nmask = block_tile(blk_row_ptr, ends_ptr, e, N, BM, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            a = tl.load(x_ptr + rows[:, None] * sxm + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wmask = kmask[:, None] & nmask[None, :]
+            if INT4:
+                byte = tl.load(q_ptr + e * sqe + cols[None, :] * sqn + (ks // 2)[:, None], mask=wmask, other=0)
+                code = (byte.to(tl.int32) >> ((ks % 2) * 4)[:, None]) & 15
+                soff = e * sse + cols[None, :] * ssn + (ks // G)[:, None]
+                s = tl.load(s_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+                w = (code.to(tl.float32) - 8.0) * s + z
+            else:
+                w = tl.load(q_ptr + e * sqe + cols[None, :] * sqn + ks[:, None], mask=wmask, other=0.0)
+                w = w.to(tl.float32)
+            if F32DOT:   # fp32 inputs, or the interpreter (whose bf16 dot is wrong)
+                acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")   # not TF32
+            else:        # tensor cores: codes dequantized to the activation dtype
+                acc += tl.dot(a, w.to(a.dtype))
+        if not INT4:   # one scale per output row of the weight: applied once, after the sum
+            acc = acc * tl.load(s_ptr + e * sse + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * som + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+# ---- the unquantized MoE MLP ----
+@triton.jit
+def gate_up_kernel(x_ptr, w_ptr, h_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, I, K, E, sxm, swe, swn, shm,
+                   F32DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """h[rows, cols] = gelu_tanh(x W_gate^T) * (x W_up^T) for a block of one expert's rows; W = w[e] [2I, K]."""
+    e = tl.load(blk_e_ptr + tl.program_id(0))
+    if e < E:
+        rows, cols, rmask, nmask = block_tile(blk_row_ptr, ends_ptr, e, I, BM, BN)   # [BM], [BN] in [0, I)
+        wg = w_ptr + e.to(tl.int64) * swe + cols[None, :] * swn           # [1, BN] gate rows of W
+        wu = wg + I * swn                                                 # the matching up rows
+        gate = tl.zeros((BM, BN), dtype=tl.float32)
+        up = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)                                    # [BK]
+            kmask = ks < K
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + ks[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
+            wmask = kmask[:, None] & nmask[None, :]
+            g = tl.load(wg + ks[:, None], mask=wmask, other=0.0)          # [BK, BN] = W_gate^T tile
+            u = tl.load(wu + ks[:, None], mask=wmask, other=0.0)
+            if F32DOT:   # fp32 inputs, or the interpreter (whose bf16 dot is wrong)
+                a = a.to(tl.float32)
+                gate += tl.dot(a, g.to(tl.float32), input_precision="ieee")
+                up += tl.dot(a, u.to(tl.float32), input_precision="ieee")
+            else:
+                gate += tl.dot(a, g)
+                up += tl.dot(a, u)
+        # gelu_tanh(g) = g * (1 + tanh(z)) / 2 = g * sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        h = gate * tl.sigmoid(2.0 * z) * up
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * shm + cols[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, N, K, E, shm, swe, swn, sym,
+                F32DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y[rows, cols] = (h W^T) * ws[rows] for a block of one expert's rows; W = w[e] [N, K]."""
+    e = tl.load(blk_e_ptr + tl.program_id(0))
+    if e < E:
+        rows, cols, rmask, nmask = block_tile(blk_row_ptr, ends_ptr, e, N, BM, BN)   # [BM], [BN] in [0, N)
+        wp = w_ptr + e.to(tl.int64) * swe + cols[None, :] * swn           # [1, BN]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            a = tl.load(h_ptr + rows[:, None].to(tl.int64) * shm + ks[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
+            w = tl.load(wp + ks[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)   # [BK, BN]
+            if F32DOT:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        acc = acc * tl.load(ws_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]   # routing weight
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * sym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+# ---- the fast sampler's pass over a chunk of logits ----
+@triton.jit
+def sampler_rows_kernel(x_ptr, temp_ptr, e_ptr, amax_ptr, z_ptr, ent_ptr, bsum_ptr, V, sx, se, sb, cap,
+                        CAP: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr):
+    """One program per row of raw logits x [n, V]: lam = softcap(x) / T (cap * tanh(x / cap), if CAP).
+    Pass 1: max and first argmax. Pass 2: e = exp(lam - max), stored in e's dtype, with fp32 Z = sum e,
+    S = sum e (lam - max) and the sums of e over blocks of BS entries; entropy = log Z - S / Z."""
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = 1.0 / tl.load(temp_ptr + row)
+    xr = x_ptr + row * sx
+    best = tl.full((BV,), float("-inf"), tl.float32)                      # per-lane max and its index
+    where = tl.zeros((BV,), tl.int32)
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        lam = tl.load(xr + vs, mask=vs < V, other=0.0).to(tl.float32)
+        if CAP:   # cap * tanh(x / cap), tanh(y) = 2 sigmoid(2y) - 1
+            lam = cap * (2.0 * tl.sigmoid(lam * (2.0 / cap)) - 1.0)
+        lam = tl.where(vs < V, lam * inv_t, float("-inf"))
+        better = lam > best                                               # strict: the first index wins
+        best = tl.where(better, lam, best)
+        where = tl.where(better, vs, where)
+    mx = tl.max(best, axis=0)
+    tl.store(amax_ptr + row, tl.min(tl.where(best == mx, where, V), axis=0))
+    z = tl.zeros((BV,), tl.float32)
+    sl = tl.zeros((BV,), tl.float32)
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        lam = tl.load(xr + vs, mask=vs < V, other=0.0).to(tl.float32)
+        if CAP:
+            lam = cap * (2.0 * tl.sigmoid(lam * (2.0 / cap)) - 1.0)
+        d = lam * inv_t - mx                                              # lam - max <= 0
+        e = tl.where(vs < V, tl.exp(d), 0.0)
+        z += e
+        sl += tl.where(vs < V, e * d, 0.0)
+        tl.store(e_ptr + row * se + vs, e.to(e_ptr.dtype.element_ty), mask=vs < V)
+        bs = v0 // BS + tl.arange(0, BV // BS)
+        tl.store(bsum_ptr + row * sb + bs, tl.sum(tl.reshape(e, (BV // BS, BS)), axis=1),
+                 mask=bs * BS < V)
+    zt = tl.sum(z, axis=0)
+    tl.store(z_ptr + row, zt)
+    tl.store(ent_ptr + row, tl.log(zt) - tl.sum(sl, axis=0) / zt)
+
+
+# ---- the attention's q / k / v epilogue ----
+@triton.jit
+def norm_rope_head(src, dst, w_ptr, cs, sn, D, eps, WEIGHT: tl.constexpr, ROPE: tl.constexpr,
+                   BH: tl.constexpr):
+    """One head vector [D] at src -> dst: RMSNorm in fp32 (times w if WEIGHT), rounded to the input dtype as
+    the eager path does, then (ROPE) x cos + rotate_half(x) sin in fp32, rounded once."""
+    half = D // 2
+    i = tl.arange(0, BH)
+    m = i < half
+    a = tl.load(src + i, mask=m, other=0.0)                              # first half [BH]
+    b = tl.load(src + half + i, mask=m, other=0.0)                       # second half
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    r = 1.0 / tl.sqrt((tl.sum(af * af, axis=0) + tl.sum(bf * bf, axis=0)) / D + eps)
+    af, bf = af * r, bf * r
+    if WEIGHT:
+        af = af * tl.load(w_ptr + i, mask=m, other=0.0).to(tl.float32)
+        bf = bf * tl.load(w_ptr + half + i, mask=m, other=0.0).to(tl.float32)
+    af, bf = af.to(a.dtype).to(tl.float32), bf.to(b.dtype).to(tl.float32)
+    if ROPE:   # rotate_half(x) = [-x2, x1]
+        ca = tl.load(cs + i, mask=m, other=0.0).to(tl.float32)
+        cb = tl.load(cs + half + i, mask=m, other=0.0).to(tl.float32)
+        sa = tl.load(sn + i, mask=m, other=0.0).to(tl.float32)
+        sb = tl.load(sn + half + i, mask=m, other=0.0).to(tl.float32)
+        af, bf = af * ca - bf * sa, bf * cb + af * sb
+    tl.store(dst + i, af.to(dst.dtype.element_ty), mask=m)
+    tl.store(dst + half + i, bf.to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def norm_rope_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr,
+                     S, HQ, D, eps, sq, sk, sv, scb, scs, sqo, sko, svo,
+                     BH: tl.constexpr):
+    """Program (token t, head j): j < HQ normalises and ropes q head j; else kv head j - HQ: k normalised and
+    roped, v normalised without a weight (v_ptr may be k_ptr: full layers use the raw k as v)."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    cs = cos_ptr + (t // S) * scb + (t % S) * scs
+    sn = sin_ptr + (t // S) * scb + (t % S) * scs
+    if j < HQ:
+        norm_rope_head(q_ptr + t * sq + j * D, qo_ptr + t * sqo + j * D, wq_ptr, cs, sn, D, eps,
+                       True, True, BH)
+    else:
+        h = j - HQ
+        norm_rope_head(k_ptr + t * sk + h * D, ko_ptr + t * sko + h * D, wk_ptr, cs, sn, D, eps,
+                       True, True, BH)
+        norm_rope_head(v_ptr + t * sv + h * D, vo_ptr + t * svo + h * D, wk_ptr, cs, sn, D, eps,
+                       False, False, BH)
+
+
+# ---- the layer's norms, residual adds and router maths ----
+@triton.jit
+def inv_rms(x, H, eps):
+    """1 / sqrt(mean(x^2) + eps) of an fp32 row x (masked entries 0)."""
+    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+
+
+@triton.jit
+def rms_normed(x, w_ptr, c, m, H, eps):
+    """RMSNorm of an fp32 row x [BH] (masked entries 0) times the weight w [H] (columns c, mask m), in fp32."""
+    return x * inv_rms(x, H, eps) * tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def post_attention_kernel(h_ptr, a_ptr, w_pa_ptr, w1_ptr, w2_ptr, ws_ptr, r_ptr, x1_ptr, x2_ptr, z_ptr,
+                          H, eps, root, BH: tl.constexpr):
+    """Row t: r = h + norm(a; w_pa); then x1 = norm(r; w1), x2 = norm(r; w2), z = norm(r) * ws * root (the
+    router's input). Every norm in fp32; each value rounded to the row dtype where the eager ops round."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BH)
+    m = c < H
+    h = tl.load(h_ptr + t * H + c, mask=m, other=0.0)
+    dt = h.dtype
+    a = tl.load(a_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+    a = rms_normed(a, w_pa_ptr, c, m, H, eps).to(dt)
+    r = (h.to(tl.float32) + a.to(tl.float32)).to(dt).to(tl.float32)
+    n = r * inv_rms(r, H, eps)
+    tl.store(r_ptr + t * H + c, r.to(dt), mask=m)
+    tl.store(x1_ptr + t * H + c, (n * tl.load(w1_ptr + c, mask=m, other=0.0).to(tl.float32)).to(dt), mask=m)
+    tl.store(x2_ptr + t * H + c, (n * tl.load(w2_ptr + c, mask=m, other=0.0).to(tl.float32)).to(dt), mask=m)
+    z = (n.to(dt).to(tl.float32) * tl.load(ws_ptr + c, mask=m, other=0.0).to(tl.float32)).to(dt)
+    tl.store(z_ptr + t * H + c, (z.to(tl.float32) * root).to(dt), mask=m)
+
+
+@triton.jit
+def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, H, eps, BH: tl.constexpr):
+    """Row t: out = (r + norm(norm(m1; w1) + norm(m2; w2); w)) * s, norms in fp32, rounded as the eager ops round."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BH)
+    m = c < H
+    r = tl.load(r_ptr + t * H + c, mask=m, other=0.0)
+    dt = r.dtype
+    m1 = tl.load(m1_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+    m2 = tl.load(m2_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+    m1 = rms_normed(m1, w1_ptr, c, m, H, eps).to(dt)
+    m2 = rms_normed(m2, w2_ptr, c, m, H, eps).to(dt)
+    x = (m1.to(tl.float32) + m2.to(tl.float32)).to(dt).to(tl.float32)
+    x = rms_normed(x, w_ptr, c, m, H, eps).to(dt)
+    out = (r.to(tl.float32) + x.to(tl.float32)).to(dt)
+    tl.store(out_ptr + t * H + c, (out.to(tl.float32) * tl.load(s_ptr).to(tl.float32)).to(dt), mask=m)
+
+
+@triton.jit
+def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """Row t of router logits [T, E]: p = softmax (fp32), the K largest (first index on ties, in descending
+    order), w = p_top / sum(p_top) * per_expert_scale[idx]."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BE)
+    p = tl.load(x_ptr + t * E + c, mask=c < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(p - tl.max(p, axis=0))
+    p = p / tl.sum(p, axis=0)
+    slot = tl.arange(0, BK)
+    vals = tl.zeros((BK,), tl.float32)
+    ids = tl.zeros((BK,), tl.int32)
+    for i in tl.static_range(K):
+        best = tl.max(p, axis=0)
+        j = tl.min(tl.where(p == best, c, BE), axis=0)                   # first index of the max
+        vals = tl.where(slot == i, best, vals)
+        ids = tl.where(slot == i, j, ids)
+        p = tl.where(c == j, -1.0, p)
+    w = vals / tl.sum(vals, axis=0) * tl.load(pes_ptr + ids, mask=slot < K, other=0.0).to(tl.float32)
+    tl.store(w_ptr + t * K + slot, w, mask=slot < K)
+    tl.store(idx_ptr + t * K + slot, ids.to(tl.int64), mask=slot < K)

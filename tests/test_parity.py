@@ -113,6 +113,12 @@ def test_seeded_generate_early_stop_and_eos(tmp_path, scale, stab, conf, eos):
     o = m.generate(ids, seed=7, **kw)
     assert torch.equal(o.sequences, r.sequences)
     assert torch.allclose(o.tokens_per_forward, r.tokens_per_forward.float())
+    canvases = 48 // m.config.canvas_length
+    assert ((0 <= o.stop_fired) & (o.stop_fired <= canvases)).all()
+    if scale == 40 and stab == 0:              # confident at once: the rule ends every canvas a row denoises
+        assert (o.stop_fired >= 1).all() and (o.decoder_passes == o.stop_fired).all(), (o.stop_fired, o.decoder_passes)
+    off = m.generate(ids, seed=7, **{**kw, "confidence_threshold": None})
+    assert (off.stop_fired == 0).all() and (off.decoder_passes % 10 == 0).all()
 
 
 def test_bf16_no_worse_than_reference_bf16(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import graphs, sampling
+from . import graphs, kernels, sampling
 from .cache import KVCache
 from .config import SamplerConfig
 
@@ -30,6 +30,7 @@ class GenerateOutput:
     tokens_per_forward: torch.Tensor  # [B] non-pad new tokens / decoder passes of that row
     decoder_passes: torch.Tensor     # [B] decoder passes counted for each row
     cache: KVCache                   # encoder K/V of everything except the last canvas (for continuing)
+    stop_fired: torch.Tensor | None = None    # [B] canvases of each row on which the stable-and-confident rule fired
 
 
 def check_positions(cfg, context: int, new: int) -> None:
@@ -103,6 +104,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
 
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.int32, device=dev)
+    fired = torch.zeros(B, dtype=torch.int32, device=dev)
     noise = torch.empty(min(row_chunk, B * CL), V, device=dev) if sampler == "exact" else None
     if cuda_graphs is None:
         cuda_graphs = sampler == "fast" and model.graph_safe()
@@ -140,6 +142,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             canvas, argmax, soft = new_canvas, new_argmax, new_soft
             if stopper is not None and bool(frozen.all()):   # the only per-step host sync, and only if asked
                 break
+        if stopper is not None:
+            fired += frozen & ~finished                  # rows the rule stopped (rows done earlier: not counted)
         seq = torch.cat([seq, argmax], dim=1)
         finished = _finalize(seq, finished, CL, eos, s.pad_token_id, max_length)
         if on_canvas is not None:
@@ -148,7 +152,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             break
     new = seq[:, L:]
     n_valid = (new != s.pad_token_id).sum(-1) if s.pad_token_id is not None else torch.full_like(passes, new.shape[1])
-    return GenerateOutput(seq, n_valid / passes, passes, cache)
+    return GenerateOutput(seq, n_valid / passes, passes, cache, fired)
 
 
 def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor,
@@ -170,14 +174,18 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     B, C = canvas.shape
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens, model.embed_scale()
+    fused = exponentials is None and kernels.fused("sampler", h)
     parts = []
     for r in range(0, B * C, row_chunk):
-        logits = model.head(h[r:r + row_chunk])                                 # [rows, V] fp32
+        hr = h[r:r + row_chunk]                                                 # [rows, H]
         t = temp if temp.dim() == 0 else temp[r:r + row_chunk]
         if exponentials is not None:
-            parts.append(sampling.sample_rows(logits, t, exponentials(r, r + logits.shape[0]), emb, scale))
-        else:
-            parts.append(sampling.sample_rows(logits, t, None, emb, scale, uniform[r:r + row_chunk]))
+            parts.append(sampling.sample_rows(model.head(hr), t, exponentials(r, r + hr.shape[0]), emb, scale))
+        elif fused:   # one Triton kernel over the raw logits [rows, V] (sampling.fused_rows)
+            parts.append(sampling.fused_rows(emb.logits(hr), t, model.config.final_logit_softcapping,
+                                             uniform[r:r + row_chunk], emb, scale))
+        else:         # head: fp32 softcapped logits [rows, V]
+            parts.append(sampling.sample_rows(model.head(hr), t, None, emb, scale, uniform[r:r + row_chunk]))
     res = sampling.RowResult.cat(parts, B, C)
     accept = sampling.entropy_bound_accept(res.entropy, bound)
     renoise = renoise() if callable(renoise) else renoise

@@ -10,7 +10,8 @@ block-diffusion setting, and how to measure the continuations:
     repeated n-gram (longest token n-gram occurring twice, overlaps allowed, max over prompts), so that degenerate
     loops, which a self-scorer likes, cannot look good;
   * tokens per forward (new non-pad tokens / decoder passes, as generate reports it; AR is at most 1) and
-    tokens per second (new non-pad tokens / wall time of generation alone, one prompt at a time);
+    tokens per second (new non-pad tokens / wall time of generation alone, one prompt at a time), and the stop
+    rate (canvases on which the stable-and-confident rule fired / canvases denoised, from generate's stop_fired);
   * exact-match accuracy on seeded integer arithmetic and two-step word problems (first integer of the answer).
 Diffusion emits whole canvases; its continuations are cut to `max_new_tokens` before they are measured, so both
 decoders are judged on the same length.
@@ -35,7 +36,7 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]   # ids [1, T] -> next-token log
 
 # the keys of every entry of run_suite(...)["runs"]
 RUN_KEYS = ("name", "decoder", "perplexity", "distinct_1", "distinct_2", "longest_repeat", "tokens_per_forward",
-            "tokens_per_second", "task_accuracy", "mean_new_tokens", "samples")
+            "tokens_per_second", "task_accuracy", "mean_new_tokens", "stop_rate", "samples")
 SETTING_KEYS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max")
 
 # ---- perplexity ----------------------------------------------------------------------------------------------
@@ -308,15 +309,19 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
     pad = model.sampler_config.pad_token_id
     eos = _eos_ids(model)
 
+    C = model.config.canvas_length
+
     def decode_ar(ids: list[int], sd: int):
         out = model.generate_ar(torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=ar_temperature,
                                 seed=sd)
-        return out.sequences[0, len(ids):].tolist(), float(out.tokens_per_forward[0])
+        return out.sequences[0, len(ids):].tolist(), float(out.tokens_per_forward[0]), (0, 0)
 
     def decoder_for(s: dict):
         def decode(ids: list[int], sd: int):
             out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, seed=sd, sampler=sampler, **s)
-            return out.sequences[0, len(ids):].tolist(), float(out.tokens_per_forward[0])
+            new = out.sequences[0, len(ids):].tolist()
+            canvases = -(-max(1, sum(1 for t in new if t != pad)) // C)     # canvases run before the row finished
+            return new, float(out.tokens_per_forward[0]), (int(out.stop_fired[0]), canvases)
         return decode
 
     # warm-up (first-call allocations must not count against the first run's tokens/s)
@@ -329,11 +334,13 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
     results = []
     for name, info, decode in runs:
         ppl, d1, d2, rep, tpf, lens, samples = [], [], [], [], [], [], []
-        n_tok, secs = 0, 0.0
+        n_tok, secs, stops = 0, 0.0, [0, 0]
         for i, (label, ids) in enumerate(prompts):
             t0 = time.perf_counter()
-            new, tf = decode(ids, seed + i)
+            new, tf, (fired, canvases) = decode(ids, seed + i)
             secs += time.perf_counter() - t0
+            stops[0] += fired
+            stops[1] += canvases
             n_tok += sum(1 for t in new if t != pad)
             cont = _trim(new[:max_new_tokens], eos, pad)
             if text_scorer is not None:
@@ -353,7 +360,7 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
                 progress(name)
         correct = 0
         for j, (t, ids) in enumerate(zip(tasks, task_ids)):
-            new, _ = decode(ids, seed + 10_000 + j)
+            new, _, _ = decode(ids, seed + 10_000 + j)
             correct += score_answer(tok.decode(_trim(new[:max_new_tokens], eos, pad)), t.answer)
             if progress:
                 progress(name)
@@ -363,6 +370,7 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
                         "tokens_per_second": n_tok / secs if secs > 0 else float("nan"),
                         "task_accuracy": correct / len(tasks) if tasks else float("nan"),
                         "mean_new_tokens": sum(lens) / len(lens), "per_prompt_perplexity": ppl,
+                        "stop_rate": stops[0] / stops[1] if stops[1] else float("nan"),
                         "samples": samples})
     return {"max_new_tokens": max_new_tokens, "n_prompts": n_prompts, "n_tasks": n_tasks, "seed": seed,
             "ar_temperature": ar_temperature, "sampler": sampler, "task_kind": task_kind,
@@ -373,12 +381,13 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
 
 def format_table(results: dict) -> str:
     """The runs as a fixed-width text table."""
-    head = f"{'run':<40} {'ppl':>9} {'dist1':>6} {'dist2':>6} {'rep':>4} {'tok/fwd':>8} {'tok/s':>8} {'acc':>5}"
+    head = (f"{'run':<40} {'ppl':>9} {'dist1':>6} {'dist2':>6} {'rep':>4} {'tok/fwd':>8} {'tok/s':>8} {'stop':>5} "
+            f"{'acc':>5}")
     lines = [head, "-" * len(head)]
     for r in results["runs"]:
         lines.append(f"{r['name']:<40} {r['perplexity']:>9.2f} {r['distinct_1']:>6.3f} {r['distinct_2']:>6.3f} "
                      f"{r['longest_repeat']:>4d} {r['tokens_per_forward']:>8.2f} {r['tokens_per_second']:>8.1f} "
-                     f"{r['task_accuracy']:>5.2f}")
+                     f"{r.get('stop_rate', float('nan')):>5.2f} {r['task_accuracy']:>5.2f}")
     return "\n".join(lines)
 
 

@@ -1,16 +1,19 @@
 """Export a training run as the shipped default model (bf16, with tokenizer and a model card), then
-evaluate it with `dgemma eval` (held-out losses, and with --finetuned the text-quality suite) and write the
+evaluate it with `dgemma eval` (held-out losses, and after a fine-tuning stage the text-quality suite) and write the
 numbers into the card.
 
-    python scripts/export_default_model.py runs/default/checkpoint                # stage 1 (v1)
-    python scripts/export_default_model.py runs/default_ft/checkpoint --finetuned  # stage 2 (v2, shipped now)
+    python scripts/export_default_model.py runs/default/checkpoint                 # stage 1 (v1)
+    python scripts/export_default_model.py runs/default_ft/checkpoint --stage 2    # stage 2 (v2)
+    python scripts/export_default_model.py runs/default_c8/checkpoint --stage 3    # stage 3 (v3, shipped now)
 
-Stage 2 fine-tunes the exported stage-1 model; its card keeps the stage-1 sections of the card it replaces.
+Each later stage fine-tunes the export of the one before; its card keeps the training sections and the
+evaluation of the card it replaces.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,12 +30,33 @@ TRAIN_CMD = "STEPS=5000 scripts/train_default_model.sh   # = dgemma train --shap
             "--steps 5000 --batch-size 16 --lr 3e-3 --warmup 100 --seed 0 (see the script)"
 EVAL_CMD = ("dgemma eval --model src/dgemma/default_model --data " + " ".join(FILES) +
             " --batches 30 --prompts 16 --json eval.json")
-FT_CMD = ("FINETUNE_STEPS=3600 scripts/train_default_model.sh   # stage 2 = dgemma train --init-from "
-          "src/dgemma/default_model --all-canvases --context 16 --canvases 4 --steps 3600 --batch-size 16 --lr 1e-3 "
-          "--warmup 100 --seed 2 (after stage 1 and its export)")
+STAGES = {   # the fine-tuning stages: command, what it did, card text, and the generation settings it ships with
+    2: {"what": "fine-tuned with the all-canvases objective",
+        "cmd": "FINETUNE_STEPS=3600 scripts/train_default_model.sh   # stage 2 = dgemma train --init-from "
+               "src/dgemma/default_model --all-canvases --context 16 --canvases 4 --steps 3600 --batch-size 16 "
+               "--lr 1e-3 --warmup 100 --seed 2 (after stage 1 and its export)",
+        "text": "Starting from the exported stage-1 weights: every canvas of each sequence is noised with its own t "
+                "and scored in\none block-causal denoiser pass (four times the denoiser tokens per step of stage 1, "
+                "for 1.6x the time per step);\neverything else as in stage 1 but peak learning rate 1e-3. Validation "
+                "here scores every canvas, so its denoiser\ncolumn is not comparable with stage 1's (the `dgemma eval` "
+                "numbers below are).",
+        # chosen with the quality suite (docs/NOTES.md, "Diffusion text of the shipped model")
+        "sampler": {"max_denoising_steps": 32, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3},
+        "settings": "canvas 32, at most 32 steps, entropy bound 1.0, temperatures 0.3 to 0.1"},
+    3: {"what": "fine-tuned at canvas 8",
+        "cmd": "CANVAS8_STEPS=1200 scripts/train_default_model.sh   # stage 3 = dgemma train --init-from "
+               "src/dgemma/default_model --canvas-length 8 --all-canvases --context 16 --canvases 16 --steps 1200 "
+               "--batch-size 16 --lr 5e-4 --warmup 50 --seed 4 (after stage 2 and its export)",
+        "text": "Starting from the stage-2 weights (the shipped run: its fp32 checkpoint; the script: its bf16 "
+                "export), with the\ncanvas cut from 32 to 8 tokens (no weight depends on it): the all-canvases "
+                "objective over 16 context +\n16 canvases of 8 tokens (the same 144-token sequences), peak learning "
+                "rate 5e-4. Validation scores every canvas.",
+        # canvas, bound and temperatures chosen with the quality suite (docs/NOTES.md)
+        "sampler": {"max_denoising_steps": 8, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3},
+        "settings": "canvas 8, at most 8 steps, entropy bound 1.0, temperatures 0.3 to 0.1"},
+}
 QUALITY_CMD = "dgemma eval --quality --prompts 15 --tasks 0 --max-new-tokens 64 --out quality"
-# stage 2's generation settings, chosen with the quality suite (docs/NOTES.md, "Diffusion text of the shipped model")
-FT_SAMPLER = {"max_denoising_steps": 32, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3}
+V1_SETTINGS = "canvas 32, at most 32 steps, entropy bound 0.1, temperatures 0.8 to 0.4"
 
 
 def quality_table() -> str:
@@ -40,23 +64,38 @@ def quality_table() -> str:
     subprocess.run(QUALITY_CMD.split(), cwd=ROOT, capture_output=True, text=True, check=True)
     q = json.loads((ROOT / "quality" / "quality.json").read_text())
     shutil.rmtree(ROOT / "quality")
-    rows = ["| decoder | perplexity | distinct-1 / distinct-2 | longest repeat | tokens per forward |", "|---|---|---|---|---|"]
+    rows = ["| decoder | perplexity | distinct-1 / distinct-2 | longest repeat | tokens per forward | stop fired |",
+            "|---|---|---|---|---|---|"]
     for run in q["runs"]:
+        stop = "" if run["decoder"] == "ar" else f"{run['stop_rate']:.0%} of canvases"
         rows.append(f"| {run['name']} | {run['perplexity']:.0f} | {run['distinct_1']:.2f} / {run['distinct_2']:.2f} | "
-                    f"{run['longest_repeat']} | {run['tokens_per_forward']:.2f} |")
+                    f"{run['longest_repeat']} | {run['tokens_per_forward']:.2f} | {stop} |")
     return "\n".join(rows)
 
 
-def main(run_ckpt: str, finetuned: bool) -> None:
+def _previous_sections(old_card: str, stage: int) -> tuple[str, str]:
+    """(training, evaluation) sections of the card this export replaces, as subsections of the new card."""
+    body = old_card[old_card.index("## Training") + len("## Training"):old_card.index("## Evaluation")].strip()
+    if stage == 2:   # v1's card has a single training section
+        body = "### Stage 1: from scratch (v1)\n\n" + body
+    body = re.sub(r"\((?:this model|the previous shipped model), (v\d)\)", r"(\1)", body)
+    ev = old_card[old_card.index("## Evaluation"):].split("\nNumbers come from")[0]
+    ev = ev.replace("```\n" + EVAL_CMD + "\n```\n\n", "").replace("\n### ", "\n#### ")
+    settings = V1_SETTINGS if stage == 2 else STAGES[stage - 1]["settings"]
+    ev = ev.replace("## Evaluation (held-out split, fp32)",
+                    f"### The previous model (v{stage - 1}): same commands, its own settings ({settings})")
+    return body, ev.rstrip()
+
+
+def main(run_ckpt: str, stage: int) -> None:
     src = Path(run_ckpt)
     m = dgemma.load(src, dtype=torch.bfloat16, device="cpu")
-    m.sampler_config.max_new_tokens = 128       # four 32-token canvases: a quick demo by default
+    m.sampler_config.max_new_tokens = 128       # a quick demo by default
     m.sampler_config.max_denoising_steps = 32
-    if finetuned:
-        for k, v in FT_SAMPLER.items():
-            setattr(m.sampler_config, k, v)
+    for k, v in (STAGES[stage]["sampler"].items() if stage > 1 else ()):
+        setattr(m.sampler_config, k, v)
     state = json.loads((src / "trainer_state.json").read_text())
-    old_card = (DEST / "README.md").read_text() if finetuned else ""
+    old_card = (DEST / "README.md").read_text() if stage > 1 else ""
     dgemma.save(m, DEST, extra_files=_tokenizer_files(src))
     r = subprocess.run(EVAL_CMD.split(), cwd=ROOT, capture_output=True, text=True, check=True)
     ev = json.loads((ROOT / "eval.json").read_text())
@@ -70,34 +109,25 @@ def main(run_ckpt: str, finetuned: bool) -> None:
     head = "| step | train AR loss | train denoiser loss | val AR loss | val denoiser loss |\n|---|---|---|---|---|\n"
     size = sum(f.stat().st_size for f in DEST.glob('*.safetensors')) / 1e6
     tokens = state['step'] * 16 * 144 / 1e6
-    if finetuned:   # the stage-1 sections of the card this one replaces, kept for comparison
-        stage1 = old_card[old_card.index("## Training"):old_card.index("## Evaluation")].replace(
-            "## Training", "### Stage 1: from scratch (the previous shipped model, v1)")
-        v1_eval = old_card[old_card.index("## Evaluation"):].replace(
-            "## Evaluation (held-out split, fp32)",
-            "### The previous model (v1): same command, its own settings (entropy bound 0.1, temperatures 0.8 to 0.4)")
-        v1_eval = v1_eval.split("\nNumbers come from")[0].replace("```\n" + EVAL_CMD + "\n```\n\n", "")
-        trained = (f"trained from scratch by this repository's code on the CPU, then fine-tuned with the all-canvases "
-                   f"objective (stage 2, {tokens:.0f} M more tokens)")
+    trained = "trained from scratch by this repository's code on the CPU" + "".join(
+        f", then {STAGES[k]['what']} (stage {k})" for k in range(2, stage + 1))
+    if stage > 1:   # the sections of the card this one replaces, kept for comparison
+        before, previous_eval = _previous_sections(old_card, stage)
         training = f"""## Training
 
-{stage1.rstrip()}
+{before}
 
-### Stage 2: fine-tuned with the all-canvases objective (this model, v2)
+### Stage {stage}: {STAGES[stage]['what']} (this model, v{stage})
 
 ```
-{FT_CMD}
+{STAGES[stage]['cmd']}
 ```
 
-Starting from the exported stage-1 weights: every canvas of each sequence is noised with its own t and scored in
-one block-causal denoiser pass (four times the denoiser tokens per step of stage 1, for 1.6x the time per step);
-everything else as in stage 1 but peak learning rate 1e-3. Validation here scores every canvas, so its denoiser
-column is not comparable with stage 1's (the `dgemma eval` numbers below are).
+{STAGES[stage]['text']} {state['step']} steps, {tokens:.0f} M tokens.
 
 {head}{table}
 """
     else:
-        trained = "trained from scratch by this repository's code on the CPU"
         training = f"""## Training
 
 ```
@@ -140,17 +170,18 @@ Fetch and clean: `python scripts/fetch_corpus.py`. Validation = documents (parag
 | tokens per forward ({ev['max_denoising_steps']} steps max, seed 0, 2 canvases, 16 held-out prompts) | {ev['tokens_per_forward']:.2f} |
 | denoiser CE of the first canvas token, canvas fully noised (t = 1) / the encoder's on the same token | {ev['by_noise']['t=1/first']:.3f} / {ev['by_noise']['encoder_next']:.3f} |
 """
-    if finetuned:
+    if stage > 1:
         card += f"""
-{v1_eval.rstrip()}
+{previous_eval}
 
-Generated text (`{QUALITY_CMD}`: 15 fixed prompts, 64 new tokens, perplexity under the model's own encoder,
-geometric mean; AR at temperature 1; diffusion with the shipped settings: at most {FT_SAMPLER['max_denoising_steps']} steps
-per canvas, entropy bound {FT_SAMPLER['entropy_bound']}, temperatures {FT_SAMPLER['t_max']} down to {FT_SAMPLER['t_min']}):
+### Generated text (this model)
+
+`{QUALITY_CMD}`: 15 fixed prompts, 64 new tokens, perplexity under the model's own encoder, geometric mean; AR at
+temperature 1; diffusion with the shipped settings ({STAGES[stage]['settings']}):
 
 {quality_table()}
 
-Comparisons with the previous model at several settings: `docs/NOTES.md` ("Diffusion text of the shipped model").
+Comparisons at several settings: `docs/NOTES.md` ("Diffusion text of the shipped model").
 """
     card += """
 Numbers come from the commands above on the exported bf16 weights loaded in fp32; rerunning them reproduces them.
@@ -163,6 +194,7 @@ Numbers come from the commands above on the exported bf16 weights loaded in fp32
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", nargs="?", default="runs/default/checkpoint")
-    ap.add_argument("--finetuned", action="store_true", help="stage 2: fine-tuned from the shipped stage-1 model")
+    ap.add_argument("--stage", type=int, default=1, choices=(1, *STAGES),
+                    help="which training stage the checkpoint ends (2, 3: fine-tuned from the shipped model before)")
     a = ap.parse_args()
-    main(a.checkpoint, a.finetuned)
+    main(a.checkpoint, a.stage)

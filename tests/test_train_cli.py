@@ -52,11 +52,13 @@ def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch):
     # fine-tune on chats with a frozen router
     ft = tmp_path / "ft"
     assert main(["train", "--data", str(tmp_path / "chat.jsonl"), "--init-from", str(run / "checkpoint"),
-                 "--out", str(ft), "--context", "24", "--canvases", "2", "--steps", "4", "--batch-size", "4",
+                 "--out", str(ft), "--context", "24", "--canvases", "2", "--canvas-length", "4", "--steps", "4",
+                 "--batch-size", "4",
                  "--freeze-router", "--eval-every", "0", "--save-every", "4", "--val-percent", "0"]) == 0
     a, b = dgemma.load(run / "checkpoint"), dgemma.load(ft / "checkpoint")
     assert torch.equal(a.layers[0].router.proj.weight, b.layers[0].router.proj.weight)
     assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)
+    assert (a.config.canvas_length, b.config.canvas_length) == (8, 4)   # a fine-tune may change the canvas
 
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(run / "checkpoint"), "--data", str(tmp_path / "corpus.txt"), "--all",

@@ -6,6 +6,7 @@ train/data.py and the tokenizer. Does not know: the math.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def add_train(sub) -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--context", type=int, default=64, help="tokens of clean context before the canvases")
     p.add_argument("--canvases", type=int, default=2, help="canvases per training sequence")
-    p.add_argument("--canvas-length", type=int, help="override the shape's canvas length")
+    p.add_argument("--canvas-length", type=int, help="canvas length (default: the shape's, or --init-from's)")
     p.add_argument("--ar-weight", type=float, default=1.0)
     p.add_argument("--diffusion-weight", type=float, default=1.0)
     p.add_argument("--sc-prob", type=float, default=0.5, help="self-conditioning probability")
@@ -83,6 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_dir(tok_dir)
     if src is not None:
         mcfg = ModelConfig.from_dir(src)
+        if args.canvas_length:                        # the weights do not depend on it: fine-tune at another length
+            mcfg = dataclasses.replace(mcfg, canvas_length=args.canvas_length)
     else:
         over = {"vocab_size": tok.vocab_size}
         if args.canvas_length:

@@ -204,6 +204,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
         if model.quantization:
             raise TrainError(f"{init_from} holds quantized weights ({model.quantization.weights}), which cannot be "
                              "trained: fine-tune its unquantized checkpoint (and quantize the result)")
+        if model_cfg is not None:                   # a fine-tune may change the canvas length (no weight depends on it)
+            model.config.canvas_length = model_cfg.canvas_length
     else:
         if model_cfg is None:
             raise TrainError("a model config or --init-from is needed")

@@ -15,10 +15,10 @@ so a step that runs them can be captured in a CUDA graph.
     one write of e, instead of ~10 torch passes over fp32 [rows, V]. generate.denoise_step uses it (through
     sampling.fused_rows) with DGEMMA_FUSED=sampler.
   * `norm_rope`: the attention's q / k / v epilogue (RMSNorm of each head, RoPE on q and k, the weightless norm
-    of v) in one kernel instead of ~11 per layer; model.Attention uses it on CUDA with DGEMMA_FUSED=rope.
+    of v) in one kernel instead of 13 per layer; model.Attention uses it on CUDA with DGEMMA_FUSED=rope.
   * `post_attention`, `route`, `post_ffn`: the rest of a layer around its matmuls (post-attention norm and
     residual add, the three pre-norms, the router's softmax / top-k / renormalisation / expert scales, the
-    post-FFN norms, residual add and layer scalar) in three kernels instead of ~25; model.Layer uses them
+    post-FFN norms, residual add and layer scalar) in three kernels instead of 19; model.Layer uses them
     on CUDA with DGEMMA_FUSED=norms.
 Every fused kernel is opt-in (`fused(name)`, DGEMMA_FUSED=moe,sampler,rope,norms or all) until a GPU run has
 measured it.

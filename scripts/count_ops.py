@@ -1,0 +1,139 @@
+"""Count the work launches of one denoiser pass, one AR step and one sampler chunk, with and without the fused
+Triton kernels (DGEMMA_FUSED), on the CPU.
+
+What is counted: every aten operation that does work (views and allocations excluded), plus one per Triton kernel
+launch (Triton's interpreter runs them here; what happens inside a launch is not counted), and one per RMSNorm
+(one F.rms_norm kernel on CUDA, a chain of ops on the CPU). On a GPU each counted operation is about one kernel
+launch, so the counts estimate the kernels per step before and after fusing; they are not a GPU profile
+(scripts/gpu_profile.py measures that) and they say nothing about time. The experts' matmuls are left out: on the
+CPU they run as a loop over experts, on a GPU as grouped matmuls or kernels.moe, so their launch count here would
+not be the GPU's.
+
+Usage:  TRITON_INTERPRET=1 PYTHONPATH=src python scripts/count_ops.py [--shape small] [--layers 6]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dgemma import kernels, sampling
+from dgemma import model as model_module
+from dgemma.config import preset
+from dgemma.generate import denoise_step
+from dgemma.model import DiffusionGemma, Experts
+
+FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias"}
+
+
+class Launches(TorchDispatchMode):
+    """Counts the aten operations that do work while active and not paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops, self.paused = Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and not func.is_view and name not in FREE:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Counted:
+    """A Triton kernel whose launches count one each (the interpreter's own work inside is not counted)."""
+
+    def __init__(self, kernel, mode: Launches) -> None:
+        self.kernel, self.mode = kernel, mode
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.mode.ops["triton:" + self.kernel.fn.__name__] += 1
+            self.mode.paused += 1
+            try:
+                return self.kernel[grid](*args, **kw)
+            finally:
+                self.mode.paused -= 1
+        return launch
+
+
+def count(fn, mode: Launches) -> dict[str, int]:
+    """The launches of fn() (a fresh count)."""
+    mode.ops.clear()
+    with mode:
+        fn()
+    return dict(mode.ops)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="small")
+    ap.add_argument("--layers", type=int, default=6, help="layers (5 sliding + 1 full at 6)")
+    ap.add_argument("--batch", type=int, default=1)
+    a = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise SystemExit("run with TRITON_INTERPRET=1 (the fused kernels need Triton's interpreter on the CPU)")
+    cfg = preset(a.shape, num_hidden_layers=a.layers, layer_types=[])
+    model = DiffusionGemma(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
+    mode = Launches()
+    real = kernels._kernels()
+    proxy = type("K", (), {n: Counted(getattr(real, n), mode) for n in dir(real) if n.endswith("_kernel")})
+    kernels._kernels = lambda: proxy
+    experts_forward = Experts.forward
+
+    def experts_uncounted(self, *args):                  # the experts' matmul path differs on a GPU: left out
+        mode.paused += 1
+        try:
+            return experts_forward(self, *args)
+        finally:
+            mode.paused -= 1
+    Experts.forward = experts_uncounted
+    rms_norm = model_module.rms_norm
+
+    def rms_norm_once(*args):                            # one fused kernel on CUDA (F.rms_norm), ~8 ops here
+        mode.ops["rms_norm"] += 1
+        mode.paused += 1
+        try:
+            return rms_norm(*args)
+        finally:
+            mode.paused -= 1
+    model_module.rms_norm = rms_norm_once
+
+    B, C, V = a.batch, cfg.canvas_length, cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, V, (B, 40), generator=g)
+    canvas = torch.randint(0, V, (B, C), generator=g)
+    uniform, renoise = torch.rand(B * C, generator=g), torch.randint(0, V, (B, C), generator=g)
+    temp = torch.tensor(0.5)
+    out = {"shape": a.shape, "layers": a.layers, "batch": B, "canvas": C, "note": __doc__.split("\n\n")[1]}
+    for fused in ("", "rope", "norms", "rope,norms", "sampler", "all"):
+        os.environ["DGEMMA_FUSED"] = fused
+        with torch.inference_mode():
+            cache = model.new_cache(B, 40 + 2 * C)
+            model.encode(ids, cache)
+            den = count(lambda: model.denoise(canvas, cache), mode)
+            step = count(lambda: denoise_step(model, cache, canvas, None, temp, 1.0, sampling.rows_per_chunk(V),
+                                              uniform=uniform, renoise=renoise), mode)
+            ar = count(lambda: model.head(model.encode_step(ids[:, -1:], cache)[:, -1]), mode)
+        out[fused or "eager"] = {"denoiser_pass": sum(den.values()), "per_layer": sum(den.values()) / a.layers,
+                                 "denoising_step": sum(step.values()), "ar_step": sum(ar.values()),
+                                 "denoiser_pass_ops": den}
+        print(f"{fused or 'eager':>11}: denoiser pass {sum(den.values()):4d} ({sum(den.values()) / a.layers:.1f} per "
+              f"layer), denoising step {sum(step.values()):4d}, AR step {sum(ar.values()):4d}   (experts not counted)")
+    os.environ.pop("DGEMMA_FUSED")
+    path = os.path.join(os.environ.get("OUT", "bench_out"), "count_ops.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

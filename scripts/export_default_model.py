@@ -89,6 +89,11 @@ def _previous_sections(old_card: str, stage: int) -> tuple[str, str]:
 
 def main(run_ckpt: str, stage: int) -> None:
     src = Path(run_ckpt)
+    if stage > 1 and f"(this model, v{stage})" in (DEST / "README.md").read_text():
+        # the card would nest itself as "the previous model": a rerun of train_default_model.sh skips this export
+        print(f"{DEST} already holds the stage-{stage} export; to export again, first put the stage-{stage - 1} "
+              "model back (e.g. git checkout of src/dgemma/default_model)")
+        return
     m = dgemma.load(src, dtype=torch.bfloat16, device="cpu")
     m.sampler_config.max_new_tokens = 128       # a quick demo by default
     m.sampler_config.max_denoising_steps = 32

@@ -141,7 +141,7 @@ CASES = {
 def test_fused_moe_in_the_interpreter(cases):
     """kernels.moe (both kernels, the device-side blocks, masks on every edge) against an fp32 loop over experts."""
     r = subprocess.run([sys.executable, "-c", INTERPRETED, json.dumps(CASES[cases])], capture_output=True,
-                       text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+                       text=True, env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
@@ -254,7 +254,7 @@ def test_fused_sampler_rows_in_the_interpreter():
     model's seeded text with the fused sampler, and with every kernel that runs on the CPU, equals the torch
     path's."""
     r = subprocess.run([sys.executable, "-c", SAMPLER_INTERPRETED], capture_output=True, text=True,
-                       env={**os.environ, "TRITON_INTERPRET": "1"})
+                       env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
@@ -331,7 +331,7 @@ def test_fused_norm_rope_in_the_interpreter():
     """kernels.norm_rope against Attention.qkv's eager ops: sliding (own v) and full (v = raw k) layers, a head
     width whose half is not a power of two, positions shared and per row, fp32 and bf16; same shapes and strides."""
     r = subprocess.run([sys.executable, "-c", ROPE_INTERPRETED], capture_output=True, text=True,
-                       env={**os.environ, "TRITON_INTERPRET": "1"})
+                       env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
@@ -397,7 +397,7 @@ def test_fused_layer_norms_in_the_interpreter():
     against the eager ops in bf16; whole fp32 encoder and denoiser passes of a random model (norm weights and layer
     scalars random too) with the fused layer tail (DGEMMA_FUSED=norms, and with norm_rope) against the eager ops."""
     r = subprocess.run([sys.executable, "-c", LAYER_INTERPRETED], capture_output=True, text=True,
-                       env={**os.environ, "TRITON_INTERPRET": "1"})
+                       env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
@@ -408,6 +408,7 @@ def test_fused_layer_kernels_on_cuda(monkeypatch):
     kernel (DGEMMA_FUSED=all) stay close to the eager path's and to fp32, and a CUDA graph replays the fused
     static step exactly."""
     from dgemma.bench.worker import build
+    monkeypatch.delenv("DGEMMA_FUSED", raising=False)                # the eager runs below
     m = build({"shape": "26b-a4b", "device": "cuda", "dtype": "float32",
                "overrides": {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}})
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -425,7 +426,11 @@ def test_fused_layer_kernels_on_cuda(monkeypatch):
         monkeypatch.setenv("DGEMMA_FUSED", "all")
         cache = m.new_cache(2, 100 + C)
         m.encode(ids, cache)
+        calls = []
+        route = kernels.route
+        monkeypatch.setattr(kernels, "route", lambda *a: calls.append(1) or route(*a))
         fused = m.denoise(canvas, cache, static=True)
+        assert calls                                                  # the fused layer tail ran
         assert _rel(fused, want) < 3e-2 and _rel(eager, want) < 3e-2, (_rel(fused, want), _rel(eager, want))
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

@@ -16,7 +16,7 @@ TEXT = "\n\n".join(
                                 ["boat", "cart", "bird", "tree", "door"] * 40, ["mill", "bridge", "church"] * 67))
 
 
-def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch):
+def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     (tmp_path / "corpus.txt").write_text(TEXT)
     chats = [{"messages": [{"role": "user", "content": f"Where did the {n} walk?"},
@@ -59,6 +59,10 @@ def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch):
     assert torch.equal(a.layers[0].router.proj.weight, b.layers[0].router.proj.weight)
     assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)
     assert (a.config.canvas_length, b.config.canvas_length) == (8, 4)   # a fine-tune may change the canvas
+    # resuming it at another canvas length is refused (its sequences would be packed for the wrong length)
+    assert main(["train", "--data", str(tmp_path / "chat.jsonl"), "--out", str(ft), "--resume", "--steps", "6",
+                 "--canvas-length", "8", "--context", "24", "--canvases", "2", "--val-percent", "0"]) == 2
+    assert "trains canvases of 4 tokens, not 8" in capsys.readouterr().err
 
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(run / "checkpoint"), "--data", str(tmp_path / "corpus.txt"), "--all",

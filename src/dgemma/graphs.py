@@ -4,6 +4,8 @@ Knows: capturing a function of some input tensors once per key and replaying it.
 everything the captured kernels depend on besides the inputs: the shapes, and the addresses of the
 buffers the function reads or writes in place (the KV cache). Keys built from addresses let a graph
 serve a later call whose cache happens to reuse the same memory, and never a call whose cache does not.
+`run` adds the opt-in kernel choice (DGEMMA_FUSED, see kernels.fused) to every key itself: a graph replays the
+kernels it captured, so a changed choice must capture anew.
 Does not know: what the function computes. Off CUDA (or with `enabled=False`) it simply calls the
 function, so the same code path runs, and is tested, on the CPU.
 """
@@ -14,6 +16,8 @@ from collections import OrderedDict
 from typing import Callable, Hashable
 
 import torch
+
+from . import kernels
 
 
 def buffer_key(*tensors: torch.Tensor) -> tuple:
@@ -41,6 +45,7 @@ class StepGraphs:
     def run(self, key: Hashable, fn: Callable[..., tuple[torch.Tensor, ...]], *inputs: torch.Tensor):
         if not (self.enabled and self.capturable):
             return fn(*inputs)
+        key = (kernels.fused_choice(), key)
         entry = self.entries.get(key)
         if entry is None:                                   # warm-up: a real step, run eagerly
             side = torch.cuda.Stream()

@@ -47,12 +47,17 @@ def available() -> bool:
 FUSIBLE = ("moe", "sampler", "rope", "norms")
 
 
+def fused_choice() -> str:
+    """The opt-in kernel choice as set now (DGEMMA_FUSED), for keys of anything that captures a path."""
+    return os.environ.get("DGEMMA_FUSED", "")
+
+
 def fused(name: str, x: torch.Tensor) -> bool:
     """Kernel `name` (one of FUSIBLE) is wanted and can run on x's device: named in DGEMMA_FUSED
     (comma-separated, or "all"), Triton installed, and x on CUDA (or any device under Triton's interpreter).
     Every fused kernel is opt-in until a GPU run has measured it; read on every call, so one process can time
     both paths."""
-    want = os.environ.get("DGEMMA_FUSED", "")
+    want = fused_choice()
     names = FUSIBLE if want.strip() == "all" else [w.strip() for w in want.split(",")]
     return name in names and available() and (x.is_cuda or _interpreted())
 
@@ -199,7 +204,8 @@ def norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, wq: torc
         assert t.stride(1) == 1, "rows must be contiguous"
     cs, sn = cos.reshape(-1, S, D), sin.reshape(-1, S, D)                       # [1 or B, S, D]
     assert cs.stride(2) == 1 and cs.stride() == sn.stride()
-    qo, ko, vo = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)  # [B, S, H, D]
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)                   # [B, S, HQ, D] contiguous
+    ko, vo = (torch.empty(k.shape, dtype=k.dtype, device=k.device) for _ in range(2))   # [B, S, HKV, D]
     if B * S:
         kern.norm_rope_kernel[(B * S, HQ + HKV)](
             q2, k2, v2, wq, wk, cs, sn, qo, ko, vo, S, HQ, D, eps, q2.stride(0), k2.stride(0), v2.stride(0),

@@ -27,25 +27,26 @@ def qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, blk_e_ptr, blk_row_ptr, ends
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < K
-            a = tl.load(x_ptr + rows[:, None] * sxm + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
             wmask = kmask[:, None] & nmask[None, :]
             if INT4:
-                byte = tl.load(q_ptr + e * sqe + cols[None, :] * sqn + (ks // 2)[:, None], mask=wmask, other=0)
+                byte = tl.load(q_ptr + e.to(tl.int64) * sqe + cols[None, :] * sqn + (ks // 2)[:, None], mask=wmask, other=0)
                 code = (byte.to(tl.int32) >> ((ks % 2) * 4)[:, None]) & 15
-                soff = e * sse + cols[None, :] * ssn + (ks // G)[:, None]
+                soff = e.to(tl.int64) * sse + cols[None, :] * ssn + (ks // G)[:, None]
                 s = tl.load(s_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
                 w = (code.to(tl.float32) - 8.0) * s + z
             else:
-                w = tl.load(q_ptr + e * sqe + cols[None, :] * sqn + ks[:, None], mask=wmask, other=0.0)
+                w = tl.load(q_ptr + e.to(tl.int64) * sqe + cols[None, :] * sqn + ks[:, None], mask=wmask, other=0.0)
                 w = w.to(tl.float32)
             if F32DOT:   # fp32 inputs, or the interpreter (whose bf16 dot is wrong)
                 acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")   # not TF32
             else:        # tensor cores: codes dequantized to the activation dtype
                 acc += tl.dot(a, w.to(a.dtype))
         if not INT4:   # one scale per output row of the weight: applied once, after the sum
-            acc = acc * tl.load(s_ptr + e * sse + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * som + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+            acc = acc * tl.load(s_ptr + e.to(tl.int64) * sse + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * som + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
 

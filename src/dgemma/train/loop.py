@@ -199,6 +199,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
         raise TrainError(f"--resume: no checkpoint in {out}")
     if resume:
         model = load(ckpt, device=dev, dtype=torch.float32)
+        if model_cfg is not None and model_cfg.canvas_length != model.config.canvas_length:
+            raise TrainError(f"--resume: the run in {out} trains canvases of {model.config.canvas_length} tokens, "
+                             f"not {model_cfg.canvas_length}")
     elif init_from:
         model = load(init_from, device=dev, dtype=torch.float32)
         if model.quantization:

@@ -320,7 +320,7 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
         def decode(ids: list[int], sd: int):
             out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, seed=sd, sampler=sampler, **s)
             new = out.sequences[0, len(ids):].tolist()
-            canvases = -(-max(1, sum(1 for t in new if t != pad)) // C)     # canvases run before the row finished
+            canvases = len(new) // C         # one row: generate stops at the canvas where it finished
             return new, float(out.tokens_per_forward[0]), (int(out.stop_fired[0]), canvases)
         return decode
 

@@ -11,7 +11,8 @@
 #      (transformers 5.23, built from the same shape on the GPU) when it can be imported.
 # If transformers 5.23 is not installed there, put its wheel in .whl/ (see docs/NOTES.md).
 # Usage on the device machine:  bash scripts/gpu_bench.sh  [PROFILE=0 to skip step 2; FUSED=all (or a list such as
-#                               moe,rope): bench with those fused kernels]   (results land in $OUT or bench_out/)
+#                               moe,rope): bench with those fused kernels; FUSED=compare: the default bench, then
+#                               dgemma-fast and AR again with every fused kernel (about 2 minutes more)]   (results land in $OUT or bench_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench_out}
@@ -30,7 +31,15 @@ if [ "${PROFILE:-1}" != 0 ]; then      # PROFILE=0 skips the diagnostics
   tail -70 "$OUTDIR/profile_log.txt"
 fi
 export DGEMMA_FUSED=${FUSED:-}
+[ "$DGEMMA_FUSED" = compare ] && export DGEMMA_FUSED=
 for B in 1 32; do
   timeout 240 python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch "$B" --steps 16 \
     --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,engine,ar,reference --out "$OUTDIR/b$B" 2>&1 | grep -v "bench:" | tail -12
 done
+if [ "${FUSED:-}" = compare ]; then   # the same weights with every fused kernel, after the default path
+  for B in 1 32; do
+    DGEMMA_FUSED=all timeout 200 python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 \
+      --batch "$B" --steps 16 --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,ar --out "$OUTDIR/b${B}_fused" \
+      2>&1 | grep -v "bench:" | tail -8
+  done
+fi

@@ -133,6 +133,7 @@ def test_run_suite_smoke():
     assert d["t_min"] == model.sampler_config.t_min
     assert len(res["tasks"]) == 2 and "steps=2" in q.format_table(res)
     assert math.isnan(ar["stop_rate"]) and 0 <= d["stop_rate"] <= 1
+    assert ar["perplexity_vs_ar"] == 1 and d["perplexity_vs_ar"] == pytest.approx(d["perplexity"] / ar["perplexity"])
     with pytest.raises(ValueError, match="unknown diffusion setting"):
         q.run_suite(model, tok, [{"steps": 2}], n_prompts=1, n_tasks=0, max_new_tokens=4)
 

@@ -5,7 +5,8 @@ block-diffusion setting, and how to measure the continuations:
   * perplexity of the continuation given its prompt under a scorer (default: the model's own causal encoder,
     `model.encoder_logits`; or `TextScorer`, any causal LM folder transformers loads, scoring the text);
     scoring stops at the first EOS (the EOS itself is scored, pad never is). The
-    suite reports the geometric mean over prompts of the per-prompt perplexities (each prompt weighs the same);
+    suite reports the geometric mean over prompts of the per-prompt perplexities (each prompt weighs the same),
+    and each run's ratio to the AR run's (`perplexity_vs_ar`: the "diffusion within 1.5x of AR" measure);
   * distinct-1/2 (unique n-grams / n-grams of one continuation, token ids, averaged over prompts) and the longest
     repeated n-gram (longest token n-gram occurring twice, overlaps allowed, max over prompts), so that degenerate
     loops, which a self-scorer likes, cannot look good;
@@ -35,8 +36,8 @@ import torch
 Scorer = Callable[[torch.Tensor], torch.Tensor]   # ids [1, T] -> next-token logits [1, T, V]
 
 # the keys of every entry of run_suite(...)["runs"]
-RUN_KEYS = ("name", "decoder", "perplexity", "distinct_1", "distinct_2", "longest_repeat", "tokens_per_forward",
-            "tokens_per_second", "task_accuracy", "mean_new_tokens", "stop_rate", "samples")
+RUN_KEYS = ("name", "decoder", "perplexity", "perplexity_vs_ar", "distinct_1", "distinct_2", "longest_repeat",
+            "tokens_per_forward", "tokens_per_second", "task_accuracy", "mean_new_tokens", "stop_rate", "samples")
 SETTING_KEYS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max")
 
 # ---- perplexity ----------------------------------------------------------------------------------------------
@@ -372,6 +373,8 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
                         "mean_new_tokens": sum(lens) / len(lens), "per_prompt_perplexity": ppl,
                         "stop_rate": stops[0] / stops[1] if stops[1] else float("nan"),
                         "samples": samples})
+    for r in results:   # the goal's measure: each decoder's perplexity over the AR reference's (AR runs first)
+        r["perplexity_vs_ar"] = r["perplexity"] / results[0]["perplexity"]
     return {"max_new_tokens": max_new_tokens, "n_prompts": n_prompts, "n_tasks": n_tasks, "seed": seed,
             "ar_temperature": ar_temperature, "sampler": sampler, "task_kind": task_kind,
             "perplexity_mean": "geometric mean over prompts of exp(mean NLL) under " + (
@@ -381,11 +384,12 @@ def run_suite(model, tok, settings_list: list[dict], *, ar_temperature: float = 
 
 def format_table(results: dict) -> str:
     """The runs as a fixed-width text table."""
-    head = (f"{'run':<40} {'ppl':>9} {'dist1':>6} {'dist2':>6} {'rep':>4} {'tok/fwd':>8} {'tok/s':>8} {'stop':>5} "
-            f"{'acc':>5}")
+    head = (f"{'run':<40} {'ppl':>9} {'vs AR':>6} {'dist1':>6} {'dist2':>6} {'rep':>4} {'tok/fwd':>8} {'tok/s':>8} "
+            f"{'stop':>5} {'acc':>5}")
     lines = [head, "-" * len(head)]
     for r in results["runs"]:
-        lines.append(f"{r['name']:<40} {r['perplexity']:>9.2f} {r['distinct_1']:>6.3f} {r['distinct_2']:>6.3f} "
+        lines.append(f"{r['name']:<40} {r['perplexity']:>9.2f} {r.get('perplexity_vs_ar', float('nan')):>5.2f}x "
+                     f"{r['distinct_1']:>6.3f} {r['distinct_2']:>6.3f} "
                      f"{r['longest_repeat']:>4d} {r['tokens_per_forward']:>8.2f} {r['tokens_per_second']:>8.1f} "
                      f"{r.get('stop_rate', float('nan')):>5.2f} {r['task_accuracy']:>5.2f}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ Usage:  TRITON_INTERPRET=1 PYTHONPATH=src python scripts/count_ops.py [--shape s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections import Counter
@@ -37,6 +38,15 @@ class Launches(TorchDispatchMode):
         super().__init__()
         self.ops, self.paused = Counter(), 0
 
+    @contextlib.contextmanager
+    def pause(self):
+        """Count nothing inside (work counted as one launch by the caller, or left out)."""
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if not self.paused and not func.is_view and name not in FREE:
@@ -53,11 +63,8 @@ class Counted:
     def __getitem__(self, grid):
         def launch(*args, **kw):
             self.mode.ops["triton:" + self.kernel.fn.__name__] += 1
-            self.mode.paused += 1
-            try:
+            with self.mode.pause():
                 return self.kernel[grid](*args, **kw)
-            finally:
-                self.mode.paused -= 1
         return launch
 
 
@@ -89,21 +96,15 @@ def main() -> None:
     experts_forward = Experts.forward
 
     def experts_uncounted(self, *args):                  # the experts' matmul path differs on a GPU: left out
-        mode.paused += 1
-        try:
+        with mode.pause():
             return experts_forward(self, *args)
-        finally:
-            mode.paused -= 1
     Experts.forward = experts_uncounted
     rms_norm = model_module.rms_norm
 
     def rms_norm_once(*args):                            # one fused kernel on CUDA (F.rms_norm), ~8 ops here
         mode.ops["rms_norm"] += 1
-        mode.paused += 1
-        try:
+        with mode.pause():
             return rms_norm(*args)
-        finally:
-            mode.paused -= 1
     model_module.rms_norm = rms_norm_once
 
     B, C, V = a.batch, cfg.canvas_length, cfg.vocab_size

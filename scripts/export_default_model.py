@@ -89,7 +89,8 @@ def _previous_sections(old_card: str, stage: int) -> tuple[str, str]:
 
 def main(run_ckpt: str, stage: int) -> None:
     src = Path(run_ckpt)
-    if stage > 1 and f"(this model, v{stage})" in (DEST / "README.md").read_text():
+    old_card = (DEST / "README.md").read_text() if stage > 1 else ""
+    if f"(this model, v{stage})" in old_card:
         # the card would nest itself as "the previous model": a rerun of train_default_model.sh skips this export
         print(f"{DEST} already holds the stage-{stage} export; to export again, first put the stage-{stage - 1} "
               "model back (e.g. git checkout of src/dgemma/default_model)")
@@ -100,7 +101,6 @@ def main(run_ckpt: str, stage: int) -> None:
     for k, v in (STAGES[stage]["sampler"].items() if stage > 1 else ()):
         setattr(m.sampler_config, k, v)
     state = json.loads((src / "trainer_state.json").read_text())
-    old_card = (DEST / "README.md").read_text() if stage > 1 else ""
     dgemma.save(m, DEST, extra_files=_tokenizer_files(src))
     r = subprocess.run(EVAL_CMD.split(), cwd=ROOT, capture_output=True, text=True, check=True)
     ev = json.loads((ROOT / "eval.json").read_text())

@@ -62,6 +62,11 @@ def fused(name: str, x: torch.Tensor) -> bool:
     return name in names and available() and (x.is_cuda or _interpreted())
 
 
+def _pow2(n: int) -> int:
+    """The block width for n entries: the next power of two, at least 16."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -210,15 +215,11 @@ def norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, wq: torc
         kern.norm_rope_kernel[(B * S, HQ + HKV)](
             q2, k2, v2, wq, wk, cs, sn, qo, ko, vo, S, HQ, D, eps, q2.stride(0), k2.stride(0), v2.stride(0),
             cs.stride(0) if cs.shape[0] > 1 else 0, cs.stride(1), HQ * D, HKV * D, HKV * D,
-            BH=max(16, 1 << (D // 2 - 1).bit_length()))
+            BH=_pow2(D // 2))
     return qo.transpose(1, 2), ko.transpose(1, 2), vo.transpose(1, 2)
 
 
 # ---- the layer's norms, residual adds and router maths ------------------------------------------------------
-def _pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
 def post_attention(h: torch.Tensor, a: torch.Tensor, w_pa: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                    w_router: torch.Tensor, root: float, eps: float) -> tuple[torch.Tensor, ...]:
     """After the attention's output projection a [.., H], for residual h [.., H], in one kernel:

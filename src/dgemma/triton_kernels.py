@@ -202,6 +202,13 @@ def norm_rope_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_p
 
 # ---- the layer's norms, residual adds and router maths ----
 @triton.jit
+def row_offsets(H, BH: tl.constexpr):
+    """This program's row of a contiguous [rows, H] tensor: element offsets [BH], columns [BH] and their mask."""
+    c = tl.arange(0, BH)
+    return tl.program_id(0).to(tl.int64) * H + c, c, c < H
+
+
+@triton.jit
 def inv_rms(x, H, eps):
     """1 / sqrt(mean(x^2) + eps) of an fp32 row x (masked entries 0)."""
     return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
@@ -218,38 +225,34 @@ def post_attention_kernel(h_ptr, a_ptr, w_pa_ptr, w1_ptr, w2_ptr, ws_ptr, r_ptr,
                           H, eps, root, BH: tl.constexpr):
     """Row t: r = h + norm(a; w_pa); then x1 = norm(r; w1), x2 = norm(r; w2), z = norm(r) * ws * root (the
     router's input). Every norm in fp32; each value rounded to the row dtype where the eager ops round."""
-    t = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BH)
-    m = c < H
-    h = tl.load(h_ptr + t * H + c, mask=m, other=0.0)
+    o, c, m = row_offsets(H, BH)
+    h = tl.load(h_ptr + o, mask=m, other=0.0)
     dt = h.dtype
-    a = tl.load(a_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + o, mask=m, other=0.0).to(tl.float32)
     a = rms_normed(a, w_pa_ptr, c, m, H, eps).to(dt)
     r = (h.to(tl.float32) + a.to(tl.float32)).to(dt).to(tl.float32)
     n = r * inv_rms(r, H, eps)
-    tl.store(r_ptr + t * H + c, r.to(dt), mask=m)
-    tl.store(x1_ptr + t * H + c, (n * tl.load(w1_ptr + c, mask=m, other=0.0).to(tl.float32)).to(dt), mask=m)
-    tl.store(x2_ptr + t * H + c, (n * tl.load(w2_ptr + c, mask=m, other=0.0).to(tl.float32)).to(dt), mask=m)
+    tl.store(r_ptr + o, r.to(dt), mask=m)
+    tl.store(x1_ptr + o, (n * tl.load(w1_ptr + c, mask=m, other=0.0).to(tl.float32)).to(dt), mask=m)
+    tl.store(x2_ptr + o, (n * tl.load(w2_ptr + c, mask=m, other=0.0).to(tl.float32)).to(dt), mask=m)
     z = (n.to(dt).to(tl.float32) * tl.load(ws_ptr + c, mask=m, other=0.0).to(tl.float32)).to(dt)
-    tl.store(z_ptr + t * H + c, (z.to(tl.float32) * root).to(dt), mask=m)
+    tl.store(z_ptr + o, (z.to(tl.float32) * root).to(dt), mask=m)
 
 
 @triton.jit
 def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, H, eps, BH: tl.constexpr):
     """Row t: out = (r + norm(norm(m1; w1) + norm(m2; w2); w)) * s, norms in fp32, rounded as the eager ops round."""
-    t = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BH)
-    m = c < H
-    r = tl.load(r_ptr + t * H + c, mask=m, other=0.0)
+    o, c, m = row_offsets(H, BH)
+    r = tl.load(r_ptr + o, mask=m, other=0.0)
     dt = r.dtype
-    m1 = tl.load(m1_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
-    m2 = tl.load(m2_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+    m1 = tl.load(m1_ptr + o, mask=m, other=0.0).to(tl.float32)
+    m2 = tl.load(m2_ptr + o, mask=m, other=0.0).to(tl.float32)
     m1 = rms_normed(m1, w1_ptr, c, m, H, eps).to(dt)
     m2 = rms_normed(m2, w2_ptr, c, m, H, eps).to(dt)
     x = (m1.to(tl.float32) + m2.to(tl.float32)).to(dt).to(tl.float32)
     x = rms_normed(x, w_ptr, c, m, H, eps).to(dt)
     out = (r.to(tl.float32) + x.to(tl.float32)).to(dt)
-    tl.store(out_ptr + t * H + c, (out.to(tl.float32) * tl.load(s_ptr).to(tl.float32)).to(dt), mask=m)
+    tl.store(out_ptr + o, (out.to(tl.float32) * tl.load(s_ptr).to(tl.float32)).to(dt), mask=m)
 
 
 @triton.jit

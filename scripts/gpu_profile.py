@@ -145,6 +145,10 @@ def main() -> None:
             ys[mode] = layer.experts(x, w, idx).float()
             r[f"{mode}_experts_forward_T{T}_ms"] = timed(lambda: layer.experts(x, w, idx))
         r[f"experts_fused_vs_torch_T{T}_rel_err"] = float((ys["fused"] - ys["torch"]).norm() / ys["torch"].norm())
+    if kernels.available():   # the tiles triton.autotune chose per (width, depth, rows per block)
+        tk = kernels._kernels()
+        r["moe_autotuned"] = {f"{name} {key}": str(cfg) for name in ("gate_up_kernel", "down_kernel")
+                              for key, cfg in getattr(tk, name).cache.items()}
     hh = torch.randn(rc, H, device="cuda", dtype=m.dtype, generator=g)
     r["head_chunk_ms"] = timed(lambda: m.head(hh))
     lg = m.head(hh)

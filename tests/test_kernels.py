@@ -86,6 +86,23 @@ def test_cpu_experts_forward_is_unchanged(dtype, H, I):
     assert torch.equal(out, want)
 
 
+@pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
+def test_moe_tile_choices(monkeypatch):
+    """On a GPU the MoE kernels autotune over tiles that include the untuned default and narrow column tiles
+    for decoding; the interpreter and DGEMMA_AUTOTUNE=0 get the default alone (importing the kernels module
+    compiles nothing)."""
+    from dgemma import triton_kernels as tk
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DGEMMA_AUTOTUNE", raising=False)
+    tiles = [(c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in tk.moe_configs()]
+    assert (64, 64, 4, 3) in tiles and {16, 32, 64, 128} == {t[0] for t in tiles}
+    assert len(set(tiles)) == len(tiles)
+    for env, value in (("DGEMMA_AUTOTUNE", "0"), ("TRITON_INTERPRET", "1")):
+        monkeypatch.setenv(env, value)
+        assert [(c.kwargs, c.num_warps) for c in tk.moe_configs()] == [({"BN": 64, "BK": 64}, 4)]
+        monkeypatch.delenv(env)
+
+
 # Run by Triton's interpreter in a fresh process (the interpreter must be on before triton is first imported).
 # argv: JSON list of cases [E, H, I, T, k, block_m or null, dtype, counts or null]; counts fixes how many of the
 # T*k slots each expert gets (else routing is random).

@@ -138,6 +138,8 @@ def moe(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch
     xs [M, H]; gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I) up); down [E, H, I]; offs [E] each expert's group
     end in xs; w_slot [M] each row's routing weight. -> y [M, H] in xs's dtype,
         y_r = w_r * down_e(gelu_tanh(gate_e xs_r) * up_e xs_r)   for row r of expert e.
+    Tiles: rows per block by moe_block_rows (or block_m, for tests), the rest autotuned on the GPU at first use
+    (triton_kernels.moe_configs; DGEMMA_AUTOTUNE=0 pins the default).
     Numerics: fp32 accumulation; gelu_tanh(gate) * up in fp32, rounded once to xs's dtype as h [M, I]; the
     down projection's fp32 sum is multiplied by the fp32 weight and rounded once (torch._grouped_mm rounds the
     projections and the GELU product separately, then multiplies the rounded y by w: not bit-identical).
@@ -153,17 +155,17 @@ def moe(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch
     xs, gate_up, down = xs.contiguous(), gate_up.contiguous(), down.contiguous()   # no-ops for parameters
     ends = offs.to(device=xs.device, dtype=torch.int32)                          # [E]
     BM = block_m or moe_block_rows(M, E)
-    BN, BK = 64, 64                       # untuned (as are num_warps and the stages): pick on a GPU run
-    warps = 4 if BM <= 64 else 8
     blk_e, blk_row = _blocks(ends, M, BM)                                        # [nb], [nb]
+    nb = blk_e.shape[0]
     f32dot = xs.dtype == torch.float32 or _interpreted()
     h = torch.empty(M, I, dtype=xs.dtype, device=xs.device)                      # [M, I]
-    k.gate_up_kernel[(blk_e.shape[0], -(-I // BN))](
+    # BN, BK, warps and stages: triton.autotune picks them per (width, depth, BM) on first use (moe_configs)
+    k.gate_up_kernel[lambda meta: (nb, -(-I // meta["BN"]))](
         xs, gate_up, h, blk_e, blk_row, ends, I, H, E, xs.stride(0), gate_up.stride(0), gate_up.stride(1),
-        h.stride(0), F32DOT=f32dot, BM=BM, BN=BN, BK=BK, num_warps=warps)
-    k.down_kernel[(blk_e.shape[0], -(-H // BN))](
+        h.stride(0), F32DOT=f32dot, BM=BM)
+    k.down_kernel[lambda meta: (nb, -(-H // meta["BN"]))](
         h, down, w_slot.contiguous(), y, blk_e, blk_row, ends, H, I, E, h.stride(0), down.stride(0),
-        down.stride(1), y.stride(0), F32DOT=f32dot, BM=BM, BN=BN, BK=BK, num_warps=warps)
+        down.stride(1), y.stride(0), F32DOT=f32dot, BM=BM)
     return y
 
 

@@ -2,8 +2,23 @@
 interpreter too). Imported only by kernels.py, on first use: importing dgemma never imports triton.
 Knows: the tile maths. Does not know: shapes, launch grids, when a kernel is used (kernels.py).
 """
+import os
+
 import triton
 import triton.language as tl
+
+
+def moe_configs() -> list[triton.Config]:
+    """The tile shapes the MoE kernels choose from (triton.autotune, once per (N, K, BM) on first use, on the GPU
+    at hand): output-column tiles BN, reduction tiles BK, warps and pipeline stages. BN 16 / 32 give a decoding
+    step (one to a few rows per expert, ~100 tiles of BN 64 for 132 SMs) more programs to stream its weights
+    with, as split-K would, without a second pass. Under Triton's interpreter, or with DGEMMA_AUTOTUNE=0, only
+    the untuned default (BN 64, BK 64, 4 warps): nothing to time there, and one config is what tests check."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DGEMMA_AUTOTUNE") == "0":
+        return [triton.Config({"BN": 64, "BK": 64}, num_warps=4)]
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+            for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)
+            if not (bn <= 32 and w == 8)]
 
 
 @triton.jit
@@ -51,6 +66,7 @@ def qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, blk_e_ptr, blk_row_ptr, ends
 
 
 # ---- the unquantized MoE MLP ----
+@triton.autotune(configs=moe_configs(), key=["I", "K", "BM"])
 @triton.jit
 def gate_up_kernel(x_ptr, w_ptr, h_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, I, K, E, sxm, swe, swn, shm,
                    F32DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -84,6 +100,7 @@ def gate_up_kernel(x_ptr, w_ptr, h_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, I, K, 
                  mask=rmask[:, None] & nmask[None, :])
 
 
+@triton.autotune(configs=moe_configs(), key=["N", "K", "BM"])
 @triton.jit
 def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, N, K, E, shm, swe, swn, sym,
                 F32DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):

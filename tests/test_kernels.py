@@ -260,6 +260,17 @@ for fused in ("", "sampler", "all"):        # (on the CPU "all" adds norm_rope a
     used = {n for n in calls if calls[n] > before[n]}
     assert used == {"": set(), "sampler": {"sampler_rows"}, "all": set(calls)}[fused], (fused, used)
 assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), outs
+# chunks: the fused sampler takes 4x the rows per chunk by default, and its text does not depend on the chunking
+from dgemma.generate import default_row_chunk
+os.environ["DGEMMA_FUSED"] = "sampler"
+V = model.config.vocab_size
+assert default_row_chunk(model, "fast") == 4 * default_row_chunk(model, "exact") == 4 * sampling.rows_per_chunk(V)
+os.environ["DGEMMA_FUSED"] = ""
+assert default_row_chunk(model, "fast") == sampling.rows_per_chunk(V)
+os.environ["DGEMMA_FUSED"] = "sampler"
+whole, chunked = (model.generate(ids, max_new_tokens=16, sampler="fast", seed=3, row_chunk=rc).sequences
+                  for rc in (None, 3))
+assert torch.equal(chunked, whole), (chunked, whole)
 print("ok")
 """
 
@@ -269,7 +280,7 @@ def test_fused_sampler_rows_in_the_interpreter():
     """kernels.sampler_rows + sampling.fused_rows against the torch fast sampler on the softcapped fp32 logits:
     the same argmax (first index on ties), samples, entropies and soft embeddings up to rounding; and the shipped
     model's seeded text with the fused sampler, and with every kernel that runs on the CPU, equals the torch
-    path's."""
+    path's, also with the fused sampler in chunks of 3 rows (its default chunks are 4x the torch sampler's)."""
     r = subprocess.run([sys.executable, "-c", SAMPLER_INTERPRETED], capture_output=True, text=True,
                        env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

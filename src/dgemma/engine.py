@@ -29,7 +29,7 @@ import torch
 from . import graphs, sampling
 from .cache import KVCache
 from .config import SamplerConfig
-from .generate import _UNSET, check_positions, denoise_step, resolve_settings
+from .generate import _UNSET, check_positions, default_row_chunk, denoise_step, resolve_settings
 from .prefix import PrefixStore
 
 SETTINGS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
@@ -129,7 +129,7 @@ class Engine:
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
         self.model, self.max_batch, self.sampler = model, max_batch, sampler
         # canvas rows per sampler chunk: whole requests, so each request's draws stay together
-        self.row_chunk = max(1, (row_chunk or sampling.rows_per_chunk(self.V)) // self.C) * self.C
+        self.row_chunk = max(1, (row_chunk or default_row_chunk(model, sampler)) // self.C) * self.C
         self.cache = model.new_cache(max_batch, 1024)
         self.cache.n = 0
         self.rows: list[_Row] = []

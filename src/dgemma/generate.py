@@ -83,7 +83,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         raise ValueError("generate needs at least one prompt token")
     cfg, dev = model.config, model.device
     CL, V = cfg.canvas_length, cfg.vocab_size
-    row_chunk = row_chunk or sampling.rows_per_chunk(V)
+    row_chunk = row_chunk or default_row_chunk(model, sampler)
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
     n_canvas = math.ceil(s.max_new_tokens / CL)
     if cache is None:
@@ -153,6 +153,13 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     new = seq[:, L:]
     n_valid = (new != s.pad_token_id).sum(-1) if s.pad_token_id is not None else torch.full_like(passes, new.shape[1])
     return GenerateOutput(seq, n_valid / passes, passes, cache, fired)
+
+
+def default_row_chunk(model, sampler: str) -> int:
+    """Canvas rows per sampler chunk when the caller names none: sampling.rows_per_chunk, with the fused
+    kernel's larger chunks where denoise_step will use it (the fast sampler with DGEMMA_FUSED=sampler)."""
+    fused = sampler == "fast" and kernels.fused("sampler", torch.empty(0, device=model.device))
+    return sampling.rows_per_chunk(model.config.vocab_size, fused)
 
 
 def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor,

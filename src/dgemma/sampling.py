@@ -44,11 +44,15 @@ def entropy(lam: torch.Tensor) -> torch.Tensor:
 
 
 CHUNK_ELEMENTS = 1 << 26   # logits per sampler chunk: ~256 MB per fp32 [rows, V] buffer
+FUSED_CHUNK_FACTOR = 4     # the fused kernel's chunks: 4x the rows in less memory (rows_per_chunk)
 
 
-def rows_per_chunk(vocab: int) -> int:
-    """Canvas rows the sampler handles at once for a vocabulary of `vocab` tokens."""
-    return max(1, CHUNK_ELEMENTS // vocab)
+def rows_per_chunk(vocab: int, fused: bool = False) -> int:
+    """Canvas rows the sampler handles at once for a vocabulary of `vocab` tokens. The torch sampler keeps about
+    six fp32 [rows, V] buffers alive (~1.5 GB per chunk); the fused kernel (fused_rows) keeps two 2-byte ones
+    (bf16 logits and e), so it takes FUSED_CHUNK_FACTOR x the rows in less memory, and each chunk's two reads of
+    the embedding (head, self-conditioning) serve that many more rows."""
+    return max(1, CHUNK_ELEMENTS * (FUSED_CHUNK_FACTOR if fused else 1) // vocab)
 
 
 @dataclass

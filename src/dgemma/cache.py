@@ -2,8 +2,9 @@
 
 Knows: where each layer's keys/values live, which slots are valid (padding), which position each slot
 holds, and the attention masks that follow. Sliding layers keep a ring of the last W-1 positions
-(slot = position % (W-1)); full layers keep every position (slot = position) up to a capacity that grows
-on demand. Every layer buffer has `scratch` slots behind the cached part: the denoiser writes the
+(slot = position % (W-1)); their K and V buffers are views of one stacked tensor, so a one-token step commits
+every sliding layer's new token in one scatter. Full layers keep every position (slot = position) up to a
+capacity that grows on demand. Every layer buffer has `scratch` slots behind the cached part: the denoiser writes the
 canvas K/V there, so a denoising step attends over one slice and allocates nothing.
 Rows may hold different lengths (the engine batches requests of different ages); only rows [:n] take
 part in a pass, so finished rows cost nothing once the engine compacts them away.
@@ -31,11 +32,21 @@ class KVCache:
         self.batch = batch                          # rows allocated
         self.n = batch                              # rows taking part in passes: [:n]
         self.lengths = [0] * batch                  # positions encoded per row (host ints: no syncs)
+        # sliding layers' K and V: views of one [2, layers, B, Hkv, ring + scratch, D] buffer (they share their
+        # shape), so that end_step moves every sliding layer's new token into its ring in one scatter
+        sliding = [i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i)]
+        self.sliding = torch.zeros((2, len(sliding), batch, cfg.layer_kv_heads(sliding[0]), self.ring + self.scratch,
+                                    cfg.layer_head_dim(sliding[0])), device=self.device, dtype=dtype) \
+            if sliding else None
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for i in range(cfg.num_hidden_layers):
-            slots = (self.ring if cfg.is_sliding(i) else self.capacity) + self.scratch
-            shape = (batch, cfg.layer_kv_heads(i), slots, cfg.layer_head_dim(i))
+            if cfg.is_sliding(i):
+                j = sliding.index(i)
+                self.k.append(self.sliding[0, j])
+                self.v.append(self.sliding[1, j])
+                continue
+            shape = (batch, cfg.layer_kv_heads(i), self.capacity + self.scratch, cfg.layer_head_dim(i))
             self.k.append(torch.zeros(shape, device=self.device, dtype=dtype))
             self.v.append(torch.zeros(shape, device=self.device, dtype=dtype))
         dev = self.device
@@ -284,11 +295,10 @@ class KVCache:
         half (`lengths`) is `advance_host`, kept apart so a captured graph can replay this one."""
         n, pos = self.n, self._plan["pos"]
         slot = (pos % self.ring)[:, None]                                               # [n, 1]
-        for i in range(self.cfg.num_hidden_layers):
-            if self.cfg.is_sliding(i):
-                for buf in (self.k[i], self.v[i]):
-                    idx = slot[:, None, :, None].expand(n, buf.shape[1], 1, buf.shape[3])
-                    buf[:n].scatter_(2, idx, buf[:n, :, self.ring:self.ring + 1].clone())
+        if self.sliding is not None:   # every sliding layer's K and V at once: [2, layers, n, Hkv, slots, D]
+            s = self.sliding[:, :, :n]
+            idx = slot.view(1, 1, n, 1, 1, 1).expand(*s.shape[:4], 1, s.shape[5])
+            s.scatter_(4, idx, s[..., self.ring:self.ring + 1, :].clone())
         self.ring_pos[:n].scatter_(1, slot, pos[:, None].clone())
         self.ring_valid[:n].scatter_(1, slot, True)
         self.lens_dev[:n] += 1

@@ -246,10 +246,21 @@ for n, V, cap, dt, per_row, edt in [(7, 3000, 30.0, "float32", False, "float32")
     ref_e = (lam - lam.max(-1, keepdim=True).values).exp()
     assert torch.allclose(e, ref_e, rtol=1e-4, atol=1e-6) and bsum.shape == (n, -(-V // 256))   # tanh rounding
     assert torch.allclose(bsum.sum(-1), z, rtol=1e-5) and torch.allclose(z, ref_e.sum(-1), rtol=1e-5)
+    # the draw kernel = two_level_search on the same block sums and e, also at u = 0 and u just below 1
+    r64 = torch.arange(64) % n
+    x64, t64 = raw[r64], temp.reshape(-1).expand(n).float()[r64]
+    u64 = torch.cat([torch.tensor([0.0, 1 - 2 ** -24]), torch.rand(62, generator=g)])
+    amax, _, _, e, bsum = kernels.sampler_rows(x64, t64, cap, 256, torch.float32)
+    got_ids = kernels.sample_search(x64, t64, cap, amax, bsum, u64, 256)
+    blocks = torch.nn.functional.pad(e, (0, bsum.shape[1] * 256 - V)).view(64, -1, 256)
+    want_ids, _ = sampling.two_level_search(bsum, u64, lambda b: blocks.gather(1, b[:, :, None].expand(64, 1, 256))[:, 0])
+    assert torch.equal(got_ids, want_ids), (got_ids, want_ids)
+    assert bool((e.gather(1, got_ids[:, None]) > 0).all())            # never a zero-probability token
 # the whole generate loop with the fast sampler: the same text with the kernel as with torch ops
 path = dgemma.default_model_path()
 model, ids = dgemma.load(path), [dgemma.load_tokenizer(path).encode_prompt("The river")]
-outs, calls = [], {n: 0 for n in ("sampler_rows", "norm_rope", "post_attention", "route", "post_ffn")}
+outs, calls = [], {n: 0 for n in ("sampler_rows", "sample_search", "norm_rope", "post_attention", "route",
+                                  "post_ffn")}
 for name in calls:                                                            # count the kernels' launches
     setattr(kernels, name, (lambda f, n: lambda *a, **k: calls.__setitem__(n, calls[n] + 1) or f(*a, **k))(
         getattr(kernels, name), name))
@@ -258,7 +269,7 @@ for fused in ("", "sampler", "all"):        # (on the CPU "all" adds norm_rope a
     before = dict(calls)
     outs.append(model.generate(ids, max_new_tokens=64, sampler="fast", seed=3).sequences)
     used = {n for n in calls if calls[n] > before[n]}
-    assert used == {"": set(), "sampler": {"sampler_rows"}, "all": set(calls)}[fused], (fused, used)
+    assert used == {"": set(), "sampler": {"sampler_rows", "sample_search"}, "all": set(calls)}[fused], (fused, used)
 assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), outs
 # chunks: the fused sampler takes 4x the rows per chunk by default, and its text does not depend on the chunking
 from dgemma.generate import default_row_chunk

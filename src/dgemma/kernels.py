@@ -12,8 +12,9 @@ so a step that runs them can be captured in a CUDA graph.
     otherwise.
   * `sampler_rows`: the fast sampler's pass over a chunk of raw head logits (softcap, temperature, max / argmax,
     exp, normaliser, entropy, block sums for the inverse-CDF draw) in one kernel: two reads of the logits and
-    one write of e, instead of ~10 torch passes over fp32 [rows, V]. generate.denoise_step uses it (through
-    sampling.fused_rows) with DGEMMA_FUSED=sampler.
+    one write of e, instead of ~10 torch passes over fp32 [rows, V]; then `sample_search`, the inverse-CDF
+    draw from its block sums, in one more (instead of ~25 small torch ops). generate.denoise_step uses them
+    (through sampling.fused_rows) with DGEMMA_FUSED=sampler.
   * `norm_rope`: the attention's q / k / v epilogue (RMSNorm of each head, RoPE on q and k, the weightless norm
     of v) in one kernel instead of 13 per layer; model.Attention uses it on CUDA with DGEMMA_FUSED=rope.
   * `post_attention`, `route`, `post_ffn`: the rest of a layer around its matmuls (post-attention norm and
@@ -192,6 +193,21 @@ def sampler_rows(x: torch.Tensor, temp: torch.Tensor, cap: float | None, block: 
         k.sampler_rows_kernel[(n,)](x, temp.float().contiguous(), e, amax, z, ent, bsum, V, x.stride(0), e.stride(0),
                              bsum.stride(0), float(cap or 1.0), CAP=bool(cap), BV=BV, BS=block, num_warps=8)
     return amax.long(), z, ent, e, bsum
+
+
+def sample_search(x: torch.Tensor, temp: torch.Tensor, cap: float | None, amax: torch.Tensor, bsum: torch.Tensor,
+                  u: torch.Tensor, block: int) -> torch.Tensor:
+    """The draw of sampling.two_level_search in one kernel, from sampler_rows' outputs: raw logits x [n, V],
+    temperatures temp [n] fp32, argmax [n], block sums bsum [n, nb] (blocks of `block` entries), uniforms u [n]
+    -> sampled ids [n] int64 (the same formulas: cumulative block sums, then one block's e recomputed from x)."""
+    n, V = x.shape
+    nb = bsum.shape[1]
+    out = torch.empty(n, dtype=torch.int32, device=x.device)
+    if n:
+        _kernels().sample_search_kernel[(n,)](
+            x.contiguous(), temp.float().contiguous(), amax.contiguous(), bsum.contiguous(), u.float().contiguous(),
+            out, V, nb, x.stride(0), bsum.stride(0), float(cap or 1.0), CAP=bool(cap), NB=_pow2(nb), BS=block)
+    return out.long()
 
 
 # ---- the attention's q / k / v epilogue ---------------------------------------------------------------------

@@ -154,27 +154,15 @@ def fused_rows(raw: torch.Tensor, temp: torch.Tensor, cap: float | None, uniform
     """The fast sampler (`_fast_rows`) on the head's raw logits [n, V], before the softcap, with the logits read
     twice and e written once, by one Triton kernel (kernels.sampler_rows; CUDA with DGEMMA_FUSED=sampler, or
     Triton's interpreter in tests), instead of ~10 passes of torch ops over fp32 [n, V] tensors. e is stored in
-    the embedding's dtype, which is what the self-conditioning matmul reads; the sample searches the kernel's
-    fp32 block sums, then one block's e recomputed in fp32 from the raw logits. Same outputs as
+    the embedding's dtype, which is what the self-conditioning matmul reads; a second kernel
+    (kernels.sample_search) draws the sample as two_level_search does: the first kernel's fp32 block sums,
+    then one block's e recomputed in fp32 from the raw logits. Same outputs as
     sample_rows(head(raw), temp, uniform=...) up to rounding."""
     from . import kernels
-    n, V = raw.shape
-    t = temp.to(device=raw.device, dtype=torch.float32).reshape(-1).expand(n)   # [n]
-    amax, _, ent, e, bsum = kernels.sampler_rows(raw, t, cap, INVERSE_CDF_BLOCK,
+    t = temp.to(device=raw.device, dtype=torch.float32).reshape(-1).expand(raw.shape[0])   # [n]
+    amax, z, ent, e, bsum = kernels.sampler_rows(raw, t, cap, INVERSE_CDF_BLOCK,
                                                   torch.float32 if embedding is None else embedding.dtype)
-    inv_t = 1.0 / t[:, None]                                                     # [n, 1]
-
-    def lam(x: torch.Tensor) -> torch.Tensor:                                    # the kernel's formula, in torch
-        x = x.float()
-        return (cap * (2.0 * torch.sigmoid(x * (2.0 / cap)) - 1.0) if cap else x) * inv_t
-
-    top = lam(raw.gather(1, amax[:, None]))                                      # [n, 1] max lam
-
-    def block_of(b: torch.Tensor) -> torch.Tensor:                               # [n, 1] -> e of that block
-        cols = b * INVERSE_CDF_BLOCK + torch.arange(INVERSE_CDF_BLOCK, device=raw.device)    # [n, block]
-        return torch.where(cols < V, (lam(raw.gather(1, cols.clamp(max=V - 1))) - top).exp(), 0.0)
-
-    sample, z = two_level_search(bsum, uniform.to(raw.device), block_of)
+    sample = kernels.sample_search(raw, t, cap, amax, bsum, uniform.to(raw.device), INVERSE_CDF_BLOCK)
     soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
     return RowResult(sample, amax, ent, soft)
 

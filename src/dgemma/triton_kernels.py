@@ -127,6 +127,21 @@ def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, N
 
 # ---- the fast sampler's pass over a chunk of logits ----
 @triton.jit
+def scaled_logits(x, inv_t, cap, CAP: tl.constexpr):
+    """lam = softcap(x) / T in fp32: cap * tanh(x / cap), written tanh(y) = 2 sigmoid(2y) - 1, if CAP."""
+    x = x.to(tl.float32)
+    if CAP:
+        x = cap * (2.0 * tl.sigmoid(x * (2.0 / cap)) - 1.0)
+    return x * inv_t
+
+
+@triton.jit
+def below(x):
+    """The largest fp32 smaller than x (x > 0): one step down in the bit pattern, as torch.nextafter(x, 0)."""
+    return (x.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def sampler_rows_kernel(x_ptr, temp_ptr, e_ptr, amax_ptr, z_ptr, ent_ptr, bsum_ptr, V, sx, se, sb, cap,
                         CAP: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr):
     """One program per row of raw logits x [n, V]: lam = softcap(x) / T (cap * tanh(x / cap), if CAP).
@@ -139,10 +154,8 @@ def sampler_rows_kernel(x_ptr, temp_ptr, e_ptr, amax_ptr, z_ptr, ent_ptr, bsum_p
     where = tl.zeros((BV,), tl.int32)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        lam = tl.load(xr + vs, mask=vs < V, other=0.0).to(tl.float32)
-        if CAP:   # cap * tanh(x / cap), tanh(y) = 2 sigmoid(2y) - 1
-            lam = cap * (2.0 * tl.sigmoid(lam * (2.0 / cap)) - 1.0)
-        lam = tl.where(vs < V, lam * inv_t, float("-inf"))
+        lam = scaled_logits(tl.load(xr + vs, mask=vs < V, other=0.0), inv_t, cap, CAP)
+        lam = tl.where(vs < V, lam, float("-inf"))
         better = lam > best                                               # strict: the first index wins
         best = tl.where(better, lam, best)
         where = tl.where(better, vs, where)
@@ -152,10 +165,7 @@ def sampler_rows_kernel(x_ptr, temp_ptr, e_ptr, amax_ptr, z_ptr, ent_ptr, bsum_p
     sl = tl.zeros((BV,), tl.float32)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        lam = tl.load(xr + vs, mask=vs < V, other=0.0).to(tl.float32)
-        if CAP:
-            lam = cap * (2.0 * tl.sigmoid(lam * (2.0 / cap)) - 1.0)
-        d = lam * inv_t - mx                                              # lam - max <= 0
+        d = scaled_logits(tl.load(xr + vs, mask=vs < V, other=0.0), inv_t, cap, CAP) - mx   # lam - max <= 0
         e = tl.where(vs < V, tl.exp(d), 0.0)
         z += e
         sl += tl.where(vs < V, e * d, 0.0)
@@ -166,6 +176,31 @@ def sampler_rows_kernel(x_ptr, temp_ptr, e_ptr, amax_ptr, z_ptr, ent_ptr, bsum_p
     zt = tl.sum(z, axis=0)
     tl.store(z_ptr + row, zt)
     tl.store(ent_ptr + row, tl.log(zt) - tl.sum(sl, axis=0) / zt)
+
+
+@triton.jit
+def sample_search_kernel(x_ptr, temp_ptr, amax_ptr, bsum_ptr, u_ptr, out_ptr, V, nb, sx, sb, cap,
+                         CAP: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr):
+    """One program per row: the inverse-CDF draw of sampling.two_level_search from sampler_rows_kernel's block
+    sums. Cumulative block sums find the block holding t = u Z (kept below Z), then that block's e, recomputed
+    from the raw logits x as exp(lam - lam[argmax]), finds the entry (searchsorted right=True: the count of
+    cumulative sums <= the target)."""
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = 1.0 / tl.load(temp_ptr + row)
+    bi = tl.arange(0, NB)
+    cb = tl.cumsum(tl.load(bsum_ptr + row * sb + bi, mask=bi < nb, other=0.0), axis=0)   # [NB]
+    z = tl.sum(tl.where(bi == nb - 1, cb, 0.0), axis=0)
+    t = tl.minimum(tl.load(u_ptr + row) * z, below(z))
+    b = tl.sum(((cb <= t) & (bi < nb)).to(tl.int32), axis=0)                  # the target's block
+    before = tl.sum(tl.where(bi == b - 1, cb, 0.0), axis=0)
+    xr = x_ptr + row * sx
+    top = scaled_logits(tl.load(xr + tl.load(amax_ptr + row)), inv_t, cap, CAP)
+    cols = b * BS + tl.arange(0, BS)
+    lam = scaled_logits(tl.load(xr + cols, mask=cols < V, other=0.0), inv_t, cap, CAP)
+    inner = tl.cumsum(tl.where(cols < V, tl.exp(lam - top), 0.0), axis=0)    # [BS]
+    last = tl.sum(tl.where(tl.arange(0, BS) == BS - 1, inner, 0.0), axis=0)
+    t_in = tl.minimum(tl.maximum(t - before, 0.0), below(last))
+    tl.store(out_ptr + row, b * BS + tl.sum((inner <= t_in).to(tl.int32), axis=0))
 
 
 # ---- the attention's q / k / v epilogue ----

@@ -200,3 +200,17 @@ def test_cli_quality_with_an_independent_scorer(uniform_scorer_dir, tmp_path, ca
     assert all(r["perplexity"] == pytest.approx(V, rel=1e-4) for r in res["runs"])
     assert main(["eval", "--quality", "--scorer", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_text_scorer_from_a_dgemma_checkpoint():
+    """Another DiffusionGemma checkpoint scores text with its causal encoder: the same perplexity as the native
+    scorer gives the same tokens."""
+    path = dgemma.default_model_path()
+    s = q.TextScorer(path)
+    model, tok = dgemma.load(path, dtype=torch.float32), dgemma.load_tokenizer(path)
+    prompt, cont = "The old house", " stood empty for years."
+    p, full = tok.encode(prompt, add_special_tokens=True), tok.encode(prompt + cont, add_special_tokens=True)
+    k = next(i for i, (a, b) in enumerate(zip(p, full)) if a != b) if full[:len(p)] != p else len(p)
+    want = q.perplexity(model, full[:k], full[k:])
+    assert 1 < want < model.config.vocab_size
+    assert s.perplexity(prompt, cont) == pytest.approx(want, rel=1e-5)

@@ -152,8 +152,9 @@ def add_eval(sub) -> None:
     q.add_argument("--tasks", type=int, default=8, help="seeded arithmetic / word problems (0 = none)")
     q.add_argument("--ar-temperature", type=float, default=1.0, help="AR reference sampling temperature (0 = greedy)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--scorer", metavar="FOLDER", help="score text with this causal LM (a local transformers folder "
-                   "with its tokenizer) instead of the model's own encoder; needs transformers")
+    q.add_argument("--scorer", metavar="FOLDER", help="score text with this causal LM instead of the model's own "
+                   "encoder: a local transformers folder with its tokenizer (needs transformers), or another "
+                   "DiffusionGemma checkpoint (its encoder: one fixed scorer for several models)")
     q.add_argument("--out", help="folder for quality.json and quality.png (created if missing)")
     p.set_defaults(func=run_eval)
 

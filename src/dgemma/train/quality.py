@@ -89,45 +89,58 @@ def perplexity(model, prompt_ids: Sequence[int], cont_ids: Sequence[int], scorer
 
 
 class TextScorer:
-    """An independent scorer: a causal LM in a local transformers folder (config, weights, tokenizer; e.g. a
-    small GPT-2 or Llama), loaded with transformers (an optional extra). It scores text, so it does not need the
-    model's tokenizer: perplexity of the continuation's own tokens given the prompt's."""
+    """An independent scorer: a causal LM in a local folder, scoring text, so it does not need the model's
+    tokenizer: perplexity of the continuation's own tokens given the prompt's. Either a transformers causal LM
+    (config, weights, tokenizer; e.g. a small GPT-2 or Llama; transformers is an optional extra), or another
+    DiffusionGemma checkpoint, whose causal encoder scores (one fixed scorer for several models' text, instead of
+    each model scoring itself)."""
 
     def __init__(self, path: str, device: str = "cpu") -> None:
+        import json
         from pathlib import Path
         if not Path(path).is_dir():
-            raise ValueError(f"scorer {path!r} is not a folder (a transformers causal LM with its tokenizer)")
+            raise ValueError(f"scorer {path!r} is not a folder (a causal LM with its tokenizer)")
+        self.device, self.name = device, path
+        cfg = Path(path) / "config.json"
+        if cfg.is_file() and str(json.loads(cfg.read_text()).get("model_type", "")).startswith("diffusion_gemma"):
+            import dgemma
+            model = dgemma.load(path, dtype=torch.float32, device=device)
+            tok = dgemma.load_tokenizer(path)
+            self.encode = lambda text: tok.encode(text, add_special_tokens=True)
+            self.logits, self.bos = model.encoder_logits, tok.bos_token_id
+            return
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
             raise ValueError("an independent scorer needs transformers: pip install transformers") from None
         try:
-            self.tok = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"scorer {path!r} could not be loaded as a transformers causal LM: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        self.device, self.name = device, path
+        self.encode = lambda text: tok(text)["input_ids"]
+        self.logits, self.bos = (lambda ids: model(ids).logits), tok.bos_token_id
 
     @torch.inference_mode()
     def perplexity(self, prompt: str, cont: str) -> float:
         """exp(mean NLL) of the tokens `prompt + cont` has beyond those it shares with `prompt` alone (a token
         that straddles the boundary is scored as continuation); nan for an empty continuation."""
-        p, full = self.tok(prompt)["input_ids"], self.tok(prompt + cont)["input_ids"]
+        p, full = self.encode(prompt), self.encode(prompt + cont)
         k = 0
         while k < min(len(p), len(full)) and p[k] == full[k]:
             k += 1
         if not cont or k >= len(full):
             return float("nan")
         if k == 0:                        # the first scored token needs a context: the scorer's BOS, if it has one
-            if self.tok.bos_token_id is None:
+            if self.bos is None:
                 return float("nan") if len(full) == 1 else self._score(full, 1)
-            full, k = [self.tok.bos_token_id] + full, 1
+            full, k = [self.bos] + full, 1
         return self._score(full, k)
 
     def _score(self, full: list[int], k: int) -> float:
         ids = torch.tensor([full], device=self.device)
-        logp = torch.log_softmax(self.model(ids).logits[0, k - 1:-1].float(), dim=-1)
+        logp = torch.log_softmax(self.logits(ids)[0, k - 1:-1].float(), dim=-1)
         nll = -logp.gather(1, ids[0, k:, None]).mean()
         return float(torch.exp(nll))
 

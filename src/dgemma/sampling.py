@@ -159,7 +159,7 @@ def fused_rows(raw: torch.Tensor, temp: torch.Tensor, cap: float | None, uniform
     then one block's e recomputed in fp32 from the raw logits. Same outputs as
     sample_rows(head(raw), temp, uniform=...) up to rounding."""
     from . import kernels
-    t = temp.to(device=raw.device, dtype=torch.float32).reshape(-1).expand(raw.shape[0])   # [n]
+    t = temp.to(device=raw.device, dtype=torch.float32).reshape(-1).expand(raw.shape[0]).contiguous()   # [n]
     amax, z, ent, e, bsum = kernels.sampler_rows(raw, t, cap, INVERSE_CDF_BLOCK,
                                                   torch.float32 if embedding is None else embedding.dtype)
     sample = kernels.sample_search(raw, t, cap, amax, bsum, uniform.to(raw.device), INVERSE_CDF_BLOCK)

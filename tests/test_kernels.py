@@ -374,6 +374,64 @@ def test_fused_norm_rope_in_the_interpreter():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+KV_SLOTS_INTERPRETED = r"""
+import os, torch
+from dgemma.cache import KVCache
+from dgemma.config import preset
+from dgemma.model import DiffusionGemma
+
+g = torch.Generator().manual_seed(0)
+cfg = preset("small", vocab_size=512, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+             canvas_length=8, sliding_window=6)
+model = DiffusionGemma(cfg)
+with torch.no_grad():
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (p.dim() == 1))
+ids = torch.randint(3, 512, (2, 9), generator=g)
+canvas = torch.randint(3, 512, (2, 8), generator=g)
+real, written = KVCache.kv_slots, []
+
+def run(fused, slots):
+    os.environ["DGEMMA_FUSED"] = fused
+    KVCache.kv_slots = (lambda self, i: written.append(i) or real(self, i)) if slots else (lambda self, i: None)
+    out = []
+    with torch.inference_mode():
+        for static in (False, True):
+            cache = model.new_cache(2, 32)
+            model.encode(ids, cache)
+            model.encode(ids[:1, :3], cache, rows=[0])     # rows 9 and 12 long: per-row slots (masked plans)
+            for uneven in (False, True):
+                if not uneven:
+                    cache.n = 1                             # one row: the unmasked dynamic plan
+                out += [model.denoise(canvas[:cache.n], cache, None, static=static)]
+                out += [model.encode_step(canvas[:cache.n, :1], cache)]   # sliding scratch slot + full slot pos
+                cache.advance_host()
+                out += [t.clone() for t in cache.k + cache.v]
+                cache.n = 2
+    return out
+
+want = run("", False)
+plain = run("rope", False)
+assert not written
+got = run("rope", True)
+assert len(written) == 16, len(written)                   # 2 layers x (denoise + step) x 2 plans x 2 modes
+for a, b, c in zip(got, plain, want):
+    assert torch.equal(a, b), float((a - b).abs().max())   # the same values land in the same slots
+    assert float((a - c).abs().max()) < 1e-4
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
+def test_norm_rope_writes_kv_into_the_cache_in_the_interpreter():
+    """With DGEMMA_FUSED=rope the q/k/v kernel writes the new K/V straight into the cache's slots (KVCache.kv_slots)
+    for denoiser passes (unmasked and per-row plans, dynamic and static) and one-token steps: hidden states and
+    every cache buffer equal those of the same kernel writing its own buffers then copied, and the eager path's."""
+    r = subprocess.run([sys.executable, "-c", KV_SLOTS_INTERPRETED], capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
 LAYER_INTERPRETED = r"""
 import os, torch
 from dgemma import kernels

@@ -237,19 +237,41 @@ class KVCache:
             mask = ((j < o) & cached) | ((j >= o) & (j < o + n_canvas))
             plan["mask_" + kind] = mask[:, None, None]                                 # [n, 1, 1, L]
             plan["idx_" + kind] = o + ar                                               # [n, C] canvas slots
+            plan["first_" + kind] = off                                                # [n] first canvas slot
         return lens[:, None] + ar
 
-    def decode_layer(self, i: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the canvas K/V (k, v: [n, Hkv, C, D]) into scratch; return ([cache ; canvas] keys, values,
-        mask or None)."""
+    def kv_slots(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Where the planned denoiser pass or one-token step puts layer i's new K/V: (k buffer, v buffer
+        [n, Hkv, slots, D], first slot per row [n] int64), for a kernel that writes them itself (then
+        decode_layer / step_layer get k = v = None); None for encoder passes (their slots wrap around the ring)."""
+        p, n = self._plan, self.n
+        if "C" in p:                                                        # denoiser pass
+            kind = "s" if self.cfg.is_sliding(i) else "f"
+            if "first_" + kind not in p:   # the unmasked plan's offsets are host ints: one tensor per pass
+                p["first_" + kind] = torch.full((n,), p["off_" + kind], dtype=torch.long, device=self.device)
+            first = p["first_" + kind]
+        elif p.get("step"):                                                 # one-token step
+            if not self.cfg.is_sliding(i):
+                first = p["pos"]
+            else:
+                if "first_s" not in p:
+                    p["first_s"] = torch.full((n,), self.ring, dtype=torch.long, device=self.device)
+                first = p["first_s"]
+        else:
+            return None
+        return self.k[i][:n], self.v[i][:n], first
+
+    def decode_layer(self, i: int, k: torch.Tensor | None, v: torch.Tensor | None):
+        """Write the canvas K/V (k, v: [n, Hkv, C, D]; None: already written to `kv_slots`) into scratch; return
+        ([cache ; canvas] keys, values, mask or None)."""
         p, n = self._plan, self.n
         kind = "s" if self.cfg.is_sliding(i) else "f"
         L = p["L_" + kind]
-        if p["mask_" + kind] is None:
+        if k is not None and p["mask_" + kind] is None:
             o = p["off_" + kind]
             self.k[i][:n, :, o:o + p["C"]] = k
             self.v[i][:n, :, o:o + p["C"]] = v
-        else:
+        elif k is not None:
             idx = p["idx_" + kind][:, None, :, None].expand_as(k)
             self.k[i][:n].scatter_(2, idx, k)
             self.v[i][:n].scatter_(2, idx, v)
@@ -278,16 +300,19 @@ class KVCache:
         """Full-layer key slots of a `begin_step` pass: a power of two, so one captured graph serves many steps."""
         return min(self.capacity, _pow2(max(self.lengths[: self.n]) + 1))
 
-    def step_layer(self, i: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [n, Hkv, 1, D] of the new token -> (keys, values, mask) for a `begin_step` plan."""
+    def step_layer(self, i: int, k: torch.Tensor | None, v: torch.Tensor | None):
+        """k, v: [n, Hkv, 1, D] of the new token (None: already written to `kv_slots`) -> (keys, values, mask) for
+        a `begin_step` plan."""
         p, n = self._plan, self.n
         if self.cfg.is_sliding(i):
-            self.k[i][:n, :, self.ring:self.ring + 1] = k
-            self.v[i][:n, :, self.ring:self.ring + 1] = v
+            if k is not None:
+                self.k[i][:n, :, self.ring:self.ring + 1] = k
+                self.v[i][:n, :, self.ring:self.ring + 1] = v
             return self.k[i][:n, :, :self.ring + 1], self.v[i][:n, :, :self.ring + 1], p["mask_s"]
-        idx = p["pos"][:, None, None, None].expand_as(k)
-        self.k[i][:n].scatter_(2, idx, k)
-        self.v[i][:n].scatter_(2, idx, v)
+        if k is not None:
+            idx = p["pos"][:, None, None, None].expand_as(k)
+            self.k[i][:n].scatter_(2, idx, k)
+            self.v[i][:n].scatter_(2, idx, v)
         return self.k[i][:n, :, :p["L_f"]], self.v[i][:n, :, :p["L_f"]], p["mask_f"]
 
     def end_step(self) -> None:

@@ -212,11 +212,13 @@ def sample_search(x: torch.Tensor, temp: torch.Tensor, cap: float | None, amax: 
 
 # ---- the attention's q / k / v epilogue ---------------------------------------------------------------------
 def norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, wq: torch.Tensor, wk: torch.Tensor,
-              cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              cos: torch.Tensor, sin: torch.Tensor, eps: float, slots: tuple | None = None):
     """q [B, S, Hq, D], k and v [B, S, Hkv, D] straight from their projections (v None: v = the raw k), head
     norm weights wq, wk [D], cos / sin [S, D] or [B, 1, S, D] -> q, k, v [B, H, S, D] (views of [B, S, H, D]
     tensors, the strides the eager path gives): q and k RMS-normed with their weights then roped, v normed
-    without a weight. One kernel launch; fp32 inside, each output rounded where the eager path rounds."""
+    without a weight. One kernel launch; fp32 inside, each output rounded where the eager path rounds.
+    slots = (k_buf, v_buf, first) writes k and v straight into a KV cache instead: k_buf, v_buf [B, Hkv, L, D]
+    (same strides), token s of row b at slot first[b] + s (first: [B] int64); then k and v are returned as None."""
     kern = _kernels()
     B, S, HQ, D = q.shape
     HKV = k.shape[2]
@@ -228,12 +230,21 @@ def norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, wq: torc
     cs, sn = cos.reshape(-1, S, D), sin.reshape(-1, S, D)                       # [1 or B, S, D]
     assert cs.stride(2) == 1 and cs.stride() == sn.stride()
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)                   # [B, S, HQ, D] contiguous
-    ko, vo = (torch.empty(k.shape, dtype=k.dtype, device=k.device) for _ in range(2))   # [B, S, HKV, D]
+    if slots is None:
+        ko, vo = (torch.empty(k.shape, dtype=k.dtype, device=k.device) for _ in range(2))   # [B, S, HKV, D]
+        first, (sob, sos, soh) = qo, ko.stride()[:3]                           # (first: unused)
+    else:
+        ko, vo, first = slots
+        assert ko.shape[:2] == (B, HKV) and ko.shape[3] == D and ko.stride() == vo.stride() and ko.stride(3) == 1
+        assert first.shape == (B,) and first.dtype == torch.int64
+        sob, soh, sos = ko.stride()[:3]
     if B * S:
         kern.norm_rope_kernel[(B * S, HQ + HKV)](
-            q2, k2, v2, wq, wk, cs, sn, qo, ko, vo, S, HQ, D, eps, q2.stride(0), k2.stride(0), v2.stride(0),
-            cs.stride(0) if cs.shape[0] > 1 else 0, cs.stride(1), HQ * D, HKV * D, HKV * D,
-            BH=_pow2(D // 2))
+            q2, k2, v2, wq, wk, cs, sn, qo, ko, vo, first, S, HQ, D, eps, q2.stride(0), k2.stride(0), v2.stride(0),
+            cs.stride(0) if cs.shape[0] > 1 else 0, cs.stride(1), HQ * D, sob, soh, sos,
+            BH=_pow2(D // 2), SLOTS=slots is not None)
+    if slots is not None:
+        return qo.transpose(1, 2), None, None
     return qo.transpose(1, 2), ko.transpose(1, 2), vo.transpose(1, 2)
 
 

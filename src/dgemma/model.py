@@ -99,14 +99,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x: [B, S, H] -> q [B, Hq, S, D], k, v [B, Hkv, S, D] (k roped; full layers: v = raw k)."""
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: Callable[[], tuple] | None = None):
+        """x: [B, S, H] -> q [B, Hq, S, D], k, v [B, Hkv, S, D] (k roped; full layers: v = raw k).
+        slots: where a KV cache wants this pass's k and v (see KVCache.kv_slots); the fused kernel writes them
+        there and returns k = v = None (the eager path ignores it)."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.heads, self.head_dim)
         k_raw = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim) if self.v_proj is not None else None
         if not torch.is_grad_enabled() and kernels.fused("rope", x):   # norms and RoPE in one Triton kernel
-            return kernels.norm_rope(q, k_raw, v, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps)
+            return kernels.norm_rope(q, k_raw, v, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps,
+                                     slots() if slots is not None else None)
         v = k_raw if v is None else v
         q = self.q_norm(q).transpose(1, 2)
         k = self.k_norm(k_raw).transpose(1, 2)
@@ -240,9 +243,10 @@ class Layer(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                 encoder: bool) -> torch.Tensor:
-        """h: [B, S, H]; `attend(q, k, v) -> [B, Hq, S, D]` supplies keys/values and the mask."""
+        """h: [B, S, H]; `attend(q, k, v) -> [B, Hq, S, D]` supplies keys/values and the mask (k = v = None:
+        already in the cache slots that `attend.kv_slots()`, when it has one, named)."""
         B, S, H = h.shape
-        q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
+        q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin, getattr(attend, "kv_slots", None))
         o = attend(q, k, v).transpose(1, 2).reshape(B, S, -1)
         if not torch.is_grad_enabled() and kernels.fused("norms", h):
             return self._fused_tail(h, self.self_attn.o_proj(o), encoder)
@@ -287,14 +291,18 @@ class SelfConditioning(nn.Module):
         return rms_norm(e, None, self.eps)
 
 
-def _attention(layer_kv: Callable[[int, torch.Tensor, torch.Tensor], tuple]) -> Callable[[int], Callable]:
+def _attention(layer_kv: Callable[[int, torch.Tensor, torch.Tensor], tuple],
+               kv_slots: Callable[[int], tuple | None] | None = None) -> Callable[[int], Callable]:
     """`attend_for(i)` for run_layers over a KV cache: `layer_kv(i, k, v)` (one of the cache's per-layer methods)
-    stores the new keys/values and returns (keys, values, mask) to attend over; then scaled dot-product attention
-    with scale 1 (the q/k norms replace 1/sqrt(d)) and grouped query heads."""
+    stores the new keys/values (None: already stored) and returns (keys, values, mask) to attend over; then scaled
+    dot-product attention with scale 1 (the q/k norms replace 1/sqrt(d)) and grouped query heads. With `kv_slots`
+    (the cache's), `attend.kv_slots()` tells the fused q/k/v kernel where to write k and v itself."""
     def attend_for(i: int):
         def attend(q, k, v):
             keys, vals, mask = layer_kv(i, k, v)
             return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
+        if kv_slots is not None:
+            attend.kv_slots = lambda: kv_slots(i)
         return attend
     return attend_for
 
@@ -434,7 +442,7 @@ class DiffusionGemma(nn.Module):
         fixed shapes (CUDA-graph safe). Writes the cache's device state; the caller then runs
         `cache.advance_host()` (outside any captured graph)."""
         positions = cache.begin_step()
-        h = self.run_layers(self.embed(ids), positions, _attention(cache.step_layer), encoder=True)
+        h = self.run_layers(self.embed(ids), positions, _attention(cache.step_layer, cache.kv_slots), encoder=True)
         cache.end_step()
         return h
 
@@ -444,7 +452,7 @@ class DiffusionGemma(nn.Module):
         static: fixed shapes and a device-side plan (see KVCache.begin_decode), for CUDA graphs."""
         h = self.self_conditioning(self.embed(canvas), soft)
         positions = cache.begin_decode(canvas.shape[1], static)
-        return self.run_layers(h, positions, _attention(cache.decode_layer), encoder=False)
+        return self.run_layers(h, positions, _attention(cache.decode_layer, cache.kv_slots), encoder=False)
 
     # ---- public API -------------------------------------------------------------------------
     def _ids(self, ids) -> torch.Tensor:

@@ -232,11 +232,12 @@ def norm_rope_head(src, dst, w_ptr, cs, sn, D, eps, WEIGHT: tl.constexpr, ROPE: 
 
 
 @triton.jit
-def norm_rope_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr,
-                     S, HQ, D, eps, sq, sk, sv, scb, scs, sqo, sko, svo,
-                     BH: tl.constexpr):
+def norm_rope_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, slot_ptr,
+                     S, HQ, D, eps, sq, sk, sv, scb, scs, sqo, sob, soh, sos,
+                     BH: tl.constexpr, SLOTS: tl.constexpr):
     """Program (token t, head j): j < HQ normalises and ropes q head j; else kv head j - HQ: k normalised and
-    roped, v normalised without a weight (v_ptr may be k_ptr: full layers use the raw k as v)."""
+    roped, v normalised without a weight (v_ptr may be k_ptr: full layers use the raw k as v). Token s of row b
+    goes to ko / vo at b * sob + h * soh + (slot[b] + s) * sos (SLOTS; else slot 0): a KV cache's slots."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     cs = cos_ptr + (t // S) * scb + (t % S) * scs
@@ -246,10 +247,13 @@ def norm_rope_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_p
                        True, True, BH)
     else:
         h = j - HQ
-        norm_rope_head(k_ptr + t * sk + h * D, ko_ptr + t * sko + h * D, wk_ptr, cs, sn, D, eps,
-                       True, True, BH)
-        norm_rope_head(v_ptr + t * sv + h * D, vo_ptr + t * svo + h * D, wk_ptr, cs, sn, D, eps,
-                       False, False, BH)
+        b = t // S
+        s = t % S
+        if SLOTS:
+            s += tl.load(slot_ptr + b)
+        o = b * sob + h * soh + s * sos
+        norm_rope_head(k_ptr + t * sk + h * D, ko_ptr + o, wk_ptr, cs, sn, D, eps, True, True, BH)
+        norm_rope_head(v_ptr + t * sv + h * D, vo_ptr + o, wk_ptr, cs, sn, D, eps, False, False, BH)
 
 
 # ---- the layer's norms, residual adds and router maths ----

@@ -53,8 +53,13 @@ def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch, capsys):
     ft = tmp_path / "ft"
     assert main(["train", "--data", str(tmp_path / "chat.jsonl"), "--init-from", str(run / "checkpoint"),
                  "--out", str(ft), "--context", "24", "--canvases", "2", "--canvas-length", "4", "--steps", "4",
-                 "--batch-size", "4",
+                 "--batch-size", "4", "--sc-temperature", "0.1", "0.3",
                  "--freeze-router", "--eval-every", "0", "--save-every", "4", "--val-percent", "0"]) == 0
+    state = json.loads((ft / "checkpoint" / "trainer_state.json").read_text())
+    assert state["config"]["objective"]["sc_temperature"] == [0.1, 0.3]
+    assert main(["train", "--data", str(tmp_path / "chat.jsonl"), "--init-from", str(run / "checkpoint"),
+                 "--out", str(tmp_path / "ft2"), "--sc-temperature", "0.3", "0.1"]) == 2
+    assert "--sc-temperature LO HI needs 0 < LO <= HI" in capsys.readouterr().err
     a, b = dgemma.load(run / "checkpoint"), dgemma.load(ft / "checkpoint")
     assert torch.equal(a.layers[0].router.proj.weight, b.layers[0].router.proj.weight)
     assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)

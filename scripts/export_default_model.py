@@ -4,7 +4,8 @@ numbers into the card.
 
     python scripts/export_default_model.py runs/default/checkpoint                 # stage 1 (v1)
     python scripts/export_default_model.py runs/default_ft/checkpoint --stage 2    # stage 2 (v2)
-    python scripts/export_default_model.py runs/default_c8/checkpoint --stage 3    # stage 3 (v3, shipped now)
+    python scripts/export_default_model.py runs/default_c8/checkpoint --stage 3    # stage 3 (v3)
+    python scripts/export_default_model.py runs/default_sc/checkpoint --stage 4    # stage 4 (v4, shipped now)
 
 Each later stage fine-tunes the export of the one before; its card keeps the training sections and the
 evaluation of the card it replaces.
@@ -54,6 +55,18 @@ STAGES = {   # the fine-tuning stages: command, what it did, card text, and the 
         # canvas, bound and temperatures chosen with the quality suite (docs/NOTES.md)
         "sampler": {"max_denoising_steps": 8, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3},
         "settings": "canvas 8, at most 8 steps, entropy bound 1.0, temperatures 0.3 to 0.1"},
+    4: {"what": "fine-tuned with self-conditioning at the sampler's temperatures",
+        "cmd": "SC_STEPS=3000 scripts/train_default_model.sh   # stage 4 = dgemma train --init-from "
+               "src/dgemma/default_model --sc-temperature 0.1 0.3 --diffusion-weight 3 --all-canvases --context 16 "
+               "--canvases 16 --steps 3000 --batch-size 16 --lr 5e-4 --warmup 50 --seed 11 (after stage 3 and its "
+               "export)",
+        "text": "Starting from the stage-3 export: the self-conditioning input of the trained second pass is the "
+                "first pass's logits\ndivided by the temperature the sampler uses at that noise level, 0.1 + 0.2 t "
+                "(the sampler feeds temperature-scaled\nlogits; stages 1-3 trained on raw ones), and the denoiser's "
+                "loss is weighted 3; otherwise as stage 3. The loss\ncolumns are the unweighted cross-entropies; "
+                "validation uses raw self-conditioning logits, as in the earlier stages.",
+        "sampler": {"max_denoising_steps": 8, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3},
+        "settings": "canvas 8, at most 8 steps, entropy bound 1.0, temperatures 0.3 to 0.1"},
 }
 QUALITY_CMD = "dgemma eval --quality --prompts 15 --tasks 0 --max-new-tokens 64 --out quality"
 V1_SETTINGS = "canvas 32, at most 32 steps, entropy bound 0.1, temperatures 0.8 to 0.4"
@@ -81,6 +94,7 @@ def _previous_sections(old_card: str, stage: int) -> tuple[str, str]:
     body = re.sub(r"\((?:this model|the previous shipped model), (v\d)\)", r"(\1)", body)
     ev = old_card[old_card.index("## Evaluation"):].split("\nNumbers come from")[0]
     ev = ev.replace("```\n" + EVAL_CMD + "\n```\n\n", "").replace("\n### ", "\n#### ")
+    ev = ev.replace("Generated text (this model)", f"Generated text (v{stage - 1})")
     settings = V1_SETTINGS if stage == 2 else STAGES[stage - 1]["settings"]
     ev = ev.replace("## Evaluation (held-out split, fp32)",
                     f"### The previous model (v{stage - 1}): same commands, its own settings ({settings})")
@@ -200,6 +214,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", nargs="?", default="runs/default/checkpoint")
     ap.add_argument("--stage", type=int, default=1, choices=(1, *STAGES),
-                    help="which training stage the checkpoint ends (2, 3: fine-tuned from the shipped model before)")
+                    help="which training stage the checkpoint ends (2-4: fine-tuned from the shipped model before)")
     a = ap.parse_args()
     main(a.checkpoint, a.stage)

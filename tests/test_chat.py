@@ -141,7 +141,7 @@ def test_against_a_server(tmp_path):
     assert out.returncode == 0, out.stderr
     (n1, tpf1, p1, e1, r1), (n2, tpf2, p2, e2, r2) = STATS.findall(out.stderr)
     n1, p1, n2, p2, e2, r2 = map(int, (n1, p1, n2, p2, e2, r2))
-    assert n1 == n2 == 40 and tpf1 == tpf2 == ""      # the server does not report passes
+    assert 0 < n1 <= 40 and 0 < n2 <= 40 and tpf1 == tpf2 == ""   # (a reply may end at EOS); no passes reported
     assert p1 >= 32 and r2 >= 32 and e2 == p2 - r2 and p2 > p1 + n1   # turn 1's chunks come from the cache
 
 

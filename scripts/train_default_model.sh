@@ -4,7 +4,8 @@
 # 4) export + evaluate (v1), 5) fine-tune that export with the all-canvases objective (stage 2), 6) export + evaluate
 # (v2), 7) fine-tune that export at canvas 8 (stage 3), 8) export + evaluate (v3), 9) fine-tune that export with
 # self-conditioning at the sampler's temperatures (stage 4), 10) export + evaluate (v4, the shipped model).
-# About 75 + 75 + 25 + 75 minutes on 2 CPU cores (stage 4: on one core); FINETUNE_STEPS=0 stops after stage 1,
+# About 75 + 75 + 25 minutes on 2 CPU cores, then stage 4 (103 minutes when it ran on one core beside other work);
+# FINETUNE_STEPS=0 stops after stage 1,
 # CANVAS8_STEPS=0 after stage 2, SC_STEPS=0 after stage 3.
 # Resumable: rerun with RESUME=1 after an interruption (a stage is skipped once a later one has begun, and the
 # stage in progress resumes from its run folder).

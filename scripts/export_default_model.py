@@ -31,6 +31,9 @@ TRAIN_CMD = "STEPS=5000 scripts/train_default_model.sh   # = dgemma train --shap
             "--steps 5000 --batch-size 16 --lr 3e-3 --warmup 100 --seed 0 (see the script)"
 EVAL_CMD = ("dgemma eval --model src/dgemma/default_model --data " + " ".join(FILES) +
             " --batches 30 --prompts 16 --json eval.json")
+# canvas, bound and temperatures chosen with the quality suite (docs/NOTES.md); stages 3 and 4 ship them
+C8_SAMPLER = {"max_denoising_steps": 8, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3}
+C8_SETTINGS = "canvas 8, at most 8 steps, entropy bound 1.0, temperatures 0.3 to 0.1"
 STAGES = {   # the fine-tuning stages: command, what it did, card text, and the generation settings it ships with
     2: {"what": "fine-tuned with the all-canvases objective",
         "cmd": "FINETUNE_STEPS=3600 scripts/train_default_model.sh   # stage 2 = dgemma train --init-from "
@@ -52,9 +55,7 @@ STAGES = {   # the fine-tuning stages: command, what it did, card text, and the 
                 "export), with the\ncanvas cut from 32 to 8 tokens (no weight depends on it): the all-canvases "
                 "objective over 16 context +\n16 canvases of 8 tokens (the same 144-token sequences), peak learning "
                 "rate 5e-4. Validation scores every canvas.",
-        # canvas, bound and temperatures chosen with the quality suite (docs/NOTES.md)
-        "sampler": {"max_denoising_steps": 8, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3},
-        "settings": "canvas 8, at most 8 steps, entropy bound 1.0, temperatures 0.3 to 0.1"},
+        "sampler": C8_SAMPLER, "settings": C8_SETTINGS},
     4: {"what": "fine-tuned with self-conditioning at the sampler's temperatures",
         "cmd": "SC_STEPS=3000 scripts/train_default_model.sh   # stage 4 = dgemma train --init-from "
                "src/dgemma/default_model --sc-temperature 0.1 0.3 --diffusion-weight 3 --all-canvases --context 16 "
@@ -65,8 +66,7 @@ STAGES = {   # the fine-tuning stages: command, what it did, card text, and the 
                 "(the sampler feeds temperature-scaled\nlogits; stages 1-3 trained on raw ones), and the denoiser's "
                 "loss is weighted 3; otherwise as stage 3. The loss\ncolumns are the unweighted cross-entropies; "
                 "validation uses raw self-conditioning logits, as in the earlier stages.",
-        "sampler": {"max_denoising_steps": 8, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3},
-        "settings": "canvas 8, at most 8 steps, entropy bound 1.0, temperatures 0.3 to 0.1"},
+        "sampler": C8_SAMPLER, "settings": C8_SETTINGS},
 }
 QUALITY_CMD = "dgemma eval --quality --prompts 15 --tasks 0 --max-new-tokens 64 --out quality"
 V1_SETTINGS = "canvas 32, at most 32 steps, entropy bound 0.1, temperatures 0.8 to 0.4"

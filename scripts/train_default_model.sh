@@ -5,8 +5,7 @@
 # (v2), 7) fine-tune that export at canvas 8 (stage 3), 8) export + evaluate (v3), 9) fine-tune that export with
 # self-conditioning at the sampler's temperatures (stage 4), 10) export + evaluate (v4, the shipped model).
 # About 75 + 75 + 25 minutes on 2 CPU cores, then stage 4 (103 minutes when it ran on one core beside other work);
-# FINETUNE_STEPS=0 stops after stage 1,
-# CANVAS8_STEPS=0 after stage 2, SC_STEPS=0 after stage 3.
+# FINETUNE_STEPS=0 stops after stage 1, CANVAS8_STEPS=0 after stage 2, SC_STEPS=0 after stage 3.
 # Resumable: rerun with RESUME=1 after an interruption (a stage is skipped once a later one has begun, and the
 # stage in progress resumes from its run folder).
 set -euo pipefail

@@ -244,19 +244,15 @@ class KVCache:
         """Where the planned denoiser pass or one-token step puts layer i's new K/V: (k buffer, v buffer
         [n, Hkv, slots, D], first slot per row [n] int64), for a kernel that writes them itself (then
         decode_layer / step_layer get k = v = None); None for encoder passes (their slots wrap around the ring)."""
-        p, n = self._plan, self.n
-        if "C" in p:                                                        # denoiser pass
-            kind = "s" if self.cfg.is_sliding(i) else "f"
-            if "first_" + kind not in p:   # the unmasked plan's offsets are host ints: one tensor per pass
-                p["first_" + kind] = torch.full((n,), p["off_" + kind], dtype=torch.long, device=self.device)
-            first = p["first_" + kind]
-        elif p.get("step"):                                                 # one-token step
-            if not self.cfg.is_sliding(i):
-                first = p["pos"]
-            else:
-                if "first_s" not in p:
-                    p["first_s"] = torch.full((n,), self.ring, dtype=torch.long, device=self.device)
-                first = p["first_s"]
+        p, n, sliding = self._plan, self.n, self.cfg.is_sliding(i)
+        if p.get("step") and not sliding:                                   # one-token step, full layer
+            first = p["pos"]
+        elif "C" in p or p.get("step"):         # denoiser pass; one-token step, sliding layer (scratch slot)
+            key = "first_s" if sliding else "first_f"
+            if key not in p:    # a host int (the unmasked plan's offset, the scratch slot): one tensor per pass
+                off = self.ring if p.get("step") else p["off_" + key[-1]]
+                p[key] = torch.full((n,), off, dtype=torch.long, device=self.device)
+            first = p[key]
         else:
             return None
         return self.k[i][:n], self.v[i][:n], first

@@ -22,6 +22,28 @@ from .model import DiffusionGemma
 __version__ = "0.1.0"
 
 
+def _settle_mkl_dispatch() -> None:
+    """Call torch's MKL-backed (VML) float unary ops once, on one element, before anything runs them on many.
+
+    oneMKL 2024.2 (what torch's CPU wheels link) picks each VML function's kernel on its first call; when that
+    first call comes from several intra-op threads at once, one thread's chunk can run a low-accuracy kernel
+    (pytorch/pytorch#188792). Seen here: the first torch.tanh over a [7, 3000] fp32 tensor, in 1 run of 3, with
+    absolute errors of 4e-5 on the second thread's rows (1e-7 otherwise), which moved the softcapped logits by
+    3e-3. One call on one element settles the choice; it costs microseconds."""
+    import torch
+    if not torch.backends.mkl.is_available():
+        return
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for op in (torch.tanh, torch.exp, torch.expm1, torch.log, torch.log1p, torch.log2, torch.log10,
+                   torch.sqrt, torch.rsqrt, torch.sin, torch.cos, torch.tan, torch.asin, torch.acos, torch.atan,
+                   torch.sinh, torch.cosh, torch.erf, torch.erfc, torch.erfinv, torch.sigmoid, torch.trunc):
+            op(x)
+
+
+_settle_mkl_dispatch()
+
+
 def default_model_path() -> str:
     """Folder of the small DiffusionGemma-architecture model that ships inside the package."""
     return str(Path(__file__).parent / "default_model")

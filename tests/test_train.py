@@ -239,6 +239,59 @@ def test_sc_temperature_scales_the_self_conditioning_logits(monkeypatch):
     assert evaluate(m, ids, score, replace_cfg(cfg, sc_temperature=(0.1, 0.3)), 3, 1) == evaluate(m, ids, score, cfg, 3, 1)
 
 
+def test_sampler_step_keeps_accepted_samples_and_renoises_the_rest():
+    """_sampler_step = one sampler step (spec 4.2, steps 3-5) per canvas: a position's sample is kept where the
+    entropy bound accepts it (the lowest-entropy position always), a uniform random id elsewhere."""
+    from dgemma.train.objective import _sampler_step
+    from dgemma.sampling import entropy, entropy_bound_accept
+    B, n, C, V = 8, 2, 8, 50
+    g = torch.Generator().manual_seed(0)
+    lam = torch.randn(B, n * C, V, generator=g)                     # entropy ~ 2: not accepted (but the first) ...
+    lam[..., 0] += 5                                                # (a sample is token 0 over half the time)
+    sure = torch.rand(B, n * C, generator=g) < 0.4                  # ... except the first; peaked ones are
+    lam[sure] = torch.nn.functional.one_hot(torch.arange(int(sure.sum())) % V, V).float() * 40
+    out = _sampler_step(lam, C, V, bound=0.05, generator=torch.Generator().manual_seed(1))
+    accept = entropy_bound_accept(entropy(lam).view(B * n, C), 0.05).view(B, n * C)
+    assert bool((accept >= sure).all())                             # every peaked position is accepted
+    assert torch.equal(out[sure], lam[sure].argmax(-1))             # and keeps its (certain) sample
+    assert bool(accept.view(B * n, C).any(-1).all())                # at least one per canvas
+    rest = ~accept
+    assert int(rest.sum()) > 40 and int((out[rest] == 0).sum()) <= 6        # renoised uniformly, not sampled
+    again = _sampler_step(lam, C, V, bound=0.05, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(again[sure], out[sure]) and not torch.equal(again[rest], out[rest])
+
+
+def test_unroll_feeds_pass_two_one_sampler_step_of_pass_one(monkeypatch):
+    """--unroll P: for those examples the trained pass's canvas is _sampler_step of pass 1's (scaled) logits, and
+    they always get pass 1 as self-conditioning; the other examples keep the noisy canvas; 0 leaves the
+    objective (and its random stream) exactly as before; validation never unrolls."""
+    import dgemma.train.objective as obj
+    m = tiny_model()
+    ids = torch.randint(3, 64, (4, 4 + 2 * 8), generator=torch.Generator().manual_seed(2))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    canvases, stepped, softs = [], [], []
+    real_pass, real_step = obj._denoiser_pass, obj._sampler_step
+    monkeypatch.setattr(obj, "_denoiser_pass", lambda mo, c, st, kv, soft: canvases.append(c) or softs.append(soft)
+                        or real_pass(mo, c, st, kv, soft))
+    monkeypatch.setattr(obj, "_sampler_step", lambda *a: stepped.append(real_step(*a)) or stepped[-1])
+    cfg = ObjectiveConfig(context_length=4, all_canvases=True, sc_prob=0.0, sc_temperature=(0.1, 0.3))
+    with torch.no_grad():
+        base = losses(m, ids, score, cfg, torch.Generator().manual_seed(5))
+        assert len(canvases) == 1 and softs == [None] and not stepped                 # no sc, no unroll: one pass
+        canvases.clear(), softs.clear()
+        full = losses(m, ids, score, replace_cfg(cfg, unroll_prob=1.0), torch.Generator().manual_seed(5))
+    noisy, second = canvases
+    assert torch.equal(second, stepped[0]) and not torch.equal(second, noisy)
+    assert softs[1] is not None and bool((softs[1].abs().sum(-1) > 0).all())      # every example self-conditioned
+    assert not torch.allclose(full["diffusion"], base["diffusion"])
+    with torch.no_grad():                                            # the same draws as before with unroll_prob 0
+        again = losses(m, ids, score, replace_cfg(cfg, unroll_bound=5.0), torch.Generator().manual_seed(5))
+    assert torch.equal(again["loss"], base["loss"])
+    from dgemma.train.loop import evaluate
+    monkeypatch.undo()
+    assert evaluate(m, ids, score, replace_cfg(cfg, unroll_prob=1.0), 2, 2) == evaluate(m, ids, score, cfg, 2, 2)
+
+
 def replace_cfg(cfg, **kw):
     import dataclasses
     return dataclasses.replace(cfg, **kw)

@@ -53,13 +53,19 @@ def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch, capsys):
     ft = tmp_path / "ft"
     assert main(["train", "--data", str(tmp_path / "chat.jsonl"), "--init-from", str(run / "checkpoint"),
                  "--out", str(ft), "--context", "24", "--canvases", "2", "--canvas-length", "4", "--steps", "4",
-                 "--batch-size", "4", "--sc-temperature", "0.1", "0.3",
+                 "--batch-size", "4", "--sc-temperature", "0.1", "0.3", "--unroll", "0.5",
                  "--freeze-router", "--eval-every", "0", "--save-every", "4", "--val-percent", "0"]) == 0
     state = json.loads((ft / "checkpoint" / "trainer_state.json").read_text())
     assert state["config"]["objective"]["sc_temperature"] == [0.1, 0.3]
+    assert state["config"]["objective"]["unroll_prob"] == 0.5 and state["config"]["objective"]["unroll_bound"] == 1
     assert main(["train", "--data", str(tmp_path / "chat.jsonl"), "--init-from", str(run / "checkpoint"),
                  "--out", str(tmp_path / "ft2"), "--sc-temperature", "0.3", "0.1"]) == 2
     assert "--sc-temperature LO HI needs 0 < LO <= HI" in capsys.readouterr().err
+    for bad, msg in ((["--unroll", "1.5"], "--unroll must be between 0 and 1"),
+                     (["--unroll-bound", "0"], "--unroll-bound must be positive")):
+        assert main(["train", "--data", str(tmp_path / "chat.jsonl"), "--init-from", str(run / "checkpoint"),
+                     "--out", str(tmp_path / "ft2"), *bad]) == 2
+        assert msg in capsys.readouterr().err
     a, b = dgemma.load(run / "checkpoint"), dgemma.load(ft / "checkpoint")
     assert torch.equal(a.layers[0].router.proj.weight, b.layers[0].router.proj.weight)
     assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)

@@ -44,6 +44,11 @@ def add_train(sub) -> None:
     p.add_argument("--sc-temperature", type=float, nargs=2, metavar=("LO", "HI"),
                    help="divide the self-conditioning logits by the sampler's temperature at the example's noise "
                         "level, LO + (HI - LO) * t (use the shipped t_min t_max); default: raw logits (the spec)")
+    p.add_argument("--unroll", type=float, default=0.0, metavar="P",
+                   help="fraction of examples whose trained pass denoises one sampler step's canvas made from the "
+                        "first pass (samples where the entropy bound accepts them, random ids elsewhere); default 0")
+    p.add_argument("--unroll-bound", type=float, default=1.0, metavar="B",
+                   help="the entropy bound of that step (use the shipped sampler's; default 1.0)")
     p.add_argument("--freeze-router", action="store_true")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
@@ -72,6 +77,9 @@ def run_train(args: argparse.Namespace) -> int:
               "t_power")
     if args.sc_temperature is not None and not 0 < args.sc_temperature[0] <= args.sc_temperature[1]:
         raise ValueError(f"--sc-temperature LO HI needs 0 < LO <= HI (got {args.sc_temperature})")
+    if not 0 <= args.unroll <= 1:
+        raise ValueError(f"--unroll must be between 0 and 1 (got {args.unroll})")
+    _positive(args, "unroll_bound")
     if args.eval_every < 0:
         raise ValueError("--eval-every must be >= 0 (0 = never)")
     resolve_device(args.device)                       # fail now, not after tokenizing
@@ -117,7 +125,8 @@ def run_train(args: argparse.Namespace) -> int:
                       objective=ObjectiveConfig(context_length=args.context, ar_weight=args.ar_weight,
                                                 diffusion_weight=args.diffusion_weight, sc_prob=args.sc_prob,
                                                 all_canvases=args.all_canvases, t_power=args.t_power,
-                                                sc_temperature=args.sc_temperature and tuple(args.sc_temperature)))
+                                                sc_temperature=args.sc_temperature and tuple(args.sc_temperature),
+                                                unroll_prob=args.unroll, unroll_bound=args.unroll_bound))
     ckpt = train(cfg, mcfg, train_data, val_data, init_from=args.init_from, resume=args.resume,
                  device=args.device, extra_files=_tokenizer_files(tok_dir))
     print(f"checkpoint: {ckpt}")

@@ -124,8 +124,9 @@ def _restore(model, opt, path: Path) -> tuple[int, list]:
 def evaluate(model, ids: torch.Tensor, score: torch.Tensor, ocfg: ObjectiveConfig, batch: int,
              n_batches: int, seed: int = 1234) -> dict[str, float]:
     """Mean AR and denoiser losses over the first n_batches validation batches (fixed noise seed; uniform noise
-    level and raw self-conditioning logits whatever the training recipe, so that runs stay comparable)."""
-    ocfg = replace(ocfg, t_power=1.0, sc_temperature=None)
+    level, raw self-conditioning logits and no unrolled step whatever the training recipe, so that runs stay
+    comparable)."""
+    ocfg = replace(ocfg, t_power=1.0, sc_temperature=None, unroll_prob=0.0)
     g = torch.Generator(device=ids.device).manual_seed(seed)
     tot = {"ar": 0.0, "diffusion": 0.0}
     n = 0

@@ -18,7 +18,12 @@ Choices the spec leaves open (written down here):
   * optionally (`sc_temperature` = (lo, hi)) pass 1's logits are divided by the temperature the sampler would
     use at that noise level, T = lo + (hi - lo) * t, before the soft embedding: at inference the self-conditioning
     input is the previous step's *temperature-scaled* logits (spec 4.2, step 7), so with the spec's raw logits a
-    model trained at temperature 1 sees much sharper inputs when sampled at 0.1-0.3 (docs/NOTES.md measures it).
+    model trained at temperature 1 sees much sharper inputs when sampled at 0.1-0.3 (docs/NOTES.md measures it);
+  * optionally (`unroll_prob` > 0) pass 2 of that fraction of examples denoises what one sampler step would make
+    of pass 1 (an unrolled step, after SUNDAE, arXiv 2112.06749): its canvas holds pass 1's samples (at the
+    sampler's temperature for that noise level with `sc_temperature`, else at 1) where the entropy bound `unroll_bound` accepts them and uniform
+    random ids elsewhere (spec 4.2, steps 3-5), always with pass 1 as self-conditioning. At inference every
+    step after the first sees such a canvas, whose kept tokens are the model's own guesses, not clean tokens.
 Knows: the model's `embed`, `run_layers`, `self_conditioning`, `head`. Does not know: data or optimisers.
 """
 from __future__ import annotations
@@ -39,6 +44,8 @@ class ObjectiveConfig:
     t_power: float = 1.0             # t = u ** t_power, u ~ U(eps, 1-eps): 1 = the spec's uniform t
     all_canvases: bool = False       # score every canvas in one block-causal pass (else one per example)
     sc_temperature: tuple[float, float] | None = None   # (t_min, t_max) of the sampler; None = raw logits (spec)
+    unroll_prob: float = 0.0         # fraction of examples whose pass 2 sees one sampler step's canvas
+    unroll_bound: float = 1.0        # the entropy bound of that step (the shipped sampler's)
 
 
 def _encoder_pass(model, ids: torch.Tensor):
@@ -123,6 +130,10 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
     else:
         start, x0, mask, noisy, t = _noise_one_canvas(ids, canv_score, V, cfg, generator)
     use_sc = torch.rand(B, device=dev, generator=generator) < cfg.sc_prob
+    unroll = torch.zeros_like(use_sc)
+    if cfg.unroll_prob > 0:                 # (no draw otherwise: runs without it keep their random stream)
+        unroll = torch.rand(B, device=dev, generator=generator) < cfg.unroll_prob
+        use_sc = use_sc | unroll
     soft = None
     if bool(use_sc.any()):
         with torch.no_grad():
@@ -131,10 +142,25 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
                 lo, hi = cfg.sc_temperature
                 first = first / (lo + (hi - lo) * t)[..., None]
             soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
+            if bool(unroll.any()):
+                stepped = _sampler_step(first, CL, V, cfg.unroll_bound, generator)
+                noisy = torch.where(unroll[:, None], stepped, noisy)
     logits = _denoiser_pass(model, noisy, start, kv, soft)
     diff = F.cross_entropy(logits[mask], x0[mask]) if mask.any() else logits.sum() * 0
     loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
     return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach()}
+
+
+def _sampler_step(lam: torch.Tensor, CL: int, V: int, bound: float, generator) -> torch.Tensor:
+    """One sampler step on temperature-scaled logits lam [B, n*C, V] (n canvases of C = CL): a sample per
+    position, the entropy-bound acceptance within each canvas, uniform random ids where not accepted -> [B, n*C]."""
+    from ..sampling import entropy, entropy_bound_accept
+    B, N, _ = lam.shape
+    probs = torch.softmax(lam.float(), -1).reshape(B * N, V)
+    sample = torch.multinomial(probs, 1, generator=generator).view(B, N)
+    accept = entropy_bound_accept(entropy(lam.float()).reshape(B * N // CL, CL), bound).view(B, N)
+    uniform = torch.randint(0, V, (B, N), device=lam.device, generator=generator)
+    return torch.where(accept, sample, uniform)
 
 
 def _noise_level(cfg: ObjectiveConfig, shape: tuple[int, ...], dev, generator) -> torch.Tensor:

@@ -21,9 +21,10 @@ Choices the spec leaves open (written down here):
     model trained at temperature 1 sees much sharper inputs when sampled at 0.1-0.3 (docs/NOTES.md measures it);
   * optionally (`unroll_prob` > 0) pass 2 of that fraction of examples denoises what one sampler step would make
     of pass 1 (an unrolled step, after SUNDAE, arXiv 2112.06749): its canvas holds pass 1's samples (at the
-    sampler's temperature for that noise level with `sc_temperature`, else at 1) where the entropy bound `unroll_bound` accepts them and uniform
-    random ids elsewhere (spec 4.2, steps 3-5), always with pass 1 as self-conditioning. At inference every
-    step after the first sees such a canvas, whose kept tokens are the model's own guesses, not clean tokens.
+    sampler's temperature for that noise level with `sc_temperature`, else at 1) where the entropy bound
+    `unroll_bound` accepts them and uniform random ids elsewhere (spec 4.2, steps 3-5), always with pass 1 as
+    self-conditioning. At inference every step after the first sees such a canvas, whose kept tokens are the
+    model's own guesses, not clean tokens.
 Knows: the model's `embed`, `run_layers`, `self_conditioning`, `head`. Does not know: data or optimisers.
 """
 from __future__ import annotations

@@ -5,7 +5,8 @@ numbers into the card.
     python scripts/export_default_model.py runs/default/checkpoint                 # stage 1 (v1)
     python scripts/export_default_model.py runs/default_ft/checkpoint --stage 2    # stage 2 (v2)
     python scripts/export_default_model.py runs/default_c8/checkpoint --stage 3    # stage 3 (v3)
-    python scripts/export_default_model.py runs/default_sc/checkpoint --stage 4    # stage 4 (v4, shipped now)
+    python scripts/export_default_model.py runs/default_sc/checkpoint --stage 4    # stage 4 (v4)
+    python scripts/export_default_model.py runs/default_unroll/checkpoint --stage 5  # stage 5 (v5, shipped now)
 
 Each later stage fine-tunes the export of the one before; its card keeps the training sections and the
 evaluation of the card it replaces.
@@ -66,6 +67,16 @@ STAGES = {   # the fine-tuning stages: command, what it did, card text, and the 
                 "(the sampler feeds temperature-scaled\nlogits; stages 1-3 trained on raw ones), and the denoiser's "
                 "loss is weighted 3; otherwise as stage 3. The loss\ncolumns are the unweighted cross-entropies; "
                 "validation uses raw self-conditioning logits, as in the earlier stages.",
+        "sampler": C8_SAMPLER, "settings": C8_SETTINGS},
+    5: {"what": "fine-tuned on unrolled sampler steps",
+        "cmd": "UNROLL_STEPS=700 scripts/train_default_model.sh   # stage 5 = dgemma train --init-from "
+               "src/dgemma/default_model --unroll 0.25 --sc-temperature 0.1 0.3 --diffusion-weight 3 --all-canvases "
+               "--context 16 --canvases 16 --steps 700 --batch-size 16 --lr 5e-4 --warmup 50 --seed 12 (after stage 4 "
+               "and its export)",
+        "text": "Starting from the stage-4 export: for a quarter of the sequences the trained second pass denoises "
+                "what one\nsampler step makes of the first pass (its samples where the entropy bound 1.0 accepts "
+                "them, random ids\nelsewhere), which is what every denoising step after the first sees at inference; "
+                "otherwise as stage 4.",
         "sampler": C8_SAMPLER, "settings": C8_SETTINGS},
 }
 QUALITY_CMD = "dgemma eval --quality --prompts 15 --tasks 0 --max-new-tokens 64 --out quality"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -25,8 +26,11 @@ STATS = re.compile(r"\[(\d+) new tokens \| [\d.]+ tokens/s \| (?:([\d.]+) tokens
 
 
 def spawn(*args: str):
+    # SIGINT back to its default in the child: a test run started in the background (`pytest &`) has it ignored,
+    # which the child would inherit, and Python then installs no KeyboardInterrupt handler (Ctrl-C ignored)
     child = pexpect.spawn(sys.executable, ["-m", "dgemma.cli", "chat", *args], env=ENV, encoding="utf-8",
-                          timeout=30, dimensions=(40, 200))
+                          timeout=30, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact(PROMPT)
     return child
 

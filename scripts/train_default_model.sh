@@ -21,7 +21,7 @@ python scripts/fetch_corpus.py
 FILES="data/corpus/austen.txt data/corpus/kjv_bible.txt data/corpus/moby_dick.txt data/corpus/shakespeare.txt data/corpus/sotu.txt"
 [ -f data/tok4k/tokenizer.json ] || dgemma tokenizer train --data $FILES --vocab-size 4096 --out data/tok4k
 if [ ! -f runs/default_ft/checkpoint/trainer_state.json ] && [ ! -f runs/default_c8/checkpoint/trainer_state.json ] \
-   && [ ! -f runs/default_sc/checkpoint/trainer_state.json ]; then
+   && [ ! -f runs/default_sc/checkpoint/trainer_state.json ] && [ ! -f runs/default_unroll/checkpoint/trainer_state.json ]; then
   # stage 1 (v1)
   dgemma train --data $FILES --tokenizer data/tok4k --out runs/default --shape small \
     --context 16 --canvases 4 --steps "$STEPS" --batch-size 16 --lr 3e-3 --warmup 100 \
@@ -29,14 +29,15 @@ if [ ! -f runs/default_ft/checkpoint/trainer_state.json ] && [ ! -f runs/default
   python scripts/export_default_model.py runs/default/checkpoint   # bf16 export + `dgemma eval` into the model card
 fi
 [ "$FINETUNE_STEPS" = 0 ] && exit 0
-if [ ! -f runs/default_c8/checkpoint/trainer_state.json ] && [ ! -f runs/default_sc/checkpoint/trainer_state.json ]; then   # stage 2 (v2)
+if [ ! -f runs/default_c8/checkpoint/trainer_state.json ] && [ ! -f runs/default_sc/checkpoint/trainer_state.json ] \
+   && [ ! -f runs/default_unroll/checkpoint/trainer_state.json ]; then   # stage 2 (v2)
   dgemma train --data $FILES --init-from src/dgemma/default_model --out runs/default_ft --all-canvases \
     --context 16 --canvases 4 --steps "$FINETUNE_STEPS" --batch-size 16 --lr 1e-3 --warmup 100 \
     --eval-every 600 --save-every 100 --seed 2 $([ -d runs/default_ft/checkpoint ] && echo --resume)
   python scripts/export_default_model.py runs/default_ft/checkpoint --stage 2   # v2: card keeps v1's sections
 fi
 [ "$CANVAS8_STEPS" = 0 ] && exit 0
-if [ ! -f runs/default_sc/checkpoint/trainer_state.json ]; then   # stage 3 (v3)
+if [ ! -f runs/default_sc/checkpoint/trainer_state.json ] && [ ! -f runs/default_unroll/checkpoint/trainer_state.json ]; then   # stage 3 (v3)
   dgemma train --data $FILES --init-from src/dgemma/default_model --out runs/default_c8 --canvas-length 8 \
     --all-canvases --context 16 --canvases 16 --steps "$CANVAS8_STEPS" --batch-size 16 --lr 5e-4 --warmup 50 \
     --eval-every 600 --save-every 100 --seed 4 $([ -d runs/default_c8/checkpoint ] && echo --resume)

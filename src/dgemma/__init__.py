@@ -27,9 +27,9 @@ def _settle_mkl_dispatch() -> None:
 
     oneMKL 2024.2 (what torch's CPU wheels link) picks each VML function's kernel on its first call; when that
     first call comes from several intra-op threads at once, one thread's chunk can run a low-accuracy kernel
-    (pytorch/pytorch#188792). Seen here: the first torch.tanh over a [7, 3000] fp32 tensor, in 1 run of 3, with
-    absolute errors of 4e-5 on the second thread's rows (1e-7 otherwise), which moved the softcapped logits by
-    3e-3. One call on one element settles the choice; it costs microseconds."""
+    (pytorch/pytorch#188792). Seen here: the first torch.tanh over a [7, 3000] fp32 tensor, in 6 of 24 fresh
+    processes, with absolute errors of 4e-5 on the second thread's rows (1e-7 otherwise), which moved the
+    softcapped logits by 3e-3. One call on one element settles the choice; it costs microseconds."""
     import torch
     if not torch.backends.mkl.is_available():
         return

@@ -32,7 +32,7 @@ TRAIN_CMD = "STEPS=5000 scripts/train_default_model.sh   # = dgemma train --shap
             "--steps 5000 --batch-size 16 --lr 3e-3 --warmup 100 --seed 0 (see the script)"
 EVAL_CMD = ("dgemma eval --model src/dgemma/default_model --data " + " ".join(FILES) +
             " --batches 30 --prompts 16 --json eval.json")
-# canvas, bound and temperatures chosen with the quality suite (docs/NOTES.md); stages 3 and 4 ship them
+# canvas, bound and temperatures chosen with the quality suite (docs/NOTES.md); stages 3 to 5 ship them
 C8_SAMPLER = {"max_denoising_steps": 8, "entropy_bound": 1.0, "t_min": 0.1, "t_max": 0.3}
 C8_SETTINGS = "canvas 8, at most 8 steps, entropy bound 1.0, temperatures 0.3 to 0.1"
 STAGES = {   # the fine-tuning stages: command, what it did, card text, and the generation settings it ships with
@@ -225,6 +225,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", nargs="?", default="runs/default/checkpoint")
     ap.add_argument("--stage", type=int, default=1, choices=(1, *STAGES),
-                    help="which training stage the checkpoint ends (2-4: fine-tuned from the shipped model before)")
+                    help=f"which training stage the checkpoint ends (2-{max(STAGES)}: fine-tuned from the shipped model "
+                         "before)")
     a = ap.parse_args()
     main(a.checkpoint, a.stage)

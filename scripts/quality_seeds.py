@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
+
+from dgemma.train.quality import geometric_mean as geo
 
 SUITE = ["--quality", "--prompts", "15", "--tasks", "0", "--max-new-tokens", "64", "--steps", "8"]
 
@@ -25,10 +26,6 @@ def seeds(text: str) -> list[int]:
         lo, hi = text.split("-")
         return list(range(int(lo), int(hi) + 1))
     return [int(s) for s in text.split(",")]
-
-
-def geo(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def main() -> int:

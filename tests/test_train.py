@@ -250,14 +250,14 @@ def test_sampler_step_keeps_accepted_samples_and_renoises_the_rest():
     lam[..., 0] += 5                                                # (a sample is token 0 over half the time)
     sure = torch.rand(B, n * C, generator=g) < 0.4                  # ... except the first; peaked ones are
     lam[sure] = torch.nn.functional.one_hot(torch.arange(int(sure.sum())) % V, V).float() * 40
-    out = _sampler_step(lam, C, V, bound=0.05, generator=torch.Generator().manual_seed(1))
+    out = _sampler_step(lam, C, bound=0.05, generator=torch.Generator().manual_seed(1))
     accept = entropy_bound_accept(entropy(lam).view(B * n, C), 0.05).view(B, n * C)
     assert bool((accept >= sure).all())                             # every peaked position is accepted
     assert torch.equal(out[sure], lam[sure].argmax(-1))             # and keeps its (certain) sample
     assert bool(accept.view(B * n, C).any(-1).all())                # at least one per canvas
     rest = ~accept
     assert int(rest.sum()) > 40 and int((out[rest] == 0).sum()) <= 6        # renoised uniformly, not sampled
-    again = _sampler_step(lam, C, V, bound=0.05, generator=torch.Generator().manual_seed(2))
+    again = _sampler_step(lam, C, bound=0.05, generator=torch.Generator().manual_seed(2))
     assert torch.equal(again[sure], out[sure]) and not torch.equal(again[rest], out[rest])
 
 

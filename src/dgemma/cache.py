@@ -248,9 +248,10 @@ class KVCache:
         if p.get("step") and not sliding:                                   # one-token step, full layer
             first = p["pos"]
         elif "C" in p or p.get("step"):         # denoiser pass; one-token step, sliding layer (scratch slot)
-            key = "first_s" if sliding else "first_f"
+            kind = "s" if sliding else "f"
+            key = "first_" + kind
             if key not in p:    # a host int (the unmasked plan's offset, the scratch slot): one tensor per pass
-                off = self.ring if p.get("step") else p["off_" + key[-1]]
+                off = self.ring if p.get("step") else p["off_" + kind]
                 p[key] = torch.full((n,), off, dtype=torch.long, device=self.device)
             first = p[key]
         else:

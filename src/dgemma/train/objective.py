@@ -144,7 +144,7 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
                 first = first / (lo + (hi - lo) * t)[..., None]
             soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
             if bool(unroll.any()):
-                stepped = _sampler_step(first, CL, V, cfg.unroll_bound, generator)
+                stepped = _sampler_step(first, CL, cfg.unroll_bound, generator)
                 noisy = torch.where(unroll[:, None], stepped, noisy)
     logits = _denoiser_pass(model, noisy, start, kv, soft)
     diff = F.cross_entropy(logits[mask], x0[mask]) if mask.any() else logits.sum() * 0
@@ -152,16 +152,14 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
     return {"loss": loss, "ar": ar.detach(), "diffusion": diff.detach()}
 
 
-def _sampler_step(lam: torch.Tensor, CL: int, V: int, bound: float, generator) -> torch.Tensor:
-    """One sampler step on temperature-scaled logits lam [B, n*C, V] (n canvases of C = CL): a sample per
+def _sampler_step(lam: torch.Tensor, CL: int, bound: float, generator) -> torch.Tensor:
+    """One sampler step on fp32 temperature-scaled logits lam [B, n*C, V] (n canvases of C = CL): a sample per
     position, the entropy-bound acceptance within each canvas, uniform random ids where not accepted -> [B, n*C]."""
-    from ..sampling import entropy, entropy_bound_accept
-    B, N, _ = lam.shape
-    probs = torch.softmax(lam.float(), -1).reshape(B * N, V)
-    sample = torch.multinomial(probs, 1, generator=generator).view(B, N)
-    accept = entropy_bound_accept(entropy(lam.float()).reshape(B * N // CL, CL), bound).view(B, N)
-    uniform = torch.randint(0, V, (B, N), device=lam.device, generator=generator)
-    return torch.where(accept, sample, uniform)
+    from ..sampling import entropy, entropy_bound_accept, init_canvas
+    B, N, V = lam.shape
+    sample = torch.multinomial(torch.softmax(lam, -1).reshape(B * N, V), 1, generator=generator).view(B, N)
+    accept = entropy_bound_accept(entropy(lam).reshape(B * N // CL, CL), bound).view(B, N)
+    return torch.where(accept, sample, init_canvas(B, N, V, lam.device, generator))
 
 
 def _noise_level(cfg: ObjectiveConfig, shape: tuple[int, ...], dev, generator) -> torch.Tensor:

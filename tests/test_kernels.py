@@ -1,4 +1,4 @@
-"""The fused MoE kernels (kernels.moe), the shared block ownership (kernels._blocks) and Experts' path choice."""
+"""The Triton kernels (kernels.py) in the interpreter and on CUDA, and the model's choice of path."""
 import copy
 import json
 import os
@@ -11,31 +11,6 @@ import torch
 from dgemma import kernels
 from dgemma.config import ModelConfig
 from dgemma.model import Experts
-
-
-def test_block_ownership_covers_every_row_once():
-    """Every row of every group lies in exactly one block of its own expert; spare blocks are marked E."""
-    g = torch.Generator().manual_seed(0)
-    for E, BM in ((5, 16), (3, 4), (8, 64), (1, 16)):
-        counts = torch.randint(0, 40, (E,), generator=g)
-        counts[0] = 0                                           # an empty expert first, and (E > 1) one later
-        counts[-1] = 0 if E > 2 else counts[-1]
-        ends = torch.cumsum(counts, 0).to(torch.int32)
-        M = int(ends[-1])
-        if M == 0:
-            continue
-        blk_e, blk_row = kernels._blocks(ends, M, BM)
-        assert blk_e.shape[0] == -(-M // BM) + min(E, M)
-        owner = torch.full((M,), -1)
-        for e, r0 in zip(blk_e.tolist(), blk_row.tolist()):
-            if e == E:
-                continue
-            start, end = int(ends[e] - counts[e]), int(ends[e])
-            assert start <= r0 < end and (r0 - start) % BM == 0
-            rows = torch.arange(r0, min(r0 + BM, end))
-            assert (owner[rows] == -1).all()
-            owner[rows] = e
-        assert (owner >= 0).all()
 
 
 def test_block_rows_by_rows_per_expert():
@@ -104,59 +79,109 @@ def test_moe_tile_choices(monkeypatch):
 
 
 # Run by Triton's interpreter in a fresh process (the interpreter must be on before triton is first imported).
-# argv: JSON list of cases [E, H, I, T, k, block_m or null, dtype, counts or null]; counts fixes how many of the
-# T*k slots each expert gets (else routing is random).
+# argv: JSON list of cases [E, H, I, T, k, block_m or null, dtype, experts or null]; `experts` are the ones tokens
+# may be routed to (the others get no rows), else all E.
 INTERPRETED = """
 import json, sys, torch
 import torch.nn.functional as F
-from dgemma import kernels
+import triton, triton.language as tl
+from dgemma import kernels, model
+from dgemma.triton_kernels import block_of
 assert kernels.available()
 
-def reference(xs, gu, dn, offs, ws):
-    out, start = torch.zeros(xs.shape[0], dn.shape[1]), 0
-    for e, end in enumerate(offs.tolist()):
-        g, u = F.linear(xs[start:end], gu[e]).chunk(2, dim=-1)
-        out[start:end] = F.linear(F.gelu(g, approximate="tanh") * u, dn[e]) * ws[start:end, None]
-        start = end
+@triton.jit
+def owner_kernel(ends_ptr, out_ptr, E, M, BM: tl.constexpr, BE: tl.constexpr):
+    e, r0, r1 = block_of(ends_ptr, E, M, BM, BE, False)
+    b = tl.program_id(0)
+    tl.store(out_ptr + 3 * b, e)
+    tl.store(out_ptr + 3 * b + 1, r0)
+    tl.store(out_ptr + 3 * b + 2, r1)
+
+# block ownership: every row of every group lies in exactly one block of its own expert; spare blocks say e >= E
+g = torch.Generator().manual_seed(0)
+for E, BM in ((5, 16), (3, 4), (8, 64), (1, 16), (128, 16), (100, 128)):
+    for _ in range(4):
+        counts = torch.randint(0, 40, (E,), generator=g)
+        counts[0] = 0                                       # an empty expert first, and (E > 2) one last
+        counts[-1] = 0 if E > 2 else counts[-1]
+        ends = torch.cumsum(counts, 0).to(torch.int32)
+        M = int(ends[-1])
+        if M == 0:
+            continue
+        nb = kernels._spans(M, BM, E)
+        got = torch.empty(nb, 3, dtype=torch.int32)
+        owner_kernel[(nb,)](ends, got, E, M, BM=BM, BE=kernels._pow2(E))
+        owner = torch.full((M,), -1)
+        for e, r0, r1 in got.tolist():
+            if e >= E:
+                continue
+            start, end = int(ends[e] - counts[e]), int(ends[e])
+            assert r1 == end and start <= r0 < end and (r0 - start) % BM == 0, (E, BM, e, r0, r1)
+            rows = torch.arange(r0, min(r0 + BM, end))
+            assert (owner[rows] == -1).all()
+            owner[rows] = e
+        assert (owner >= 0).all(), (E, BM)
+
+def reference(x, gu, dn, idx, w):
+    out = torch.zeros(x.shape[0], dn.shape[1])
+    for e in range(gu.shape[0]):
+        t, j = (idx == e).nonzero(as_tuple=True)
+        g, u = F.linear(x[t], gu[e]).chunk(2, dim=-1)
+        out.index_add_(0, t, F.linear(F.gelu(g, approximate="tanh") * u, dn[e]) * w[t, j, None])
     return out
 
-for n, (E, H, I, T, k, bm, dtype, counts) in enumerate(json.loads(sys.argv[1])):
+for n, (E, H, I, T, k, bm, dtype, experts) in enumerate(json.loads(sys.argv[1])):
     g = torch.Generator().manual_seed(n)
     dtype = getattr(torch, dtype)
     gu = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dtype)
     dn = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dtype)
-    if counts is None:
-        counts = torch.bincount(torch.randint(0, E, (T * k,), generator=g), minlength=E)
-    offs = torch.cumsum(torch.as_tensor(counts), 0)
-    assert int(offs[-1]) == T * k, counts
-    xs = torch.randn(T * k, H, generator=g).to(dtype)
-    ws = torch.rand(T * k, generator=g)
-    got = kernels.moe(xs, gu, dn, offs, ws, block_m=bm)
-    want = reference(xs.float(), gu.float(), dn.float(), offs, ws)
+    allowed = torch.tensor(experts if experts is not None else list(range(E)))
+    idx = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:k]] for _ in range(T)])   # [T, k]
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w = torch.rand(T, k, generator=g)
+    sorted_e, order = torch.sort(idx.reshape(-1), stable=True)
+    offs = torch.searchsorted(sorted_e, torch.arange(E), right=True)
+    got = kernels.moe(x, gu, dn, idx, w, order, offs, block_m=bm)
+    want = reference(x.float(), gu.float(), dn.float(), idx, w)
     tol = 1e-5 if dtype == torch.float32 else 2e-2     # (the interpreter truncates fp32 -> bf16; GPUs round)
     err = float((got.float() - want).abs().max() / want.abs().max())
-    assert got.dtype == dtype and got.shape == (T * k, H) and err <= tol, (n, E, H, I, T, k, bm, err)
+    assert got.dtype == dtype and got.shape == (T, H) and err <= tol, (n, E, H, I, T, k, bm, err)
+    # the combine alone: model.gather_sum's sums in the same order, bit for bit (in fp32: the interpreter's
+    # rounding to bf16 truncates)
+    y = torch.randn(T * k, H, generator=g) * torch.logspace(0, 6, T * k)[torch.randperm(T * k, generator=g), None]
+    y_slot = torch.empty_like(y)
+    y_slot[order] = y                                                  # the same rows in slot order (combine's)
+    assert torch.equal(kernels.combine(y_slot, idx), model.gather_sum(y, order, idx)), n
+    # the dense MLP (one matrix, no routing) through the same kernels
+    wg, wu, wd = gu[0, :I], gu[0, I:], dn[0]
+    got = kernels.mlp(x, wg, wu, wd)
+    want = F.linear(F.gelu(F.linear(x.float(), wg.float()), approximate="tanh") * F.linear(x.float(), wu.float()),
+                    wd.float())
+    err = float((got.float() - want).abs().max() / want.abs().max())
+    assert got.dtype == dtype and got.shape == (T, H) and err <= tol, ("mlp", n, err)
 print("ok")
 """
 
 CASES = {
     # uneven groups, empty experts (first, middle, last), odd widths, BM chosen by size (16 here)
-    "small_blocks": [[5, 40, 24, 13, 2, None, "float32", [0, 9, 0, 17, 0]],
-                     [4, 72, 67, 6, 1, None, "float32", [1, 0, 3, 2]],     # H, I > 64: two tiles and two K steps
-                     [4, 24, 12, 1, 1, None, "float32", [0, 0, 1, 0]],     # one token, k = 1
-                     [4, 24, 12, 1, 2, None, "float32", [1, 0, 0, 1]],     # one token, k = 2
-                     [6, 40, 24, 9, 2, 16, "bfloat16", None]],
+    "small_blocks": [[5, 40, 24, 13, 2, None, "float32", [1, 3]],
+                     [4, 72, 67, 6, 1, None, "float32", [0, 2, 3]],        # H, I > 64: two tiles and two K steps
+                     [4, 24, 12, 1, 1, None, "float32", [2]],              # one token, k = 1
+                     [4, 24, 12, 1, 2, None, "float32", [0, 3]],           # one token, k = 2
+                     [6, 40, 24, 9, 2, 16, "bfloat16", None],
+                     [8, 32, 16, 5, 8, None, "bfloat16", None]],           # k = E: every expert, 8 terms to add
     # groups of several blocks; the size-chosen BM 64 (>32 rows per expert) and a forced 128
-    "large_blocks": [[3, 40, 20, 100, 1, None, "float32", [70, 0, 30]],
-                     [2, 36, 70, 75, 2, 128, "float32", [0, 150]],
-                     [3, 24, 12, 45, 2, 16, "float32", [50, 1, 39]]],
+    "large_blocks": [[3, 40, 20, 100, 1, None, "float32", [0, 2]],
+                     [2, 36, 70, 150, 1, 128, "float32", [1]],
+                     [3, 24, 12, 45, 2, 16, "float32", None]],
 }
 
 
 @pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
 @pytest.mark.parametrize("cases", sorted(CASES))
 def test_fused_moe_in_the_interpreter(cases):
-    """kernels.moe (both kernels, the device-side blocks, masks on every edge) against an fp32 loop over experts."""
+    """Block ownership computed in the kernels (triton_kernels.block_of), kernels.moe (three kernels, masks on every
+    edge) against an fp32 loop over experts, kernels.combine against gather_sum, kernels.mlp against F.linear."""
     r = subprocess.run([sys.executable, "-c", INTERPRETED, json.dumps(CASES[cases])], capture_output=True,
                        text=True, env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -2,14 +2,16 @@
 
 Knows: matmuls over rows sorted by expert with group ends `offs` (as model.Experts.group makes them). Each
 program takes a block of up to BM rows of one expert and BN output columns; which expert and rows a block owns
-is computed on the device (`_blocks`: cumsum / searchsorted, no host sync, a launch grid fixed by the shapes),
-so a step that runs them can be captured in a CUDA graph.
+each program works out itself from the group ends (triton_kernels.block_of: a cumsum over E entries; no host
+sync, no extra launch, a launch grid fixed by the shapes), so a step that runs them can be captured in a CUDA graph.
   * `qmm`: one weight-only quantized matmul for dense layers and for experts; loads the int8 / fp8 / int4
     codes of its weight tile, dequantizes them in registers and accumulates in fp32.
-  * `moe`: the unquantized (bf16 / fp16; fp32 for tests) mixture-of-experts MLP in two kernels: gate and up
-    projections with GELU-tanh(gate) * up in the epilogue, then the down projection times each row's routing
-    weight. model.Experts uses it on CUDA with DGEMMA_FUSED=moe (or all), and two torch._grouped_mm calls
-    otherwise.
+  * `moe`: the unquantized (bf16 / fp16; fp32 for tests) mixture-of-experts MLP and the combine of each
+    token's k outputs in three kernels: gate and up projections with GELU-tanh(gate) * up in the epilogue
+    (reading each row's token from x itself), the down projection times each row's routing weight (written back
+    to the row's (token, k) slot), then the sum of each token's k rows in ascending expert order. model.Experts
+    uses it on CUDA with DGEMMA_FUSED=moe (or all), and two torch._grouped_mm calls and ~20 gathers / adds
+    otherwise. `mlp`: the same first two kernels on one dense matrix (model.GatedMLP, DGEMMA_FUSED=mlp).
   * `sampler_rows`: the fast sampler's pass over a chunk of raw head logits (softcap, temperature, max / argmax,
     exp, normaliser, entropy, block sums for the inverse-CDF draw) in one kernel: two reads of the logits and
     one write of e, instead of ~10 torch passes over fp32 [rows, V]; then `sample_search`, the inverse-CDF
@@ -21,10 +23,10 @@ so a step that runs them can be captured in a CUDA graph.
     residual add, the three pre-norms, the router's softmax / top-k / renormalisation / expert scales, the
     post-FFN norms, residual add and layer scalar) in three kernels instead of 19; model.Layer uses them
     on CUDA with DGEMMA_FUSED=norms.
-Every fused kernel is opt-in (`fused(name)`, DGEMMA_FUSED=moe,sampler,rope,norms or all) until a GPU run has
+Every fused kernel is opt-in (`fused(name)`, DGEMMA_FUSED=moe,mlp,sampler,rope,norms or all) until a GPU run has
 measured it.
-Does not know: the stored layout's origin (quant.py), routing or the combine of each token's k rows (model.py),
-the sampling rule (sampling.py).
+Does not know: the stored layout's origin (quant.py), routing and when the fused paths apply (model.py), the
+sampling rule (sampling.py).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def available() -> bool:
     return triton_installed() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-FUSIBLE = ("moe", "sampler", "rope", "norms")
+FUSIBLE = ("moe", "mlp", "sampler", "rope", "norms")
 
 
 def fused_choice() -> str:
@@ -72,20 +74,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _blocks(ends: torch.Tensor, rows: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block ownership, on the device: rows [0, rows) in expert groups with ends `ends` [E] int32, cut into
-    blocks of up to BM rows of one expert. -> blk_e [nb] int32 (the block's expert; E for a spare block, which
-    does nothing) and blk_row [nb] int32 (its first row). nb = cdiv(rows, BM) + min(E, rows) bounds the number
-    of blocks (each non-empty group adds at most one partial block) and depends only on shapes: no host sync."""
-    E = ends.shape[0]
-    counts = ends - torch.cat([ends.new_zeros(1), ends[:-1]])                     # [E] rows per expert
-    nblk = (counts + BM - 1) // BM                                                # [E] blocks per expert
-    blk_end = torch.cumsum(nblk, 0)                                               # [E]
-    b = torch.arange(-(-rows // BM) + min(E, rows), device=ends.device, dtype=torch.int32)   # [nb]
-    blk_e = torch.searchsorted(blk_end, b, right=True).to(torch.int32)            # [nb]
-    e_c = blk_e.clamp(max=E - 1).long()
-    blk_row = (ends[e_c] - counts[e_c] + (b - (blk_end - nblk)[e_c]) * BM).to(torch.int32)
-    return blk_e, blk_row
+def _spans(rows: int, BM: int, E: int) -> int:
+    """Programs along the rows for `rows` rows in E expert groups cut into blocks of up to BM rows of one expert
+    (triton_kernels.block_of numbers them): cdiv(rows, BM) + min(E, rows) bounds the blocks (each non-empty group
+    adds at most one partial block) and depends only on shapes, so a launch grid made from it needs no host sync.
+    E = 0: one dense matrix, cdiv(rows, BM) blocks."""
+    return -(-rows // BM) + min(E, rows)
 
 
 @functools.cache
@@ -112,15 +106,15 @@ def qmm(x: torch.Tensor, t: dict[str, torch.Tensor], weights: str, group: int | 
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    ends = (torch.full((1,), T, dtype=torch.int32, device=x.device) if offs is None
-            else offs.to(device=x.device, dtype=torch.int32))
+    dense = offs is None
+    ends = out if dense else offs.to(device=x.device, dtype=torch.int32)        # (dense: unused)
     BM = 16 if T <= 16 * E else 64
     BN, BK = 64, 64
-    blk_e, blk_row = _blocks(ends, T, BM)
-    grid = (blk_e.shape[0], -(-N // BN))
-    kernel[grid](x, q, s, z, out, blk_e, blk_row, ends, N, K, E, x.stride(0), q.stride(0), q.stride(1),
+    grid = (_spans(T, BM, 0 if dense else E), -(-N // BN))
+    kernel[grid](x, q, s, z, out, ends, T, N, K, E, x.stride(0), q.stride(0), q.stride(1),
                  s.stride(0), s.stride(1), out.stride(0), INT4=weights == "int4",
-                 F32DOT=x.dtype == torch.float32 or _interpreted(), G=group or 1, BM=BM, BN=BN, BK=BK)
+                 F32DOT=x.dtype == torch.float32 or _interpreted(), G=group or 1, DENSE=dense, BE=_pow2(E),
+                 BM=BM, BN=BN, BK=BK)
     return out
 
 
@@ -133,40 +127,82 @@ def moe_block_rows(rows: int, experts: int) -> int:
     return 16 if per <= 32 else 64 if per <= 512 else 128
 
 
-def moe(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, w_slot: torch.Tensor,
-        block_m: int | None = None) -> torch.Tensor:
-    """The experts' MLP on rows sorted by expert, in two kernels (no host sync: CUDA-graph capturable).
-    xs [M, H]; gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I) up); down [E, H, I]; offs [E] each expert's group
-    end in xs; w_slot [M] each row's routing weight. -> y [M, H] in xs's dtype,
-        y_r = w_r * down_e(gelu_tanh(gate_e xs_r) * up_e xs_r)   for row r of expert e.
-    Tiles: rows per block by moe_block_rows (or block_m, for tests), the rest autotuned on the GPU at first use
-    (triton_kernels.moe_configs; DGEMMA_AUTOTUNE=0 pins the default).
-    Numerics: fp32 accumulation; gelu_tanh(gate) * up in fp32, rounded once to xs's dtype as h [M, I]; the
-    down projection's fp32 sum is multiplied by the fp32 weight and rounded once (torch._grouped_mm rounds the
-    projections and the GELU product separately, then multiplies the rounded y by w: not bit-identical).
-    block_m overrides the rows per block (tests)."""
-    k = _kernels()
-    M, H = xs.shape
+def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+        order: torch.Tensor, offs: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
+    """The experts' MLP and the combine of each token's k expert outputs, in three kernels and no host sync (CUDA
+    graphs can capture it). x [T, H]; gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I) up); down [E, H, I];
+    idx [T, k] each token's experts (distinct), w [T, k] their routing weights; order [T*k]: the (token, k) slots
+    t * k + j sorted by expert (stable), offs [E] each expert's group end in that order (model.Experts.group).
+    -> [T, H] in x's dtype,
+        y_tj = w_tj * down_e(gelu_tanh(gate_e x_t) * up_e x_t)   for e = idx[t, j],
+        out_t = the y_tj added in ascending expert order, each partial sum rounded to x's dtype.
+    The kernels: gate and up projections with gelu_tanh(gate) * up in the epilogue, reading each sorted row's
+    token straight from x; the down projection times the routing weight, each row written back to its slot; the
+    combine. Tiles: rows per block by moe_block_rows (or block_m, for tests), the rest autotuned on the GPU at
+    first use (triton_kernels.moe_configs; DGEMMA_AUTOTUNE=0 pins the default).
+    Numerics: fp32 accumulation; gelu_tanh(gate) * up in fp32, rounded once to x's dtype as h [T*k, I]; the down
+    projection's fp32 sum times the fp32 weight, rounded once (torch._grouped_mm rounds the projections and
+    the GELU product separately, then multiplies the rounded y by w: not bit-identical); the combine as
+    model.gather_sum (bit for bit, given the same y)."""
+    T, k = idx.shape
     E, I = down.shape[0], down.shape[2]
-    assert gate_up.shape == (E, 2 * I, H) and down.shape == (E, H, I), (gate_up.shape, down.shape)
-    assert gate_up.dtype == down.dtype == xs.dtype, "activations and weights share one dtype"
-    y = torch.empty(M, H, dtype=xs.dtype, device=xs.device)                    # [M, H]
+    assert gate_up.shape[:2] == (E, 2 * I), (gate_up.shape, down.shape)
+    out = torch.empty(T, x.shape[1], dtype=x.dtype, device=x.device)           # [T, H]
+    if T == 0:
+        return out
+    y = _mlp(x, gate_up[:, :I], gate_up[:, I:], down, order, offs, w, k, block_m)   # [T*k, H] in slot order
+    return combine(y, idx, out)
+
+
+def combine(y: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's k rows of y [T*k, H] (slot t * k + j for expert idx[t, j]) added in ascending expert order,
+    each partial sum rounded to y's dtype, in one kernel: model.gather_sum's result (which takes the rows in expert
+    order), bit for bit. -> [T, H]."""
+    T, k = idx.shape
+    H = y.shape[1]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device) if out is None else out
+    BH = min(_pow2(H), 1024)
+    if T:
+        _kernels().combine_kernel[(T, -(-H // BH))](y, idx.contiguous(), out, H, y.stride(0), out.stride(0),
+                                                     KTOP=k, BK=_pow2(k), BH=BH)
+    return out
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The dense gated MLP down(gelu_tanh(gate x) * up x) in two kernels (the experts' kernels on one matrix):
+    x [T, H], gate and up [I, H], down [H, I] -> [T, H] in x's dtype; numerics as `moe` (h rounded once)."""
+    return _mlp(x, gate[None], up[None], down[None], None, None, None, 1, None)
+
+
+def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, order: torch.Tensor | None,
+         offs: torch.Tensor | None, w: torch.Tensor | None, k: int, block_m: int | None) -> torch.Tensor:
+    """`moe` without the combine, or (order None) `mlp`: gate, up [E, I, H] (same strides), down [E, H, I]
+    -> y [rows, H]: rows = T * k slot rows (each at its slot, weighted) or the T rows of x."""
+    kern = _kernels()
+    T, H = x.shape
+    E, I = down.shape[0], down.shape[2]
+    dense = order is None
+    M = T if dense else T * k
+    assert gate.shape == up.shape == (E, I, H) and gate.stride() == up.stride() and down.shape == (E, H, I)
+    assert gate.dtype == down.dtype == x.dtype, "activations and weights share one dtype"
+    assert gate.stride(2) == down.stride(2) == 1 and x.stride(1) == 1
+    y = torch.empty(M, H, dtype=x.dtype, device=x.device)                       # [M, H]
     if M == 0:
         return y
-    xs, gate_up, down = xs.contiguous(), gate_up.contiguous(), down.contiguous()   # no-ops for parameters
-    ends = offs.to(device=xs.device, dtype=torch.int32)                          # [E]
+    ends = y if dense else offs.to(device=x.device, dtype=torch.int32)           # [E] (dense: unused)
+    order = y if dense else order.contiguous()
+    ws = y if dense else w.reshape(-1).contiguous()                              # [T*k] slot order
     BM = block_m or moe_block_rows(M, E)
-    blk_e, blk_row = _blocks(ends, M, BM)                                        # [nb], [nb]
-    nb = blk_e.shape[0]
-    f32dot = xs.dtype == torch.float32 or _interpreted()
-    h = torch.empty(M, I, dtype=xs.dtype, device=xs.device)                      # [M, I]
+    nb = _spans(M, BM, 0 if dense else E)
+    f32dot = x.dtype == torch.float32 or _interpreted()
+    h = torch.empty(M, I, dtype=x.dtype, device=x.device)                       # [M, I] sorted order
     # BN, BK, warps and stages: triton.autotune picks them per (width, depth, BM) on first use (moe_configs)
-    k.gate_up_kernel[lambda meta: (nb, -(-I // meta["BN"]))](
-        xs, gate_up, h, blk_e, blk_row, ends, I, H, E, xs.stride(0), gate_up.stride(0), gate_up.stride(1),
-        h.stride(0), F32DOT=f32dot, BM=BM)
-    k.down_kernel[lambda meta: (nb, -(-H // meta["BN"]))](
-        h, down, w_slot.contiguous(), y, blk_e, blk_row, ends, H, I, E, h.stride(0), down.stride(0),
-        down.stride(1), y.stride(0), F32DOT=f32dot, BM=BM)
+    kern.gate_up_kernel[lambda meta: (nb, -(-I // meta["BN"]))](
+        x, gate, up, h, order, ends, M, I, H, E, k, x.stride(0), gate.stride(0), gate.stride(1), h.stride(0),
+        DENSE=dense, F32DOT=f32dot, BE=_pow2(E), BM=BM)
+    kern.down_kernel[lambda meta: (nb, -(-H // meta["BN"]))](
+        h, down, ws, y, order, ends, M, H, I, E, h.stride(0), down.stride(0), down.stride(1), y.stride(0),
+        DENSE=dense, F32DOT=f32dot, BE=_pow2(E), BM=BM)
     return y
 
 

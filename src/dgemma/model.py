@@ -70,7 +70,17 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_ok(x):     # CUDA: two Triton kernels, the GELU product in the first one's epilogue
+            H = x.shape[-1]
+            y = kernels.mlp(x.reshape(-1, H), self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+            return y.view(x.shape)
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """kernels.mlp runs: CUDA, bf16 / fp16, plain weights, no autograd, Triton present, DGEMMA_FUSED=mlp."""
+        return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()
+                and all(type(m) is nn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj))
+                and kernels.fused("mlp", x))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -149,10 +159,10 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; w, idx: [T, k] -> [T, H]. Slots are sorted by expert; each weighted term is cast to
         x's dtype and accumulated per token in ascending expert order (as the reference does)."""
+        if self._fused_ok(x):     # CUDA: three Triton kernels, gathers, routing weights and combine inside
+            order, offs = self.sort(idx)
+            return kernels.moe(x, self.gate_up_proj, self.down_proj, idx, w, order, offs)
         xs, order, tok, offs = self.group(x, idx)
-        if self._fused_ok(x):     # CUDA: two Triton kernels, routing weights applied inside (kernels.moe)
-            y = kernels.moe(xs, self.gate_up_proj, self.down_proj, offs, w.reshape(-1)[order])   # [T*k, H]
-            return gather_sum(y, order, idx)
         if isinstance(self.down_proj, QWeight):   # quantized: per-expert kernels, or one grouped kernel on CUDA
             g, u = self.gate_up_proj.grouped(xs, offs).chunk(2, dim=-1)
             y = self.down_proj.grouped(F.gelu(g, approximate="tanh") * u, offs)
@@ -174,12 +184,16 @@ class Experts(nn.Module):
     def group(self, x: torch.Tensor, idx: torch.Tensor):
         """Sort the T*k (token, expert) slots by expert. -> xs [T*k, H] (the slots' token rows), order [T*k]
         (slot of each sorted row), tok [T*k] (its token), offs [E] (end of each expert's group)."""
-        k = idx.shape[1]
-        sorted_e, order = torch.sort(idx.reshape(-1), stable=True)
-        tok = order // k
-        # searchsorted, unlike bincount, never syncs with the host
-        offs = torch.searchsorted(sorted_e, torch.arange(self.gate_up_proj.shape[0], device=x.device), right=True)
+        order, offs = self.sort(idx)
+        tok = order // idx.shape[1]
         return x.index_select(0, tok), order, tok, offs
+
+    def sort(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx [T, k] -> order [T*k] (the slots t * k + j sorted by expert, stable), offs [E] (group ends)."""
+        sorted_e, order = torch.sort(idx.reshape(-1), stable=True)
+        # searchsorted, unlike bincount, never syncs with the host
+        offs = torch.searchsorted(sorted_e, torch.arange(self.gate_up_proj.shape[0], device=idx.device), right=True)
+        return order, offs
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """xs [T*k, H] grouped by expert, offs [E] int32 group ends -> [T*k, H]. (The transposed layout,

@@ -22,22 +22,46 @@ def moe_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def block_tile(blk_row_ptr, ends_ptr, e, N, BM: tl.constexpr, BN: tl.constexpr):
-    """This program's tile of a real block of expert e: rows [BM], cols [BN] in [0, N) and their masks."""
-    r0 = tl.load(blk_row_ptr + tl.program_id(0))
-    r1 = tl.load(ends_ptr + e)
+def block_of(ends_ptr, E, M, BM: tl.constexpr, BE: tl.constexpr, DENSE: tl.constexpr):
+    """Which block of rows this program (program_id(0)) owns, computed here from the group ends (no host sync, no
+    extra launches): rows [0, M) sorted by expert, expert e's rows ending at ends[e] (E of them, BE >= E a power
+    of two), cut into blocks of up to BM rows of one expert, numbered expert by expert. -> (e, r0, r1): the
+    block's expert (>= E: a spare block, which does nothing), its first row and its expert's row end.
+    DENSE: one matrix, no groups (e = 0, blocks of BM rows of [0, M))."""
+    b = tl.program_id(0)
+    if DENSE:
+        e = b * 0
+        r0 = b * BM
+        r1 = M
+    else:
+        es = tl.arange(0, BE)
+        em = es < E
+        ends = tl.load(ends_ptr + es, mask=em, other=0)                   # [BE]
+        starts = tl.load(ends_ptr + es - 1, mask=em & (es > 0), other=0)  # [BE]
+        nblk = tl.where(em, (ends - starts + BM - 1) // BM, 0)            # [BE] blocks per expert
+        blk_end = tl.cumsum(nblk, 0)                                      # [BE]
+        e = tl.sum((blk_end <= b).to(tl.int32), 0)                        # searchsorted(blk_end, b, right=True)
+        sel = es == e
+        r0 = tl.sum(tl.where(sel, starts + (b - blk_end + nblk) * BM, 0), 0)
+        r1 = tl.sum(tl.where(sel, ends, 0), 0)
+    return e, r0, r1
+
+
+@triton.jit
+def block_tile(r0, r1, N, BM: tl.constexpr, BN: tl.constexpr):
+    """A block's tile: rows [BM] from r0 (masked at r1), cols [BN] of program_id(1) in [0, N), and their masks."""
     rows = r0 + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     return rows, cols, rows < r1, cols < N
 
 
 @triton.jit
-def qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, blk_e_ptr, blk_row_ptr, ends_ptr,
-               N, K, E, sxm, sqe, sqn, sse, ssn, som,
-               INT4: tl.constexpr, F32DOT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    e = tl.load(blk_e_ptr + tl.program_id(0))
+def qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ends_ptr, M, N, K, E, sxm, sqe, sqn, sse, ssn, som,
+               INT4: tl.constexpr, F32DOT: tl.constexpr, G: tl.constexpr, DENSE: tl.constexpr, BE: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    e, r0, r1 = block_of(ends_ptr, E, M, BM, BE, DENSE)
     if e < E:                                                             # else a spare block
-        rows, cols, rmask, nmask = block_tile(blk_row_ptr, ends_ptr, e, N, BM, BN)
+        rows, cols, rmask, nmask = block_tile(r0, r1, N, BM, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
@@ -65,24 +89,30 @@ def qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, blk_e_ptr, blk_row_ptr, ends
                  mask=rmask[:, None] & nmask[None, :])
 
 
-# ---- the unquantized MoE MLP ----
-@triton.autotune(configs=moe_configs(), key=["I", "K", "BM"])
+# ---- the unquantized MLPs: the experts (rows grouped by expert) and the dense MLP (DENSE) ----
+@triton.autotune(configs=moe_configs(), key=["I", "K", "BM", "DENSE"])
 @triton.jit
-def gate_up_kernel(x_ptr, w_ptr, h_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, I, K, E, sxm, swe, swn, shm,
-                   F32DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """h[rows, cols] = gelu_tanh(x W_gate^T) * (x W_up^T) for a block of one expert's rows; W = w[e] [2I, K]."""
-    e = tl.load(blk_e_ptr + tl.program_id(0))
+def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, order_ptr, ends_ptr, M, I, K, E, KTOP, sxm, swe, swn, shm,
+                   DENSE: tl.constexpr, F32DOT: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr):
+    """h[rows, cols] = gelu_tanh(x W_gate^T) * (x W_up^T) for a block of one expert's rows (W_gate = wg[e],
+    W_up = wu[e], [I, K] each). Row r of the sorted order reads token order[r] // KTOP of x (DENSE: row r)."""
+    e, r0, r1 = block_of(ends_ptr, E, M, BM, BE, DENSE)
     if e < E:
-        rows, cols, rmask, nmask = block_tile(blk_row_ptr, ends_ptr, e, I, BM, BN)   # [BM], [BN] in [0, I)
-        wg = w_ptr + e.to(tl.int64) * swe + cols[None, :] * swn           # [1, BN] gate rows of W
-        wu = wg + I * swn                                                 # the matching up rows
+        rows, cols, rmask, nmask = block_tile(r0, r1, I, BM, BN)         # [BM], [BN] in [0, I)
+        if DENSE:
+            src = rows
+        else:                                                             # the token each sorted row stands for
+            src = tl.load(order_ptr + rows, mask=rmask, other=0) // KTOP
+        xp = x_ptr + src[:, None].to(tl.int64) * sxm                      # [BM, 1]
+        wg = wg_ptr + e.to(tl.int64) * swe + cols[None, :] * swn          # [1, BN] gate rows of W
+        wu = wu_ptr + e.to(tl.int64) * swe + cols[None, :] * swn          # the matching up rows
         gate = tl.zeros((BM, BN), dtype=tl.float32)
         up = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)                                    # [BK]
             kmask = ks < K
-            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + ks[None, :],
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
+            a = tl.load(xp + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)   # [BM, BK]
             wmask = kmask[:, None] & nmask[None, :]
             g = tl.load(wg + ks[:, None], mask=wmask, other=0.0)          # [BK, BN] = W_gate^T tile
             u = tl.load(wu + ks[:, None], mask=wmask, other=0.0)
@@ -100,14 +130,16 @@ def gate_up_kernel(x_ptr, w_ptr, h_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, I, K, 
                  mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.autotune(configs=moe_configs(), key=["N", "K", "BM"])
+@triton.autotune(configs=moe_configs(), key=["N", "K", "BM", "DENSE"])
 @triton.jit
-def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, N, K, E, shm, swe, swn, sym,
-                F32DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y[rows, cols] = (h W^T) * ws[rows] for a block of one expert's rows; W = w[e] [N, K]."""
-    e = tl.load(blk_e_ptr + tl.program_id(0))
+def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, order_ptr, ends_ptr, M, N, K, E, shm, swe, swn, sym,
+                DENSE: tl.constexpr, F32DOT: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr):
+    """For a block of one expert's rows: y[order[r], cols] = (h[r] W^T) * ws[order[r]], W = w[e] [N, K]: each
+    row goes back to its (token, k) slot with its routing weight. DENSE: y[r] = h[r] W^T."""
+    e, r0, r1 = block_of(ends_ptr, E, M, BM, BE, DENSE)
     if e < E:
-        rows, cols, rmask, nmask = block_tile(blk_row_ptr, ends_ptr, e, N, BM, BN)   # [BM], [BN] in [0, N)
+        rows, cols, rmask, nmask = block_tile(r0, r1, N, BM, BN)         # [BM], [BN] in [0, N)
         wp = w_ptr + e.to(tl.int64) * swe + cols[None, :] * swn           # [1, BN]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -120,9 +152,34 @@ def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, blk_e_ptr, blk_row_ptr, ends_ptr, N
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
-        acc = acc * tl.load(ws_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]   # routing weight
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * sym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+        if DENSE:
+            dst = rows
+        else:
+            dst = tl.load(order_ptr + rows, mask=rmask, other=0)                           # the rows' slots
+            acc = acc * tl.load(ws_ptr + dst, mask=rmask, other=0.0).to(tl.float32)[:, None]   # routing weight
+        tl.store(y_ptr + dst[:, None].to(tl.int64) * sym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def combine_kernel(y_ptr, idx_ptr, out_ptr, H, sym, som, KTOP: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+    """out[t, cols] = the sum of token t's KTOP slot rows y[t * KTOP + j], added in ascending expert order
+    idx[t, j], each partial sum rounded to out's dtype (what index_add_ over expert-sorted rows does)."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    cmask = cols < H
+    js = tl.arange(0, BK)
+    ex = tl.load(idx_ptr + t * KTOP + js, mask=js < KTOP, other=2147483647).to(tl.int32)   # [BK] (distinct)
+    rank = tl.sum((ex[None, :] < ex[:, None]).to(tl.int32), 1)           # [BK] place of slot j in expert order
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for r in tl.static_range(KTOP):
+        j = tl.sum(tl.where(rank == r, js, 0), 0)                         # the slot with the r-th smallest expert
+        term = tl.load(y_ptr + (t * KTOP + j).to(tl.int64) * sym + cols, mask=cmask, other=0.0).to(tl.float32)
+        if r == 0:
+            acc = term
+        else:
+            acc = (acc + term).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * som + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 # ---- the fast sampler's pass over a chunk of logits ----

@@ -5,9 +5,10 @@ What is counted: every aten operation that does work (views and allocations excl
 launch (Triton's interpreter runs them here; what happens inside a launch is not counted), and one per RMSNorm
 (one F.rms_norm kernel on CUDA, a chain of ops on the CPU). On a GPU each counted operation is about one kernel
 launch, so the counts estimate the kernels per step before and after fusing; they are not a GPU profile
-(scripts/gpu_profile.py measures that) and they say nothing about time. The experts' matmuls are left out: on the
-CPU they run as a loop over experts, on a GPU as grouped matmuls or kernels.moe, so their launch count here would
-not be the GPU's.
+(scripts/gpu_profile.py measures that) and they say nothing about time. The experts and MLPs run as on a GPU:
+with DGEMMA_FUSED=moe / mlp their Triton kernels (here in fp32, which the GPU path does not take), without it
+torch._grouped_mm (one launch per projection, as on a GPU; the CPU runs it too at these widths) and the
+combine the GPU uses (model.gather_sum, not the CPU's one index_add_).
 
 Usage:  TRITON_INTERPRET=1 PYTHONPATH=src python scripts/count_ops.py [--shape small] [--layers 6]
 """
@@ -26,7 +27,7 @@ from dgemma import kernels, sampling
 from dgemma import model as model_module
 from dgemma.config import preset
 from dgemma.generate import denoise_step
-from dgemma.model import DiffusionGemma, Experts
+from dgemma.model import DiffusionGemma, Experts, GatedMLP
 
 FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias"}
 
@@ -93,12 +94,14 @@ def main() -> None:
     real = kernels._kernels()
     proxy = type("K", (), {n: Counted(getattr(real, n), mode) for n in dir(real) if n.endswith("_kernel")})
     kernels._kernels = lambda: proxy
-    experts_forward = Experts.forward
-
-    def experts_uncounted(self, *args):                  # the experts' matmul path differs on a GPU: left out
-        with mode.pause():
-            return experts_forward(self, *args)
-    Experts.forward = experts_uncounted
+    Experts._fused_ok = lambda self, x: not torch.is_grad_enabled() and kernels.fused("moe", x)   # fp32 here
+    GatedMLP._fused_ok = lambda self, x: not torch.is_grad_enabled() and kernels.fused("mlp", x)
+    combine = Experts.combine
+    Experts.combine = staticmethod(lambda y, order, tok, idx, cuda: combine(y, order, tok, idx, True))
+    with torch.no_grad():
+        grouped = model.layers[0].experts._grouped_ok(torch.empty(1, cfg.hidden_size))
+    if not grouped:
+        raise SystemExit("this shape's expert widths do not suit torch._grouped_mm: the counts would not be a GPU's")
     rms_norm = model_module.rms_norm
 
     def rms_norm_once(*args):                            # one fused kernel on CUDA (F.rms_norm), ~8 ops here
@@ -114,7 +117,7 @@ def main() -> None:
     uniform, renoise = torch.rand(B * C, generator=g), torch.randint(0, V, (B, C), generator=g)
     temp = torch.tensor(0.5)
     out = {"shape": a.shape, "layers": a.layers, "batch": B, "canvas": C, "note": __doc__.split("\n\n")[1]}
-    for fused in ("", "rope", "norms", "rope,norms", "sampler", "all"):
+    for fused in ("", "rope", "norms", "rope,norms", "moe,mlp", "sampler", "all"):
         os.environ["DGEMMA_FUSED"] = fused
         with torch.inference_mode():
             cache = model.new_cache(B, 40 + 2 * C)
@@ -127,7 +130,7 @@ def main() -> None:
                                  "denoising_step": sum(step.values()), "ar_step": sum(ar.values()),
                                  "denoiser_pass_ops": den}
         print(f"{fused or 'eager':>11}: denoiser pass {sum(den.values()):4d} ({sum(den.values()) / a.layers:.1f} per "
-              f"layer), denoising step {sum(step.values()):4d}, AR step {sum(ar.values()):4d}   (experts not counted)")
+              f"layer), denoising step {sum(step.values()):4d}, AR step {sum(ar.values()):4d}")
     os.environ.pop("DGEMMA_FUSED")
     path = os.path.join(os.environ.get("OUT", "bench_out"), "count_ops.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

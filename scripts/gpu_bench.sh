@@ -3,8 +3,8 @@
 #   1. the GPU tests (graph replay = eager exactly, fp32 CUDA = CPU, bf16 grouped matmuls, GPU sampler chi-square,
 #      the fused Triton MoE kernels against torch._grouped_mm and fp32);
 #   2. diagnostics of one 26B-A4B denoiser step and AR step (scripts/gpu_profile.py), the MoE both ways:
-#      with every fused Triton kernel (DGEMMA_FUSED=all: MoE, sampler, norm + RoPE; opt-in) and with the default
-#      torch path (torch._grouped_mm etc.): kernel counts, step times, one head + sampler chunk both ways, and the
+#      with every fused Triton kernel (DGEMMA_FUSED=all: MoE, dense MLP, sampler, norm + RoPE, norms; opt-in) and
+#      with the default torch path (torch._grouped_mm etc.): kernel counts, step times, one head + sampler chunk both ways, and the
 #      MoE tiles that triton.autotune chose (a few seconds per shape on first use);
 #   3. `dgemma bench` on the 26B-A4B shape, random bf16 weights built on the GPU, 16 steps per canvas,
 #      batch 1 and 32: dgemma (fast sampler + CUDA graphs), the request-level Engine (graphs per row count),

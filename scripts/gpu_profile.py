@@ -3,7 +3,7 @@
 Prints and writes (to $OUT or bench_out/) JSON with: agreement of the static (graph) plan with the dynamic one,
 eager vs CUDA-graph step time, the MoE's share and achieved bandwidth, and a kernel-time table of one
 eager step. The step runs two ways, compared side by side (keys prefixed fused_ / torch_): with every fused
-Triton kernel (DGEMMA_FUSED=all: kernels.moe, kernels.norm_rope, the sampler's kernels.sampler_rows) and with
+Triton kernel (DGEMMA_FUSED=all: kernels.moe and mlp, norm_rope, the layer norms, the sampler's kernels) and with
 the default torch path (torch._grouped_mm, eager norms and RoPE, torch sampler ops): the GPU kernels launched per
 denoiser step and per AR step, the time of one step (eager and graph-replayed), and the experts layer alone.
 One chunk of the head + fast sampler is timed with torch ops and with the fused kernel (sampling.fused_rows).
@@ -135,10 +135,16 @@ def main() -> None:
         offs = offs.to(torch.int32)
         ms = timed(lambda: layer.experts._grouped(xs, offs))
         r[f"grouped_mm_T{T}_ms"], r[f"grouped_mm_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
-        if kernels.available():
-            ws = w.reshape(-1)[order]                      # each sorted row's routing weight
-            ms = timed(lambda: kernels.moe(xs, layer.experts.gate_up_proj, layer.experts.down_proj, offs, ws))
+        if kernels.available():                            # three kernels: gate/up, down, the combine
+            ms = timed(lambda: kernels.moe(x, layer.experts.gate_up_proj, layer.experts.down_proj, idx, w, order,
+                                           offs))
             r[f"fused_moe_T{T}_ms"], r[f"fused_moe_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
+            mlp = layer.mlp                                # the dense MLP: two kernels vs cuBLAS + GELU + product
+            mlp_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
+            for mode in ("fused", "torch"):
+                set_path(mode)
+                ms = timed(lambda: mlp(x))
+                r[f"{mode}_dense_mlp_T{T}_ms"], r[f"{mode}_dense_mlp_T{T}_tb_s"] = ms, mlp_bytes / (ms / 1000) / 1e12
         ys = {}
         for mode in ("fused", "torch"):
             set_path(mode)

@@ -520,15 +520,25 @@ with torch.inference_mode():
 for i, (x, y) in enumerate(zip(got, want)):
     assert x.dtype == torch.bfloat16 and x.shape == y.shape
     assert float((x.float() - y.float()).norm() / y.float().norm()) < 2e-2, i   # (the interpreter truncates to bf16)
-# whole fp32 passes: encoder and denoiser logits with the norms (and norm_rope) fused vs eager
+# whole fp32 passes: encoder and denoiser logits with the norms (and norm_rope, the MLP kernels, all) fused vs eager;
+# the MLPs take their kernels in fp32 on the CPU here (on a GPU: bf16 / fp16 only)
+from dgemma.model import Experts, GatedMLP
+Experts._fused_ok = lambda self, x: not torch.is_grad_enabled() and kernels.fused("moe", x)
+GatedMLP._fused_ok = lambda self, x: not torch.is_grad_enabled() and kernels.fused("mlp", x)
+calls = []
+for name in ("moe", "mlp"):
+    kernel = getattr(kernels, name)
+    setattr(kernels, name, lambda *a, kernel=kernel, name=name, **kw: calls.append(name) or kernel(*a, **kw))
 model.float()
 ids = torch.randint(3, 512, (2, 12), generator=g)
 canvas = torch.randint(3, 512, (2, cfg.canvas_length), generator=g)
 outs = []
-for fused in ("", "norms", "norms,rope"):
+for fused in ("", "norms", "norms,rope", "moe,mlp", "all"):
     os.environ["DGEMMA_FUSED"] = fused
     with torch.inference_mode():
         outs.append((model.encoder_logits(ids), model.denoise_logits(ids, canvas)))
+    assert ("moe" in calls) == ("moe" in fused or fused == "all") and ("mlp" in calls) == ("moe" in calls), calls
+    calls.clear()
 for got in outs[1:]:
     for x, y in zip(got, outs[0]):
         assert float((x - y).norm() / y.norm()) < 1e-4
@@ -540,7 +550,8 @@ print("ok")
 def test_fused_layer_norms_in_the_interpreter():
     """kernels.route against Router's torch ops (ties, renormalisation, expert scales); post_attention and post_ffn
     against the eager ops in bf16; whole fp32 encoder and denoiser passes of a random model (norm weights and layer
-    scalars random too) with the fused layer tail (DGEMMA_FUSED=norms, and with norm_rope) against the eager ops."""
+    scalars random too) with the fused layer tail (DGEMMA_FUSED=norms, and with norm_rope), with the MLP kernels
+    (moe, mlp) and with all of them against the eager ops."""
     r = subprocess.run([sys.executable, "-c", LAYER_INTERPRETED], capture_output=True, text=True,
                        env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
@@ -550,8 +561,8 @@ def test_fused_layer_norms_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available() or not kernels.triton_installed(), reason="needs CUDA and triton")
 def test_fused_layer_kernels_on_cuda(monkeypatch):
     """bf16 at the 26B-A4B layer widths (2 layers: sliding + full): the denoiser's hidden states with every fused
-    kernel (DGEMMA_FUSED=all) stay close to the eager path's and to fp32, and a CUDA graph replays the fused
-    static step exactly."""
+    kernel (DGEMMA_FUSED=all: q/k/v epilogue, norms, experts, dense MLPs) stay close to the eager path's and to
+    fp32, and a CUDA graph replays the fused static step exactly."""
     from dgemma.bench.worker import build
     monkeypatch.delenv("DGEMMA_FUSED", raising=False)                # the eager runs below
     m = build({"shape": "26b-a4b", "device": "cuda", "dtype": "float32",
@@ -572,10 +583,11 @@ def test_fused_layer_kernels_on_cuda(monkeypatch):
         cache = m.new_cache(2, 100 + C)
         m.encode(ids, cache)
         calls = []
-        route = kernels.route
-        monkeypatch.setattr(kernels, "route", lambda *a: calls.append(1) or route(*a))
+        for name in ("route", "moe", "mlp", "norm_rope"):
+            monkeypatch.setattr(kernels, name, (lambda f, n: lambda *a, **k: calls.append(n) or f(*a, **k))(
+                getattr(kernels, name), name))
         fused = m.denoise(canvas, cache, static=True)
-        assert calls                                                  # the fused layer tail ran
+        assert set(calls) == {"route", "moe", "mlp", "norm_rope"}, set(calls)   # every layer kernel ran
         assert _rel(fused, want) < 3e-2 and _rel(eager, want) < 3e-2, (_rel(fused, want), _rel(eager, want))
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

@@ -177,9 +177,16 @@ class Experts(nn.Module):
                 start = end
             y = torch.cat(ys)
         y = (y * w.reshape(-1)[order, None]).to(x.dtype)                # [T*k, H]
-        if not x.is_cuda:         # sequential: the reference's rounding, bit for bit
-            return torch.zeros_like(x).index_add_(0, tok, y)
-        return gather_sum(y, order, idx)   # on CUDA index_add_ uses atomics: run-to-run noise
+        return self.combine(y, order, tok, idx, x.is_cuda)
+
+    @staticmethod
+    def combine(y: torch.Tensor, order: torch.Tensor, tok: torch.Tensor, idx: torch.Tensor, cuda: bool) -> torch.Tensor:
+        """Each token's k weighted rows of y [T*k, H] (expert-sorted) added in ascending expert order -> [T, H]:
+        on the CPU a sequential index_add_ (the reference's rounding, bit for bit); on CUDA, where index_add_ uses
+        atomics (run-to-run noise), gather_sum, which adds in the same order."""
+        if not cuda:
+            return torch.zeros(idx.shape[0], y.shape[1], dtype=y.dtype, device=y.device).index_add_(0, tok, y)
+        return gather_sum(y, order, idx)
 
     def group(self, x: torch.Tensor, idx: torch.Tensor):
         """Sort the T*k (token, expert) slots by expert. -> xs [T*k, H] (the slots' token rows), order [T*k]

@@ -101,6 +101,26 @@ def test_cancel_frees_the_row(tmp_path):
     assert results[c].tokens == toks
 
 
+def test_a_burst_starts_together_and_a_late_prompt_is_encoded_a_chunk_per_step(tmp_path):
+    """With no row denoising, every prompt bound for a free row is encoded in the first step (a burst then runs
+    in lock step, as generate would); once rows denoise, a new prompt takes one chunk per step."""
+    m = peaky(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(20, 512, (30,), generator=g).tolist() for _ in range(4)]
+    eng = Engine(m, max_batch=4, prefill_chunk=8)
+    for i, p in enumerate(prompts[:3]):
+        eng.submit(p, seed=i, **KW)
+    eng.step()
+    assert len(eng.rows) == 3 and eng.stats.prefill_tokens == 90
+    eng.submit(prompts[3], seed=3, **KW)
+    for _ in range(3):                                      # 30 tokens at 8 per step: 4 steps to join
+        eng.step()
+        assert eng.stats.prefill_tokens == 8 and len(eng.rows) == 3
+    eng.step()
+    assert eng.stats.prefill_tokens == 6 and len(eng.rows) == 4
+    assert len(eng.run()) == 4
+
+
 def _run_engine(m, prompts, cuda_graphs, device="cpu"):
     eng = Engine(m, max_batch=3, sampler="fast", cuda_graphs=cuda_graphs)
     ids = [eng.submit(p, seed=50 + i, **KW) for i, p in enumerate(prompts[:3])]

@@ -9,9 +9,10 @@ reproduces `generate(..., seed=s)` of batch 1 exactly (prompts up to one prefill
 `generate.denoise_step` over the active rows (per-row temperatures and entropy bounds); with the fast sampler on
 CUDA it is a replayed graph, one per number of active rows.
 Prompts are encoded in chunks of `prefill_chunk` tokens aligned to absolute positions, about one chunk's worth of
-tokens per step, so a long prompt does not stall the rows already denoising; each finished prompt leaves a
-snapshot at its last chunk boundary in the prefix store (`prefix.PrefixStore`), and a later prompt that starts
-with a stored prefix (the next turn of a chat) encodes only the rest, with exactly the cold request's tokens.
+tokens per step, so a long prompt does not stall the rows already denoising (with none denoising, all at once);
+each finished prompt leaves a snapshot at its last chunk boundary in the prefix store (`prefix.PrefixStore`), and
+a later prompt that starts with a stored prefix (the next turn of a chat) encodes only the rest, with exactly the
+cold request's tokens.
 `warm(ids)` encodes a prefix in idle time without generating (the server does it with a finished chat turn).
 `max_new_tokens` is exact: the last canvas is cut, never overshot.
 Does not know: text, HTTP. The server sits on `submit`, `step`, `cancel` and `collect`.
@@ -319,14 +320,17 @@ class Engine:
         return _Row(req, canvas, canvas, None, s.max_denoising_steps, stopper)
 
     def _prefill(self) -> int:
-        """Encode about `prefill_chunk` prompt tokens (at least one aligned chunk): requests bound for free rows
-        first, in arrival order; warm jobs only when no request waits. Finished prompts join the batch.
+        """Encode about `prefill_chunk` prompt tokens (at least one aligned chunk), or with no row denoising every
+        prompt bound for a free row: requests first, in arrival order; warm jobs (a chunk per step) only when no
+        request waits. Finished prompts join the batch.
         Returns the tokens encoded."""
         while self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch:
             self.prefilling.append(self._start(self.waiting.popleft()))
         idle = not (self.waiting or self.rows)
         jobs = list(self.prefilling) or (list(self.warming) if idle else [])   # warm jobs: only when idle
-        done, K = 0, self.prefill_chunk
+        # no row is denoising: nothing to stall, so every prompt bound for a free row is encoded now and they all
+        # start together (a burst of requests then runs in lock step, as one generate call would)
+        done, K = 0, self.prefill_chunk if self.rows or not self.prefilling else math.inf
         for req in jobs:
             if req.one is None:                                  # a warm job starting now
                 self._start(req)

@@ -6,8 +6,8 @@ Why: Triton's interpreter (how the tests run the kernels on the CPU) accepts cod
 passes every CPU test can still fail at its first launch on a GPU. This compiles each launch that the
 wrappers in kernels.py make (bf16 activations, the quantized layouts, both attention kinds, a decoding step and a
 batch of canvases) for an sm_90 (H100 / H200) target, every tile configuration the MoE kernels autotune over
-included, and reports registers, stack (spilled registers) and shared memory per kernel. Nothing runs: the wrappers are called on
-"meta" tensors (shapes and dtypes only) and their launches are recorded instead of executed.
+included, and reports registers, stack (spilled registers) and shared memory per kernel. Nothing runs: the
+wrappers are called on "meta" tensors (shapes and dtypes only) and their launches are recorded instead of executed.
 
 Usage:  PYTHONPATH=src python scripts/compile_kernels.py [--arch 90] [--quick] [--json OUT]
         (--quick: the first and last MoE tile configurations only; exit status 1 if any kernel fails)

@@ -119,6 +119,9 @@ def test_a_burst_starts_together_and_a_late_prompt_is_encoded_a_chunk_per_step(t
     eng.step()
     assert eng.stats.prefill_tokens == 6 and len(eng.rows) == 4
     assert len(eng.run()) == 4
+    # the burst's prompts were still encoded in aligned chunks: each left its snapshot at its last boundary (24)
+    rid = eng.submit(prompts[1] + [50, 51], seed=9, **KW)
+    assert eng.run()[rid].cached_tokens == 24
 
 
 def _run_engine(m, prompts, cuda_graphs, device="cpu"):

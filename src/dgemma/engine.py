@@ -330,13 +330,14 @@ class Engine:
         jobs = list(self.prefilling) or (list(self.warming) if idle else [])   # warm jobs: only when idle
         # no row is denoising: nothing to stall, so every prompt bound for a free row is encoded now and they all
         # start together (a burst of requests then runs in lock step, as one generate call would)
-        done, K = 0, self.prefill_chunk if self.rows or not self.prefilling else math.inf
+        K = self.prefill_chunk
+        done, budget = 0, K if self.rows or not self.prefilling else math.inf
         for req in jobs:
             if req.one is None:                                  # a warm job starting now
                 self._start(req)
             L = len(req.prompt)
             last = self._snapshot_point(L)                       # exact reuse: the last chunk boundary
-            while req.pos < L and done < K:
+            while req.pos < L and done < budget:
                 end = min(L, (req.pos // K + 1) * K)             # aligned: exactly the cold request's chunks
                 ids = torch.tensor([req.prompt[req.pos:end]], device=self.model.device)
                 self.model.encode(ids, req.one)

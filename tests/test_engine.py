@@ -101,6 +101,26 @@ def test_cancel_frees_the_row(tmp_path):
     assert results[c].tokens == toks
 
 
+def test_prompts_encoded_together_give_batch1_tokens(tmp_path):
+    """A burst of equal-length prompts is encoded in one batched pass, and each request still gets exactly its
+    batch-1 generate tokens."""
+    m = peaky(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(20, 512, (9,), generator=g).tolist() for _ in range(3)]
+    eng = Engine(m, max_batch=3)
+    calls = []
+    encode = m.encode
+    m.encode = lambda ids, cache, *a, **k: calls.append(tuple(ids.shape)) or encode(ids, cache, *a, **k)
+    try:
+        ids = [eng.submit(p, seed=10 + i, **KW) for i, p in enumerate(prompts)]
+        res = eng.run()
+    finally:
+        del m.encode
+    assert calls[0] == (3, 9)                               # the three prompts in one pass
+    for i, rid in enumerate(ids):
+        assert res[rid].tokens == expected(m, prompts[i], 10 + i)[0], i
+
+
 def test_a_burst_starts_together_and_a_late_prompt_is_encoded_a_chunk_per_step(tmp_path):
     """With no row denoising, every prompt bound for a free row is encoded in the first step (a burst then runs
     in lock step, as generate would); once rows denoise, a new prompt takes one chunk per step."""

@@ -129,12 +129,15 @@ def test_max_new_tokens_is_exact(peaky_model):
 
 
 def test_cancel_while_encoding(peaky_model):
-    eng = Engine(peaky_model, prefill_chunk=K)
+    eng = Engine(peaky_model, max_batch=2, prefill_chunk=K)
+    first = eng.submit(_ids(10, 1), seed=1, **KW)
+    eng.step()                                            # a row denoises: later prompts go a chunk per step
     rid = eng.submit(_ids(80, 3), seed=1, **KW)
     eng.step()
-    assert eng.prefilling and not eng.rows
+    assert eng.prefilling and len(eng.rows) == 1
     eng.cancel(rid)
-    assert not eng.has_work()
+    assert not eng.prefilling and eng.pre is None         # its prefill row (and the idle prefill cache) given back
+    assert set(eng.run()) == {first}
 
 
 def test_cancel_outside_inference_mode_after_the_cache_grew(peaky_model):

@@ -120,6 +120,15 @@ class KVCache:
         self._lengths_changed()
         self.padded = self.padded or src_cache.padded
 
+    def clear_row(self, b: int) -> None:
+        """Forget every position of row b (its K/V stays in memory, never read again: no plan looks past a
+        row's valid slots)."""
+        self.ring_pos[b] = -1
+        self.ring_valid[b] = False
+        self.full_valid[b] = False
+        self.lengths[b] = 0
+        self._lengths_changed()
+
     def select_rows(self, rows: list[int]) -> "KVCache":
         """Keep only `rows` (in that order) as the active rows [:len(rows)]; returns self."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)

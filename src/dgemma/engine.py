@@ -9,7 +9,8 @@ reproduces `generate(..., seed=s)` of batch 1 exactly (prompts up to one prefill
 `generate.denoise_step` over the active rows (per-row temperatures and entropy bounds); with the fast sampler on
 CUDA it is a replayed graph, one per number of active rows.
 Prompts are encoded in chunks of `prefill_chunk` tokens aligned to absolute positions, about one chunk's worth of
-tokens per step, so a long prompt does not stall the rows already denoising (with none denoising, all at once);
+tokens per step, so a long prompt does not stall the rows already denoising (with none denoising, all at once),
+each prompt in its own row of a prefill cache, chunks of equal length from several prompts in one batched pass;
 each finished prompt leaves a snapshot at its last chunk boundary in the prefix store (`prefix.PrefixStore`), and
 a later prompt that starts with a stored prefix (the next turn of a chat) encodes only the rest, with exactly the
 cold request's tokens.
@@ -97,8 +98,8 @@ class _Request:
     canvases: int = 0
     passes: int = 0
     cached: int = 0                       # prompt tokens taken from the prefix store
-    pos: int = 0                          # prompt tokens encoded so far (into `one`)
-    one: KVCache | None = None            # the request's own one-row cache while its prompt is encoded
+    pos: int = 0                          # prompt tokens encoded so far (into its prefill row)
+    row: int | None = None                # its row of the engine's prefill cache while its prompt is encoded
 
 
 @dataclass
@@ -137,6 +138,8 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.prefilling: list[_Request] = []           # prompts being encoded, each bound for a free row
         self.warming: deque[_Request] = deque()         # warm() jobs: encode in idle time, keep the snapshot
+        self.pre: KVCache | None = None                 # prompts being encoded, a row each (made when needed)
+        self._pre_free: list[int] = []
         self.prefill_chunk = prefill_chunk
         self.exact_reuse = exact_reuse
         self.prefix = PrefixStore(prefix_cache_bytes, prefill_chunk if exact_reuse else 1) \
@@ -193,7 +196,7 @@ class Engine:
         check_positions(self.model.config, len(prompt), 0)
         self.warming.append(_Request(f"warm-{next(self._ids)}", list(prompt[:last]), self.model.sampler_config, None))
         while len(self.warming) > max_jobs:
-            self.warming.popleft()
+            self._release(self.warming.popleft())
         return True
 
     def _snapshot_point(self, n: int) -> int:
@@ -209,6 +212,9 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Forget a request wherever it is (waiting, encoding its prompt, or denoising: its row is freed)."""
         self.waiting = deque(r for r in self.waiting if r.id != request_id)
+        for r in self.prefilling:
+            if r.id == request_id:
+                self._release(r)
         self.prefilling = [r for r in self.prefilling if r.id != request_id]
         keep = [i for i, r in enumerate(self.rows) if r.req.id != request_id]
         if len(keep) != len(self.rows):
@@ -322,8 +328,9 @@ class Engine:
     def _prefill(self) -> int:
         """Encode about `prefill_chunk` prompt tokens (at least one aligned chunk), or with no row denoising every
         prompt bound for a free row: requests first, in arrival order; warm jobs (a chunk per step) only when no
-        request waits. Finished prompts join the batch.
-        Returns the tokens encoded."""
+        request waits. Each round takes the next aligned chunk of every prompt with tokens left (while the budget
+        lasts) and encodes chunks of one length together, one row each of the prefill cache; finished prompts
+        join the batch. Returns the tokens encoded."""
         while self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch:
             self.prefilling.append(self._start(self.waiting.popleft()))
         idle = not (self.waiting or self.rows)
@@ -332,43 +339,63 @@ class Engine:
         # start together (a burst of requests then runs in lock step, as one generate call would)
         K = self.prefill_chunk
         done, budget = 0, K if self.rows or not self.prefilling else math.inf
-        for req in jobs:
-            if req.one is None:                                  # a warm job starting now
-                self._start(req)
-            L = len(req.prompt)
-            last = self._snapshot_point(L)                       # exact reuse: the last chunk boundary
-            while req.pos < L and done < budget:
-                end = min(L, (req.pos // K + 1) * K)             # aligned: exactly the cold request's chunks
-                ids = torch.tensor([req.prompt[req.pos:end]], device=self.model.device)
-                self.model.encode(ids, req.one)
-                done, req.pos = done + end - req.pos, end
-                if end == last and last > req.cached and self.prefix is not None:
-                    snap = req.one
-                    if end < L:                                  # the tail continues in req.one: keep a copy
+        while True:
+            chunks: dict[int, list[tuple[_Request, int]]] = {}   # chunk length -> [(request, chunk end)]
+            for req in jobs:
+                if req.row is None:                              # a warm job starting now
+                    self._start(req)
+                if req.pos < len(req.prompt) and done < budget:
+                    end = min(len(req.prompt), (req.pos // K + 1) * K)   # aligned: the cold request's chunks
+                    chunks.setdefault(end - req.pos, []).append((req, end))
+                    done += end - req.pos
+            if not chunks:
+                break
+            for group in chunks.values():
+                ids = torch.tensor([req.prompt[req.pos:end] for req, end in group], device=self.model.device)
+                self.model.encode(ids, self.pre, rows=[req.row for req, _ in group])
+                for req, end in group:
+                    req.pos = end
+                    last = self._snapshot_point(len(req.prompt))   # exact reuse: the last chunk boundary
+                    if end == last and last > req.cached and self.prefix is not None:
                         snap = self.model.new_cache(1, last, scratch=1)
-                        snap.copy_row(0, req.one)
-                    self.prefix.insert(req.prompt[:last], snap)
-            if req.pos < L:
-                break                                            # budget spent; continue next step
+                        snap.copy_row(0, self.pre, req.row)
+                        self.prefix.insert(req.prompt[:last], snap)
+        for req in jobs:
+            if req.pos < len(req.prompt):
+                continue                                         # budget spent; continue next step
             if req in self.warming:
                 self.warming.remove(req)
+                self._release(req)
                 continue
             self.prefilling.remove(req)
             b = len(self.rows)                                   # move into a free row
             self.cache.n = b + 1
-            self.cache.copy_row(b, req.one)
-            req.one = None
+            self.cache.copy_row(b, self.pre, req.row)
+            self._release(req)
             self.rows.append(self._new_canvas(req))
         return done
 
     def _start(self, req: _Request) -> _Request:
-        """Give a request its own one-row cache, starting from the longest stored prefix of its prompt."""
-        req.one = self.model.new_cache(1, len(req.prompt), scratch=1)
+        """Give a request a row of the prefill cache, starting from the longest stored prefix of its prompt."""
+        if self.pre is None:                  # one row per request bound for the batch, one for a warm job
+            self.pre = self.model.new_cache(self.max_batch + 1, self.prefill_chunk, scratch=1)
+            self._pre_free = list(range(self.max_batch, -1, -1))
+        req.row = self._pre_free.pop()
+        self.pre.clear_row(req.row)
         n, snap = self.prefix.lookup(req.prompt) if self.prefix is not None else (0, None)
         if snap is not None:
-            req.one.copy_row(0, snap)
+            self.pre.copy_row(req.row, snap)
             req.pos = req.cached = n
         return req
+
+    def _release(self, req: _Request) -> None:
+        """Give back a request's prefill row; with none in use, the prefill cache's memory too."""
+        if req.row is None:
+            return
+        self._pre_free.append(req.row)
+        req.row = None
+        if len(self._pre_free) == self.pre.batch:
+            self.pre, self._pre_free = None, []
 
     def _commit(self, commit: list[int]) -> list[CanvasEvent]:
         events, keep, encode_rows, encode_ids = [], [], [], []

@@ -120,11 +120,12 @@ def qmm(x: torch.Tensor, t: dict[str, torch.Tensor], weights: str, group: int | 
 
 # ---- the unquantized MoE MLP --------------------------------------------------------------------------------
 def moe_block_rows(rows: int, experts: int) -> int:
-    """BM for `moe` by the mean rows per expert: 16 for decoding-sized groups (a 26B-A4B denoiser step at batch 1
-    sends ~16 rows to each expert), 64 / 128 for large batches (~2,000 rows per expert). Untuned: thresholds
-    and tile sizes wait for a GPU run."""
+    """BM for `moe` / `mlp` by the mean rows per expert: 16 for decoding-sized groups (a 26B-A4B denoiser step at
+    batch 1 sends ~16 rows to each expert), 64 above. Not 128: compiled for sm_90 (scripts/compile_kernels.py),
+    the gate/up kernel (two fp32 accumulators) spills registers in every one of its tile configurations at
+    BM 128, and in all but 3 at BM 64. Untuned otherwise: thresholds and tile sizes wait for a GPU run."""
     per = rows / max(1, experts)
-    return 16 if per <= 32 else 64 if per <= 512 else 128
+    return 16 if per <= 32 else 64
 
 
 def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,

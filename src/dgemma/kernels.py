@@ -133,7 +133,7 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.T
     """The experts' MLP and the combine of each token's k expert outputs, in three kernels and no host sync (CUDA
     graphs can capture it). x [T, H]; gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I) up); down [E, H, I];
     idx [T, k] each token's experts (distinct), w [T, k] their routing weights; order [T*k]: the (token, k) slots
-    t * k + j sorted by expert (stable), offs [E] each expert's group end in that order (model.Experts.group).
+    t * k + j sorted by expert (stable), offs [E] each expert's group end in that order (model.Experts.sort).
     -> [T, H] in x's dtype,
         y_tj = w_tj * down_e(gelu_tanh(gate_e x_t) * up_e x_t)   for e = idx[t, j],
         out_t = the y_tj added in ascending expert order, each partial sum rounded to x's dtype.

@@ -167,7 +167,7 @@ class Experts(nn.Module):
             g, u = self.gate_up_proj.grouped(xs, offs).chunk(2, dim=-1)
             y = self.down_proj.grouped(F.gelu(g, approximate="tanh") * u, offs)
         elif self._grouped_ok(x):   # one grouped matmul per projection: no loop, no host sync
-            y = self._grouped(xs, offs.to(torch.int32))
+            y = self._grouped(xs, offs)
         else:                     # training / odd shapes: a loop over the experts that received tokens
             ys, start = [], 0
             for e, end in enumerate(offs.tolist()):
@@ -180,7 +180,8 @@ class Experts(nn.Module):
         return self.combine(y, order, tok, idx, x.is_cuda)
 
     @staticmethod
-    def combine(y: torch.Tensor, order: torch.Tensor, tok: torch.Tensor, idx: torch.Tensor, cuda: bool) -> torch.Tensor:
+    def combine(y: torch.Tensor, order: torch.Tensor, tok: torch.Tensor, idx: torch.Tensor,
+                cuda: bool) -> torch.Tensor:
         """Each token's k weighted rows of y [T*k, H] (expert-sorted) added in ascending expert order -> [T, H]:
         on the CPU a sequential index_add_ (the reference's rounding, bit for bit); on CUDA, where index_add_ uses
         atomics (run-to-run noise), gather_sum, which adds in the same order."""
@@ -196,10 +197,11 @@ class Experts(nn.Module):
         return x.index_select(0, tok), order, tok, offs
 
     def sort(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx [T, k] -> order [T*k] (the slots t * k + j sorted by expert, stable), offs [E] (group ends)."""
+        """idx [T, k] -> order [T*k] (the slots t * k + j sorted by expert, stable), offs [E] int32 (group ends)."""
         sorted_e, order = torch.sort(idx.reshape(-1), stable=True)
         # searchsorted, unlike bincount, never syncs with the host
-        offs = torch.searchsorted(sorted_e, torch.arange(self.gate_up_proj.shape[0], device=idx.device), right=True)
+        offs = torch.searchsorted(sorted_e, torch.arange(self.gate_up_proj.shape[0], device=idx.device), right=True,
+                                  out_int32=True)                       # (the kernels' index type: no cast)
         return order, offs
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ Why: Triton's interpreter (how the tests run the kernels on the CPU) accepts cod
 passes every CPU test can still fail at its first launch on a GPU. This compiles each launch that the
 wrappers in kernels.py make (bf16 activations, the quantized layouts, both attention kinds, a decoding step and a
 batch of canvases) for an sm_90 (H100 / H200) target, every tile configuration the MoE kernels autotune over
-included, and reports registers, stack (spilled registers) and shared memory per kernel. Nothing runs: the
+included (those its early_config_prune drops are marked "pruned"), and reports registers, stack (spilled
+registers) and shared memory per kernel. Nothing runs: the
 wrappers are called on "meta" tensors (shapes and dtypes only) and their launches are recorded instead of executed.
 
 Usage:  PYTHONPATH=src python scripts/compile_kernels.py [--arch 90] [--quick] [--json OUT]
@@ -140,10 +141,12 @@ def main() -> int:
     target = GPUTarget("cuda", a.arch, 32)
     jobs, seen = [], set()
     for name, kernel, args, kw in record_launches():
-        configs, fn = [None], kernel
+        configs, fn, kept = [None], kernel, [None]
         if isinstance(kernel, triton.runtime.autotuner.Autotuner):   # every tile it may choose on a GPU
             configs = kernel.configs[:: max(1, len(kernel.configs) - 1)] if a.quick else kernel.configs
             fn = kernel.fn
+            prune = kernel.early_config_prune        # what autotuning would keep (the rest are compiled too)
+            kept = prune(kernel.configs, dict(zip(fn.arg_names, args)), **kw) if prune else kernel.configs
         for cfg in configs:
             ckw = dict(kw) if cfg is None else {**kw, **cfg.kwargs, "num_warps": cfg.num_warps,
                                                 "num_stages": cfg.num_stages}
@@ -152,10 +155,10 @@ def main() -> int:
                    json.dumps(opts, sort_keys=True))
             if key not in seen:
                 seen.add(key)
-                jobs.append((name, fn, sig, const, opts))
+                jobs.append((name, fn, sig, const, opts, cfg in kept))
     results, failed, t0 = [], 0, time.time()
-    for name, fn, sig, const, opts in jobs:
-        row = {"kernel": name, "constexprs": {k: str(v) for k, v in const.items()}, **opts}
+    for name, fn, sig, const, opts, autotuned in jobs:
+        row = {"kernel": name, "constexprs": {k: str(v) for k, v in const.items()}, **opts, "autotuned": autotuned}
         try:
             compiled = triton.compile(ASTSource(fn, sig, constexprs=const), target=target, options=opts)
             row.update(usage(compiled))
@@ -167,7 +170,7 @@ def main() -> int:
         flags = ",".join([f"{k}={v}" for k, v in row["constexprs"].items() if k in ("DENSE", "BM", "BN", "BK",
                                                                                      "INT4", "SLOTS", "KTOP", "BV")]
                          + [f"w{opts.get('num_warps', 4)}s{opts.get('num_stages', 3)}"])
-        print(f"{'ok  ' if row['ok'] else 'FAIL'} {name:22s} {flags:40s} "
+        print(f"{'ok  ' if row['ok'] else 'FAIL'} {name:22s} {flags:44s} {'' if autotuned else '(pruned) '}"
               + (f"regs {row['registers']:3d} stack {row['stack_bytes']:5d} B shared {row['shared_bytes']:6d} B"
                  if row["ok"] else row["error"]), flush=True)
     print(f"{len(jobs)} launches compiled for sm_{a.arch} with triton {triton.__version__} in "

@@ -64,14 +64,23 @@ def test_cpu_experts_forward_is_unchanged(dtype, H, I):
 @pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
 def test_moe_tile_choices(monkeypatch):
     """On a GPU the MoE kernels autotune over tiles that include the untuned default and narrow column tiles
-    for decoding; the interpreter and DGEMMA_AUTOTUNE=0 get the default alone (importing the kernels module
-    compiles nothing)."""
+    for decoding, less those whose footprint spills; the interpreter and DGEMMA_AUTOTUNE=0 get the default alone
+    (importing the kernels module compiles nothing)."""
     from dgemma import triton_kernels as tk
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("DGEMMA_AUTOTUNE", raising=False)
     tiles = [(c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in tk.moe_configs()]
     assert (64, 64, 4, 3) in tiles and {16, 32, 64, 128} == {t[0] for t in tiles}
     assert len(set(tiles)) == len(tiles)
+    # autotuning first drops the tiles whose register footprint spilled on sm_90 (scripts/compile_kernels.py)
+    configs = tk.moe_configs()
+
+    def kept(acc, BM):
+        return {(c.kwargs["BN"], c.kwargs["BK"], c.num_warps) for c in tk.keep_unspilled(acc)(configs, {}, BM=BM)}
+    assert kept(2, 64) == {(16, 64, 4), (32, 64, 4), (64, 64, 8)}        # gate/up at BM 64: the 3 that never spill
+    assert (64, 64, 4) in kept(2, 16) and (128, 128, 4) not in kept(2, 16)   # 0 B vs 5.4 KB of stack
+    assert (64, 128, 4) not in kept(1, 64) and (64, 64, 8) in kept(1, 64)    # down at BM 64: 984 B vs 0
+    assert tk.keep_unspilled(2)(configs, {}, BM=4096) == configs[:1]       # never empty
     for env, value in (("DGEMMA_AUTOTUNE", "0"), ("TRITON_INTERPRET", "1")):
         monkeypatch.setenv(env, value)
         assert [(c.kwargs, c.num_warps) for c in tk.moe_configs()] == [({"BN": 64, "BK": 64}, 4)]

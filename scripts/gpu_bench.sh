@@ -1,46 +1,68 @@
 #!/usr/bin/env bash
-# The prepared device check (one H100/H200 run, about 4-5 minutes on an H200; the MoE comparison is not timed yet):
+# The prepared device check: one call of the device tool (at most 600 s a call, 15 minutes a task), so the steps
+# run in order of value under one deadline (DEADLINE seconds, default 540), each with a timeout of its own cut to
+# the time left; a step that cannot get 30 s is skipped and says so.
 #   1. the GPU tests (graph replay = eager exactly, fp32 CUDA = CPU, bf16 grouped matmuls, GPU sampler chi-square,
-#      the fused Triton MoE kernels against torch._grouped_mm and fp32);
-#   2. diagnostics of one 26B-A4B denoiser step and AR step (scripts/gpu_profile.py), the MoE both ways:
-#      with every fused Triton kernel (DGEMMA_FUSED=all: MoE, dense MLP, sampler, norm + RoPE, norms; opt-in) and
-#      with the default torch path (torch._grouped_mm etc.): kernel counts, step times, one head + sampler chunk both ways, and the
-#      MoE tiles that triton.autotune chose (a few seconds per shape on first use);
-#   3. `dgemma bench` on the 26B-A4B shape, random bf16 weights built on the GPU, 16 steps per canvas,
-#      batch 1 and 32: dgemma (fast sampler + CUDA graphs), the request-level Engine (graphs per row count),
-#      AR (same weights, graphs), and the reference
-#      (transformers 5.23, built from the same shape on the GPU) when it can be imported.
+#      the fused Triton kernels against torch._grouped_mm, the eager ops and fp32, a fused step's graph replay);
+#   2. `dgemma bench`, 26B-A4B shape, random bf16 weights built on the GPU, 128-token prompt, 16 steps per canvas,
+#      batch 1: dgemma (fast sampler + CUDA graphs), the request-level Engine (graphs per row count), AR (same
+#      weights, graphs) and the reference (transformers 5.23 from the same shape, when it can be imported);
+#   3. the same at batch 1 with the fused Triton kernels (DGEMMA_FUSED=$FUSED, default all: MoE, dense MLP,
+#      sampler, norm + RoPE, norms), without the reference;
+#   4. batch 32, default path (add the reference with B32_REFERENCE=1: ~2 minutes and 108 GB more);
+#   5. batch 32 with the fused kernels;
+#   6. diagnostics of one denoiser step and AR step (scripts/gpu_profile.py): kernels per step and step times
+#      with and without the fused kernels, the MoE and dense MLP both ways, one head + sampler chunk both ways,
+#      and the MoE tiles that triton.autotune chose.
 # If transformers 5.23 is not installed there, put its wheel in .whl/ (see docs/NOTES.md).
-# Usage on the device machine:  bash scripts/gpu_bench.sh  [PROFILE=0 to skip step 2; FUSED=all (or a list such as
-#                               moe,rope): bench with those fused kernels; FUSED=compare: the default bench, then
-#                               dgemma-fast and AR again with every fused kernel (about 2 minutes more)]   (results land in $OUT or bench_out/)
+# Usage on the device machine:  bash scripts/gpu_bench.sh   [FUSED=none: skip 3 and 5; PROFILE=0: skip 6;
+#                               DEADLINE=seconds]   (results land in $OUT or bench_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench_out}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
+DEADLINE=${DEADLINE:-540}
+FUSED=${FUSED:-all}
+unset DGEMMA_FUSED
+
+run_step() {   # run_step NAME MAX_SECONDS COMMAND...: at most MAX_SECONDS, and never past the deadline
+  local name=$1 max=$2 t=$(( DEADLINE - SECONDS - 5 ))
+  shift 2
+  [ "$t" -gt "$max" ] && t=$max
+  if [ "$t" -lt 30 ]; then
+    echo "== SKIPPED $name: $(( DEADLINE - SECONDS )) s left"
+    return
+  fi
+  echo "== $name (up to $t s; at ${SECONDS} s of $DEADLINE)"
+  timeout "$t" "$@"
+  local rc=$?
+  [ "$rc" -ne 0 ] && echo "== $name ended with status $rc (124: timed out)"
+}
+
+bench() {      # bench NAME MAX_SECONDS BATCH SYSTEMS OUT_NAME
+  run_step "$1" "$2" python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch "$3" \
+    --steps 16 --prompt-len 128 --ar-tokens 64 --systems "$4" --out "$OUTDIR/$5" 2>&1 | grep -v "bench:" | tail -14
+}
+
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static.py tests/test_kernels.py \
+python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
+
+run_step "GPU tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static.py tests/test_kernels.py \
   > "$OUTDIR/gpu_tests.txt" 2>&1
 tail -6 "$OUTDIR/gpu_tests.txt"
-if [ "${PROFILE:-1}" != 0 ]; then      # PROFILE=0 skips the diagnostics
-  timeout 240 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
+bench "batch 1, default path" 240 1 dgemma-fast,engine,ar,reference b1
+[ "$FUSED" != none ] && DGEMMA_FUSED=$FUSED bench "batch 1, DGEMMA_FUSED=$FUSED" 180 1 dgemma-fast,engine,ar b1_fused
+B32_SYSTEMS=dgemma-fast,engine,ar
+[ "${B32_REFERENCE:-0}" = 1 ] && B32_SYSTEMS=$B32_SYSTEMS,reference
+bench "batch 32, default path" 200 32 "$B32_SYSTEMS" b32
+[ "$FUSED" != none ] && DGEMMA_FUSED=$FUSED bench "batch 32, DGEMMA_FUSED=$FUSED" 180 32 dgemma-fast,engine,ar b32_fused
+if [ "${PROFILE:-1}" != 0 ]; then
+  run_step "step diagnostics" 240 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
   tail -70 "$OUTDIR/profile_log.txt"
 fi
-export DGEMMA_FUSED=${FUSED:-}
-[ "$DGEMMA_FUSED" = compare ] && export DGEMMA_FUSED=
-for B in 1 32; do
-  timeout 240 python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch "$B" --steps 16 \
-    --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,engine,ar,reference --out "$OUTDIR/b$B" 2>&1 | grep -v "bench:" | tail -12
-done
-if [ "${FUSED:-}" = compare ]; then   # the same weights with every fused kernel, after the default path
-  for B in 1 32; do
-    DGEMMA_FUSED=all timeout 200 python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 \
-      --batch "$B" --steps 16 --prompt-len 128 --ar-tokens 64 --systems dgemma-fast,ar --out "$OUTDIR/b${B}_fused" \
-      2>&1 | grep -v "bench:" | tail -8
-  done
-fi
+echo "== done at ${SECONDS} s"

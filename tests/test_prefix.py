@@ -160,3 +160,20 @@ def test_warm_jobs_wait_until_the_engine_is_idle(peaky_model):
     while eng.warming:
         eng.step()
     assert tuple(_ids(64, 2)) in eng.prefix.entries
+
+
+def test_many_short_warm_jobs_then_a_burst(peaky_model):
+    """Inexact reuse warms whole prompts, shorter than a chunk too: however many wait, one at a time holds the
+    prefill cache's spare row, a burst that arrives mid-warm still gets its rows, and every job ends up stored."""
+    eng = Engine(peaky_model, max_batch=1, prefill_chunk=K, exact_reuse=False)
+    prompts = [_ids(5 + i, 10 + i) for i in range(6)]
+    for p in prompts:
+        assert eng.warm(p)
+    eng.step()
+    assert len(eng.warming) < 6 and sum(w.row is not None for w in eng.warming) <= 1
+    ids = [eng.submit(_ids(40, 20 + i), seed=i, **KW) for i in range(3)]   # more than max_batch
+    res = eng.run()
+    assert set(ids) <= set(res)
+    while eng.warming:
+        eng.step()
+    assert all(tuple(p) in eng.prefix.entries for p in prompts) and eng.pre is None

@@ -342,12 +342,15 @@ class Engine:
         while True:
             chunks: dict[int, list[tuple[_Request, int]]] = {}   # chunk length -> [(request, chunk end)]
             for req in jobs:
-                if req.row is None:                              # a warm job starting now
+                if req.pos >= len(req.prompt) or done >= budget:
+                    continue
+                if req.row is None:                              # a warm job: one at a time (the spare row)
+                    if any(w.row is not None for w in self.warming):
+                        continue
                     self._start(req)
-                if req.pos < len(req.prompt) and done < budget:
-                    end = min(len(req.prompt), (req.pos // K + 1) * K)   # aligned: the cold request's chunks
-                    chunks.setdefault(end - req.pos, []).append((req, end))
-                    done += end - req.pos
+                end = min(len(req.prompt), (req.pos // K + 1) * K)   # aligned: the cold request's chunks
+                chunks.setdefault(end - req.pos, []).append((req, end))
+                done += end - req.pos
             if not chunks:
                 break
             for group in chunks.values():

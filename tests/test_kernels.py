@@ -131,6 +131,14 @@ for E, BM in ((5, 16), (3, 4), (8, 64), (1, 16), (128, 16), (100, 128)):
             owner[rows] = e
         assert (owner >= 0).all(), (E, BM)
 
+# a decoding step's routing sorted in one program: torch.sort(stable) + searchsorted, exactly
+for T, k, E in ((1, 8, 128), (2, 8, 128), (16, 8, 128), (5, 2, 6), (1, 1, 4), (40, 3, 5)):
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    sorted_e, want = torch.sort(idx.reshape(-1), stable=True)
+    order, offs = kernels.route_order(idx, E)
+    assert torch.equal(order, want), (T, k, E)
+    assert torch.equal(offs, torch.searchsorted(sorted_e, torch.arange(E), right=True, out_int32=True)), (T, k, E)
+
 def reference(x, gu, dn, idx, w):
     out = torch.zeros(x.shape[0], dn.shape[1])
     for e in range(gu.shape[0]):
@@ -189,8 +197,9 @@ CASES = {
 @pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
 @pytest.mark.parametrize("cases", sorted(CASES))
 def test_fused_moe_in_the_interpreter(cases):
-    """Block ownership computed in the kernels (triton_kernels.block_of), kernels.moe (three kernels, masks on every
-    edge) against an fp32 loop over experts, kernels.combine against gather_sum, kernels.mlp against F.linear."""
+    """Block ownership computed in the kernels (triton_kernels.block_of), route_order against torch.sort,
+    kernels.moe (three kernels, masks on every edge) against an fp32 loop over experts, kernels.combine against
+    gather_sum, kernels.mlp against F.linear."""
     r = subprocess.run([sys.executable, "-c", INTERPRETED, json.dumps(CASES[cases])], capture_output=True,
                        text=True, env={**os.environ, "TRITON_INTERPRET": "1", "DGEMMA_FUSED": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -19,6 +19,7 @@ sync, no extra launch, a launch grid fixed by the shapes), so a step that runs t
     (through sampling.fused_rows) with DGEMMA_FUSED=sampler.
   * `norm_rope`: the attention's q / k / v epilogue (RMSNorm of each head, RoPE on q and k, the weightless norm
     of v) in one kernel instead of 13 per layer; model.Attention uses it on CUDA with DGEMMA_FUSED=rope.
+  * `route_order`: a decoding step's routing slots sorted by expert in one program (T * k <= 128).
   * `post_attention`, `route`, `post_ffn`: the rest of a layer around its matmuls (post-attention norm and
     residual add, the three pre-norms, the router's softmax / top-k / renormalisation / expert scales, the
     post-FFN norms, residual add and layer scalar) in three kernels instead of 19; model.Layer uses them
@@ -119,6 +120,21 @@ def qmm(x: torch.Tensor, t: dict[str, torch.Tensor], weights: str, group: int | 
 
 
 # ---- the unquantized MoE MLP --------------------------------------------------------------------------------
+ROUTE_ORDER_MAX = 128     # routing slots route_order sorts in one program (an AR step up to batch 16 at k = 8)
+
+
+def route_order(idx: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of a decoding step sorted by expert in one launch (instead of torch.sort, an arange and
+    searchsorted): idx [T, k] with T * k <= ROUTE_ORDER_MAX -> order [T*k] int64 (the slots t * k + j sorted by
+    expert, stable: torch.sort's), offs [E] int32 (each expert's group end)."""
+    M = idx.numel()
+    assert M <= ROUTE_ORDER_MAX, M
+    order = torch.empty(M, dtype=torch.int64, device=idx.device)
+    offs = torch.empty(experts, dtype=torch.int32, device=idx.device)
+    _kernels().route_order_kernel[(1,)](idx.contiguous(), order, offs, M, experts, BMS=_pow2(M), BE=_pow2(experts))
+    return order, offs
+
+
 def moe_block_rows(rows: int, experts: int) -> int:
     """BM for `moe` / `mlp` by the mean rows per expert: 16 for decoding-sized groups (a 26B-A4B denoiser step at
     batch 1 sends ~16 rows to each expert), 64 above. Not 128: compiled for sm_90 (scripts/compile_kernels.py),

@@ -160,7 +160,8 @@ class Experts(nn.Module):
         """x: [T, H]; w, idx: [T, k] -> [T, H]. Slots are sorted by expert; each weighted term is cast to
         x's dtype and accumulated per token in ascending expert order (as the reference does)."""
         if self._fused_ok(x):     # CUDA: three Triton kernels, gathers, routing weights and combine inside
-            order, offs = self.sort(idx)
+            E = self.gate_up_proj.shape[0]        # (a decoding step's few slots: sorted in one more kernel)
+            order, offs = (kernels.route_order(idx, E) if idx.numel() <= kernels.ROUTE_ORDER_MAX else self.sort(idx))
             return kernels.moe(x, self.gate_up_proj, self.down_proj, idx, w, order, offs)
         xs, order, tok, offs = self.group(x, idx)
         if isinstance(self.down_proj, QWeight):   # quantized: per-expert kernels, or one grouped kernel on CUDA

@@ -411,3 +411,20 @@ def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BE: tl.cons
     w = vals / tl.sum(vals, axis=0) * tl.load(pes_ptr + ids, mask=slot < K, other=0.0).to(tl.float32)
     tl.store(w_ptr + t * K + slot, w, mask=slot < K)
     tl.store(idx_ptr + t * K + slot, ids.to(tl.int64), mask=slot < K)
+
+
+@triton.jit
+def route_order_kernel(idx_ptr, order_ptr, offs_ptr, M, E, BMS: tl.constexpr, BE: tl.constexpr):
+    """One program sorts M <= BMS routing slots (expert ids idx [M], slot s = t * k + j) by expert, stably:
+    order[r] = the slot at sorted place r (what torch.sort(stable=True) returns), offs[e] = the number of slots
+    with expert <= e (searchsorted(sorted, arange(E), right=True)), by counting over [BMS, BMS] and [BE, BMS]."""
+    s = tl.arange(0, BMS)
+    sm = s < M
+    ex = tl.load(idx_ptr + s, mask=sm, other=2147483647).to(tl.int32)     # [BMS] (padding sorts last)
+    ex_r, ex_c = ex[:, None], ex[None, :]                                 # [BMS, 1], [1, BMS]
+    before = (ex_c < ex_r) | ((ex_c == ex_r) & (s[None, :] < s[:, None]))   # [BMS, BMS]: slot c goes before r
+    place = tl.sum(before.to(tl.int32), 1)                                # [BMS] sorted place of each slot
+    tl.store(order_ptr + place, s.to(tl.int64), mask=sm)
+    e = tl.arange(0, BE)
+    ends = tl.sum(((ex_c <= e[:, None]) & sm[None, :]).to(tl.int32), 1)   # [BE]
+    tl.store(offs_ptr + e, ends, mask=e < E)

@@ -83,6 +83,7 @@ def record_launches() -> list[tuple]:
             r = meta(T, H)
             kernels.post_attention(r, r, *(meta(H) for _ in range(4)), H ** -0.5, 1e-6)
             kernels.post_ffn(r, r, r, meta(H), meta(H), meta(H), meta(1), 1e-6)
+            kernels.post_ffn(r, r, r, meta(H), meta(H), meta(H), meta(1), 1e-6, meta(H))   # + the next layer's norm
             kernels.route(meta(T, E), k, meta(E))
             if T * k <= kernels.ROUTE_ORDER_MAX:
                 kernels.route_order(idx, E)

@@ -128,7 +128,7 @@ def main() -> None:
             ar = count(lambda: model.head(model.encode_step(ids[:, -1:], cache)[:, -1]), mode)
         out[fused or "eager"] = {"denoiser_pass": sum(den.values()), "per_layer": sum(den.values()) / a.layers,
                                  "denoising_step": sum(step.values()), "ar_step": sum(ar.values()),
-                                 "denoiser_pass_ops": den}
+                                 "denoiser_pass_ops": den, "ar_step_ops": ar}
         print(f"{fused or 'eager':>11}: denoiser pass {sum(den.values()):4d} ({sum(den.values()) / a.layers:.1f} per "
               f"layer), denoising step {sum(step.values()):4d}, AR step {sum(ar.values()):4d}")
     os.environ.pop("DGEMMA_FUSED")

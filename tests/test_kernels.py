@@ -554,6 +554,10 @@ with torch.inference_mode():
     want += (tail * L.layer_scalar,)
     got += (kernels.post_ffn(r, m1, m2, L.post_feedforward_layernorm_1.weight, L.post_feedforward_layernorm_2.weight,
                              L.post_feedforward_layernorm.weight, L.layer_scalar, L.router.eps),)
+    nxt = model.layers[0].input_layernorm.to(torch.bfloat16)        # with the next layer's input norm too
+    want += (tail * L.layer_scalar, nxt(tail * L.layer_scalar))
+    got += kernels.post_ffn(r, m1, m2, L.post_feedforward_layernorm_1.weight, L.post_feedforward_layernorm_2.weight,
+                            L.post_feedforward_layernorm.weight, L.layer_scalar, L.router.eps, nxt.weight)
 for i, (x, y) in enumerate(zip(got, want)):
     assert x.dtype == torch.bfloat16 and x.shape == y.shape
     assert float((x.float() - y.float()).norm() / y.float().norm()) < 2e-2, i   # (the interpreter truncates to bf16)

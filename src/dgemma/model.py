@@ -266,14 +266,18 @@ class Layer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                encoder: bool) -> torch.Tensor:
+                encoder: bool, x: torch.Tensor | None = None,
+                next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h: [B, S, H]; `attend(q, k, v) -> [B, Hq, S, D]` supplies keys/values and the mask (k = v = None:
-        already in the cache slots that `attend.kv_slots()`, when it has one, named)."""
+        already in the cache slots that `attend.kv_slots()`, when it has one, named). x: input_layernorm(h) when
+        the previous layer's fused tail computed it. -> (the new h, next_norm(new h) when the fused tail
+        computed it (DGEMMA_FUSED=norms), else None)."""
         B, S, H = h.shape
-        q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin, getattr(attend, "kv_slots", None))
+        x = self.input_layernorm(h) if x is None else x
+        q, k, v = self.self_attn.qkv(x, cos, sin, getattr(attend, "kv_slots", None))
         o = attend(q, k, v).transpose(1, 2).reshape(B, S, -1)
         if not torch.is_grad_enabled() and kernels.fused("norms", h):
-            return self._fused_tail(h, self.self_attn.o_proj(o), encoder)
+            return self._fused_tail(h, self.self_attn.o_proj(o), encoder, next_norm)
         h = h + self.post_attention_layernorm(self.self_attn.o_proj(o))
         r = h
         m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
@@ -282,12 +286,14 @@ class Layer(nn.Module):
         m2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).view(B, S, H)
         m2 = self.post_feedforward_layernorm_2(m2)
         h = r + self.post_feedforward_layernorm(m1 + m2)
-        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar), None
 
-    def _fused_tail(self, h: torch.Tensor, a: torch.Tensor, encoder: bool) -> torch.Tensor:
+    def _fused_tail(self, h: torch.Tensor, a: torch.Tensor, encoder: bool,
+                    next_norm: RMSNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """forward after the attention's output projection a [B, S, H], with the norms, residual adds, router
-        softmax / top-k and layer scalar in three Triton kernels (kernels.post_attention, route, post_ffn):
-        the same maths, fp32 inside, rounded where the eager ops round."""
+        softmax / top-k and layer scalar in three Triton kernels (kernels.post_attention, route, post_ffn), the
+        last one also norming the new h for the next layer (or the final norm): the same maths, fp32 inside,
+        rounded where the eager ops round."""
         B, S, H = h.shape
         eps, router = self.router.eps, self.router
         r, x1, x2, z = kernels.post_attention(h, a, self.post_attention_layernorm.weight,
@@ -297,7 +303,8 @@ class Layer(nn.Module):
         m2 = self.experts(x2.view(-1, H), w, idx).view(B, S, H)
         return kernels.post_ffn(r, self.mlp(x1), m2, self.post_feedforward_layernorm_1.weight,
                                 self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
-                                self.encoder_layer_scalar if encoder else self.layer_scalar, eps)
+                                self.encoder_layer_scalar if encoder else self.layer_scalar, eps,
+                                None if next_norm is None else next_norm.weight)
 
 
 class SelfConditioning(nn.Module):
@@ -422,10 +429,12 @@ class DiffusionGemma(nn.Module):
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, attend_for: Callable[[int], Callable],
                    encoder: bool) -> torch.Tensor:
         rope = self.rope(positions)
+        x = None                               # the next layer's normed input, when a fused layer tail made it
         for i, layer in enumerate(self.layers):
             cos, sin = rope[layer.sliding]
-            h = layer(h, cos, sin, attend_for(i), encoder)
-        return self.norm(h)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, x = layer(h, cos, sin, attend_for(i), encoder, x, nxt)
+        return self.norm(h) if x is None else x
 
     def graph_safe(self) -> bool:
         """Can a step be captured in a CUDA graph? Yes on CUDA when the experts run as grouped matmuls (bf16,

@@ -375,8 +375,10 @@ def post_attention_kernel(h_ptr, a_ptr, w_pa_ptr, w1_ptr, w2_ptr, ws_ptr, r_ptr,
 
 
 @triton.jit
-def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, H, eps, BH: tl.constexpr):
-    """Row t: out = (r + norm(norm(m1; w1) + norm(m2; w2); w)) * s, norms in fp32, rounded as the eager ops round."""
+def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, wn_ptr, xn_ptr, H, eps,
+                    NEXT: tl.constexpr, BH: tl.constexpr):
+    """Row t: out = (r + norm(norm(m1; w1) + norm(m2; w2); w)) * s, norms in fp32, rounded as the eager ops round;
+    NEXT: also xn = norm(out; wn), the next layer's input (from the rounded out)."""
     o, c, m = row_offsets(H, BH)
     r = tl.load(r_ptr + o, mask=m, other=0.0)
     dt = r.dtype
@@ -387,7 +389,10 @@ def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr
     x = (m1.to(tl.float32) + m2.to(tl.float32)).to(dt).to(tl.float32)
     x = rms_normed(x, w_ptr, c, m, H, eps).to(dt)
     out = (r.to(tl.float32) + x.to(tl.float32)).to(dt)
-    tl.store(out_ptr + o, (out.to(tl.float32) * tl.load(s_ptr).to(tl.float32)).to(dt), mask=m)
+    out = (out.to(tl.float32) * tl.load(s_ptr).to(tl.float32)).to(dt)
+    tl.store(out_ptr + o, out, mask=m)
+    if NEXT:
+        tl.store(xn_ptr + o, rms_normed(out.to(tl.float32), wn_ptr, c, m, H, eps).to(dt), mask=m)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ def moe_configs() -> list[triton.Config]:
 
 def footprint(cfg: triton.Config, BM: int, accumulators: int) -> float:
     """Values per thread of a tile's fp32 accumulators and its two operand tiles,
-    (acc BM BN + BM BK + acc BK BN) / (32 warps): a register estimate. Calibrated on sm_90 cubins of both MoE
+    (acc BM BN + BM BK + acc BK BN) / (32 x warps threads): a register estimate. Calibrated on sm_90 cubins of both MoE
     kernels (scripts/compile_kernels.py, Triton 3.9, every configuration at BM 16 and 64, 192 launches): <= 64
     never spilled (64 launches), 80-96 spilled in 16 of 52 by at most 248 bytes, >= 112 in all 76 (296 B to
     5.4 KB of stack per thread)."""

@@ -177,3 +177,22 @@ def test_many_short_warm_jobs_then_a_burst(peaky_model):
     while eng.warming:
         eng.step()
     assert all(tuple(p) in eng.prefix.entries for p in prompts) and eng.pre is None
+
+
+def test_prefill_rows_grow_under_a_prompt_in_flight(peaky_model):
+    """The prefill cache starts with one row and doubles as prompts arrive, carrying a half-encoded prompt over;
+    every request still gets its cold tokens."""
+    m = peaky_model
+    eng = Engine(m, max_batch=4, prefill_chunk=K)
+    first = eng.submit(_ids(10, 1), seed=1, **KW)
+    eng.step()                                            # a row denoises: prompts now go a chunk per step
+    a = eng.submit(_ids(70, 2), seed=2, **KW)
+    eng.step()
+    assert eng.pre.batch == 1 and 0 < eng.prefilling[0].pos < 70
+    b, c = eng.submit(_ids(40, 3), seed=3, **KW), eng.submit(_ids(20, 4), seed=4, **KW)
+    eng.step()
+    assert eng.pre.batch == 4 and len(eng.prefilling) == 3     # grown 1 -> 2 -> 4 with a's row carried over
+    res = eng.run()
+    for rid, (n, seed) in ((first, (10, 1)), (a, (70, 2)), (b, (40, 3)), (c, (20, 4))):
+        assert res[rid].tokens == _cold(m, _ids(n, seed), seed).tokens, rid
+    assert eng.pre is None

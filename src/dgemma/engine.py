@@ -138,7 +138,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.prefilling: list[_Request] = []           # prompts being encoded, each bound for a free row
         self.warming: deque[_Request] = deque()         # warm() jobs: encode in idle time, keep the snapshot
-        self.pre: KVCache | None = None                 # prompts being encoded, a row each (made when needed)
+        self.pre: KVCache | None = None                 # prompts being encoded, a row each (grown as needed)
         self._pre_free: list[int] = []
         self.prefill_chunk = prefill_chunk
         self.exact_reuse = exact_reuse
@@ -380,9 +380,12 @@ class Engine:
 
     def _start(self, req: _Request) -> _Request:
         """Give a request a row of the prefill cache, starting from the longest stored prefix of its prompt."""
-        if self.pre is None:                  # one row per request bound for the batch, one for a warm job
-            self.pre = self.model.new_cache(self.max_batch + 1, self.prefill_chunk, scratch=1)
-            self._pre_free = list(range(self.max_batch, -1, -1))
+        if not self._pre_free:                # grow: rows double, up to one per request bound for the batch plus
+            n = 0 if self.pre is None else self.pre.batch   # one for a warm job (no more are ever in use)
+            grown = self.model.new_cache(min(max(1, 2 * n), self.max_batch + 1), self.prefill_chunk, scratch=1)
+            for b in range(n):                # every row is in use: each keeps its place
+                grown.copy_row(b, self.pre, b)
+            self.pre, self._pre_free = grown, list(range(grown.batch - 1, n - 1, -1))
         req.row = self._pre_free.pop()
         self.pre.clear_row(req.row)
         n, snap = self.prefix.lookup(req.prompt) if self.prefix is not None else (0, None)

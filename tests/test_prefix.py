@@ -196,3 +196,22 @@ def test_prefill_rows_grow_under_a_prompt_in_flight(peaky_model):
     for rid, (n, seed) in ((first, (10, 1)), (a, (70, 2)), (b, (40, 3)), (c, (20, 4))):
         assert res[rid].tokens == _cold(m, _ids(n, seed), seed).tokens, rid
     assert eng.pre is None
+
+
+def test_warm_jobs_already_stored_or_dropped_part_way(peaky_model):
+    """A warm job whose prompt the store already holds whole encodes nothing (and does not fail); warm jobs
+    dropped part-way (the chat's Ctrl-C, the server's failure path) give their prefill rows back."""
+    eng = Engine(peaky_model, max_batch=1, prefill_chunk=K)
+    p = _ids(40, 1)
+    _run(eng, p, 1)                                       # leaves a snapshot of the first 32 tokens
+    assert eng.warm(p + _ids(5, 2)) and eng.warm(p[:32])  # both snapshot at 32: stored already
+    while eng.warming:
+        eng.step()
+    assert eng.pre is None and len(eng.prefix) == 1
+    for turn in range(3):                                 # one row, so a leaked one would stop the next request
+        assert eng.warm(_ids(64, 10 + turn))
+        eng.step()
+        assert eng.warming and eng.pre is not None        # part-way through
+        eng.drop_warm()
+        assert not eng.warming and eng.pre is None
+        assert _run(eng, _ids(20, 20 + turn), turn).tokens

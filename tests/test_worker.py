@@ -27,6 +27,9 @@ class FakeEngine:
     def cancel(self, rid):
         self.waiting = [r for r in self.waiting if r != rid]
 
+    def drop_warm(self):
+        self.warming.clear()
+
     def step(self):
         if self.fail_next:
             self.fail_next = False

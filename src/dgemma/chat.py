@@ -230,7 +230,7 @@ class Local:
         if len(self.ids) < cfg.max_position_embeddings and self.eng.warm(self.ids):
             while self.eng.warming and not ctrl.hit:    # encode the reply now, so the next turn finds it
                 self.eng.step()
-            self.eng.warming.clear()
+            self.eng.drop_warm()
         return Stats(len(kept), seconds, first and first - t0, len(ids), res.cached_tokens, res.tokens_per_forward,
                      note)
 

@@ -4,8 +4,10 @@ Knows: a queue of requests (token ids + sampler settings), which cache row each 
 each row's denoising state, when a row's canvas is done (stable-and-confident stop or steps used up),
 committing it (EOS/pad rules), admitting waiting requests into free rows and compacting finished rows
 away so they cost nothing. Every request draws from its own seeded generator in the reference's order,
-so a request's tokens do not depend on what else is in the batch: with one request in flight the engine
-reproduces `generate(..., seed=s)` of batch 1 exactly (prompts up to one prefill chunk). A step is
+so its random stream does not depend on what else is in the batch: with one request in flight the engine
+reproduces `generate(..., seed=s)` of batch 1 exactly (prompts up to one prefill chunk). (The arithmetic of a
+pass over several rows agrees with a lone row's only up to rounding, ~1e-5 relative in fp32 on the CPU, for
+denoising and for prompt chunks encoded together alike, so a batched request's tokens can rarely differ.) A step is
 `generate.denoise_step` over the active rows (per-row temperatures and entropy bounds); with the fast sampler on
 CUDA it is a replayed graph, one per number of active rows.
 Prompts are encoded in chunks of `prefill_chunk` tokens aligned to absolute positions, about one chunk's worth of
@@ -13,7 +15,7 @@ tokens per step, so a long prompt does not stall the rows already denoising (wit
 each prompt in its own row of a prefill cache, chunks of equal length from several prompts in one batched pass;
 each finished prompt leaves a snapshot at its last chunk boundary in the prefix store (`prefix.PrefixStore`), and
 a later prompt that starts with a stored prefix (the next turn of a chat) encodes only the rest, with exactly the
-cold request's tokens.
+cold request's tokens (bit for bit when both were encoded alone; up to rounding when either shared a pass).
 `warm(ids)` encodes a prefix in idle time without generating (the server does it with a finished chat turn).
 `max_new_tokens` is exact: the last canvas is cut, never overshot.
 Does not know: text, HTTP. The server sits on `submit`, `step`, `cancel` and `collect`.
@@ -199,6 +201,12 @@ class Engine:
             self._release(self.warming.popleft())
         return True
 
+    def drop_warm(self) -> None:
+        """Forget every warm job (one part-way through gives its prefill row back)."""
+        for req in self.warming:
+            self._release(req)
+        self.warming.clear()
+
     def _snapshot_point(self, n: int) -> int:
         return n // self.prefill_chunk * self.prefill_chunk if self.exact_reuse else n
 
@@ -348,6 +356,8 @@ class Engine:
                     if any(w.row is not None for w in self.warming):
                         continue
                     self._start(req)
+                    if req.pos >= len(req.prompt):               # stored whole already: nothing to encode
+                        continue
                 end = min(len(req.prompt), (req.pos // K + 1) * K)   # aligned: the cold request's chunks
                 chunks.setdefault(end - req.pos, []).append((req, end))
                 done += end - req.pos
@@ -382,6 +392,7 @@ class Engine:
         """Give a request a row of the prefill cache, starting from the longest stored prefix of its prompt."""
         if not self._pre_free:                # grow: rows double, up to one per request bound for the batch plus
             n = 0 if self.pre is None else self.pre.batch   # one for a warm job (no more are ever in use)
+            assert n <= self.max_batch, "every prefill row is in use: one was not given back (_release)"
             grown = self.model.new_cache(min(max(1, 2 * n), self.max_batch + 1), self.prefill_chunk, scratch=1)
             for b in range(n):                # every row is in use: each keeps its place
                 grown.copy_row(b, self.pre, b)

@@ -144,7 +144,7 @@ class Worker:
                 log.exception("cancel failed")
             sink("error", reason)
         self.sinks.clear()
-        self.engine.warming.clear()
+        self.engine.drop_warm()
         self.engine.frames.clear()
         keep = []
         while True:                                        # submits that never reached the engine

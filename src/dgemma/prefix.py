@@ -7,9 +7,9 @@ engine's prefill chunk K, because the engine encodes every prompt in chunks alig
 (0..K, K..2K, ...). A request served from a snapshot of its first m*K tokens then runs exactly the encoder calls
 the cold request would run from position m*K on, on bit-identical cache contents, so it produces exactly the
 cold request's tokens (when the engine encoded each alone: prompt chunks encoded together in one pass agree
-with lone ones only up to rounding). (A snapshot can never be cut shorter: the sliding-window layers keep only a ring of the
-last W-1 positions, so a snapshot is used whole or not at all; a conversation that diverges in the middle falls
-back to the longest snapshot that still matches, e.g. an earlier turn's.)
+with lone ones only up to rounding). (A snapshot can never be cut shorter: the sliding-window layers keep only a
+ring of the last W-1 positions, so a snapshot is used whole or not at all; a conversation that diverges in the
+middle falls back to the longest snapshot that still matches, e.g. an earlier turn's.)
 Does not know: text, chat templates, the model, requests.
 """
 from __future__ import annotations

@@ -221,7 +221,7 @@ def test_every_kernel_compiles_for_hopper():
                        cwd=os.path.join(os.path.dirname(__file__), ".."), timeout=600,
                        env={**os.environ, "PYTHONPATH": "src"})
     assert r.returncode == 0 and " 0 failed" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
-    assert r.stdout.count("ok  ") >= 30, r.stdout[-3000:]                 # (38 launches today)
+    assert r.stdout.count("ok  ") >= 30, r.stdout[-3000:]                 # (41 launches today)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -552,8 +552,11 @@ with torch.inference_mode():
                                  L.pre_feedforward_layernorm_2.weight, L.router.scale, L.router.root, L.router.eps)
     tail = (r + L.post_feedforward_layernorm(L.post_feedforward_layernorm_1(m1) + L.post_feedforward_layernorm_2(m2)))
     want += (tail * L.layer_scalar,)
-    got += (kernels.post_ffn(r, m1, m2, L.post_feedforward_layernorm_1.weight, L.post_feedforward_layernorm_2.weight,
-                             L.post_feedforward_layernorm.weight, L.layer_scalar, L.router.eps),)
+    h_only, none = kernels.post_ffn(r, m1, m2, L.post_feedforward_layernorm_1.weight,
+                                    L.post_feedforward_layernorm_2.weight, L.post_feedforward_layernorm.weight,
+                                    L.layer_scalar, L.router.eps)
+    assert none is None
+    got += (h_only,)
     nxt = model.layers[0].input_layernorm.to(torch.bfloat16)        # with the next layer's input norm too
     want += (tail * L.layer_scalar, nxt(tail * L.layer_scalar))
     got += kernels.post_ffn(r, m1, m2, L.post_feedforward_layernorm_1.weight, L.post_feedforward_layernorm_2.weight,

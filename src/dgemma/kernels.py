@@ -319,9 +319,9 @@ def post_attention(h: torch.Tensor, a: torch.Tensor, w_pa: torch.Tensor, w1: tor
 def post_ffn(r: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
              w: torch.Tensor, scalar: torch.Tensor, eps: float, w_next: torch.Tensor | None = None):
     """The layer's tail in one kernel: h = (r + norm(norm(m1) * w1 + norm(m2) * w2) * w) * scalar, [.., H] in r's
-    dtype (m1: the dense MLP's output, m2: the experts', scalar: the layer scalar [1]). -> h, or with w_next
-    (h, norm(h) * w_next): the next layer's input norm (or the final norm) from the rounded h, as it would
-    compute it."""
+    dtype (m1: the dense MLP's output, m2: the experts', scalar: the layer scalar [1]). -> (h, norm(h) * w_next:
+    the next layer's input norm (or the final norm) from the rounded h, as it would compute it; None without
+    w_next)."""
     H = r.shape[-1]
     r, m1, m2 = r.contiguous(), m1.contiguous(), m2.contiguous()
     out = torch.empty_like(r)
@@ -330,7 +330,7 @@ def post_ffn(r: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, w1: torch.Tens
         _kernels().post_ffn_kernel[(r.numel() // H,)](r, m1, m2, w1, w2, w, scalar, out, w if nxt is None else w_next,
                                                       out if nxt is None else nxt, H, eps, NEXT=nxt is not None,
                                                       BH=_pow2(H), num_warps=8 if H > 1024 else 4)
-    return out if nxt is None else (out, nxt)
+    return out, nxt
 
 
 def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,6 +184,14 @@ def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, order_ptr, ends_ptr, M, N, K, E, sh
 
 
 @triton.jit
+def stable_rank(keys, pos):
+    """Each entry's place when entries [n] are sorted by key, ties in position order (a stable sort): the count of
+    entries with a smaller key, or the same key at an earlier position. -> [n] int32."""
+    before = (keys[None, :] < keys[:, None]) | ((keys[None, :] == keys[:, None]) & (pos[None, :] < pos[:, None]))
+    return tl.sum(before.to(tl.int32), 1)
+
+
+@triton.jit
 def combine_kernel(y_ptr, idx_ptr, out_ptr, H, sym, som, KTOP: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
     """out[t, cols] = the sum of token t's KTOP slot rows y[t * KTOP + j], added in ascending expert order
     idx[t, j], each partial sum rounded to out's dtype (what index_add_ over expert-sorted rows does)."""
@@ -192,7 +200,7 @@ def combine_kernel(y_ptr, idx_ptr, out_ptr, H, sym, som, KTOP: tl.constexpr, BK:
     cmask = cols < H
     js = tl.arange(0, BK)
     ex = tl.load(idx_ptr + t * KTOP + js, mask=js < KTOP, other=2147483647).to(tl.int32)   # [BK] (distinct)
-    rank = tl.sum((ex[None, :] < ex[:, None]).to(tl.int32), 1)           # [BK] place of slot j in expert order
+    rank = stable_rank(ex, js)                                            # [BK] place of slot j in expert order
     acc = tl.zeros((BH,), dtype=tl.float32)
     for r in tl.static_range(KTOP):
         j = tl.sum(tl.where(rank == r, js, 0), 0)                         # the slot with the r-th smallest expert
@@ -422,14 +430,12 @@ def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BE: tl.cons
 def route_order_kernel(idx_ptr, order_ptr, offs_ptr, M, E, BMS: tl.constexpr, BE: tl.constexpr):
     """One program sorts M <= BMS routing slots (expert ids idx [M], slot s = t * k + j) by expert, stably:
     order[r] = the slot at sorted place r (what torch.sort(stable=True) returns), offs[e] = the number of slots
-    with expert <= e (searchsorted(sorted, arange(E), right=True)), by counting over [BMS, BMS] and [BE, BMS]."""
+    with expert <= e (searchsorted(sorted, arange(E), right=True)), by counting (stable_rank; [BE, BMS])."""
     s = tl.arange(0, BMS)
     sm = s < M
     ex = tl.load(idx_ptr + s, mask=sm, other=2147483647).to(tl.int32)     # [BMS] (padding sorts last)
-    ex_r, ex_c = ex[:, None], ex[None, :]                                 # [BMS, 1], [1, BMS]
-    before = (ex_c < ex_r) | ((ex_c == ex_r) & (s[None, :] < s[:, None]))   # [BMS, BMS]: slot c goes before r
-    place = tl.sum(before.to(tl.int32), 1)                                # [BMS] sorted place of each slot
+    place = stable_rank(ex, s)                                            # [BMS] sorted place of each slot
     tl.store(order_ptr + place, s.to(tl.int64), mask=sm)
     e = tl.arange(0, BE)
-    ends = tl.sum(((ex_c <= e[:, None]) & sm[None, :]).to(tl.int32), 1)   # [BE]
+    ends = tl.sum(((ex[None, :] <= e[:, None]) & sm[None, :]).to(tl.int32), 1)   # [BE]
     tl.store(offs_ptr + e, ends, mask=e < E)

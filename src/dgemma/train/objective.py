@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..sampling import entropy, entropy_bound_accept, init_canvas
+
 
 @dataclass
 class ObjectiveConfig:
@@ -155,7 +157,6 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
 def _sampler_step(lam: torch.Tensor, CL: int, bound: float, generator) -> torch.Tensor:
     """One sampler step on fp32 temperature-scaled logits lam [B, n*C, V] (n canvases of C = CL): a sample per
     position, the entropy-bound acceptance within each canvas, uniform random ids where not accepted -> [B, n*C]."""
-    from ..sampling import entropy, entropy_bound_accept, init_canvas
     B, N, V = lam.shape
     sample = torch.multinomial(torch.softmax(lam, -1).reshape(B * N, V), 1, generator=generator).view(B, N)
     accept = entropy_bound_accept(entropy(lam).reshape(B * N // CL, CL), bound).view(B, N)

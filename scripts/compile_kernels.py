@@ -84,10 +84,13 @@ def record_launches() -> list[tuple]:
             kernels.post_attention(r, r, *(meta(H) for _ in range(4)), H ** -0.5, 1e-6)
             kernels.post_ffn(r, r, r, meta(H), meta(H), meta(H), meta(1), 1e-6)
             kernels.post_ffn(r, r, r, meta(H), meta(H), meta(H), meta(1), 1e-6, meta(H))   # + the next layer's norm
+            kernels.post_ffn(r, r, meta(T * k, H), meta(H), meta(H), meta(H), meta(1), 1e-6, meta(H), idx)  # + combine
             kernels.route(meta(T, E), k, meta(E))
+            kernels.route(meta(T, E), k, meta(E), sort=True)   # (sorting too where T * k <= ROUTE_ORDER_MAX)
             if T * k <= kernels.ROUTE_ORDER_MAX:
                 kernels.route_order(idx, E)
         kernels.route_order(meta(16, k, dtype=torch.int64), E)  # the most slots it sorts (an AR step, batch 16)
+        kernels.route(meta(16, E), k, meta(E), sort=True)
         for S in (1, 256):                                     # one token; a canvas
             for hq, hkv, D, v in ((16, 8, 256, True), (16, 2, 512, False)):
                 q, kk = meta(1, S, hq, D), meta(1, S, hkv, D)

@@ -25,6 +25,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
 DEADLINE=${DEADLINE:-540}
 FUSED=${FUSED:-all}
 unset DGEMMA_FUSED
+# triton.autotune's timings saved on disk with the compiled kernels, so that each step's fresh process (tests,
+# each bench system, the profile) reuses the tiles the first one chose instead of timing every tile again
+export TRITON_CACHE_AUTOTUNING=1
 
 run_step() {   # run_step NAME MAX_SECONDS COMMAND...: at most MAX_SECONDS, and never past the deadline
   local name=$1 max=$2 t=$(( DEADLINE - SECONDS - 5 ))

@@ -533,13 +533,22 @@ with torch.no_grad():                      # random weights everywhere, norms an
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.2) + (p.dim() == 1))
 # the router alone: ties broken like torch.topk (first index), weights renormalised and scaled
 router = model.layers[0].router
-logits = router.proj(torch.randn(33, cfg.hidden_size, generator=g))
+logits = router.proj(torch.randn(50, cfg.hidden_size, generator=g))
 logits[0, 1] = logits[0, 4] = logits[0].max() + 1
-w, idx = kernels.route(logits, router.k, router.per_expert_scale)
+w, idx, none = kernels.route(logits, router.k, router.per_expert_scale)
 probs = torch.softmax(logits, -1, dtype=torch.float32)
 tw, ti = torch.topk(probs, router.k, dim=-1)
-assert torch.equal(idx, ti) and idx[0, 0] == 1 and idx[0, 1] == 4, (idx[:2], ti[:2])
+assert none is None and torch.equal(idx, ti) and idx[0, 0] == 1 and idx[0, 1] == 4, (idx[:2], ti[:2])
 assert torch.allclose(w, tw / tw.sum(-1, keepdim=True) * router.per_expert_scale[ti], rtol=1e-6, atol=1e-7)
+# routing and the sort by expert in one program (up to ROUTE_ORDER_MAX slots): the same weights and ids, and
+# route_order's sort of them; above that many slots, no sort
+for T in (1, 2, 33, 42, 43):
+    sw, sidx, by_expert = kernels.route(logits[:T], router.k, router.per_expert_scale, sort=True)
+    assert torch.equal(sw, w[:T]) and torch.equal(sidx, idx[:T]), T
+    if T * router.k <= kernels.ROUTE_ORDER_MAX:
+        assert all(torch.equal(a, b) for a, b in zip(by_expert, kernels.route_order(idx[:T], cfg.num_experts))), T
+    else:
+        assert by_expert is None, T
 # the two row kernels against the eager ops, in bf16 (each output rounded where the eager ops round)
 L = model.layers[1].to(torch.bfloat16)
 h, a, m1, m2 = (torch.randn(2, 7, cfg.hidden_size, generator=g).bfloat16() for _ in range(4))
@@ -561,6 +570,15 @@ with torch.inference_mode():
     want += (tail * L.layer_scalar, nxt(tail * L.layer_scalar))
     got += kernels.post_ffn(r, m1, m2, L.post_feedforward_layernorm_1.weight, L.post_feedforward_layernorm_2.weight,
                             L.post_feedforward_layernorm.weight, L.layer_scalar, L.router.eps, nxt.weight)
+    # the experts' k rows per token added inside post_ffn: bit for bit what combine gives
+    k = L.router.k
+    sidx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:k] for _ in range(14)]).view(2, 7, k)
+    rows = (torch.randn(14 * k, cfg.hidden_size, generator=g) * torch.logspace(0, 3, 14 * k)[:, None]).bfloat16()
+    weights = (L.post_feedforward_layernorm_1.weight, L.post_feedforward_layernorm_2.weight,
+               L.post_feedforward_layernorm.weight, L.layer_scalar, L.router.eps, nxt.weight)
+    split = kernels.post_ffn(r, m1, kernels.combine(rows, sidx.view(14, k)).view(r.shape), *weights)
+    inside = kernels.post_ffn(r, m1, rows, *weights, sidx.view(14, k))
+    assert all(torch.equal(a, b) for a, b in zip(split, inside))
 for i, (x, y) in enumerate(zip(got, want)):
     assert x.dtype == torch.bfloat16 and x.shape == y.shape
     assert float((x.float() - y.float()).norm() / y.float().norm()) < 2e-2, i   # (the interpreter truncates to bf16)
@@ -574,8 +592,8 @@ for name in ("moe", "mlp"):
     kernel = getattr(kernels, name)
     setattr(kernels, name, lambda *a, kernel=kernel, name=name, **kw: calls.append(name) or kernel(*a, **kw))
 model.float()
-ids = torch.randint(3, 512, (2, 12), generator=g)
-canvas = torch.randint(3, 512, (2, cfg.canvas_length), generator=g)
+ids = torch.randint(3, 512, (2, 24), generator=g)     # 144 routing slots: sorted apart (> ROUTE_ORDER_MAX)
+canvas = torch.randint(3, 512, (2, cfg.canvas_length), generator=g)   # 48: sorted by kernels.route
 outs = []
 for fused in ("", "norms", "norms,rope", "moe,mlp", "all"):
     os.environ["DGEMMA_FUSED"] = fused

@@ -145,14 +145,15 @@ def moe_block_rows(rows: int, experts: int) -> int:
 
 
 def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-        order: torch.Tensor, offs: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
+        order: torch.Tensor, offs: torch.Tensor, block_m: int | None = None, combined: bool = True) -> torch.Tensor:
     """The experts' MLP and the combine of each token's k expert outputs, in three kernels and no host sync (CUDA
     graphs can capture it). x [T, H]; gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I) up); down [E, H, I];
     idx [T, k] each token's experts (distinct), w [T, k] their routing weights; order [T*k]: the (token, k) slots
     t * k + j sorted by expert (stable), offs [E] each expert's group end in that order (model.Experts.sort).
     -> [T, H] in x's dtype,
         y_tj = w_tj * down_e(gelu_tanh(gate_e x_t) * up_e x_t)   for e = idx[t, j],
-        out_t = the y_tj added in ascending expert order, each partial sum rounded to x's dtype.
+        out_t = the y_tj added in ascending expert order, each partial sum rounded to x's dtype;
+    or (combined=False) the rows y [T*k, H] at their slots t * k + j, for `post_ffn` to add (one launch fewer).
     The kernels: gate and up projections with gelu_tanh(gate) * up in the epilogue, reading each sorted row's
     token straight from x; the down projection times the routing weight, each row written back to its slot; the
     combine. Tiles: rows per block by moe_block_rows (or block_m, for tests), the rest autotuned on the GPU at
@@ -161,23 +162,20 @@ def moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.T
     projection's fp32 sum times the fp32 weight, rounded once (torch._grouped_mm rounds the projections and
     the GELU product separately, then multiplies the rounded y by w: not bit-identical); the combine as
     model.gather_sum (bit for bit, given the same y)."""
-    T, k = idx.shape
+    k = idx.shape[1]
     E, I = down.shape[0], down.shape[2]
     assert gate_up.shape[:2] == (E, 2 * I), (gate_up.shape, down.shape)
-    out = torch.empty(T, x.shape[1], dtype=x.dtype, device=x.device)           # [T, H]
-    if T == 0:
-        return out
     y = _mlp(x, gate_up[:, :I], gate_up[:, I:], down, order, offs, w, k, block_m)   # [T*k, H] in slot order
-    return combine(y, idx, out)
+    return combine(y, idx) if combined else y
 
 
-def combine(y: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def combine(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Each token's k rows of y [T*k, H] (slot t * k + j for expert idx[t, j]) added in ascending expert order,
     each partial sum rounded to y's dtype, in one kernel: model.gather_sum's result (which takes the rows in expert
     order), bit for bit. -> [T, H]."""
     T, k = idx.shape
     H = y.shape[1]
-    out = torch.empty(T, H, dtype=y.dtype, device=y.device) if out is None else out
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     BH = min(_pow2(H), 1024)
     if T:
         _kernels().combine_kernel[(T, -(-H // BH))](y, idx.contiguous(), out, H, y.stride(0), out.stride(0),
@@ -317,29 +315,46 @@ def post_attention(h: torch.Tensor, a: torch.Tensor, w_pa: torch.Tensor, w1: tor
 
 
 def post_ffn(r: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-             w: torch.Tensor, scalar: torch.Tensor, eps: float, w_next: torch.Tensor | None = None):
+             w: torch.Tensor, scalar: torch.Tensor, eps: float, w_next: torch.Tensor | None = None,
+             idx: torch.Tensor | None = None):
     """The layer's tail in one kernel: h = (r + norm(norm(m1) * w1 + norm(m2) * w2) * w) * scalar, [.., H] in r's
-    dtype (m1: the dense MLP's output, m2: the experts', scalar: the layer scalar [1]). -> (h, norm(h) * w_next:
-    the next layer's input norm (or the final norm) from the rounded h, as it would compute it; None without
-    w_next)."""
+    dtype (m1: the dense MLP's output, m2: the experts', scalar: the layer scalar [1]). With idx [T, k] (T rows of
+    r), m2 is instead the experts' k weighted rows per token [T*k, H] (`moe(..., combined=False)`), added here in
+    ascending expert order exactly as `combine` adds them: one launch and one [T, H] round trip fewer.
+    -> (h, norm(h) * w_next: the next layer's input norm (or the final norm) from the rounded h, as it would
+    compute it; None without w_next)."""
     H = r.shape[-1]
     r, m1, m2 = r.contiguous(), m1.contiguous(), m2.contiguous()
+    k = 0 if idx is None else idx.shape[1]
+    want = r.shape if idx is None else (r.numel() // H * k, H)                  # [.., H], or [T*k, H] slot rows
+    assert m2.shape == want and m2.dtype == r.dtype, (m2.shape, m2.dtype, r.shape, r.dtype)
     out = torch.empty_like(r)
     nxt = None if w_next is None else torch.empty_like(r)
     if r.numel():
-        _kernels().post_ffn_kernel[(r.numel() // H,)](r, m1, m2, w1, w2, w, scalar, out, w if nxt is None else w_next,
-                                                      out if nxt is None else nxt, H, eps, NEXT=nxt is not None,
-                                                      BH=_pow2(H), num_warps=8 if H > 1024 else 4)
+        _kernels().post_ffn_kernel[(r.numel() // H,)](
+            r, m1, m2, w1, w2, w, scalar, out, w if nxt is None else w_next, out if nxt is None else nxt,
+            m2 if idx is None else idx.contiguous(), H, eps, NEXT=nxt is not None, KTOP=k, BK=_pow2(max(k, 1)),
+            BH=_pow2(H), num_warps=8 if H > 1024 else 4)
     return out, nxt
 
 
-def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k] int64), as model.Router computes them
-    (softmax in fp32, top k in descending order, renormalised, times each expert's scale), in one kernel."""
+def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor,
+          sort: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k] int64, sorted), as model.Router computes
+    them (softmax in fp32, top k in descending order, renormalised, times each expert's scale), in one kernel.
+    sort and T * k <= ROUTE_ORDER_MAX: that one launch (a single program) also sorts the slots by expert:
+    sorted = (order, offs) as route_order gives them; else sorted = None."""
     T, E = logits.shape
     w = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     idx = torch.empty(T, k, dtype=torch.int64, device=logits.device)
-    if T:
-        _kernels().route_kernel[(T,)](logits.contiguous(), per_expert_scale, w, idx, E, K=k, BE=_pow2(E),
-                                      BK=_pow2(k))
-    return w, idx
+    if not T:
+        return w, idx, None
+    kern, logits = _kernels(), logits.contiguous()
+    if sort and T * k <= ROUTE_ORDER_MAX:
+        order = torch.empty(T * k, dtype=torch.int64, device=logits.device)
+        offs = torch.empty(E, dtype=torch.int32, device=logits.device)
+        kern.route_sorted_kernel[(1,)](logits, per_expert_scale, w, idx, order, offs, T, E, K=k, BE=_pow2(E),
+                                       BK=_pow2(k), BMS=_pow2(T * k))
+        return w, idx, (order, offs)
+    kern.route_kernel[(T,)](logits, per_expert_scale, w, idx, E, K=k, BE=_pow2(E), BK=_pow2(k))
+    return w, idx, None

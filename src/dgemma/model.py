@@ -160,9 +160,7 @@ class Experts(nn.Module):
         """x: [T, H]; w, idx: [T, k] -> [T, H]. Slots are sorted by expert; each weighted term is cast to
         x's dtype and accumulated per token in ascending expert order (as the reference does)."""
         if self._fused_ok(x):     # CUDA: three Triton kernels, gathers, routing weights and combine inside
-            E = self.gate_up_proj.shape[0]        # (a decoding step's few slots: sorted in one more kernel)
-            order, offs = (kernels.route_order(idx, E) if idx.numel() <= kernels.ROUTE_ORDER_MAX else self.sort(idx))
-            return kernels.moe(x, self.gate_up_proj, self.down_proj, idx, w, order, offs)
+            return kernels.combine(self.fused_rows(x, w, idx), idx)
         xs, order, tok, offs = self.group(x, idx)
         if isinstance(self.down_proj, QWeight):   # quantized: per-expert kernels, or one grouped kernel on CUDA
             g, u = self.gate_up_proj.grouped(xs, offs).chunk(2, dim=-1)
@@ -179,6 +177,17 @@ class Experts(nn.Module):
             y = torch.cat(ys)
         y = (y * w.reshape(-1)[order, None]).to(x.dtype)                # [T*k, H]
         return self.combine(y, order, tok, idx, x.is_cuda)
+
+    def fused_rows(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
+                   by_expert: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Where _fused_ok: the k weighted expert outputs per token, uncombined, [T*k, H] at slots t * k + j
+        (kernels.moe's first two kernels; the caller adds them: kernels.combine, or kernels.post_ffn).
+        by_expert: the slots already sorted by expert, (order, offs) (kernels.route can give them); else sorted
+        here (a decoding step's few slots in one kernel, kernels.route_order)."""
+        if by_expert is None:
+            E = self.gate_up_proj.shape[0]
+            by_expert = kernels.route_order(idx, E) if idx.numel() <= kernels.ROUTE_ORDER_MAX else self.sort(idx)
+        return kernels.moe(x, self.gate_up_proj, self.down_proj, idx, w, *by_expert, combined=False)
 
     @staticmethod
     def combine(y: torch.Tensor, order: torch.Tensor, tok: torch.Tensor, idx: torch.Tensor,
@@ -293,18 +302,22 @@ class Layer(nn.Module):
         """forward after the attention's output projection a [B, S, H], with the norms, residual adds, router
         softmax / top-k and layer scalar in three Triton kernels (kernels.post_attention, route, post_ffn), the
         last one also norming the new h for the next layer (or the final norm): the same maths, fp32 inside,
-        rounded where the eager ops round."""
+        rounded where the eager ops round. With the fused experts (DGEMMA_FUSED=moe) route also sorts a decoding
+        step's slots, and post_ffn adds each token's k expert rows itself: the experts' combine and sort cost
+        no launch of their own."""
         B, S, H = h.shape
         eps, router = self.router.eps, self.router
         r, x1, x2, z = kernels.post_attention(h, a, self.post_attention_layernorm.weight,
                                               self.pre_feedforward_layernorm.weight,
                                               self.pre_feedforward_layernorm_2.weight, router.scale, router.root, eps)
-        w, idx = kernels.route(router.proj(z.view(-1, H)), router.k, router.per_expert_scale)
-        m2 = self.experts(x2.view(-1, H), w, idx).view(B, S, H)
+        x2 = x2.view(-1, H)
+        rows = self.experts._fused_ok(x2)
+        w, idx, by_expert = kernels.route(router.proj(z.view(-1, H)), router.k, router.per_expert_scale, sort=rows)
+        m2 = self.experts.fused_rows(x2, w, idx, by_expert) if rows else self.experts(x2, w, idx).view(B, S, H)
         return kernels.post_ffn(r, self.mlp(x1), m2, self.post_feedforward_layernorm_1.weight,
                                 self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
                                 self.encoder_layer_scalar if encoder else self.layer_scalar, eps,
-                                None if next_norm is None else next_norm.weight)
+                                None if next_norm is None else next_norm.weight, idx if rows else None)
 
 
 class SelfConditioning(nn.Module):

@@ -192,23 +192,30 @@ def stable_rank(keys, pos):
 
 
 @triton.jit
-def combine_kernel(y_ptr, idx_ptr, out_ptr, H, sym, som, KTOP: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
-    """out[t, cols] = the sum of token t's KTOP slot rows y[t * KTOP + j], added in ascending expert order
-    idx[t, j], each partial sum rounded to out's dtype (what index_add_ over expert-sorted rows does)."""
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BH + tl.arange(0, BH)
-    cmask = cols < H
+def ordered_sum(y_ptr, idx_ptr, t, cols, cmask, sym, dt, KTOP: tl.constexpr, BK: tl.constexpr):
+    """Token t's KTOP slot rows y[t * KTOP + j] (columns cols), added in ascending expert order idx[t, j], each
+    partial sum rounded to dt (what index_add_ over expert-sorted rows does). -> fp32 [len(cols)], dt-exact."""
     js = tl.arange(0, BK)
     ex = tl.load(idx_ptr + t * KTOP + js, mask=js < KTOP, other=2147483647).to(tl.int32)   # [BK] (distinct)
     rank = stable_rank(ex, js)                                            # [BK] place of slot j in expert order
-    acc = tl.zeros((BH,), dtype=tl.float32)
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
     for r in tl.static_range(KTOP):
         j = tl.sum(tl.where(rank == r, js, 0), 0)                         # the slot with the r-th smallest expert
         term = tl.load(y_ptr + (t * KTOP + j).to(tl.int64) * sym + cols, mask=cmask, other=0.0).to(tl.float32)
         if r == 0:
             acc = term
         else:
-            acc = (acc + term).to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc = (acc + term).to(dt).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def combine_kernel(y_ptr, idx_ptr, out_ptr, H, sym, som, KTOP: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+    """out[t, cols] = token t's KTOP slot rows of y in ascending expert order (ordered_sum)."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    cmask = cols < H
+    acc = ordered_sum(y_ptr, idx_ptr, t, cols, cmask, sym, out_ptr.dtype.element_ty, KTOP, BK)
     tl.store(out_ptr + t.to(tl.int64) * som + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -383,15 +390,19 @@ def post_attention_kernel(h_ptr, a_ptr, w_pa_ptr, w1_ptr, w2_ptr, ws_ptr, r_ptr,
 
 
 @triton.jit
-def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, wn_ptr, xn_ptr, H, eps,
-                    NEXT: tl.constexpr, BH: tl.constexpr):
+def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, wn_ptr, xn_ptr, idx_ptr, H, eps,
+                    NEXT: tl.constexpr, KTOP: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
     """Row t: out = (r + norm(norm(m1; w1) + norm(m2; w2); w)) * s, norms in fp32, rounded as the eager ops round;
-    NEXT: also xn = norm(out; wn), the next layer's input (from the rounded out)."""
+    NEXT: also xn = norm(out; wn), the next layer's input (from the rounded out). KTOP > 0: m2 holds the experts'
+    KTOP weighted rows per token (slot t * KTOP + j for expert idx[t, j]), added here as combine_kernel adds them."""
     o, c, m = row_offsets(H, BH)
     r = tl.load(r_ptr + o, mask=m, other=0.0)
     dt = r.dtype
     m1 = tl.load(m1_ptr + o, mask=m, other=0.0).to(tl.float32)
-    m2 = tl.load(m2_ptr + o, mask=m, other=0.0).to(tl.float32)
+    if KTOP > 0:
+        m2 = ordered_sum(m2_ptr, idx_ptr, tl.program_id(0).to(tl.int64), c, m, H, dt, KTOP, BK)
+    else:
+        m2 = tl.load(m2_ptr + o, mask=m, other=0.0).to(tl.float32)
     m1 = rms_normed(m1, w1_ptr, c, m, H, eps).to(dt)
     m2 = rms_normed(m2, w2_ptr, c, m, H, eps).to(dt)
     x = (m1.to(tl.float32) + m2.to(tl.float32)).to(dt).to(tl.float32)
@@ -404,10 +415,9 @@ def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr
 
 
 @triton.jit
-def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+def route_row(x_ptr, pes_ptr, w_ptr, idx_ptr, t, E, K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     """Row t of router logits [T, E]: p = softmax (fp32), the K largest (first index on ties, in descending
-    order), w = p_top / sum(p_top) * per_expert_scale[idx]."""
-    t = tl.program_id(0).to(tl.int64)
+    order), w = p_top / sum(p_top) * per_expert_scale[idx], stored at w[t], idx[t]. -> the ids [BK] int32."""
     c = tl.arange(0, BE)
     p = tl.load(x_ptr + t * E + c, mask=c < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(p - tl.max(p, axis=0))
@@ -424,18 +434,46 @@ def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BE: tl.cons
     w = vals / tl.sum(vals, axis=0) * tl.load(pes_ptr + ids, mask=slot < K, other=0.0).to(tl.float32)
     tl.store(w_ptr + t * K + slot, w, mask=slot < K)
     tl.store(idx_ptr + t * K + slot, ids.to(tl.int64), mask=slot < K)
+    return ids
 
 
 @triton.jit
-def route_order_kernel(idx_ptr, order_ptr, offs_ptr, M, E, BMS: tl.constexpr, BE: tl.constexpr):
-    """One program sorts M <= BMS routing slots (expert ids idx [M], slot s = t * k + j) by expert, stably:
-    order[r] = the slot at sorted place r (what torch.sort(stable=True) returns), offs[e] = the number of slots
-    with expert <= e (searchsorted(sorted, arange(E), right=True)), by counting (stable_rank; [BE, BMS])."""
-    s = tl.arange(0, BMS)
-    sm = s < M
-    ex = tl.load(idx_ptr + s, mask=sm, other=2147483647).to(tl.int32)     # [BMS] (padding sorts last)
+def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """One program per token: route_row."""
+    route_row(x_ptr, pes_ptr, w_ptr, idx_ptr, tl.program_id(0).to(tl.int64), E, K, BE, BK)
+
+
+@triton.jit
+def sort_slots(ex, s, sm, order_ptr, offs_ptr, E, BE: tl.constexpr):
+    """Routing slots s [BMS] (valid where sm) with expert ids ex, sorted by expert, stably: order[r] = the slot at
+    sorted place r (what torch.sort(stable=True) returns), offs[e] = the number of slots with expert <= e
+    (searchsorted(sorted, arange(E), right=True)), by counting (stable_rank; [BE, BMS])."""
+    ex = tl.where(sm, ex, 2147483647)                                     # (padding sorts last)
     place = stable_rank(ex, s)                                            # [BMS] sorted place of each slot
     tl.store(order_ptr + place, s.to(tl.int64), mask=sm)
     e = tl.arange(0, BE)
     ends = tl.sum(((ex[None, :] <= e[:, None]) & sm[None, :]).to(tl.int32), 1)   # [BE]
     tl.store(offs_ptr + e, ends, mask=e < E)
+
+
+@triton.jit
+def route_order_kernel(idx_ptr, order_ptr, offs_ptr, M, E, BMS: tl.constexpr, BE: tl.constexpr):
+    """One program sorts M <= BMS routing slots (expert ids idx [M], slot s = t * k + j) by expert: sort_slots."""
+    s = tl.arange(0, BMS)
+    sm = s < M
+    sort_slots(tl.load(idx_ptr + s, mask=sm, other=0).to(tl.int32), s, sm, order_ptr, offs_ptr, E, BE)
+
+
+@triton.jit
+def route_sorted_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, order_ptr, offs_ptr, T, E, K: tl.constexpr,
+                        BE: tl.constexpr, BK: tl.constexpr, BMS: tl.constexpr):
+    """One program for a decoding step's T tokens (T * K <= BMS): each token's route_row, then its slots sorted
+    by expert (sort_slots), the expert ids kept in registers between the two."""
+    s = tl.arange(0, BMS)
+    slot = tl.arange(0, BK)
+    ex = tl.zeros((BMS,), tl.int32)
+    for t in range(T):
+        ids = route_row(x_ptr, pes_ptr, w_ptr, idx_ptr, t, E, K, BE, BK)
+        for i in tl.static_range(K):
+            ex = tl.where(s == t * K + i, tl.sum(tl.where(slot == i, ids, 0), axis=0), ex)
+    sort_slots(ex, s, s < T * K, order_ptr, offs_ptr, E, BE)

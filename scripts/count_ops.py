@@ -117,7 +117,7 @@ def main() -> None:
     uniform, renoise = torch.rand(B * C, generator=g), torch.randint(0, V, (B, C), generator=g)
     temp = torch.tensor(0.5)
     out = {"shape": a.shape, "layers": a.layers, "batch": B, "canvas": C, "note": __doc__.split("\n\n")[1]}
-    for fused in ("", "rope", "norms", "rope,norms", "moe,mlp", "sampler", "all"):
+    for fused in ("", "qkv", "rope", "norms", "rope,norms", "moe,mlp", "sampler", "all"):
         os.environ["DGEMMA_FUSED"] = fused
         with torch.inference_mode():
             cache = model.new_cache(B, 40 + 2 * C)

@@ -626,6 +626,7 @@ def test_fused_layer_kernels_on_cuda(monkeypatch):
     kernel (DGEMMA_FUSED=all: q/k/v epilogue, norms, experts, dense MLPs) stay close to the eager path's and to
     fp32, and a CUDA graph replays the fused static step exactly."""
     from dgemma.bench.worker import build
+    from dgemma.model import _back_to_back
     monkeypatch.delenv("DGEMMA_FUSED", raising=False)                # the eager runs below
     m = build({"shape": "26b-a4b", "device": "cuda", "dtype": "float32",
                "overrides": {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}})
@@ -650,6 +651,7 @@ def test_fused_layer_kernels_on_cuda(monkeypatch):
                 getattr(kernels, name), name))
         fused = m.denoise(canvas, cache, static=True)
         assert set(calls) == {"route", "moe", "mlp", "norm_rope"}, set(calls)   # every layer kernel ran
+        assert all(_back_to_back([p.weight for p in L.self_attn.projections()]) for L in m.layers)   # qkv: packed
         assert _rel(fused, want) < 3e-2 and _rel(eager, want) < 3e-2, (_rel(fused, want), _rel(eager, want))
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

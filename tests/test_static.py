@@ -40,6 +40,51 @@ def test_static_denoise_with_left_padding():
                           atol=1e-5)
 
 
+def test_packed_qkv_projection(tmp_path, monkeypatch):
+    """DGEMMA_FUSED=qkv: the first inference pass moves each layer's q, k (and v) weights back to back into one
+    buffer, keeping each Parameter object, and runs one GEMM for them (the separate projections are never
+    called); the encoder, the denoiser and the static denoiser give what the separate GEMMs give; autograd keeps
+    the separate ones; a save (views of one buffer) loads back equal; model.to() leaves the weights apart again.
+    Without the opt-in nothing is packed."""
+    import dgemma
+    from dgemma.model import _back_to_back
+    m = model()
+    g = torch.Generator().manual_seed(5)
+    ids, canvas = torch.randint(2, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 8), generator=g)
+    attn = [layer.self_attn for layer in m.layers]
+    assert {a.v_proj is None for a in attn} == {True, False}                    # both layer kinds
+    params = [[p.weight for p in a.projections()] for a in attn]
+
+    def outputs():
+        with torch.no_grad():
+            cache = m.new_cache(2, 40)
+            enc = m.head(m.encode(ids, cache))
+            return enc, m.head(m.denoise(canvas, cache)), m.head(m.denoise(canvas, cache, static=True))
+
+    def packed():
+        return [_back_to_back(ps) for ps in params]
+
+    monkeypatch.delenv("DGEMMA_FUSED", raising=False)
+    want = outputs()
+    assert not any(packed())
+    calls = []
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x, f=torch.nn.Linear.forward:
+                        calls.append(self) or f(self, x))
+    monkeypatch.setenv("DGEMMA_FUSED", "qkv")
+    got = outputs()
+    assert all(packed()) and [[p.weight for p in a.projections()] for a in attn] == params
+    assert calls and not any(p in calls for a in attn for p in a.projections())
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    x = torch.zeros(1, 1, m.config.hidden_size)
+    assert all(a.packed_weight(x) is None for a in attn)                       # autograd: separate GEMMs
+    path = dgemma.save(m, tmp_path / "packed")
+    again = dgemma.load(path, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), m.state_dict().values()))
+    m.to(torch.float64)
+    assert not any(packed()) and [[p.weight for p in a.projections()] for a in attn] == params
+
+
 @torch.no_grad()
 def test_zero_self_conditioning_signal_equals_none():
     m = model()

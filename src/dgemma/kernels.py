@@ -24,8 +24,9 @@ sync, no extra launch, a launch grid fixed by the shapes), so a step that runs t
     residual add, the three pre-norms, the router's softmax / top-k / renormalisation / expert scales, the
     post-FFN norms, residual add and layer scalar) in three kernels instead of 19; model.Layer uses them
     on CUDA with DGEMMA_FUSED=norms.
-Every fused kernel is opt-in (`fused(name)`, DGEMMA_FUSED=moe,mlp,sampler,rope,norms or all) until a GPU run has
-measured it.
+And one path without Triton: `qkv`, the q, k (and v) projections as one GEMM over weights packed back to back
+(model.Attention.packed_weight). Every fused path is opt-in (`fused(name)`, DGEMMA_FUSED=moe,mlp,sampler,rope,
+norms,qkv or all) until a GPU run has measured it.
 Does not know: the stored layout's origin (quant.py), routing and when the fused paths apply (model.py), the
 sampling rule (sampling.py).
 """
@@ -48,7 +49,8 @@ def available() -> bool:
     return triton_installed() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-FUSIBLE = ("moe", "mlp", "sampler", "rope", "norms")
+FUSIBLE = ("moe", "mlp", "sampler", "rope", "norms", "qkv")
+TORCH_ONLY = ("qkv",)    # no Triton in them: they run wherever torch does
 
 
 def fused_choice() -> str:
@@ -58,12 +60,12 @@ def fused_choice() -> str:
 
 def fused(name: str, x: torch.Tensor) -> bool:
     """Kernel `name` (one of FUSIBLE) is wanted and can run on x's device: named in DGEMMA_FUSED
-    (comma-separated, or "all"), Triton installed, and x on CUDA (or any device under Triton's interpreter).
-    Every fused kernel is opt-in until a GPU run has measured it; read on every call, so one process can time
-    both paths."""
+    (comma-separated, or "all"), and (a Triton kernel) Triton installed and x on CUDA (or any device under
+    Triton's interpreter); TORCH_ONLY names run anywhere. Every fused path is opt-in until a GPU run has
+    measured it; read on every call, so one process can time both paths."""
     want = fused_choice()
     names = FUSIBLE if want.strip() == "all" else [w.strip() for w in want.split(",")]
-    return name in names and available() and (x.is_cuda or _interpreted())
+    return name in names and (name in TORCH_ONLY or (available() and (x.is_cuda or _interpreted())))
 
 
 def _pow2(n: int) -> int:

@@ -114,9 +114,18 @@ class Attention(nn.Module):
         slots: where a KV cache wants this pass's k and v (see KVCache.kv_slots); the fused kernel writes them
         there and returns k = v = None (the eager path ignores it)."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.heads, self.head_dim)
-        k_raw = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim) if self.v_proj is not None else None
+        w = self.packed_weight(x)
+        if w is not None:         # one GEMM for q, k (and v): [B, S, Nq + Nk (+ Nv)], then views
+            nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            qkv = F.linear(x, w)
+            q, k_raw = qkv[..., :nq], qkv[..., nq:nq + nk]
+            v = qkv[..., nq + nk:] if self.v_proj is not None else None
+        else:
+            q, k_raw = self.q_proj(x), self.k_proj(x)
+            v = self.v_proj(x) if self.v_proj is not None else None
+        q = q.view(B, S, self.heads, self.head_dim)
+        k_raw = k_raw.view(B, S, self.kv_heads, self.head_dim)
+        v = v.view(B, S, self.kv_heads, self.head_dim) if v is not None else None
         if not torch.is_grad_enabled() and kernels.fused("rope", x):   # norms and RoPE in one Triton kernel
             return kernels.norm_rope(q, k_raw, v, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps,
                                      slots() if slots is not None else None)
@@ -127,6 +136,48 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         v = rms_norm(v, None, self.eps).transpose(1, 2)
         return q, k, v
+
+
+    def projections(self) -> list[nn.Module]:
+        """The input projections in packed order: q, k, and v on sliding layers."""
+        return [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
+
+    def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """With DGEMMA_FUSED=qkv (kernels.fused), in inference (no autograd), for plain weights: the q, k (and v)
+        weights as one [Nq + Nk (+ Nv), H] matrix (a view: `pack` puts them back to back in one buffer the first
+        time, never under a graph capture), for one GEMM instead of two or three. Else None."""
+        if (torch.is_grad_enabled() or not kernels.fused("qkv", x)
+                or not all(type(m) is nn.Linear for m in self.projections())):
+            return None
+        ws = [m.weight for m in self.projections()]
+        if not _back_to_back(ws):
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            self.pack()
+        rows = sum(w.shape[0] for w in ws)
+        return ws[0].as_strided((rows, ws[0].shape[1]), ws[0].stride())
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Move the q, k (and v) weights back to back into one new buffer. Each Parameter stays the same object
+        (an optimizer holding it is unaffected): its .data becomes a view of the buffer. Anything that makes new
+        weight tensors (model.to, .half, a checkpoint load with assign) leaves them apart again."""
+        ws = [m.weight for m in self.projections()]
+        buf = torch.cat([w.data for w in ws])                          # [Nq + Nk (+ Nv), H]
+        start = 0
+        for w in ws:
+            w.data = buf[start:start + w.shape[0]]
+            start += w.shape[0]
+
+
+def _back_to_back(ws: list[torch.Tensor]) -> bool:
+    """Contiguous 2-D tensors of one dtype and width, each starting where the previous one ends in one storage."""
+    first = ws[0]
+    if not all(w.is_contiguous() and w.dtype == first.dtype and w.shape[1:] == first.shape[1:] for w in ws):
+        return False
+    if any(w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for w in ws):
+        return False
+    return all(b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(ws, ws[1:]))
 
 
 class Router(nn.Module):

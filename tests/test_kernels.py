@@ -221,7 +221,7 @@ def test_every_kernel_compiles_for_hopper():
                        cwd=os.path.join(os.path.dirname(__file__), ".."), timeout=600,
                        env={**os.environ, "PYTHONPATH": "src"})
     assert r.returncode == 0 and " 0 failed" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
-    assert r.stdout.count("ok  ") >= 30, r.stdout[-3000:]                 # (41 launches today)
+    assert r.stdout.count("ok  ") >= 30, r.stdout[-3000:]                 # (44 launches today)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

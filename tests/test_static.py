@@ -44,8 +44,8 @@ def test_packed_qkv_projection(tmp_path, monkeypatch):
     """DGEMMA_FUSED=qkv: the first inference pass moves each layer's q, k (and v) weights back to back into one
     buffer, keeping each Parameter object, and runs one GEMM for them (the separate projections are never
     called); the encoder, the denoiser and the static denoiser give what the separate GEMMs give; autograd keeps
-    the separate ones; a save (views of one buffer) loads back equal; model.to() leaves the weights apart again.
-    Without the opt-in nothing is packed."""
+    the separate ones, and an optimizer's steps land in the buffer; a save (views of one buffer) loads back equal;
+    model.to() leaves the weights apart again. Without the opt-in, or for quantized weights, nothing is packed."""
     import dgemma
     from dgemma.model import _back_to_back
     m = model()
@@ -81,8 +81,25 @@ def test_packed_qkv_projection(tmp_path, monkeypatch):
     path = dgemma.save(m, tmp_path / "packed")
     again = dgemma.load(path, device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), m.state_dict().values()))
+    # training a packed model: the optimizer's in-place steps land in the buffer, as in separate weights
+    fresh = model()
+    for net in (m, fresh):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        net.head(net.encode(ids, net.new_cache(2, 40))).square().mean().backward()
+        opt.step()
+    assert all(packed())
+    monkeypatch.delenv("DGEMMA_FUSED")
+    with torch.no_grad():
+        trained = [net.head(net.encode(ids, net.new_cache(2, 40))) for net in (m, fresh)]
+    assert torch.allclose(*trained, rtol=1e-5, atol=1e-5)
     m.to(torch.float64)
     assert not any(packed()) and [[p.weight for p in a.projections()] for a in attn] == params
+    # quantized projections stay separate
+    q = dgemma.load(dgemma.default_model_path(), quantize="int8", dtype="float32")
+    monkeypatch.setenv("DGEMMA_FUSED", "qkv")
+    with torch.no_grad():
+        q.denoise_logits(ids[:, :5], canvas[:, :q.config.canvas_length] % q.config.vocab_size)
+        assert all(L.self_attn.packed_weight(x) is None for L in q.layers)
 
 
 @torch.no_grad()

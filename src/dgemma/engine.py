@@ -297,12 +297,15 @@ class Engine:
                 new_canvas, argmax, ent, soft_new = self.graphs.run(key, self._fast_step, *inputs)
         if any(r.req.frames for r in self.rows):
             self._record_frames(new_canvas, ent, bound)
+        # every row's stop rule on the device, then one host sync for all of them (not one per row)
+        stops = [r.stopper(argmax[b:b + 1], ent[b:b + 1]) for b, r in enumerate(self.rows) if r.stopper is not None]
+        flags = iter(torch.cat(stops).tolist() if stops else [])
         commit = []
         for b, r in enumerate(self.rows):
             r.canvas, r.argmax, r.soft = new_canvas[b], argmax[b], soft_new[b]
             r.left -= 1
             r.req.passes += 1
-            stop = bool(r.stopper(argmax[b:b + 1], ent[b:b + 1])[0]) if r.stopper is not None else False
+            stop = next(flags) if r.stopper is not None else False
             if stop or r.left == 0:
                 commit.append(b)
         return self._commit(commit) if commit else []

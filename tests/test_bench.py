@@ -28,3 +28,41 @@ def test_bench_engine_system(tmp_path):
     res = json.loads((out / "bench.json").read_text())["results"]
     assert res["engine"]["decoder_passes"] == res["dgemma"]["decoder_passes"] == 6
     assert res["engine"]["sampler"] == "exact" and res["engine"]["tokens_per_s"] > 0
+
+
+def test_roofline_counts_every_weight_and_the_forward_macs():
+    """scripts/roofline.py: the weights a pass reads (all experts) are the model's parameters (norms and scalars
+    aside); an AR step reads only k experts per layer; its per-token MACs are what a hooked forward's matmuls do."""
+    import importlib.util
+    import os
+
+    import torch
+
+    from dgemma.config import preset
+    from dgemma.model import DiffusionGemma
+
+    spec = importlib.util.spec_from_file_location(
+        "roofline", os.path.join(os.path.dirname(__file__), "..", "scripts", "roofline.py"))
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    cfg = preset("small", num_hidden_layers=6, layer_types=[])
+    params = sum(p.numel() for n, p in DiffusionGemma(cfg).named_parameters() if p.dim() >= 2)
+    assert roofline.weight_bytes(cfg, 256, denoiser=True) == 2 * params
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert roofline.weight_bytes(cfg, 1, denoiser=False) == 2 * (
+        params - cfg.num_hidden_layers * (cfg.num_experts - cfg.top_k_experts) * expert - 3 * cfg.hidden_size
+        * cfg.intermediate_size)
+    # the matmuls of one encoder token at position 0 (it sees 1 key): every linear, the k experts, the head
+    macs = []
+    m = DiffusionGemma(cfg).eval()
+    linear, grouped = torch.nn.functional.linear, torch._grouped_mm
+    torch.nn.functional.linear = lambda x, w, b=None: macs.append(x.shape[:-1].numel() * w.numel()) or linear(x, w, b)
+    torch._grouped_mm = lambda x, w, **kw: macs.append(x.shape[0] * w[0].numel()) or grouped(x, w, **kw)   # experts
+    try:
+        with torch.no_grad():
+            m.head(m.encode(torch.tensor([[5]]), m.new_cache(1, 4)))
+    finally:
+        torch.nn.functional.linear, torch._grouped_mm = linear, grouped
+    counted, _ = roofline.per_token_macs(cfg, 1, denoiser=False)
+    attention = sum(2 * cfg.num_attention_heads * cfg.layer_head_dim(i) for i in range(cfg.num_hidden_layers))
+    assert sum(macs) == counted - attention

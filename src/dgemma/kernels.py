@@ -19,11 +19,12 @@ sync, no extra launch, a launch grid fixed by the shapes), so a step that runs t
     (through sampling.fused_rows) with DGEMMA_FUSED=sampler.
   * `norm_rope`: the attention's q / k / v epilogue (RMSNorm of each head, RoPE on q and k, the weightless norm
     of v) in one kernel instead of 13 per layer; model.Attention uses it on CUDA with DGEMMA_FUSED=rope.
-  * `route_order`: a decoding step's routing slots sorted by expert in one program (T * k <= 128).
+  * `route_order`: a decoding step's routing slots sorted by expert in one program (T * k <= 128); `route` can
+    do the same sort in its own launch.
   * `post_attention`, `route`, `post_ffn`: the rest of a layer around its matmuls (post-attention norm and
     residual add, the three pre-norms, the router's softmax / top-k / renormalisation / expert scales, the
     post-FFN norms, residual add and layer scalar) in three kernels instead of 19; model.Layer uses them
-    on CUDA with DGEMMA_FUSED=norms.
+    on CUDA with DGEMMA_FUSED=norms (with moe too, post_ffn also does the experts' combine).
 And one path without Triton: `qkv`, the q, k (and v) projections as one GEMM over weights packed back to back
 (model.Attention.packed_weight). Every fused path is opt-in (`fused(name)`, DGEMMA_FUSED=moe,mlp,sampler,rope,
 norms,qkv or all) until a GPU run has measured it.

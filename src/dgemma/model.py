@@ -137,7 +137,6 @@ class Attention(nn.Module):
         v = rms_norm(v, None, self.eps).transpose(1, 2)
         return q, k, v
 
-
     def projections(self) -> list[nn.Module]:
         """The input projections in packed order: q, k, and v on sliding layers."""
         return [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
@@ -362,13 +361,13 @@ class Layer(nn.Module):
                                               self.pre_feedforward_layernorm.weight,
                                               self.pre_feedforward_layernorm_2.weight, router.scale, router.root, eps)
         x2 = x2.view(-1, H)
-        rows = self.experts._fused_ok(x2)
-        w, idx, by_expert = kernels.route(router.proj(z.view(-1, H)), router.k, router.per_expert_scale, sort=rows)
-        m2 = self.experts.fused_rows(x2, w, idx, by_expert) if rows else self.experts(x2, w, idx).view(B, S, H)
+        fused = self.experts._fused_ok(x2)       # the experts' k rows per token stay apart for post_ffn to add
+        w, idx, by_expert = kernels.route(router.proj(z.view(-1, H)), router.k, router.per_expert_scale, sort=fused)
+        m2 = self.experts.fused_rows(x2, w, idx, by_expert) if fused else self.experts(x2, w, idx).view(B, S, H)
         return kernels.post_ffn(r, self.mlp(x1), m2, self.post_feedforward_layernorm_1.weight,
                                 self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
                                 self.encoder_layer_scalar if encoder else self.layer_scalar, eps,
-                                None if next_norm is None else next_norm.weight, idx if rows else None)
+                                None if next_norm is None else next_norm.weight, idx if fused else None)
 
 
 class SelfConditioning(nn.Module):

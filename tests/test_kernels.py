@@ -549,6 +549,13 @@ for T in (1, 2, 33, 42, 43):
         assert all(torch.equal(a, b) for a, b in zip(by_expert, kernels.route_order(idx[:T], cfg.num_experts))), T
     else:
         assert by_expert is None, T
+# a decoding step's linears in one kernel: F.linear for 1 to 16 rows, odd widths, a strided x, fp32 and bf16
+for M, N, K, dtype in ((1, 40, 24, torch.float32), (3, 67, 72, torch.float32), (16, 130, 200, torch.bfloat16)):
+    x = torch.randn(2 * M, K + 3, generator=g).to(dtype)[::2, 3:]                 # rows of stride 2 (K + 3)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    got, want = kernels.linear(x, w), torch.nn.functional.linear(x.float(), w.float())
+    assert got.dtype == dtype and got.shape == (M, N), got.shape
+    assert float((got.float() - want).abs().max() / want.abs().max()) < (1e-5 if dtype == torch.float32 else 2e-2)
 # the two row kernels against the eager ops, in bf16 (each output rounded where the eager ops round)
 L = model.layers[1].to(torch.bfloat16)
 h, a, m1, m2 = (torch.randn(2, 7, cfg.hidden_size, generator=g).bfloat16() for _ in range(4))
@@ -593,7 +600,7 @@ for name in ("moe", "mlp"):
     setattr(kernels, name, lambda *a, kernel=kernel, name=name, **kw: calls.append(name) or kernel(*a, **kw))
 model.float()
 ids = torch.randint(3, 512, (2, 24), generator=g)     # 144 routing slots: sorted apart (> ROUTE_ORDER_MAX)
-canvas = torch.randint(3, 512, (2, cfg.canvas_length), generator=g)   # 48: sorted by kernels.route
+canvas = torch.randint(3, 512, (2, cfg.canvas_length), generator=g)   # 48: sorted by kernels.route; 16 rows: gemv
 outs = []
 for fused in ("", "norms", "norms,rope", "moe,mlp", "all"):
     os.environ["DGEMMA_FUSED"] = fused

@@ -25,9 +25,11 @@ sync, no extra launch, a launch grid fixed by the shapes), so a step that runs t
     residual add, the three pre-norms, the router's softmax / top-k / renormalisation / expert scales, the
     post-FFN norms, residual add and layer scalar) in three kernels instead of 19; model.Layer uses them
     on CUDA with DGEMMA_FUSED=norms (with moe too, post_ffn also does the experts' combine).
+  * `linear`: a decoding step's projections (at most 16 rows) through the dense down-projection kernel, one
+    launch where cuBLAS runs a split-K GEMV and its reduction; model.linear uses it with DGEMMA_FUSED=gemv.
 And one path without Triton: `qkv`, the q, k (and v) projections as one GEMM over weights packed back to back
 (model.Attention.packed_weight). Every fused path is opt-in (`fused(name)`, DGEMMA_FUSED=moe,mlp,sampler,rope,
-norms,qkv or all) until a GPU run has measured it.
+norms,qkv,gemv or all) until a GPU run has measured it.
 Does not know: the stored layout's origin (quant.py), routing and when the fused paths apply (model.py), the
 sampling rule (sampling.py).
 """
@@ -50,7 +52,7 @@ def available() -> bool:
     return triton_installed() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-FUSIBLE = ("moe", "mlp", "sampler", "rope", "norms", "qkv")
+FUSIBLE = ("moe", "mlp", "sampler", "rope", "norms", "qkv", "gemv")
 TORCH_ONLY = ("qkv",)    # no Triton in them: they run wherever torch does
 
 
@@ -190,6 +192,26 @@ def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
     """The dense gated MLP down(gelu_tanh(gate x) * up x) in two kernels (the experts' kernels on one matrix):
     x [T, H], gate and up [I, H], down [H, I] -> [T, H] in x's dtype; numerics as `moe` (h rounded once)."""
     return _mlp(x, gate[None], up[None], down[None], None, None, None, 1, None)
+
+
+GEMV_MAX_ROWS = 16       # rows `linear` takes (a decoding step up to batch 16; one block of BM 16)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [.., K] @ w^T for w [N, K] (rows contiguous, x's dtype), no bias, for at most GEMV_MAX_ROWS rows, in one
+    launch: the dense down-projection kernel, whose narrow autotuned column tiles spread the weight stream over
+    the SMs (where cuBLAS runs a split-K GEMV and a second kernel for its reduction). -> [.., N] in x's dtype."""
+    K, N = x.shape[-1], w.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    assert M <= GEMV_MAX_ROWS and w.shape[1] == K and w.stride(1) == 1 and w.dtype == x.dtype, (x.shape, w.shape)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)                      # [M, N]
+    if M:
+        _kernels().down_kernel[lambda meta: (1, -(-N // meta["BN"]))](
+            x2, w, y, y, y, y, M, N, K, 1, x2.stride(0), w.numel(), w.stride(0), y.stride(0), DENSE=True,
+            F32DOT=x.dtype == torch.float32 or _interpreted(), BE=16, BM=16)
+    return y.view(*x.shape[:-1], N)
 
 
 def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, order: torch.Tensor | None,

@@ -34,6 +34,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y.type_as(x)
 
 
+def linear(x: torch.Tensor, lin: nn.Module | torch.Tensor) -> torch.Tensor:
+    """lin(x) for a bias-free nn.Linear (or x @ lin^T for a weight tensor); a quantized module runs itself. With
+    DGEMMA_FUSED=gemv, for a decoding step's few rows (at most kernels.GEMV_MAX_ROWS, no autograd, a plain weight
+    of x's dtype): one Triton kernel (kernels.linear) instead of cuBLAS's split-K GEMV and its reduction."""
+    w = lin if isinstance(lin, torch.Tensor) else lin.weight if type(lin) is nn.Linear else None
+    if (w is not None and not torch.is_grad_enabled() and w.dtype == x.dtype
+            and x.numel() <= kernels.GEMV_MAX_ROWS * x.shape[-1] and kernels.fused("gemv", x)):
+        return kernels.linear(x, w)
+    return F.linear(x, lin) if isinstance(lin, torch.Tensor) else lin(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -117,12 +128,12 @@ class Attention(nn.Module):
         w = self.packed_weight(x)
         if w is not None:         # one GEMM for q, k (and v): [B, S, Nq + Nk (+ Nv)], then views
             nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
-            qkv = F.linear(x, w)
+            qkv = linear(x, w)
             q, k_raw = qkv[..., :nq], qkv[..., nq:nq + nk]
             v = qkv[..., nq + nk:] if self.v_proj is not None else None
         else:
-            q, k_raw = self.q_proj(x), self.k_proj(x)
-            v = self.v_proj(x) if self.v_proj is not None else None
+            q, k_raw = linear(x, self.q_proj), linear(x, self.k_proj)
+            v = linear(x, self.v_proj) if self.v_proj is not None else None
         q = q.view(B, S, self.heads, self.head_dim)
         k_raw = k_raw.view(B, S, self.kv_heads, self.head_dim)
         v = v.view(B, S, self.kv_heads, self.head_dim) if v is not None else None
@@ -336,8 +347,8 @@ class Layer(nn.Module):
         q, k, v = self.self_attn.qkv(x, cos, sin, getattr(attend, "kv_slots", None))
         o = attend(q, k, v).transpose(1, 2).reshape(B, S, -1)
         if not torch.is_grad_enabled() and kernels.fused("norms", h):
-            return self._fused_tail(h, self.self_attn.o_proj(o), encoder, next_norm)
-        h = h + self.post_attention_layernorm(self.self_attn.o_proj(o))
+            return self._fused_tail(h, linear(o, self.self_attn.o_proj), encoder, next_norm)
+        h = h + self.post_attention_layernorm(linear(o, self.self_attn.o_proj))
         r = h
         m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
         flat = r.reshape(-1, H)

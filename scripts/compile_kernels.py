@@ -91,8 +91,8 @@ def record_launches() -> list[tuple]:
                 kernels.route_order(idx, E)
         kernels.route_order(meta(16, k, dtype=torch.int64), E)  # the most slots it sorts (an AR step, batch 16)
         kernels.route(meta(16, E), k, meta(E), sort=True)
-        for T in (1, 16):                                      # a decoding step's q/k/v (packed) and o projections
-            for n, kk in ((16 * 256 + 2 * 8 * 256, H), (H, 16 * 256), (16 * 512 + 2 * 512, H), (H, 16 * 512)):
+        for T in (1, 16):                                 # a decoding step's q/k/v (packed), o, router projections
+            for n, kk in ((16 * 256 + 2 * 8 * 256, H), (H, 16 * 256), (16 * 512 + 2 * 512, H), (H, 16 * 512), (E, H)):
                 kernels.linear(meta(T, kk), meta(n, kk))
         for S in (1, 256):                                     # one token; a canvas
             for hq, hkv, D, v in ((16, 8, 256, True), (16, 2, 512, False)):

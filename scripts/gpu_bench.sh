@@ -59,7 +59,7 @@ python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
 run_step "GPU tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static.py tests/test_kernels.py \
   > "$OUTDIR/gpu_tests.txt" 2>&1
 tail -6 "$OUTDIR/gpu_tests.txt"
-if grep -q "^FAILED tests/test_kernels.py" "$OUTDIR/gpu_tests.txt"; then
+if grep -Eq "^(FAILED|ERROR) tests/test_kernels.py" "$OUTDIR/gpu_tests.txt"; then
   echo "== a fused-kernel GPU test failed: the benches run the default path only"
   FUSED=none
 fi

@@ -549,6 +549,15 @@ for T in (1, 2, 33, 42, 43):
         assert all(torch.equal(a, b) for a, b in zip(by_expert, kernels.route_order(idx[:T], cfg.num_experts))), T
     else:
         assert by_expert is None, T
+for T in (16, 17):                         # the 26B's routing (E 128, k 8): exactly ROUTE_ORDER_MAX slots, and one more
+    logits, scale = torch.randn(T, 128, generator=g), torch.rand(128, generator=g) + 0.5
+    w, idx, none = kernels.route(logits, 8, scale)
+    tw, ti = torch.topk(torch.softmax(logits, -1), 8, dim=-1)
+    assert none is None and torch.equal(idx, ti) and torch.allclose(w, tw / tw.sum(-1, keepdim=True) * scale[ti])
+    sw, sidx, by_expert = kernels.route(logits, 8, scale, sort=True)
+    assert torch.equal(sw, w) and torch.equal(sidx, idx) and (by_expert is None) == (T == 17), T
+    if T == 16:
+        assert all(torch.equal(a, b) for a, b in zip(by_expert, kernels.route_order(idx, 128)))
 # a decoding step's linears in one kernel: F.linear for 1 to 16 rows, odd widths, a strided x, fp32 and bf16
 for M, N, K, dtype in ((1, 40, 24, torch.float32), (3, 67, 72, torch.float32), (16, 130, 200, torch.bfloat16)):
     x = torch.randn(2 * M, K + 3, generator=g).to(dtype)[::2, 3:]                 # rows of stride 2 (K + 3)

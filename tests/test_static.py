@@ -42,10 +42,12 @@ def test_static_denoise_with_left_padding():
 
 def test_packed_qkv_projection(tmp_path, monkeypatch):
     """DGEMMA_FUSED=qkv: the first inference pass moves each layer's q, k (and v) weights back to back into one
-    buffer, keeping each Parameter object, and runs one GEMM for them (the separate projections are never
-    called); the encoder, the denoiser and the static denoiser give what the separate GEMMs give; autograd keeps
-    the separate ones, and an optimizer's steps land in the buffer; a save (views of one buffer) loads back equal;
-    model.to() leaves the weights apart again. Without the opt-in, or for quantized weights, nothing is packed."""
+    buffer, keeping each Parameter object, forgets the graphs captured before (they read the old weights), and runs
+    one GEMM for them (the separate projections are never called); the encoder, the denoiser and the static
+    denoiser give what the separate GEMMs give; autograd keeps the separate ones, the weights stay trainable though
+    packed in inference mode, and an optimizer's steps land in the buffer; a save (views of one buffer) loads back
+    equal; model.to() leaves the weights apart again and empties the graph store in place. Without the opt-in, or
+    for quantized weights, nothing is packed."""
     import dgemma
     from dgemma.model import _back_to_back
     m = model()
@@ -55,24 +57,30 @@ def test_packed_qkv_projection(tmp_path, monkeypatch):
     assert {a.v_proj is None for a in attn} == {True, False}                    # both layer kinds
     params = [[p.weight for p in a.projections()] for a in attn]
 
-    def outputs():
-        with torch.no_grad():
-            cache = m.new_cache(2, 40)
-            enc = m.head(m.encode(ids, cache))
-            return enc, m.head(m.denoise(canvas, cache)), m.head(m.denoise(canvas, cache, static=True))
+    def outputs(net=m):
+        with torch.inference_mode():                                          # as generate and the Engine run
+            cache = net.new_cache(2, 40)
+            enc = net.head(net.encode(ids, cache))
+            return enc, net.head(net.denoise(canvas, cache)), net.head(net.denoise(canvas, cache, static=True))
 
     def packed():
         return [_back_to_back(ps) for ps in params]
 
+    def same_params():
+        return all(p is q for a, ps in zip(attn, params) for p, q in zip((m.weight for m in a.projections()), ps))
+
     monkeypatch.delenv("DGEMMA_FUSED", raising=False)
     want = outputs()
     assert not any(packed())
+    store = StepGraphs()
+    store.entries["captured before"] = "warm"
+    m._runtime.graphs = store
     calls = []
     monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x, f=torch.nn.Linear.forward:
                         calls.append(self) or f(self, x))
     monkeypatch.setenv("DGEMMA_FUSED", "qkv")
     got = outputs()
-    assert all(packed()) and [[p.weight for p in a.projections()] for a in attn] == params
+    assert all(packed()) and same_params() and not store.entries
     assert calls and not any(p in calls for a in attn for p in a.projections())
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
@@ -88,18 +96,28 @@ def test_packed_qkv_projection(tmp_path, monkeypatch):
         net.head(net.encode(ids, net.new_cache(2, 40))).square().mean().backward()
         opt.step()
     assert all(packed())
-    monkeypatch.delenv("DGEMMA_FUSED")
-    with torch.no_grad():
-        trained = [net.head(net.encode(ids, net.new_cache(2, 40))) for net in (m, fresh)]
-    assert torch.allclose(*trained, rtol=1e-5, atol=1e-5)
+    for a, b in zip(outputs(), outputs(fresh)):                                 # packed GEMM vs separate ones
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    store.entries["captured before the move"] = "warm"
     m.to(torch.float64)
-    assert not any(packed()) and [[p.weight for p in a.projections()] for a in attn] == params
+    assert not any(packed()) and same_params() and not store.entries
     # quantized projections stay separate
     q = dgemma.load(dgemma.default_model_path(), quantize="int8", dtype="float32")
-    monkeypatch.setenv("DGEMMA_FUSED", "qkv")
     with torch.no_grad():
         q.denoise_logits(ids[:, :5], canvas[:, :q.config.canvas_length] % q.config.vocab_size)
         assert all(L.self_attn.packed_weight(x) is None for L in q.layers)
+
+
+def test_training_after_inference():
+    """A model that generated (inference mode: its cached rope frequencies and embedding scale were made there)
+    can still be trained in the same process."""
+    m = model()
+    ids = torch.randint(2, 64, (1, 6))
+    m.generate(ids, max_new_tokens=8, max_denoising_steps=2)
+    from dgemma.train import objective
+    h, _ = objective._encoder_pass(m, ids)
+    m.head(h).square().mean().backward()
+    assert m.embed_tokens.weight.grad is not None
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ def available() -> bool:
 
 
 FUSIBLE = ("moe", "mlp", "sampler", "rope", "norms", "qkv", "gemv")
-TORCH_ONLY = ("qkv",)    # no Triton in them: they run wherever torch does
+TORCH_ONLY = ("qkv",)    # no Triton in them: they run wherever torch does (so `all` changes CPU rounding too)
 
 
 def fused_choice() -> str:
@@ -353,6 +353,7 @@ def post_ffn(r: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, w1: torch.Tens
     k = 0 if idx is None else idx.shape[1]
     want = r.shape if idx is None else (r.numel() // H * k, H)                  # [.., H], or [T*k, H] slot rows
     assert m2.shape == want and m2.dtype == r.dtype, (m2.shape, m2.dtype, r.shape, r.dtype)
+    assert idx is None or idx.shape[0] == r.numel() // H, (idx.shape, r.shape)
     out = torch.empty_like(r)
     nxt = None if w_next is None else torch.empty_like(r)
     if r.numel():
@@ -378,8 +379,10 @@ def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor,
     if sort and T * k <= ROUTE_ORDER_MAX:
         order = torch.empty(T * k, dtype=torch.int64, device=logits.device)
         offs = torch.empty(E, dtype=torch.int32, device=logits.device)
-        kern.route_sorted_kernel[(1,)](logits, per_expert_scale, w, idx, order, offs, T, E, K=k, BE=_pow2(E),
-                                       BK=_pow2(k), BMS=_pow2(T * k))
+        kern.route_sorted_kernel[(1,)](logits, per_expert_scale, w, idx, order, offs, T, E, K=k, BT=_pow2(T),
+                                       BE=_pow2(E), BK=_pow2(k), BMS=_pow2(T * k))
         return w, idx, (order, offs)
-    kern.route_kernel[(T,)](logits, per_expert_scale, w, idx, E, K=k, BE=_pow2(E), BK=_pow2(k))
+    BT = 16                                                                     # tokens per program
+    kern.route_kernel[(-(-T // BT),)](logits, per_expert_scale, w, idx, T, E, K=k, BT=BT, BE=_pow2(E),
+                                      BK=_pow2(k))
     return w, idx, None

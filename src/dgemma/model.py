@@ -153,31 +153,33 @@ class Attention(nn.Module):
         return [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
 
     def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """With DGEMMA_FUSED=qkv (kernels.fused), in inference (no autograd), for plain weights: the q, k (and v)
-        weights as one [Nq + Nk (+ Nv), H] matrix (a view: `pack` puts them back to back in one buffer the first
-        time, never under a graph capture), for one GEMM instead of two or three. Else None."""
-        if (torch.is_grad_enabled() or not kernels.fused("qkv", x)
-                or not all(type(m) is nn.Linear for m in self.projections())):
+        """With DGEMMA_FUSED=qkv (kernels.fused), in inference (no autograd): the q, k (and v) weights as one
+        [Nq + Nk (+ Nv), H] matrix, a view, where they lie back to back in one buffer (DiffusionGemma packs them
+        at its first such pass), for one GEMM instead of two or three. Else None."""
+        if torch.is_grad_enabled() or not kernels.fused("qkv", x) or not self.packable():
             return None
         ws = [m.weight for m in self.projections()]
         if not _back_to_back(ws):
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                return None
-            self.pack()
+            return None
         rows = sum(w.shape[0] for w in ws)
         return ws[0].as_strided((rows, ws[0].shape[1]), ws[0].stride())
 
-    @torch.no_grad()
+    def packable(self) -> bool:
+        """Plain (not quantized) projection weights."""
+        return all(type(m) is nn.Linear for m in self.projections())
+
     def pack(self) -> None:
-        """Move the q, k (and v) weights back to back into one new buffer. Each Parameter stays the same object
-        (an optimizer holding it is unaffected): its .data becomes a view of the buffer. Anything that makes new
-        weight tensors (model.to, .half, a checkpoint load with assign) leaves them apart again."""
+        """Move the q, k (and v) weights back to back into one new buffer (a plain tensor, even when called in
+        inference mode, so that the weights stay trainable). Each Parameter stays the same object (an optimizer
+        holding it is unaffected): its .data becomes a view of the buffer. Anything that makes new weight tensors
+        (model.to, .half, a load with assign) leaves them apart again."""
         ws = [m.weight for m in self.projections()]
-        buf = torch.cat([w.data for w in ws])                          # [Nq + Nk (+ Nv), H]
-        start = 0
-        for w in ws:
-            w.data = buf[start:start + w.shape[0]]
-            start += w.shape[0]
+        with torch.inference_mode(False), torch.no_grad():
+            buf = torch.cat([w.data for w in ws])                      # [Nq + Nk (+ Nv), H]
+            start = 0
+            for w in ws:
+                w.data = buf[start:start + w.shape[0]]
+                start += w.shape[0]
 
 
 def _back_to_back(ws: list[torch.Tensor]) -> bool:
@@ -201,7 +203,7 @@ class Router(nn.Module):
     def forward(self, r: torch.Tensor):
         """r: [T, H] raw residual -> weights [T, k] fp32, expert ids [T, k]."""
         z = rms_norm(r, None, self.eps) * self.scale * self.root
-        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        probs = F.softmax(linear(z, self.proj), dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
         return w * self.per_expert_scale[idx], idx
@@ -373,7 +375,8 @@ class Layer(nn.Module):
                                               self.pre_feedforward_layernorm_2.weight, router.scale, router.root, eps)
         x2 = x2.view(-1, H)
         fused = self.experts._fused_ok(x2)       # the experts' k rows per token stay apart for post_ffn to add
-        w, idx, by_expert = kernels.route(router.proj(z.view(-1, H)), router.k, router.per_expert_scale, sort=fused)
+        logits = linear(z.view(-1, H), router.proj)                                    # [T, E]
+        w, idx, by_expert = kernels.route(logits, router.k, router.per_expert_scale, sort=fused)
         m2 = self.experts.fused_rows(x2, w, idx, by_expert) if fused else self.experts(x2, w, idx).view(B, S, H)
         return kernels.post_ffn(r, self.mlp(x1), m2, self.post_feedforward_layernorm_1.weight,
                                 self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
@@ -421,6 +424,7 @@ class _Runtime:
         self.graphs = None                        # graphs.StepGraphs, made on first use
         self.workspaces: dict = {}                # (batch, capacity, scratch, device, dtype) -> KVCache
         self.probe = object()                     # held like a workspace: the reference count of a free one
+        self.qkv_packed = False                   # DGEMMA_FUSED=qkv has packed the attention weights
 
     def __deepcopy__(self, memo) -> "_Runtime":
         return _Runtime()
@@ -444,8 +448,33 @@ class DiffusionGemma(nn.Module):
         self._runtime = _Runtime()
 
     def _apply(self, fn, recurse=True):
-        self._runtime = _Runtime()           # .to() / .cuda() / .half() move the weights: forget graphs
+        # .to() / .cuda() / .half() move the weights: forget graphs, also in the old store that an Engine or a
+        # generate loop may still hold (its graphs would read the old weights)
+        self._forget_graphs()
+        self._runtime = _Runtime()
         return super()._apply(fn, recurse)
+
+    def _forget_graphs(self) -> None:
+        """Drop every graph captured for this model, in place in its store (which an Engine or a generate loop may
+        hold): they read the weights by address."""
+        rt = getattr(self, "_runtime", None)
+        if rt is not None and rt.graphs is not None:
+            rt.graphs.entries.clear()
+
+    def _pack_qkv(self, x: torch.Tensor) -> None:
+        """DGEMMA_FUSED=qkv: every layer's q, k (and v) weights back to back (Attention.pack), once, where moving
+        weights is safe: outside a CUDA graph capture and on the default stream (not a graph warm-up's side
+        stream, whose memory the allocator keeps apart). Graphs captured before read the old weights: forgotten."""
+        if x.is_cuda and (torch.cuda.is_current_stream_capturing()
+                          or torch.cuda.current_stream(x.device) != torch.cuda.default_stream(x.device)):
+            return
+        todo = [L.self_attn for L in self.layers
+                if L.self_attn.packable() and not _back_to_back([m.weight for m in L.self_attn.projections()])]
+        for attn in todo:
+            attn.pack()
+        if todo:
+            self._forget_graphs()
+        self._runtime.qkv_packed = True
 
     # ---- small helpers ----------------------------------------------------------------------
     @property
@@ -462,7 +491,8 @@ class DiffusionGemma(nn.Module):
         on the model's device (made once per device and dtype)."""
         key = ("scale", self.device, self.dtype)
         if key not in self._rope_cache:
-            self._rope_cache[key] = torch.tensor(self.config.hidden_size ** 0.5, device=self.device).to(self.dtype)
+            with torch.inference_mode(False):             # a plain tensor: training may follow inference
+                self._rope_cache[key] = torch.tensor(self.config.hidden_size ** 0.5, device=self.device).to(self.dtype)
         return self._rope_cache[key]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -474,7 +504,8 @@ class DiffusionGemma(nn.Module):
         for sliding in (True, False):
             key = (sliding, positions.device)
             if key not in self._rope_cache:
-                self._rope_cache[key] = inv_frequencies(
+                with torch.inference_mode(False):
+                    self._rope_cache[key] = inv_frequencies(
                     cfg.head_dim if sliding else cfg.global_head_dim,
                     cfg.rope_local_theta if sliding else cfg.rope_global_theta,
                     1.0 if sliding else cfg.global_partial_rotary_factor, positions.device)
@@ -502,6 +533,8 @@ class DiffusionGemma(nn.Module):
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, attend_for: Callable[[int], Callable],
                    encoder: bool) -> torch.Tensor:
+        if not self._runtime.qkv_packed and not torch.is_grad_enabled() and kernels.fused("qkv", h):
+            self._pack_qkv(h)
         rope = self.rope(positions)
         x = None                               # the next layer's normed input, when a fused layer tail made it
         for i, layer in enumerate(self.layers):

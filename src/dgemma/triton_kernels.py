@@ -415,32 +415,40 @@ def post_ffn_kernel(r_ptr, m1_ptr, m2_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr
 
 
 @triton.jit
-def route_row(x_ptr, pes_ptr, w_ptr, idx_ptr, t, E, K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-    """Row t of router logits [T, E]: p = softmax (fp32), the K largest (first index on ties, in descending
-    order), w = p_top / sum(p_top) * per_expert_scale[idx], stored at w[t], idx[t]. -> the ids [BK] int32."""
+def route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, t0, T, E, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+               BK: tl.constexpr):
+    """Rows t0 .. t0 + BT - 1 (those < T) of router logits [T, E], as one [BT, BE] tile: p = softmax (fp32), the K
+    largest (first index on ties, in descending order), w = p_top / sum(p_top) * per_expert_scale[idx], stored
+    at w[t], idx[t] ([T, K] each)."""
+    t = t0 + tl.arange(0, BT)
+    tm = t < T
     c = tl.arange(0, BE)
-    p = tl.load(x_ptr + t * E + c, mask=c < E, other=float("-inf")).to(tl.float32)
-    p = tl.exp(p - tl.max(p, axis=0))
-    p = p / tl.sum(p, axis=0)
+    p = tl.load(x_ptr + t[:, None].to(tl.int64) * E + c[None, :], mask=tm[:, None] & (c < E)[None, :],
+                other=float("-inf")).to(tl.float32)                     # [BT, BE]
+    p = tl.where(tm[:, None], p, 0.0)                                     # (rows past T: finite, never stored)
+    p = tl.exp(p - tl.max(p, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
     slot = tl.arange(0, BK)
-    vals = tl.zeros((BK,), tl.float32)
-    ids = tl.zeros((BK,), tl.int32)
+    vals = tl.zeros((BT, BK), tl.float32)
+    ids = tl.zeros((BT, BK), tl.int32)
     for i in tl.static_range(K):
-        best = tl.max(p, axis=0)
-        j = tl.min(tl.where(p == best, c, BE), axis=0)                   # first index of the max
-        vals = tl.where(slot == i, best, vals)
-        ids = tl.where(slot == i, j, ids)
-        p = tl.where(c == j, -1.0, p)
-    w = vals / tl.sum(vals, axis=0) * tl.load(pes_ptr + ids, mask=slot < K, other=0.0).to(tl.float32)
-    tl.store(w_ptr + t * K + slot, w, mask=slot < K)
-    tl.store(idx_ptr + t * K + slot, ids.to(tl.int64), mask=slot < K)
-    return ids
+        best = tl.max(p, axis=1)                                          # [BT]
+        j = tl.min(tl.where(p == best[:, None], c[None, :], BE), axis=1)  # first index of each row's max
+        vals = tl.where(slot[None, :] == i, best[:, None], vals)
+        ids = tl.where(slot[None, :] == i, j[:, None], ids)
+        p = tl.where(c[None, :] == j[:, None], -1.0, p)
+    m = tm[:, None] & (slot < K)[None, :]
+    w = vals / tl.sum(vals, axis=1)[:, None] * tl.load(pes_ptr + ids, mask=m, other=0.0).to(tl.float32)
+    o = t[:, None].to(tl.int64) * K + slot[None, :]
+    tl.store(w_ptr + o, w, mask=m)
+    tl.store(idx_ptr + o, ids.to(tl.int64), mask=m)
 
 
 @triton.jit
-def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-    """One program per token: route_row."""
-    route_row(x_ptr, pes_ptr, w_ptr, idx_ptr, tl.program_id(0).to(tl.int64), E, K, BE, BK)
+def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, T, E, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                 BK: tl.constexpr):
+    """Program p routes tokens p * BT .. p * BT + BT - 1 (route_rows)."""
+    route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, tl.program_id(0) * BT, T, E, K, BT, BE, BK)
 
 
 @triton.jit
@@ -466,14 +474,13 @@ def route_order_kernel(idx_ptr, order_ptr, offs_ptr, M, E, BMS: tl.constexpr, BE
 
 @triton.jit
 def route_sorted_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, order_ptr, offs_ptr, T, E, K: tl.constexpr,
-                        BE: tl.constexpr, BK: tl.constexpr, BMS: tl.constexpr):
-    """One program for a decoding step's T tokens (T * K <= BMS): each token's route_row, then its slots sorted
-    by expert (sort_slots), the expert ids kept in registers between the two."""
+                        BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BMS: tl.constexpr):
+    """One program for a decoding step's T <= BT tokens (T * K <= BMS): route_rows for all of them at once, then
+    (after a barrier, so that every thread sees the ids the others stored) their slots sorted by expert
+    (sort_slots)."""
+    route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, 0, T, E, K, BT, BE, BK)
+    tl.debug_barrier()
     s = tl.arange(0, BMS)
-    slot = tl.arange(0, BK)
-    ex = tl.zeros((BMS,), tl.int32)
-    for t in range(T):
-        ids = route_row(x_ptr, pes_ptr, w_ptr, idx_ptr, t, E, K, BE, BK)
-        for i in tl.static_range(K):
-            ex = tl.where(s == t * K + i, tl.sum(tl.where(slot == i, ids, 0), axis=0), ex)
-    sort_slots(ex, s, s < T * K, order_ptr, offs_ptr, E, BE)
+    sm = s < T * K
+    ex = tl.load(idx_ptr + s, mask=sm, other=0, volatile=True).to(tl.int32)
+    sort_slots(ex, s, sm, order_ptr, offs_ptr, E, BE)

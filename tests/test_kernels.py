@@ -540,24 +540,27 @@ probs = torch.softmax(logits, -1, dtype=torch.float32)
 tw, ti = torch.topk(probs, router.k, dim=-1)
 assert none is None and torch.equal(idx, ti) and idx[0, 0] == 1 and idx[0, 1] == 4, (idx[:2], ti[:2])
 assert torch.allclose(w, tw / tw.sum(-1, keepdim=True) * router.per_expert_scale[ti], rtol=1e-6, atol=1e-7)
-# routing and the sort by expert in one program (up to ROUTE_ORDER_MAX slots): the same weights and ids, and
-# route_order's sort of them; above that many slots, no sort
-for T in (1, 2, 33, 42, 43):
-    sw, sidx, by_expert = kernels.route(logits[:T], router.k, router.per_expert_scale, sort=True)
-    assert torch.equal(sw, w[:T]) and torch.equal(sidx, idx[:T]), T
-    if T * router.k <= kernels.ROUTE_ORDER_MAX:
-        assert all(torch.equal(a, b) for a, b in zip(by_expert, kernels.route_order(idx[:T], cfg.num_experts))), T
-    else:
-        assert by_expert is None, T
-for T in (16, 17):                         # the 26B's routing (E 128, k 8): exactly ROUTE_ORDER_MAX slots, and one more
+# routing and the slots sorted by expert: in the routing program (up to ROUTE_ORDER_MAX slots), or in one more
+# launch from the routing programs' counts (place_kernel; chunks of 16 tokens): the same weights and ids, and
+# torch.sort(stable)'s order and searchsorted's group ends; no sort above ROUTE_PLACE_MAX programs
+def check_sorted(logits, k, scale, E):
+    w, idx, none = kernels.route(logits, k, scale)
+    sw, sidx, by_expert = kernels.route(logits, k, scale, sort=True)
+    assert none is None and torch.equal(sw, w) and torch.equal(sidx, idx)
+    sorted_e, want = torch.sort(idx.reshape(-1), stable=True)
+    assert torch.equal(by_expert[0], want)
+    assert torch.equal(by_expert[1], torch.searchsorted(sorted_e, torch.arange(E), right=True, out_int32=True))
+    return w, idx
+
+for T in (1, 2, 33, 42, 43, 50):             # k = 3: up to 126 slots in one program, then 2..4 chunks
+    check_sorted(logits[:T], router.k, router.per_expert_scale, cfg.num_experts)
+for T in (1, 16, 17, 100):                   # the 26B's routing (E 128, k 8): 128 slots in one program, then chunks
     logits, scale = torch.randn(T, 128, generator=g), torch.rand(128, generator=g) + 0.5
-    w, idx, none = kernels.route(logits, 8, scale)
+    w, idx = check_sorted(logits, 8, scale, 128)
     tw, ti = torch.topk(torch.softmax(logits, -1), 8, dim=-1)
-    assert none is None and torch.equal(idx, ti) and torch.allclose(w, tw / tw.sum(-1, keepdim=True) * scale[ti])
-    sw, sidx, by_expert = kernels.route(logits, 8, scale, sort=True)
-    assert torch.equal(sw, w) and torch.equal(sidx, idx) and (by_expert is None) == (T == 17), T
-    if T == 16:
-        assert all(torch.equal(a, b) for a, b in zip(by_expert, kernels.route_order(idx, 128)))
+    assert torch.equal(idx, ti) and torch.allclose(w, tw / tw.sum(-1, keepdim=True) * scale[ti])
+many = torch.randn(16 * kernels.ROUTE_PLACE_MAX + 1, 6, generator=g)
+assert kernels.route(many, 3, torch.ones(6), sort=True)[2] is None
 # a decoding step's linears in one kernel: F.linear for 1 to 16 rows, odd widths, a strided x, fp32 and bf16
 for M, N, K, dtype in ((1, 40, 24, torch.float32), (3, 67, 72, torch.float32), (16, 130, 200, torch.bfloat16)):
     x = torch.randn(2 * M, K + 3, generator=g).to(dtype)[::2, 3:]                 # rows of stride 2 (K + 3)
@@ -608,7 +611,7 @@ for name in ("moe", "mlp"):
     kernel = getattr(kernels, name)
     setattr(kernels, name, lambda *a, kernel=kernel, name=name, **kw: calls.append(name) or kernel(*a, **kw))
 model.float()
-ids = torch.randint(3, 512, (2, 24), generator=g)     # 144 routing slots: sorted apart (> ROUTE_ORDER_MAX)
+ids = torch.randint(3, 512, (2, 24), generator=g)     # 144 routing slots: sorted by place_kernel
 canvas = torch.randint(3, 512, (2, cfg.canvas_length), generator=g)   # 48: sorted by kernels.route; 16 rows: gemv
 outs = []
 for fused in ("", "norms", "norms,rope", "moe,mlp", "all"):

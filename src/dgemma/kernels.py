@@ -20,7 +20,7 @@ sync, no extra launch, a launch grid fixed by the shapes), so a step that runs t
   * `norm_rope`: the attention's q / k / v epilogue (RMSNorm of each head, RoPE on q and k, the weightless norm
     of v) in one kernel instead of 13 per layer; model.Attention uses it on CUDA with DGEMMA_FUSED=rope.
   * `route_order`: a decoding step's routing slots sorted by expert in one program (T * k <= 128); `route` can
-    do the same sort in its own launch.
+    do the same sort in its own launch, or for up to 1,024 tokens in one more launch (`place_kernel`).
   * `post_attention`, `route`, `post_ffn`: the rest of a layer around its matmuls (post-attention norm and
     residual add, the three pre-norms, the router's softmax / top-k / renormalisation / expert scales, the
     post-FFN norms, residual add and layer scalar) in three kernels instead of 19; model.Layer uses them
@@ -364,12 +364,17 @@ def post_ffn(r: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, w1: torch.Tens
     return out, nxt
 
 
+ROUTE_PLACE_MAX = 64      # route programs (16 tokens each) whose slots place_kernel sorts: 1,024 tokens
+
+
 def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor,
           sort: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k] int64, sorted), as model.Router computes
     them (softmax in fp32, top k in descending order, renormalised, times each expert's scale), in one kernel.
-    sort and T * k <= ROUTE_ORDER_MAX: that one launch (a single program) also sorts the slots by expert:
-    sorted = (order, offs) as route_order gives them; else sorted = None."""
+    sort: also the slots t * k + j sorted by expert, sorted = (order [T*k] int64, offs [E] int32), as
+    route_order (torch.sort(stable=True) and searchsorted) gives them: with T * k <= ROUTE_ORDER_MAX in the same
+    single-program launch; with up to ROUTE_PLACE_MAX * 16 tokens in one more launch (place_kernel, from counts the
+    routing kernel keeps per 16 tokens); above that sorted = None (the caller sorts)."""
     T, E = logits.shape
     w = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     idx = torch.empty(T, k, dtype=torch.int64, device=logits.device)
@@ -380,9 +385,18 @@ def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor,
         order = torch.empty(T * k, dtype=torch.int64, device=logits.device)
         offs = torch.empty(E, dtype=torch.int32, device=logits.device)
         kern.route_sorted_kernel[(1,)](logits, per_expert_scale, w, idx, order, offs, T, E, K=k, BT=_pow2(T),
-                                       BE=_pow2(E), BK=_pow2(k), BMS=_pow2(T * k))
+                                       BE=_pow2(E), BK=_pow2(k), BMS=_pow2(T * k), num_warps=8)
         return w, idx, (order, offs)
     BT = 16                                                                     # tokens per program
-    kern.route_kernel[(-(-T // BT),)](logits, per_expert_scale, w, idx, T, E, K=k, BT=BT, BE=_pow2(E),
-                                      BK=_pow2(k))
-    return w, idx, None
+    n = -(-T // BT)
+    place = sort and n <= ROUTE_PLACE_MAX
+    hist = torch.empty(n, E, dtype=torch.int32, device=logits.device) if place else w      # [n, E] (else unused)
+    kern.route_kernel[(n,)](logits, per_expert_scale, w, idx, hist, T, E, K=k, BT=BT, BE=_pow2(E), BK=_pow2(k),
+                            HIST=place, num_warps=8)       # (8 warps: [16, 128] tiles in registers)
+    if not place:
+        return w, idx, None
+    order = torch.empty(T * k, dtype=torch.int64, device=logits.device)
+    offs = torch.empty(E, dtype=torch.int32, device=logits.device)
+    kern.place_kernel[(n,)](idx, hist, order, offs, T * k, E, n, BT * k, BC=_pow2(n), BE=_pow2(E),
+                            BMS=_pow2(BT * k), num_warps=8)
+    return w, idx, (order, offs)

@@ -419,7 +419,7 @@ def route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, t0, T, E, K: tl.constexpr, BT: tl
                BK: tl.constexpr):
     """Rows t0 .. t0 + BT - 1 (those < T) of router logits [T, E], as one [BT, BE] tile: p = softmax (fp32), the K
     largest (first index on ties, in descending order), w = p_top / sum(p_top) * per_expert_scale[idx], stored
-    at w[t], idx[t] ([T, K] each)."""
+    at w[t], idx[t] ([T, K] each). -> how many of these rows' slots each expert got, [BE] int32."""
     t = t0 + tl.arange(0, BT)
     tm = t < T
     c = tl.arange(0, BE)
@@ -431,24 +431,58 @@ def route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, t0, T, E, K: tl.constexpr, BT: tl
     slot = tl.arange(0, BK)
     vals = tl.zeros((BT, BK), tl.float32)
     ids = tl.zeros((BT, BK), tl.int32)
+    hist = tl.zeros((BE,), tl.int32)
     for i in tl.static_range(K):
         best = tl.max(p, axis=1)                                          # [BT]
         j = tl.min(tl.where(p == best[:, None], c[None, :], BE), axis=1)  # first index of each row's max
         vals = tl.where(slot[None, :] == i, best[:, None], vals)
         ids = tl.where(slot[None, :] == i, j[:, None], ids)
-        p = tl.where(c[None, :] == j[:, None], -1.0, p)
+        hit = c[None, :] == j[:, None]                                    # [BT, BE]
+        hist += tl.sum((hit & tm[:, None]).to(tl.int32), axis=0)
+        p = tl.where(hit, -1.0, p)
     m = tm[:, None] & (slot < K)[None, :]
     w = vals / tl.sum(vals, axis=1)[:, None] * tl.load(pes_ptr + ids, mask=m, other=0.0).to(tl.float32)
     o = t[:, None].to(tl.int64) * K + slot[None, :]
     tl.store(w_ptr + o, w, mask=m)
     tl.store(idx_ptr + o, ids.to(tl.int64), mask=m)
+    return hist
 
 
 @triton.jit
-def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, T, E, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 BK: tl.constexpr):
-    """Program p routes tokens p * BT .. p * BT + BT - 1 (route_rows)."""
-    route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, tl.program_id(0) * BT, T, E, K, BT, BE, BK)
+def route_kernel(x_ptr, pes_ptr, w_ptr, idx_ptr, hist_ptr, T, E, K: tl.constexpr, BT: tl.constexpr,
+                 BE: tl.constexpr, BK: tl.constexpr, HIST: tl.constexpr):
+    """Program p routes tokens p * BT .. p * BT + BT - 1 (route_rows); HIST: and stores how many of their slots
+    each expert got at hist[p] ([programs, E])."""
+    hist = route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, tl.program_id(0) * BT, T, E, K, BT, BE, BK)
+    if HIST:
+        c = tl.arange(0, BE)
+        tl.store(hist_ptr + tl.program_id(0) * E + c, hist, mask=c < E)
+
+
+@triton.jit
+def place_kernel(idx_ptr, hist_ptr, order_ptr, offs_ptr, M, E, NC, CH, BC: tl.constexpr, BE: tl.constexpr,
+                 BMS: tl.constexpr):
+    """The M routing slots (expert ids idx [M]) sorted by expert, stably, in chunks of CH slots, one per program,
+    from route_kernel's per-chunk counts hist [NC, E]: slot s of chunk p goes to place = (slots of smaller experts)
+    + (slots of its expert in earlier chunks) + (slots of its expert earlier in this chunk). order[place] = s;
+    program 0 also writes offs[e] = the slots with expert <= e. (What torch.sort(stable=True) and searchsorted
+    give, in one parallel launch after the routing.)"""
+    p = tl.program_id(0)
+    ch = tl.arange(0, BC)
+    e = tl.arange(0, BE)
+    hist = tl.load(hist_ptr + ch[:, None] * E + e[None, :], mask=(ch < NC)[:, None] & (e < E)[None, :], other=0)
+    total = tl.sum(hist, axis=0)                                          # [BE] slots per expert
+    base = tl.cumsum(total, 0) - total + tl.sum(tl.where((ch < p)[:, None], hist, 0), axis=0)   # [BE]
+    r = tl.arange(0, BMS)
+    s = p * CH + r
+    sm = (r < CH) & (s < M)
+    ex = tl.load(idx_ptr + s, mask=sm, other=0).to(tl.int32)              # [BMS]
+    first = tl.sum(tl.where(ex[:, None] == e[None, :], base[None, :], 0), axis=1)   # [BMS] base of its expert
+    same = (ex[None, :] == ex[:, None]) & (r[None, :] < r[:, None]) & sm[None, :]
+    place = first + tl.sum(same.to(tl.int32), axis=1)
+    tl.store(order_ptr + place, s.to(tl.int64), mask=sm)
+    if p == 0:
+        tl.store(offs_ptr + e, tl.cumsum(total, 0), mask=e < E)
 
 
 @triton.jit

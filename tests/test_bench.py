@@ -66,3 +66,39 @@ def test_roofline_counts_every_weight_and_the_forward_macs():
     counted, _ = roofline.per_token_macs(cfg, 1, denoiser=False)
     attention = sum(2 * cfg.num_attention_heads * cfg.layer_head_dim(i) for i in range(cfg.num_hidden_layers))
     assert sum(macs) == counted - attention
+
+
+def test_gpu_report_judges_the_targets_from_bench_output(tmp_path, capsys, monkeypatch):
+    """scripts/gpu_report.py on real `dgemma bench` output (tiny shape, CPU): a row per system and run, each target
+    judged from the numbers in the files (ratios within one run), missing inputs said to be missing."""
+    import importlib.util
+    import os
+    import re
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_report", os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for run, batch in (("b1", 1), ("b32", 2)):
+        assert main(["bench", "--shape", "tiny", "--dtype", "float32", "--steps", "2", "--prompt-len", "5",
+                     "--ar-tokens", "4", "--batch", str(batch), "--threads", "1", "--systems",
+                     "dgemma-fast,engine,ar", "--out", str(tmp_path / run)]) == 0
+    runs = report.load(tmp_path)
+    assert set(runs) == {"b1", "b32"}
+    rows = {t[0]: t for t in report.targets(runs)}
+    fast = runs["b1"]["dgemma-fast"]
+    step = rows["batch 1 decoder pass"]
+    assert step[2].startswith(f"{fast['step_ms']:.1f} ") and step[3] == ("met" if fast["step_ms"] <= 15 else "NOT met")
+    assert rows["batch 1 vs the reference (same run)"][2] == "not measured"        # no reference in these runs
+    engine = [t for name, t in rows.items() if name.startswith("Engine / generate")]
+    assert len(engine) == 2
+    for t, run in zip(engine, ("b1", "b32")):
+        r = runs[run]
+        v = r["engine"]["tokens_per_s"] / r["dgemma-fast"]["tokens_per_s"]
+        assert t[2].startswith(f"{v:.3f}") and t[3] == ("met" if v >= 0.95 else "NOT met")
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["gpu_report.py", str(tmp_path)])
+    report.main()
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\| batch (1|32), default \| (dgemma-fast|engine|ar) \|", out, re.M)) == 6

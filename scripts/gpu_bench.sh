@@ -78,4 +78,5 @@ if [ "${PROFILE:-1}" != 0 ]; then
   run_step "step diagnostics" 240 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
   tail -70 "$OUTDIR/profile_log.txt"
 fi
+python3 scripts/gpu_report.py "$OUTDIR" 2>&1 | tail -40      # the targets, judged from the bench files
 echo "== done at ${SECONDS} s"

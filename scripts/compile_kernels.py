@@ -86,7 +86,7 @@ def record_launches() -> list[tuple]:
             kernels.post_ffn(r, r, r, meta(H), meta(H), meta(H), meta(1), 1e-6, meta(H))   # + the next layer's norm
             kernels.post_ffn(r, r, meta(T * k, H), meta(H), meta(H), meta(H), meta(1), 1e-6, meta(H), idx)  # + combine
             kernels.route(meta(T, E), k, meta(E))
-            kernels.route(meta(T, E), k, meta(E), sort=True)   # (sorting too where T * k <= ROUTE_ORDER_MAX)
+            kernels.route(meta(T, E), k, meta(E), sort=True)   # (+ the sort: in one program, or place_kernel)
             if T * k <= kernels.ROUTE_ORDER_MAX:
                 kernels.route_order(idx, E)
         kernels.route_order(meta(16, k, dtype=torch.int64), E)  # the most slots it sorts (an AR step, batch 16)

@@ -14,9 +14,10 @@
 #   4. batch 1 and 5. batch 32 on the default path (dgemma, AR): what the fused paths change;
 #   6. diagnostics of one denoiser step and AR step (scripts/gpu_profile.py): kernels per step and step times
 #      with and without the fused kernels, the MoE and dense MLP both ways, one head + sampler chunk both ways,
-#      and the MoE tiles that triton.autotune chose.
+#      and the MoE tiles that triton.autotune chose; 7. the kernel table of one batch-32 step, both ways (--quick);
+#   then scripts/gpu_report.py judges the targets from the bench files.
 # If transformers 5.23 is not installed there, put its wheel in .whl/ (see docs/NOTES.md).
-# Usage on the device machine:  bash scripts/gpu_bench.sh   [FUSED=none: the default path only; PROFILE=0: skip 6;
+# Usage on the device machine:  bash scripts/gpu_bench.sh   [FUSED=none: the default path only; PROFILE=0: skip 6, 7;
 #                               DEADLINE=seconds]   (results land in $OUT or bench_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +78,9 @@ fi
 if [ "${PROFILE:-1}" != 0 ]; then
   run_step "step diagnostics" 240 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
   tail -70 "$OUTDIR/profile_log.txt"
+  run_step "batch 32 step kernels" 150 python3 scripts/gpu_profile.py --batch 32 --quick \
+    > "$OUTDIR/profile_b32_log.txt" 2>&1
+  tail -40 "$OUTDIR/profile_b32_log.txt"
 fi
 python3 scripts/gpu_report.py "$OUTDIR" 2>&1 | tail -40      # the targets, judged from the bench files
 echo "== done at ${SECONDS} s"

@@ -7,7 +7,7 @@ Triton kernel (DGEMMA_FUSED=all: kernels.moe and mlp, norm_rope, the layer norms
 the default torch path (torch._grouped_mm, eager norms and RoPE, torch sampler ops): the GPU kernels launched per
 denoiser step and per AR step, the time of one step (eager and graph-replayed), and the experts layer alone.
 One chunk of the head + fast sampler is timed with torch ops and with the fused kernel (sampling.fused_rows).
-Usage:  PYTHONPATH=src python scripts/gpu_profile.py [--shape 26b-a4b] [--batch 1]
+Usage:  PYTHONPATH=src python scripts/gpu_profile.py [--shape 26b-a4b] [--batch 1] [--quick]
 """
 from __future__ import annotations
 
@@ -65,23 +65,26 @@ def main() -> None:
     ap.add_argument("--shape", default="26b-a4b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--quick", action="store_true",
+                    help="only one denoiser step's kernels and times, both paths (no fp32 check, parts, AR)")
     a = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "bench_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     r = {"shape": a.shape, "batch": a.batch, "gpu": torch.cuda.get_device_name(), "triton": kernels.available()}
-    # correctness at the real dimensions, in fp32 (no routing flips from rounding), 6 layers (5 sliding + 1 full)
-    m = build({"shape": a.shape, "device": "cuda", "dtype": "float32", "overrides": {"num_hidden_layers": 6}})
-    g = torch.Generator(device="cuda").manual_seed(1)
-    C, V = m.config.canvas_length, m.config.vocab_size
-    ids = torch.randint(3, V, (a.batch, a.prompt_len), device="cuda", generator=g)
-    cache = m.new_cache(a.batch, a.prompt_len + C)
-    m.encode(ids, cache)
-    canvas = torch.randint(0, V, (a.batch, C), device="cuda", generator=g)
-    hd = m.denoise(canvas, cache).float()
-    r["fp32_static_vs_dynamic_rel_err"] = float((m.denoise(canvas, cache, static=True) - hd).norm() / hd.norm())
-    r["fp32_dynamic_repeat_rel_err"] = float((m.denoise(canvas, cache) - hd).norm() / hd.norm())
-    del m, cache, hd
-    torch.cuda.empty_cache()
+    if not a.quick:
+        # correctness at the real dimensions, in fp32 (no routing flips from rounding), 6 layers (5 sliding + 1 full)
+        m = build({"shape": a.shape, "device": "cuda", "dtype": "float32", "overrides": {"num_hidden_layers": 6}})
+        g = torch.Generator(device="cuda").manual_seed(1)
+        C, V = m.config.canvas_length, m.config.vocab_size
+        ids = torch.randint(3, V, (a.batch, a.prompt_len), device="cuda", generator=g)
+        cache = m.new_cache(a.batch, a.prompt_len + C)
+        m.encode(ids, cache)
+        canvas = torch.randint(0, V, (a.batch, C), device="cuda", generator=g)
+        hd = m.denoise(canvas, cache).float()
+        r["fp32_static_vs_dynamic_rel_err"] = float((m.denoise(canvas, cache, static=True) - hd).norm() / hd.norm())
+        r["fp32_dynamic_repeat_rel_err"] = float((m.denoise(canvas, cache) - hd).norm() / hd.norm())
+        del m, cache, hd
+        torch.cuda.empty_cache()
 
     m = build({"shape": a.shape, "device": "cuda", "dtype": "bfloat16"})
     cfg, B = m.config, a.batch
@@ -126,73 +129,78 @@ def main() -> None:
     # bf16 routing flips make whole-step differences of a few % possible; the experts-layer comparison is below
     r["bf16_denoise_fused_vs_torch_rel_err"] = float((outs["fused"] - outs["torch"]).norm() / outs["torch"].norm())
 
-    layer = m.layers[0]
-    exp_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
-    for T in (B * C, B):                                   # a denoiser step's tokens, an AR step's tokens
-        x = torch.randn(T, H, device="cuda", dtype=m.dtype, generator=g)
-        w, idx = layer.router(x)
-        xs, order, _, offs = layer.experts.group(x, idx)
-        offs = offs.to(torch.int32)
-        ms = timed(lambda: layer.experts._grouped(xs, offs))
-        r[f"grouped_mm_T{T}_ms"], r[f"grouped_mm_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
-        if kernels.available():                            # three kernels: gate/up, down, the combine
-            ms = timed(lambda: kernels.moe(x, layer.experts.gate_up_proj, layer.experts.down_proj, idx, w, order,
-                                           offs))
-            r[f"fused_moe_T{T}_ms"], r[f"fused_moe_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
-            mlp = layer.mlp                                # the dense MLP: two kernels vs cuBLAS + GELU + product
-            mlp_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
+    if not a.quick:
+        layer = m.layers[0]
+        exp_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+        for T in (B * C, B):                                   # a denoiser step's tokens, an AR step's tokens
+            x = torch.randn(T, H, device="cuda", dtype=m.dtype, generator=g)
+            w, idx = layer.router(x)
+            xs, order, _, offs = layer.experts.group(x, idx)
+            offs = offs.to(torch.int32)
+            ms = timed(lambda: layer.experts._grouped(xs, offs))
+            r[f"grouped_mm_T{T}_ms"], r[f"grouped_mm_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
+            if kernels.available():                            # three kernels: gate/up, down, the combine
+                ms = timed(lambda: kernels.moe(x, layer.experts.gate_up_proj, layer.experts.down_proj, idx, w, order,
+                                               offs))
+                r[f"fused_moe_T{T}_ms"], r[f"fused_moe_T{T}_tb_s"] = ms, exp_bytes / (ms / 1000) / 1e12
+                mlp = layer.mlp                                # the dense MLP: two kernels vs cuBLAS + GELU + product
+                mlp_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
+                for mode in ("fused", "torch"):
+                    set_path(mode)
+                    ms = timed(lambda: mlp(x))
+                    r[f"{mode}_dense_mlp_T{T}_ms"] = ms
+                    r[f"{mode}_dense_mlp_T{T}_tb_s"] = mlp_bytes / (ms / 1000) / 1e12
+            ys = {}
             for mode in ("fused", "torch"):
                 set_path(mode)
-                ms = timed(lambda: mlp(x))
-                r[f"{mode}_dense_mlp_T{T}_ms"], r[f"{mode}_dense_mlp_T{T}_tb_s"] = ms, mlp_bytes / (ms / 1000) / 1e12
-        ys = {}
+                ys[mode] = layer.experts(x, w, idx).float()
+                r[f"{mode}_experts_forward_T{T}_ms"] = timed(lambda: layer.experts(x, w, idx))
+            r[f"experts_fused_vs_torch_T{T}_rel_err"] = float((ys["fused"] - ys["torch"]).norm() / ys["torch"].norm())
+        if kernels.available():   # the tiles triton.autotune chose per (width, depth, rows per block)
+            tk = kernels._kernels()
+            r["moe_autotuned"] = {f"{name} {key}": str(cfg) for name in ("gate_up_kernel", "down_kernel")
+                                  for key, cfg in getattr(tk, name).cache.items()}
+        hh = torch.randn(rc, H, device="cuda", dtype=m.dtype, generator=g)
+        r["head_chunk_ms"] = timed(lambda: m.head(hh))
+        lg = m.head(hh)
+        uu = torch.rand(rc, device="cuda", generator=g)
+        r["sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(lg.clone(), temp, None, m.embed_tokens,
+                                                                   m.embed_scale(), uu))
+        if kernels.available():   # the same chunk from the raw logits in one Triton kernel (DGEMMA_FUSED=sampler)
+            cap = cfg.final_logit_softcapping
+            r["fused_head_and_sampler_chunk_ms"] = timed(lambda: sampling.fused_rows(
+                m.embed_tokens.logits(hh), temp, cap, uu, m.embed_tokens, m.embed_scale()))
+            r["torch_head_and_sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(
+                m.head(hh), temp, None, m.embed_tokens, m.embed_scale(), uu))
+
+    if not a.quick:
+        ar_ids = torch.randint(3, V, (B, a.prompt_len), device="cuda", generator=g)
         for mode in ("fused", "torch"):
             set_path(mode)
-            ys[mode] = layer.experts(x, w, idx).float()
-            r[f"{mode}_experts_forward_T{T}_ms"] = timed(lambda: layer.experts(x, w, idx))
-        r[f"experts_fused_vs_torch_T{T}_rel_err"] = float((ys["fused"] - ys["torch"]).norm() / ys["torch"].norm())
-    if kernels.available():   # the tiles triton.autotune chose per (width, depth, rows per block)
-        tk = kernels._kernels()
-        r["moe_autotuned"] = {f"{name} {key}": str(cfg) for name in ("gate_up_kernel", "down_kernel")
-                              for key, cfg in getattr(tk, name).cache.items()}
-    hh = torch.randn(rc, H, device="cuda", dtype=m.dtype, generator=g)
-    r["head_chunk_ms"] = timed(lambda: m.head(hh))
-    lg = m.head(hh)
-    uu = torch.rand(rc, device="cuda", generator=g)
-    r["sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(lg.clone(), temp, None, m.embed_tokens,
-                                                               m.embed_scale(), uu))
-    if kernels.available():   # the same chunk from the raw logits in one Triton kernel (DGEMMA_FUSED=sampler)
-        cap = cfg.final_logit_softcapping
-        r["fused_head_and_sampler_chunk_ms"] = timed(lambda: sampling.fused_rows(
-            m.embed_tokens.logits(hh), temp, cap, uu, m.embed_tokens, m.embed_scale()))
-        r["torch_head_and_sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(
-            m.head(hh), temp, None, m.embed_tokens, m.embed_scale(), uu))
-
-    ar_ids = torch.randint(3, V, (B, a.prompt_len), device="cuda", generator=g)
-    for mode in ("fused", "torch"):
-        set_path(mode)
-        m._runtime.graphs = None                           # generate_ar's graph keys do not name the MoE path
-        m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)       # warm-up, capture
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)
-        torch.cuda.synchronize()
-        r[f"{mode}_ar_ms_per_token_with_prefill"] = 1000 * (time.perf_counter() - t) / 32
-        ar_cache = m.new_cache(B, a.prompt_len + 8, scratch=1)
-        m.encode(ar_ids, ar_cache)
-        m.head(m.encode_step(ar_ids[:, -1:], ar_cache)[:, -1])           # warm-up (Triton compiles on first use)
-        ar_cache = m.new_cache(B, a.prompt_len + 8, scratch=1)
-        m.encode(ar_ids, ar_cache)
-        prof, _ = profiled(lambda: m.head(m.encode_step(ar_ids[:, -1:], ar_cache)[:, -1]))
-        r[f"{mode}_ar_step_kernels"] = kernel_count(prof)
-        ar_table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70)
-        (out_dir / f"profile_ar_b{B}_{mode}.txt").write_text(ar_table)
+            m._runtime.graphs = None                           # generate_ar's graph keys do not name the MoE path
+            m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)       # warm-up, capture
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)
+            torch.cuda.synchronize()
+            r[f"{mode}_ar_ms_per_token_with_prefill"] = 1000 * (time.perf_counter() - t) / 32
+            ar_cache = m.new_cache(B, a.prompt_len + 8, scratch=1)
+            m.encode(ar_ids, ar_cache)
+            m.head(m.encode_step(ar_ids[:, -1:], ar_cache)[:, -1])           # warm-up (Triton compiles on first use)
+            ar_cache = m.new_cache(B, a.prompt_len + 8, scratch=1)
+            m.encode(ar_ids, ar_cache)
+            prof, _ = profiled(lambda: m.head(m.encode_step(ar_ids[:, -1:], ar_cache)[:, -1]))
+            r[f"{mode}_ar_step_kernels"] = kernel_count(prof)
+            ar_table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12,
+                                                 max_name_column_width=70)
+            (out_dir / f"profile_ar_b{B}_{mode}.txt").write_text(ar_table)
     m._runtime.graphs = None
     os.environ.pop("DGEMMA_FUSED")
 
     (out_dir / f"profile_b{B}.json").write_text(json.dumps(r, indent=2))
     print((out_dir / f"profile_b{B}_fused.txt").read_text())
-    print((out_dir / f"profile_ar_b{B}_fused.txt").read_text())
+    if not a.quick:
+        print((out_dir / f"profile_ar_b{B}_fused.txt").read_text())
     print(json.dumps(r, indent=2))
 
 

@@ -365,9 +365,9 @@ class Layer(nn.Module):
         """forward after the attention's output projection a [B, S, H], with the norms, residual adds, router
         softmax / top-k and layer scalar in three Triton kernels (kernels.post_attention, route, post_ffn), the
         last one also norming the new h for the next layer (or the final norm): the same maths, fp32 inside,
-        rounded where the eager ops round. With the fused experts (DGEMMA_FUSED=moe) route also sorts a decoding
-        step's slots, and post_ffn adds each token's k expert rows itself: the experts' combine and sort cost
-        no launch of their own."""
+        rounded where the eager ops round. With the fused experts (DGEMMA_FUSED=moe) route also sorts the slots by
+        expert (in its own launch for a decoding step, one more up to 1,024 tokens), and post_ffn adds each token's
+        k expert rows itself: the experts' combine costs no launch of its own."""
         B, S, H = h.shape
         eps, router = self.router.eps, self.router
         r, x1, x2, z = kernels.post_attention(h, a, self.post_attention_layernorm.weight,
@@ -504,11 +504,11 @@ class DiffusionGemma(nn.Module):
         for sliding in (True, False):
             key = (sliding, positions.device)
             if key not in self._rope_cache:
-                with torch.inference_mode(False):
+                with torch.inference_mode(False):      # a plain tensor: training may follow inference
                     self._rope_cache[key] = inv_frequencies(
-                    cfg.head_dim if sliding else cfg.global_head_dim,
-                    cfg.rope_local_theta if sliding else cfg.rope_global_theta,
-                    1.0 if sliding else cfg.global_partial_rotary_factor, positions.device)
+                        cfg.head_dim if sliding else cfg.global_head_dim,
+                        cfg.rope_local_theta if sliding else cfg.rope_global_theta,
+                        1.0 if sliding else cfg.global_partial_rotary_factor, positions.device)
             f = positions.float()[..., None] * self._rope_cache[key]
             emb = torch.cat((f, f), dim=-1)                                   # [S, D] or [B, S, D]
             if emb.dim() == 3:

@@ -17,8 +17,8 @@
 #      and the MoE tiles that triton.autotune chose; 7. the kernel table of one batch-32 step, both ways (--quick);
 #   then scripts/gpu_report.py judges the targets from the bench files.
 # If transformers 5.23 is not installed there, put its wheel in .whl/ (see docs/NOTES.md).
-# Usage on the device machine:  bash scripts/gpu_bench.sh   [FUSED=none: the default path only; PROFILE=0: skip 6, 7;
-#                               DEADLINE=seconds]   (results land in $OUT or bench_out/)
+# Usage on the device machine:  bash scripts/gpu_bench.sh   [FUSED=none: the default path only, no 6 and 7;
+#                               PROFILE=0: skip 6 and 7; DEADLINE=seconds]   (results land in $OUT or bench_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench_out}
@@ -57,6 +57,7 @@ fi
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
 
+rm -rf "$OUTDIR"/b1 "$OUTDIR"/b1_fused "$OUTDIR"/b32 "$OUTDIR"/b32_fused     # no earlier run's files in the report
 run_step "GPU tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static.py tests/test_kernels.py \
   > "$OUTDIR/gpu_tests.txt" 2>&1
 tail -6 "$OUTDIR/gpu_tests.txt"
@@ -75,7 +76,7 @@ else
   bench "batch 1, default path" 240 1 dgemma-fast,engine,ar,reference b1
   bench "batch 32, default path" 200 32 "$B32_SYSTEMS" b32
 fi
-if [ "${PROFILE:-1}" != 0 ]; then
+if [ "${PROFILE:-1}" != 0 ] && [ "$FUSED" != none ]; then    # (the profiles time both paths)
   run_step "step diagnostics" 240 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
   tail -70 "$OUTDIR/profile_log.txt"
   run_step "batch 32 step kernels" 150 python3 scripts/gpu_profile.py --batch 32 --quick \

@@ -6,8 +6,9 @@ add launch gaps, attention softmax, norms and the sampler's passes over the logi
 Counted per token: every projection (q, k, v, o, router, dense MLP, the k routed experts' three matrices), the
 self-conditioning MLP (denoiser), the tied head, the soft-embedding mix p @ E (denoiser), and attention's two
 matmuls against the keys a canvas sees (prompt + canvas; sliding layers at most the window). Weight bytes: each
-weight read once per pass, experts only where some token of the pass routes to them (all of them at 256 tokens or
-more: 2,048+ slots over 128 experts; the k of one token at an AR step).
+weight read once per pass, experts only where some token of the pass routes to them: the experts n tokens reach
+when each picks k distinct experts uniformly, E (1 - (1 - k/E)^n), rounded (exactly k for one token; all 128 at
+256 tokens; ~112 for an AR step of 32 tokens).
 
 Usage:  PYTHONPATH=src python scripts/roofline.py [--shape 26b-a4b] [--batch 1 32] [--prompt-len 128]
             [--steps 16] [--tflops 759] [--tbs 4.2]     (defaults: the H200 rates measured in docs/NOTES.md run 4)
@@ -41,15 +42,21 @@ def per_token_macs(cfg, keys: int, denoiser: bool) -> tuple[float, dict[str, flo
     return sum(parts.values()), parts
 
 
+def experts_reached(cfg, tokens: int) -> int:
+    """Experts that `tokens` tokens reach, each picking k distinct ones uniformly: the expected count, rounded."""
+    E, k = cfg.num_experts, cfg.top_k_experts
+    return round(E * (1 - (1 - k / E) ** tokens))
+
+
 def weight_bytes(cfg, tokens: int, denoiser: bool, elem: int = 2) -> float:
-    """Bytes of weights one pass reads once, with the experts some token routes to (all, or k per token)."""
+    """Bytes of weights one pass reads once, with the experts its tokens reach (experts_reached)."""
     H, I, Ie = cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size
     n = 0
     for i in range(cfg.num_hidden_layers):
         D, kv = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
         q = cfg.num_attention_heads * D
         n += H * (q + kv * D * (2 if cfg.is_sliding(i) else 1)) + q * H + 3 * H * I + H * cfg.num_experts
-        n += min(cfg.num_experts, tokens * cfg.top_k_experts) * 3 * H * Ie
+        n += experts_reached(cfg, tokens) * 3 * H * Ie
     n += H * cfg.vocab_size + (3 * H * I if denoiser else 0)      # tied head (read again by the mix: counted once)
     return n * elem
 

@@ -559,6 +559,15 @@ for T in (1, 16, 17, 100):                   # the 26B's routing (E 128, k 8): 1
     w, idx = check_sorted(logits, 8, scale, 128)
     tw, ti = torch.topk(torch.softmax(logits, -1), 8, dim=-1)
     assert torch.equal(idx, ti) and torch.allclose(w, tw / tw.sum(-1, keepdim=True) * scale[ti])
+for T in (16, 17):                           # a NaN row gets k distinct experts in range; the other rows are untouched
+    logits, scale = torch.randn(T, 128, generator=g), torch.rand(128, generator=g) + 0.5
+    want = kernels.route(logits, 8, scale, sort=True)
+    logits[3, 5] = float("nan")
+    w, idx, (order, offs) = kernels.route(logits, 8, scale, sort=True)
+    keep = torch.arange(T) != 3
+    assert torch.equal(idx[keep], want[1][keep]) and torch.equal(w[keep], want[0][keep])
+    assert ((idx >= 0) & (idx < 128)).all() and len(set(idx[3].tolist())) == 8 and torch.isfinite(w).all()
+    assert torch.equal(order, torch.sort(idx.reshape(-1), stable=True)[1]) and int(offs[-1]) == T * 8
 many = torch.randn(16 * kernels.ROUTE_PLACE_MAX + 1, 6, generator=g)
 assert kernels.route(many, 3, torch.ones(6), sort=True)[2] is None
 # a decoding step's linears in one kernel: F.linear for 1 to 16 rows, odd widths, a strided x, fp32 and bf16

@@ -101,6 +101,13 @@ def test_packed_qkv_projection(tmp_path, monkeypatch):
     store.entries["captured before the move"] = "warm"
     m.to(torch.float64)
     assert not any(packed()) and same_params() and not store.entries
+    # the same store stays the model's (an Engine may hold it), not capturable until graphs.for_model says so, and
+    # the next packing still forgets what it holds
+    assert m._runtime.graphs is store and not store.capturable
+    m.float()
+    store.entries["captured after the move"] = "warm"
+    outputs()
+    assert all(packed()) and not store.entries
     # quantized projections stay separate
     q = dgemma.load(dgemma.default_model_path(), quantize="int8", dtype="float32")
     with torch.no_grad():
@@ -290,5 +297,9 @@ def test_moving_or_copying_the_model_forgets_graphs_and_workspaces():
     rt = m._runtime
     assert rt.graphs is not None and rt.workspaces
     assert copy.deepcopy(m)._runtime.workspaces == {}
+    store = rt.graphs
+    store.entries["captured"] = "warm"
     m.to(torch.float64)
-    assert m._runtime is not rt and m._runtime.graphs is None and not m._runtime.workspaces
+    assert m._runtime is not rt and not m._runtime.workspaces
+    # the graph store object stays (an Engine may hold it), emptied and not capturable until for_model says so
+    assert m._runtime.graphs is store and not store.entries and not store.capturable

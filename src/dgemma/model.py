@@ -39,7 +39,7 @@ def linear(x: torch.Tensor, lin: nn.Module | torch.Tensor) -> torch.Tensor:
     DGEMMA_FUSED=gemv, for a decoding step's few rows (at most kernels.GEMV_MAX_ROWS, no autograd, a plain weight
     of x's dtype): one Triton kernel (kernels.linear) instead of cuBLAS's split-K GEMV and its reduction."""
     w = lin if isinstance(lin, torch.Tensor) else lin.weight if type(lin) is nn.Linear else None
-    if (w is not None and not torch.is_grad_enabled() and w.dtype == x.dtype
+    if (w is not None and not torch.is_grad_enabled() and w.dtype == x.dtype and w.stride(-1) == 1
             and x.numel() <= kernels.GEMV_MAX_ROWS * x.shape[-1] and kernels.fused("gemv", x)):
         return kernels.linear(x, w)
     return F.linear(x, lin) if isinstance(lin, torch.Tensor) else lin(x)
@@ -448,10 +448,15 @@ class DiffusionGemma(nn.Module):
         self._runtime = _Runtime()
 
     def _apply(self, fn, recurse=True):
-        # .to() / .cuda() / .half() move the weights: forget graphs, also in the old store that an Engine or a
-        # generate loop may still hold (its graphs would read the old weights)
+        # .to() / .cuda() / .half() move the weights: a fresh runtime, but the same graph store object, emptied
+        # (an Engine or a generate loop may hold it: its graphs would read the old weights, and a later
+        # _forget_graphs must reach it), and not capturable until graphs.for_model says again
+        store = self._runtime.graphs if hasattr(self, "_runtime") else None
         self._forget_graphs()
         self._runtime = _Runtime()
+        if store is not None:
+            store.capturable = False
+            self._runtime.graphs = store
         return super()._apply(fn, recurse)
 
     def _forget_graphs(self) -> None:

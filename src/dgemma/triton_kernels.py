@@ -428,6 +428,7 @@ def route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, t0, T, E, K: tl.constexpr, BT: tl
     p = tl.where(tm[:, None], p, 0.0)                                     # (rows past T: finite, never stored)
     p = tl.exp(p - tl.max(p, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
+    p = tl.where(p == p, p, -1.0)                                         # NaN logits: below every probability
     slot = tl.arange(0, BK)
     vals = tl.zeros((BT, BK), tl.float32)
     ids = tl.zeros((BT, BK), tl.int32)
@@ -439,7 +440,7 @@ def route_rows(x_ptr, pes_ptr, w_ptr, idx_ptr, t0, T, E, K: tl.constexpr, BT: tl
         ids = tl.where(slot[None, :] == i, j[:, None], ids)
         hit = c[None, :] == j[:, None]                                    # [BT, BE]
         hist += tl.sum((hit & tm[:, None]).to(tl.int32), axis=0)
-        p = tl.where(hit, -1.0, p)
+        p = tl.where(hit, float("-inf"), p)                               # taken: below everything
     m = tm[:, None] & (slot < K)[None, :]
     w = vals / tl.sum(vals, axis=1)[:, None] * tl.load(pes_ptr + ids, mask=m, other=0.0).to(tl.float32)
     o = t[:, None].to(tl.int64) * K + slot[None, :]

@@ -104,24 +104,11 @@ def run_bench(a: argparse.Namespace) -> int:
     results = {}
     for s in tqdm(systems, desc="bench", unit="system"):
         results[s] = _run(s, common, a.malloc)
+        # written after each system: a run cut short (a timeout, a crash) keeps what it measured
+        report = _report(common, a, results)
+        (out / "bench.json").write_text(json.dumps(report, indent=2))
     if tmp is not None:
         tmp.cleanup()
-    report = {"setup": {k: v for k, v in common.items() if k != "path"} | {"model": a.model or a.shape or
-              "default"}, "results": results}
-    ref, ours = results.get("reference", {}), results.get("dgemma", {})
-    fast = results.get("dgemma-fast", {})
-    if "tokens_per_s" in ref and "tokens_per_s" in ours:
-        report["speedup_vs_reference"] = ours["tokens_per_s"] / ref["tokens_per_s"]
-        report["memory_ratio_vs_reference"] = ours["peak_gib"] / ref["peak_gib"]
-    if "tokens_per_s" in ref and "tokens_per_s" in fast:
-        report["fast_speedup_vs_reference"] = fast["tokens_per_s"] / ref["tokens_per_s"]
-    if "tokens_per_s" in ref and "peak_gib" in fast:
-        report["fast_memory_ratio_vs_reference"] = fast["peak_gib"] / ref["peak_gib"]
-    if "tokens_per_s" in results.get("ar", {}) and "tokens_per_s" in ours:
-        report["speedup_vs_ar"] = ours["tokens_per_s"] / results["ar"]["tokens_per_s"]
-    if "tokens_per_s" in results.get("ar", {}) and "tokens_per_s" in fast:
-        report["fast_speedup_vs_ar"] = fast["tokens_per_s"] / results["ar"]["tokens_per_s"]
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
     for s, r in results.items():
         if "error" in r:
             print(f"{s:12s} error: {r['error']}")
@@ -138,6 +125,26 @@ def run_bench(a: argparse.Namespace) -> int:
     _plot(results, out / "bench.png")
     print(f"wrote {out / 'bench.json'}")
     return 1 if any("error" in r for r in results.values()) else 0
+
+
+def _report(common: dict, a: argparse.Namespace, results: dict) -> dict:
+    """bench.json's content for the systems run so far: setup, per-system results, ratios between them."""
+    report = {"setup": {k: v for k, v in common.items() if k != "path"} | {"model": a.model or a.shape or
+              "default"}, "results": results}
+    ref, ours = results.get("reference", {}), results.get("dgemma", {})
+    fast = results.get("dgemma-fast", {})
+    if "tokens_per_s" in ref and "tokens_per_s" in ours:
+        report["speedup_vs_reference"] = ours["tokens_per_s"] / ref["tokens_per_s"]
+        report["memory_ratio_vs_reference"] = ours["peak_gib"] / ref["peak_gib"]
+    if "tokens_per_s" in ref and "tokens_per_s" in fast:
+        report["fast_speedup_vs_reference"] = fast["tokens_per_s"] / ref["tokens_per_s"]
+    if "tokens_per_s" in ref and "peak_gib" in fast:
+        report["fast_memory_ratio_vs_reference"] = fast["peak_gib"] / ref["peak_gib"]
+    if "tokens_per_s" in results.get("ar", {}) and "tokens_per_s" in ours:
+        report["speedup_vs_ar"] = ours["tokens_per_s"] / results["ar"]["tokens_per_s"]
+    if "tokens_per_s" in results.get("ar", {}) and "tokens_per_s" in fast:
+        report["fast_speedup_vs_ar"] = fast["tokens_per_s"] / results["ar"]["tokens_per_s"]
+    return report
 
 
 def _plot(results: dict, path: Path) -> None:

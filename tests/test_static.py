@@ -108,6 +108,14 @@ def test_packed_qkv_projection(tmp_path, monkeypatch):
     store.entries["captured after the move"] = "warm"
     outputs()
     assert all(packed()) and not store.entries
+    # weights assigned anew (load_state_dict(assign=True)): graphs forgotten, packed again on the next pass
+    store.entries["captured before the load"] = "warm"
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    assert not same_params() and not store.entries
+    params[:] = [[p.weight for p in a.projections()] for a in attn]
+    assert not any(packed())
+    outputs()
+    assert all(packed())
     # quantized projections stay separate
     q = dgemma.load(dgemma.default_model_path(), quantize="int8", dtype="float32")
     with torch.no_grad():

@@ -459,6 +459,15 @@ class DiffusionGemma(nn.Module):
             self._runtime.graphs = store
         return super()._apply(fn, recurse)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's; with assign=True the weights become new tensors, so captured graphs (which read the old
+        ones by address) are forgotten and q/k/v packing (DGEMMA_FUSED=qkv) is redone on the next pass."""
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:
+            self._forget_graphs()
+            self._runtime.qkv_packed = False
+        return out
+
     def _forget_graphs(self) -> None:
         """Drop every graph captured for this model, in place in its store (which an Engine or a generate loop may
         hold): they read the weights by address."""

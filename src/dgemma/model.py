@@ -156,17 +156,19 @@ class Attention(nn.Module):
         """With DGEMMA_FUSED=qkv (kernels.fused), in inference (no autograd): the q, k (and v) weights as one
         [Nq + Nk (+ Nv), H] matrix, a view, where they lie back to back in one buffer (DiffusionGemma packs them
         at its first such pass), for one GEMM instead of two or three. Else None."""
-        if torch.is_grad_enabled() or not kernels.fused("qkv", x) or not self.packable():
+        if torch.is_grad_enabled() or not kernels.fused("qkv", x) or not self.packable() or not self.is_packed():
             return None
         ws = [m.weight for m in self.projections()]
-        if not _back_to_back(ws):
-            return None
         rows = sum(w.shape[0] for w in ws)
         return ws[0].as_strided((rows, ws[0].shape[1]), ws[0].stride())
 
     def packable(self) -> bool:
         """Plain (not quantized) projection weights."""
         return all(type(m) is nn.Linear for m in self.projections())
+
+    def is_packed(self) -> bool:
+        """The projection weights lie back to back in one buffer (`pack`)."""
+        return _back_to_back([m.weight for m in self.projections()])
 
     def pack(self) -> None:
         """Move the q, k (and v) weights back to back into one new buffer (a plain tensor, even when called in
@@ -482,8 +484,7 @@ class DiffusionGemma(nn.Module):
         if x.is_cuda and (torch.cuda.is_current_stream_capturing()
                           or torch.cuda.current_stream(x.device) != torch.cuda.default_stream(x.device)):
             return
-        todo = [L.self_attn for L in self.layers
-                if L.self_attn.packable() and not _back_to_back([m.weight for m in L.self_attn.projections()])]
+        todo = [L.self_attn for L in self.layers if L.self_attn.packable() and not L.self_attn.is_packed()]
         for attn in todo:
             attn.pack()
         if todo:
@@ -503,10 +504,15 @@ class DiffusionGemma(nn.Module):
     def embed_scale(self) -> torch.Tensor:
         """sqrt(H) as the reference stores it: an fp32 scalar cast to the embedding dtype (53.0 in bf16),
         on the model's device (made once per device and dtype)."""
-        key = ("scale", self.device, self.dtype)
+        return self._cached(("scale", self.device, self.dtype),
+                            lambda: torch.tensor(self.config.hidden_size ** 0.5, device=self.device).to(self.dtype))
+
+    def _cached(self, key, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """self._rope_cache[key], made by make() on first use, as a plain tensor even in inference mode (training
+        may follow inference: autograd cannot save inference tensors)."""
         if key not in self._rope_cache:
-            with torch.inference_mode(False):             # a plain tensor: training may follow inference
-                self._rope_cache[key] = torch.tensor(self.config.hidden_size ** 0.5, device=self.device).to(self.dtype)
+            with torch.inference_mode(False):
+                self._rope_cache[key] = make()
         return self._rope_cache[key]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -516,14 +522,11 @@ class DiffusionGemma(nn.Module):
         """positions: [S] or [B, S] -> {sliding?: (cos, sin)} in the model dtype; inv_freq stays fp32."""
         cfg, out = self.config, {}
         for sliding in (True, False):
-            key = (sliding, positions.device)
-            if key not in self._rope_cache:
-                with torch.inference_mode(False):      # a plain tensor: training may follow inference
-                    self._rope_cache[key] = inv_frequencies(
-                        cfg.head_dim if sliding else cfg.global_head_dim,
-                        cfg.rope_local_theta if sliding else cfg.rope_global_theta,
-                        1.0 if sliding else cfg.global_partial_rotary_factor, positions.device)
-            f = positions.float()[..., None] * self._rope_cache[key]
+            inv = self._cached((sliding, positions.device), lambda: inv_frequencies(
+                cfg.head_dim if sliding else cfg.global_head_dim,
+                cfg.rope_local_theta if sliding else cfg.rope_global_theta,
+                1.0 if sliding else cfg.global_partial_rotary_factor, positions.device))
+            f = positions.float()[..., None] * inv
             emb = torch.cat((f, f), dim=-1)                                   # [S, D] or [B, S, D]
             if emb.dim() == 3:
                 emb = emb[:, None]                                            # [B, 1, S, D]: per-row positions

@@ -58,7 +58,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
 
 rm -rf "$OUTDIR"/b1 "$OUTDIR"/b1_fused "$OUTDIR"/b32 "$OUTDIR"/b32_fused     # no earlier run's files in the report
-run_step "GPU tests" 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static.py tests/test_kernels.py \
+run_step "GPU tests" 150 python3 -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_static.py tests/test_kernels.py \
   > "$OUTDIR/gpu_tests.txt" 2>&1
 tail -6 "$OUTDIR/gpu_tests.txt"
 if grep -Eq "^(FAILED|ERROR) tests/test_kernels.py" "$OUTDIR/gpu_tests.txt"; then

@@ -201,6 +201,101 @@ def test_graph_store_off_cuda_calls_through():
     assert len(calls) == 3 and torch.equal(out[0], torch.full((2,), 2.0)) and store.captures == 0
 
 
+# ---- folded grouped-query attention (what CUDA runs) ----------------------------------------------------
+def _grouped_reference(q, k, v, mask):
+    """Attention one query head at a time, head h reading K/V head h // g: the definition, no SDPA."""
+    g = q.shape[1] // k.shape[1]
+    out = []
+    for h in range(q.shape[1]):
+        s = q[:, h] @ k[:, h // g].transpose(-1, -2)                                 # [B, S, L]
+        if mask is not None:
+            s = s.masked_fill(~mask[:, 0], float("-inf"))
+        out.append(torch.softmax(s, -1) @ v[:, h // g])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("Hq,Hkv,S,mask_rows", [(8, 2, 5, 1), (8, 2, 5, 5), (4, 1, 1, 1), (6, 3, 7, 7), (4, 4, 3, 3),
+                                                (4, 2, 3, None)])
+def test_folded_attention_equals_grouped(Hq, Hkv, S, mask_rows):
+    from dgemma.model import attention
+    g = torch.Generator().manual_seed(Hq * 10 + S)
+    B, L, D = 2, 11, 8
+    q = torch.randn(B, S, Hq, D, generator=g).transpose(1, 2)                   # the strides the model gives
+    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    mask = None if mask_rows is None else torch.rand(B, 1, mask_rows, L, generator=g) < 0.6
+    if mask is not None:
+        mask[..., 0] = True                                                     # no query without a key
+    ref = _grouped_reference(q, k, v, mask)
+    for fold in (False, True):
+        out = attention(q, k, v, mask, fold=fold)
+        assert out.shape == (B, Hq, S, D)
+        assert torch.allclose(out, ref, atol=1e-5), (fold, (out - ref).abs().max())
+
+
+@torch.no_grad()
+def test_model_passes_with_folded_attention(monkeypatch):
+    """Every pass (encoder, dynamic and static denoiser, AR step) gives the same logits with the fold that CUDA
+    uses (forced here on the CPU), on a model with 2 query heads per K/V head on sliding layers, 4 on full ones."""
+    import functools
+    from dgemma import model as model_mod
+    from dgemma.config import ModelConfig
+    from dgemma.model import DiffusionGemma
+    from dgemma.train.loop import init_weights
+    from test_cache import CFG
+    torch.manual_seed(0)
+    m = init_weights(DiffusionGemma(ModelConfig(**{**CFG, "num_attention_heads": 4, "num_key_value_heads": 2})),
+                     0, std=0.3).eval()
+    g = torch.Generator().manual_seed(3)
+    ctx, canvas = torch.randint(2, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 8), generator=g)
+
+    def passes():
+        cache = m.new_cache(2, 40)
+        enc = m.head(m.encode(ctx, cache))
+        dyn, st = m.head(m.denoise(canvas, cache)), m.head(m.denoise(canvas, cache, static=True))
+        ar = m.generate_ar(ctx, max_new_tokens=4, eos_token_id=None, return_logits=True, cuda_graphs=True)
+        return enc, dyn, st, ar.step_logits
+
+    plain = passes()
+    calls = []
+    folded_attention = functools.partial(model_mod.attention, fold=True)
+    monkeypatch.setattr(model_mod, "attention", lambda *a: (calls.append(1), folded_attention(*a))[1])
+    folded = passes()
+    assert calls
+    for a, b in zip(plain, folded):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_folded_attention_runs_a_fused_kernel_on_cuda():
+    """At the 26B's widths (sliding: 16 query heads on 8 K/V heads of 256; global: 16 on 2 of 512), bf16, with the
+    denoiser's broadcast mask and the encoder's per-query mask, the folded call runs with torch's math backend
+    switched off (a fused kernel took it) and matches fp32 attention. Prints whether the unfolded enable_gqa
+    call would have found a fused kernel (the reason for the fold; it depends on the torch version)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from dgemma.model import attention
+    fused = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for Hkv, D, S, L, rows in ((8, 256, 256, 384, 1), (2, 512, 256, 384, 1), (2, 512, 128, 128, 128),
+                               (2, 512, 1, 1031, 1)):
+        B = 2
+        q = torch.randn(B, S, 16, D, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+        k, v = (torch.randn(B, Hkv, L, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+        mask = torch.rand(B, 1, rows, L, device="cuda", generator=g) < 0.8
+        mask[..., 0] = True
+        with sdpa_kernel(fused):
+            out = attention(q, k, v, mask)
+            try:
+                attention(q, k, v, mask, fold=False)
+                unfolded = "a fused kernel"
+            except RuntimeError:
+                unfolded = "math only"
+        ref = attention(q.float(), k.float(), v.float(), mask, fold=False)
+        err = float((out.float() - ref).norm() / ref.norm())
+        print(f"Hkv {Hkv} D {D} S {S} L {L} mask rows {rows}: folded rel. error {err:.1e}; unfolded: {unfolded}")
+        assert err < 2e-2
+
+
 # ---- real graphs ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -401,16 +401,37 @@ class SelfConditioning(nn.Module):
         return rms_norm(e, None, self.eps)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              fold: bool | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with scale 1 (the q/k norms replace 1/sqrt(d)) and grouped query heads:
+    q [B, Hq, S, D], k, v [B, Hkv, L, D], mask [B, 1, 1 or S, L] (True: attend) or None -> [B, Hq, S, D].
+
+    fold (default: on CUDA) runs the g = Hq / Hkv query heads that share a K/V head as one head of g*S queries
+    (the mask repeated over them where it has a row per query): the same sums per query, as plain multi-head
+    attention. Why: torch's fused CUDA kernels do not take enable_gqa with a mask at head_dim 512 (the 26B's
+    global layers), so it ran them on its math path in fp32 (run 3's H200 profile: two fp32 GEMMs per global
+    layer); its memory-efficient kernel takes the folded call at any head width. On the CPU folding gains
+    nothing (measured) and changes the rounding of one-query steps, so it stays off there."""
+    B, Hq, S, D = q.shape
+    g = Hq // k.shape[1]
+    if not (q.is_cuda if fold is None else fold) or g == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=g > 1)
+    if mask is not None and mask.shape[2] > 1:                        # [B, 1, S, L] -> [B, 1, g*S, L]
+        mask = mask[:, :, None].expand(-1, -1, g, -1, -1).flatten(2, 3)
+    o = F.scaled_dot_product_attention(q.reshape(B, Hq // g, g * S, D), k, v, attn_mask=mask, scale=1.0)
+    return o.view(B, Hq, S, D)                                        # query head h = K/V head h // g
+
+
 def _attention(layer_kv: Callable[[int, torch.Tensor, torch.Tensor], tuple],
                kv_slots: Callable[[int], tuple | None] | None = None) -> Callable[[int], Callable]:
     """`attend_for(i)` for run_layers over a KV cache: `layer_kv(i, k, v)` (one of the cache's per-layer methods)
-    stores the new keys/values (None: already stored) and returns (keys, values, mask) to attend over; then scaled
-    dot-product attention with scale 1 (the q/k norms replace 1/sqrt(d)) and grouped query heads. With `kv_slots`
-    (the cache's), `attend.kv_slots()` tells the fused q/k/v kernel where to write k and v itself."""
+    stores the new keys/values (None: already stored) and returns (keys, values, mask) to attend over; then
+    `attention`. With `kv_slots` (the cache's), `attend.kv_slots()` tells the fused q/k/v kernel where to write
+    k and v itself."""
     def attend_for(i: int):
         def attend(q, k, v):
             keys, vals, mask = layer_kv(i, k, v)
-            return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
+            return attention(q, keys, vals, mask)
         if kv_slots is not None:
             attend.kv_slots = lambda: kv_slots(i)
         return attend

@@ -1,11 +1,12 @@
 """The GPU speed targets (issue 10) judged from the files scripts/gpu_bench.sh writes, as Markdown for docs/NOTES.md.
 
-Reads DIR/{b1_fused,b1,b32_fused,b32}/bench.json (those present; `dgemma bench` output) and prints one table of
+Reads DIR/{b1_fused,b1,b32_fused,b32}/bench.json (those present, in any of the DIRs given; `dgemma bench` output:
+gpu_bench.sh's two stages each bring back their own folder) and prints one table of
 every system's throughput, step time and peak memory per run, then one row per target with the measured value
 and whether it is met. Every ratio is taken within one bench run (one invocation, the same weights and
 machine); a target whose inputs are missing says so instead of guessing.
 
-Usage:  python scripts/gpu_report.py DIR     (DIR: the $OUT of a gpu_bench.sh run, e.g. its files_at folder)
+Usage:  python scripts/gpu_report.py DIR [DIR ...]   (DIR: the $OUT of a gpu_bench.sh run, e.g. its files_at folder)
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ RUNS = {"b1_fused": "batch 1, fused", "b1": "batch 1, default", "b32_fused": "ba
         "b32": "batch 32, default"}
 
 
-def load(root: Path) -> dict[str, dict]:
-    """run name -> bench.json's results (systems that failed keep their error; an unreadable file is skipped)."""
+def load(*roots: Path) -> dict[str, dict]:
+    """run name -> bench.json's results, from the first root that has the run (systems that failed keep their
+    error; an unreadable file is skipped)."""
     out = {}
     for name in RUNS:
-        f = root / name / "bench.json"
-        if f.exists():
+        f = next((r / name / "bench.json" for r in roots if (r / name / "bench.json").exists()), None)
+        if f is not None:
             try:
                 out[name] = json.loads(f.read_text())["results"]
             except (ValueError, KeyError) as err:
@@ -79,11 +81,11 @@ def targets(runs: dict[str, dict]) -> list[tuple[str, str, str, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dir", type=Path)
+    ap.add_argument("dirs", type=Path, nargs="+", metavar="DIR")
     a = ap.parse_args()
-    runs = load(a.dir)
+    runs = load(*a.dirs)
     if not runs:
-        raise SystemExit(f"no bench.json under {a.dir}/{{{','.join(RUNS)}}}")
+        raise SystemExit(f"no bench.json under {' or '.join(map(str, a.dirs))}/{{{','.join(RUNS)}}}")
     print("| run | system | tok/s | step ms | peak GiB | peak / weights |\n|---|---|---|---|---|---|")
     for name, results in runs.items():
         for system, r in results.items():

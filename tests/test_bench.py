@@ -80,11 +80,11 @@ def test_gpu_report_judges_the_targets_from_bench_output(tmp_path, capsys, monke
         "gpu_report", os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    for run, batch in (("b1", 1), ("b32", 2)):
+    for run, batch in (("b1", 1), ("b32", 2)):      # as two gpu_bench.sh stages would bring them back
         assert main(["bench", "--shape", "tiny", "--dtype", "float32", "--steps", "2", "--prompt-len", "5",
                      "--ar-tokens", "4", "--batch", str(batch), "--threads", "1", "--systems",
-                     "dgemma-fast,engine,ar", "--out", str(tmp_path / run)]) == 0
-    runs = report.load(tmp_path)
+                     "dgemma-fast,engine,ar", "--out", str(tmp_path / f"stage_{run}" / run)]) == 0
+    runs = report.load(tmp_path / "stage_b1", tmp_path / "stage_b32")
     assert set(runs) == {"b1", "b32"}
     rows = {t[0]: t for t in report.targets(runs)}
     fast = runs["b1"]["dgemma-fast"]
@@ -98,7 +98,7 @@ def test_gpu_report_judges_the_targets_from_bench_output(tmp_path, capsys, monke
         v = r["engine"]["tokens_per_s"] / r["dgemma-fast"]["tokens_per_s"]
         assert t[2].startswith(f"{v:.3f}") and t[3] == ("met" if v >= 0.95 else "NOT met")
     capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["gpu_report.py", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["gpu_report.py", str(tmp_path / "stage_b1"), str(tmp_path / "stage_b32")])
     report.main()
     out = capsys.readouterr().out
     assert len(re.findall(r"^\| batch (1|32), default \| (dgemma-fast|engine|ar) \|", out, re.M)) == 6

@@ -1,9 +1,11 @@
-"""Count the work launches of one denoiser pass, one AR step and one sampler chunk, with and without the fused
-Triton kernels (DGEMMA_FUSED), on the CPU.
+"""Count the work launches of one denoiser pass, one denoising step (dynamic, and static as the GPU's CUDA graphs
+run it) and one AR step, with and without the fused Triton kernels (DGEMMA_FUSED), on the CPU.
 
 What is counted: every aten operation that does work (views and allocations excluded), plus one per Triton kernel
 launch (Triton's interpreter runs them here; what happens inside a launch is not counted), and one per RMSNorm
-(one F.rms_norm kernel on CUDA, a chain of ops on the CPU). On a GPU each counted operation is about one kernel
+(one F.rms_norm kernel on CUDA, a chain of ops on the CPU), plus three for each attention call given a bool mask
+(torch turns it into an additive bias inside the call: a `where` and two scalar fills on CUDA; the CPU dispatch
+shows the call as one op). On a GPU each counted operation is about one kernel
 launch, so the counts estimate the kernels per step before and after fusing; they are not a GPU profile
 (scripts/gpu_profile.py measures that) and they say nothing about time. The experts and MLPs run as on a GPU:
 with DGEMMA_FUSED=moe / mlp their Triton kernels (here in fp32, which the GPU path does not take), without it
@@ -52,6 +54,9 @@ class Launches(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if not self.paused and not func.is_view and name not in FREE:
             self.ops[name] += 1
+            mask = (kwargs or {}).get("attn_mask", args[3] if len(args) > 3 else None)
+            if name == "scaled_dot_product_attention" and mask is not None and mask.dtype == torch.bool:
+                self.ops["sdpa bool mask -> bias"] += 3   # CUDA: where(mask, 0, -inf) and its two scalar fills
         return func(*args, **(kwargs or {}))
 
 
@@ -125,12 +130,16 @@ def main() -> None:
             den = count(lambda: model.denoise(canvas, cache), mode)
             step = count(lambda: denoise_step(model, cache, canvas, None, temp, 1.0, sampling.rows_per_chunk(V),
                                               uniform=uniform, renoise=renoise), mode)
+            graph = count(lambda: denoise_step(model, cache, canvas, None, temp, 1.0, sampling.rows_per_chunk(V),
+                                               static=True, uniform=uniform, renoise=renoise), mode)
             ar = count(lambda: model.head(model.encode_step(ids[:, -1:], cache)[:, -1]), mode)
         out[fused or "eager"] = {"denoiser_pass": sum(den.values()), "per_layer": sum(den.values()) / a.layers,
-                                 "denoising_step": sum(step.values()), "ar_step": sum(ar.values()),
-                                 "denoiser_pass_ops": den, "ar_step_ops": ar}
+                                 "denoising_step": sum(step.values()), "graph_step": sum(graph.values()),
+                                 "ar_step": sum(ar.values()),
+                                 "denoiser_pass_ops": den, "graph_step_ops": graph, "ar_step_ops": ar}
         print(f"{fused or 'eager':>11}: denoiser pass {sum(den.values()):4d} ({sum(den.values()) / a.layers:.1f} per "
-              f"layer), denoising step {sum(step.values()):4d}, AR step {sum(ar.values()):4d}")
+              f"layer), denoising step {sum(step.values()):4d} (static, as a graph replays it: "
+              f"{sum(graph.values()):4d}), AR step {sum(ar.values()):4d}")
     os.environ.pop("DGEMMA_FUSED")
     path = os.path.join(os.environ.get("OUT", "bench_out"), "count_ops.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -214,18 +214,24 @@ def _grouped_reference(q, k, v, mask):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("Hq,Hkv,S,mask_rows", [(8, 2, 5, 1), (8, 2, 5, 5), (4, 1, 1, 1), (6, 3, 7, 7), (4, 4, 3, 3),
-                                                (4, 2, 3, None)])
-def test_folded_attention_equals_grouped(Hq, Hkv, S, mask_rows):
+@pytest.mark.parametrize("Hq,Hkv,S,mask_shape", [(8, 2, 5, "B11L"), (8, 2, 5, "B1SL"), (4, 1, 1, "B11L"),
+                                                 (6, 3, 7, "B1SL"), (4, 4, 3, "B1SL"), (4, 2, 3, None),
+                                                 (8, 2, 5, "SL"), (8, 2, 5, "bias")])
+def test_folded_attention_equals_grouped(Hq, Hkv, S, mask_shape):
+    """Folded or not, attention is the per-head definition, with the cache's masks ([B, 1, 1, L], [B, 1, S, L];
+    as additive biases too) and training's ([S, L])."""
     from dgemma.model import attention
     g = torch.Generator().manual_seed(Hq * 10 + S)
     B, L, D = 2, 11, 8
     q = torch.randn(B, S, Hq, D, generator=g).transpose(1, 2)                   # the strides the model gives
     k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
-    mask = None if mask_rows is None else torch.rand(B, 1, mask_rows, L, generator=g) < 0.6
+    shape = {"B11L": (B, 1, 1, L), "B1SL": (B, 1, S, L), "SL": (S, L), "bias": (B, 1, S, L), None: None}[mask_shape]
+    mask = None if shape is None else torch.rand(*shape, generator=g) < 0.6
     if mask is not None:
         mask[..., 0] = True                                                     # no query without a key
-    ref = _grouped_reference(q, k, v, mask)
+    ref = _grouped_reference(q, k, v, None if mask is None else mask.expand(B, 1, S, L))
+    if mask_shape == "bias":
+        mask = torch.zeros(shape).masked_fill(~mask, float("-inf"))
     for fold in (False, True):
         out = attention(q, k, v, mask, fold=fold)
         assert out.shape == (B, Hq, S, D)
@@ -234,11 +240,13 @@ def test_folded_attention_equals_grouped(Hq, Hkv, S, mask_rows):
 
 @torch.no_grad()
 def test_model_passes_with_folded_attention(monkeypatch):
-    """Every pass (encoder, dynamic and static denoiser, AR step) gives the same logits with the fold that CUDA
-    uses (forced here on the CPU), on a model with 2 query heads per K/V head on sliding layers, 4 on full ones."""
+    """Every pass (encoder, dynamic and static denoiser, AR step, training's losses with two canvases) gives the
+    same logits with the fold that CUDA uses (forced here on the CPU), on a model with 2 query heads per K/V head
+    on sliding layers, 4 on full ones."""
     import functools
     from dgemma import model as model_mod
     from dgemma.config import ModelConfig
+    from dgemma.train import objective
     from dgemma.model import DiffusionGemma
     from dgemma.train.loop import init_weights
     from test_cache import CFG
@@ -255,12 +263,22 @@ def test_model_passes_with_folded_attention(monkeypatch):
         ar = m.generate_ar(ctx, max_new_tokens=4, eos_token_id=None, return_logits=True, cuda_graphs=True)
         return enc, dyn, st, ar.step_logits
 
-    plain = passes()
+    def train_losses():
+        from dgemma.train.objective import ObjectiveConfig, losses
+        ids = torch.randint(2, 64, (2, 4 + 16), generator=torch.Generator().manual_seed(1))
+        with torch.enable_grad():
+            out = losses(m, ids, torch.ones_like(ids, dtype=torch.bool),
+                         ObjectiveConfig(context_length=4, all_canvases=True), torch.Generator().manual_seed(2))
+        return [out["ar"].detach(), out["diffusion"].detach()]
+
+    plain = list(passes()) + train_losses()
     calls = []
     folded_attention = functools.partial(model_mod.attention, fold=True)
-    monkeypatch.setattr(model_mod, "attention", lambda *a: (calls.append(1), folded_attention(*a))[1])
-    folded = passes()
-    assert calls
+    counted = lambda *a: (calls.append(1), folded_attention(*a))[1]                      # noqa: E731
+    monkeypatch.setattr(model_mod, "attention", counted)
+    monkeypatch.setattr(objective, "attention", counted)
+    folded = list(passes()) + train_losses()
+    assert len(calls) > 6 * 3
     for a, b in zip(plain, folded):
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 

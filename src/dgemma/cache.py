@@ -170,8 +170,15 @@ class KVCache:
         own = kpos_f[None, None, :] == qpos[:, :, None]
         m_f = (kpos_f[None, None, :] <= qpos[:, :, None]) & (self.full_valid[sel, None, :Lf] | own)
         self._plan = {"n_new": n_new, "valid": valid, "n_ring": n_ring, "rows": rows, "sel": sel, "lens": lens,
-                      "Lf": Lf, "mask_s": m_s[:, None], "mask_f": m_f[:, None]}
+                      "Lf": Lf, "mask_s": self._bias(m_s[:, None]), "mask_f": self._bias(m_f[:, None])}
         return qpos[0] if len(set(lens)) == 1 else qpos
+
+    def _bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """A plan's bool mask (True: attend) as the additive bias SDPA adds to the scores: 0 or -inf, in the
+        cache's dtype. SDPA makes this itself from a bool mask on every call (three small kernels on CUDA, per
+        layer); made once per plan, every layer of the pass shares it. No query row is ever fully masked (each
+        position sees itself), so -inf never leaves a row without keys."""
+        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def _write(self, buf: torch.Tensor, new: torch.Tensor, ring: bool) -> None:
         """buf[row, :, slot(len_row + t)] = new[j, :, t] for the planned rows."""
@@ -244,7 +251,7 @@ class KVCache:
             w = min(valid.shape[1], L)
             cached[:, :w] = valid[:n, :w]
             mask = ((j < o) & cached) | ((j >= o) & (j < o + n_canvas))
-            plan["mask_" + kind] = mask[:, None, None]                                 # [n, 1, 1, L]
+            plan["mask_" + kind] = self._bias(mask[:, None, None])                     # [n, 1, 1, L]
             plan["idx_" + kind] = o + ar                                               # [n, C] canvas slots
             plan["first_" + kind] = off                                                # [n] first canvas slot
         return lens[:, None] + ar
@@ -298,8 +305,8 @@ class KVCache:
         self.full_valid[:n].scatter_(1, pos[:, None], True)
         j = torch.arange(L_f, device=dev)[None]
         mask_f = (j <= pos[:, None]) & self.full_valid[:n, :L_f]
-        self._plan = {"step": True, "pos": pos, "L_f": L_f, "mask_s": mask_s[:, None, None],
-                      "mask_f": mask_f[:, None, None]}
+        self._plan = {"step": True, "pos": pos, "L_f": L_f, "mask_s": self._bias(mask_s[:, None, None]),
+                      "mask_f": self._bias(mask_f[:, None, None])}
         return pos[:, None]
 
     def step_slots(self) -> int:

@@ -404,7 +404,8 @@ class SelfConditioning(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               fold: bool | None = None) -> torch.Tensor:
     """Scaled dot-product attention with scale 1 (the q/k norms replace 1/sqrt(d)) and grouped query heads:
-    q [B, Hq, S, D], k, v [B, Hkv, L, D], mask [B, 1, 1 or S, L] (True: attend) or None -> [B, Hq, S, D].
+    q [B, Hq, S, D], k, v [B, Hkv, L, D], mask broadcastable to [B, 1, S, L] (bool, True: attend; or an additive
+    bias in q's dtype) or None -> [B, Hq, S, D].
 
     fold (default: on CUDA) runs the g = Hq / Hkv query heads that share a K/V head as one head of g*S queries
     (the mask repeated over them where it has a row per query): the same sums per query, as plain multi-head
@@ -416,8 +417,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     g = Hq // k.shape[1]
     if not (q.is_cuda if fold is None else fold) or g == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=g > 1)
-    if mask is not None and mask.shape[2] > 1:                        # [B, 1, S, L] -> [B, 1, g*S, L]
-        mask = mask[:, :, None].expand(-1, -1, g, -1, -1).flatten(2, 3)
+    if mask is not None and mask.shape[-2] > 1:                       # [.., S, L] -> [.., g*S, L]
+        mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], g, *mask.shape[-2:]).flatten(-3, -2)
     o = F.scaled_dot_product_attention(q.reshape(B, Hq // g, g * S, D), k, v, attn_mask=mask, scale=1.0)
     return o.view(B, Hq, S, D)                                        # query head h = K/V head h // g
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..model import attention
 from ..sampling import entropy, entropy_bound_accept, init_canvas
 
 
@@ -65,7 +66,7 @@ def _encoder_pass(model, ids: torch.Tensor):
 
         def attend(q, k, v):
             kv.append((k, v))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+            return attention(q, k, v, mask)
         return attend
 
     return model.run_layers(model.embed(ids), pos, attend_for, encoder=True), kv
@@ -102,7 +103,7 @@ def _denoiser_pass(model, canvas: torch.Tensor, start: torch.Tensor, kv, soft: t
 
         def attend(q, k, v):
             keys, vals = torch.cat([k_enc, k], 2), torch.cat([v_enc, v], 2)
-            return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0, enable_gqa=True)
+            return attention(q, keys, vals, mask)
         return attend
 
     h = model.self_conditioning(model.embed(canvas), soft)

@@ -6,12 +6,14 @@ eager step. The step runs two ways, compared side by side (keys prefixed fused_ 
 Triton kernel (DGEMMA_FUSED=all: kernels.moe and mlp, norm_rope, the layer norms, the sampler's kernels) and with
 the default torch path (torch._grouped_mm, eager norms and RoPE, torch sampler ops): the GPU kernels launched per
 denoiser step and per AR step, the time of one step (eager and graph-replayed), and the experts layer alone.
-One chunk of the head + fast sampler is timed with torch ops and with the fused kernel (sampling.fused_rows).
+One chunk of the head + fast sampler is timed with torch ops and with the fused kernel (sampling.fused_rows), and
+one attention call per layer kind with each of torch's attention backends, folded and not (`attention_times`).
 Usage:  PYTHONPATH=src python scripts/gpu_profile.py [--shape 26b-a4b] [--batch 1] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -52,6 +54,32 @@ def profiled(fn):
         out = fn()
         torch.cuda.synchronize()
     return prof, out
+
+
+def attention_times(B: int, C: int, L: int, g: torch.Generator) -> dict[str, float | str]:
+    """Milliseconds of one attention call (model.attention) at the 26B's head layouts, a denoiser pass's C queries
+    and an AR step's one, over L keys with a broadcast bias mask, folded (what CUDA runs) or with enable_gqa, with
+    torch's default choice and each backend alone ("no kernel": that backend refuses the call)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from dgemma.model import attention
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH}
+    out: dict[str, float | str] = {}
+    for layer, Hkv, D in (("sliding", 8, 256), ("global", 2, 512)):
+        for S in (C, 1):
+            q = torch.randn(B, S, 16, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+            k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            keep = torch.rand(B, 1, 1, L, device="cuda", generator=g) < 0.9
+            mask = torch.zeros(keep.shape, device="cuda", dtype=torch.bfloat16).masked_fill_(~keep, float("-inf"))
+            for name, allowed in backends.items():
+                for fold in (True, False):
+                    key = f"attn_{layer}_q{S}_L{L}_{name}_{'folded' if fold else 'gqa'}_ms"
+                    try:
+                        with sdpa_kernel(allowed) if allowed is not None else contextlib.nullcontext():
+                            out[key] = timed(lambda: attention(q, k, v, mask, fold=fold))
+                    except RuntimeError:
+                        out[key] = "no kernel"
+    return out
 
 
 def set_path(mode: str) -> None:
@@ -160,6 +188,7 @@ def main() -> None:
             tk = kernels._kernels()
             r["moe_autotuned"] = {f"{name} {key}": str(cfg) for name in ("gate_up_kernel", "down_kernel")
                                   for key, cfg in getattr(tk, name).cache.items()}
+        r.update(attention_times(B, C, cache.key_slots(C, True)[1], g))     # the static pass's full-layer keys
         hh = torch.randn(rc, H, device="cuda", dtype=m.dtype, generator=g)
         r["head_chunk_ms"] = timed(lambda: m.head(hh))
         lg = m.head(hh)

@@ -77,8 +77,9 @@ def attention_times(B: int, C: int, L: int, g: torch.Generator) -> dict[str, flo
                     try:
                         with sdpa_kernel(allowed) if allowed is not None else contextlib.nullcontext():
                             out[key] = timed(lambda: attention(q, k, v, mask, fold=fold))
-                    except RuntimeError:
-                        out[key] = "no kernel"
+                    except RuntimeError as err:                # "no kernel": the backend refused the call
+                        refused = any(m in str(err) for m in ("No available kernel", "No viable backend"))
+                        out[key] = "no kernel" if refused else f"failed: {str(err)[:200]}"
     return out
 
 

@@ -217,10 +217,17 @@ def _grouped_reference(q, k, v, mask):
 @pytest.mark.parametrize("Hq,Hkv,S,mask_shape", [(8, 2, 5, "B11L"), (8, 2, 5, "B1SL"), (4, 1, 1, "B11L"),
                                                  (6, 3, 7, "B1SL"), (4, 4, 3, "B1SL"), (4, 2, 3, None),
                                                  (8, 2, 5, "SL"), (8, 2, 5, "bias")])
-def test_folded_attention_equals_grouped(Hq, Hkv, S, mask_shape):
+@pytest.mark.parametrize("cuda_layout", [False, True])
+def test_folded_attention_equals_grouped(Hq, Hkv, S, mask_shape, cuda_layout, monkeypatch):
     """Folded or not, attention is the per-head definition, with the cache's masks ([B, 1, 1, L], [B, 1, S, L];
-    as additive biases too) and training's ([S, L])."""
+    as additive biases too) and training's ([S, L]); also when SDPA returns its output as CUDA's memory-efficient
+    kernel does (a [B, H, M, D] view of [B, M, H, D] memory, where the CPU's is contiguous)."""
+    import torch.nn.functional as F
     from dgemma.model import attention
+    if cuda_layout:
+        sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
     g = torch.Generator().manual_seed(Hq * 10 + S)
     B, L, D = 2, 11, 8
     q = torch.randn(B, S, Hq, D, generator=g).transpose(1, 2)                   # the strides the model gives
@@ -277,6 +284,9 @@ def test_model_passes_with_folded_attention(monkeypatch):
     counted = lambda *a: (calls.append(1), folded_attention(*a))[1]                      # noqa: E731
     monkeypatch.setattr(model_mod, "attention", counted)
     monkeypatch.setattr(objective, "attention", counted)
+    sdpa = torch.nn.functional.scaled_dot_product_attention     # and its output laid out as CUDA's efficient kernel's
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
     folded = list(passes()) + train_losses()
     assert len(calls) > 6 * 3
     for a, b in zip(plain, folded):
@@ -306,7 +316,8 @@ def test_folded_attention_runs_a_fused_kernel_on_cuda():
             try:
                 attention(q, k, v, mask, fold=False)
                 unfolded = "a fused kernel"
-            except RuntimeError:
+            except RuntimeError as err:
+                assert any(m in str(err) for m in ("No available kernel", "No viable backend")), err
                 unfolded = "math only"
         ref = attention(q.float(), k.float(), v.float(), mask, fold=False)
         err = float((out.float() - ref).norm() / ref.norm())

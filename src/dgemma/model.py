@@ -9,6 +9,7 @@ Does not know: sampling, checkpoints on disk, tokenizers. `generate` lives in `g
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -405,22 +406,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               fold: bool | None = None) -> torch.Tensor:
     """Scaled dot-product attention with scale 1 (the q/k norms replace 1/sqrt(d)) and grouped query heads:
     q [B, Hq, S, D], k, v [B, Hkv, L, D], mask broadcastable to [B, 1, S, L] (bool, True: attend; or an additive
-    bias in q's dtype) or None -> [B, Hq, S, D].
+    bias in q's dtype) or None -> [B, Hq, S, D]; query head h reads K/V head h // g, g = Hq / Hkv.
 
-    fold (default: on CUDA) runs the g = Hq / Hkv query heads that share a K/V head as one head of g*S queries
-    (the mask repeated over them where it has a row per query): the same sums per query, as plain multi-head
-    attention. Why: torch's fused CUDA kernels do not take enable_gqa with a mask at head_dim 512 (the 26B's
-    global layers), so it ran them on its math path in fp32 (run 3's H200 profile: two fp32 GEMMs per global
-    layer); its memory-efficient kernel takes the folded call at any head width. On the CPU folding gains
-    nothing (measured) and changes the rounding of one-query steps, so it stays off there."""
+    fold (default: on CUDA) makes it plain multi-head attention: with a mask of one row for every query (the
+    denoiser's, an AR step's) or none, the g query heads that share a K/V head become one head of g*S queries;
+    with a row per query (encoder passes, training), each K/V head is repeated g times (memory linear in L,
+    where repeating the mask would be S x L). The same sums per query. Why: torch's fused CUDA kernels do not
+    take enable_gqa with a mask at head_dim 512 (the 26B's global layers), so it ran them on its math path in
+    fp32 (run 3's H200 profile: two fp32 GEMMs per global layer); its memory-efficient kernel takes plain
+    multi-head attention at any head width. On the CPU this gains nothing (measured) and changes the rounding
+    of one-query steps, so it stays off there. DGEMMA_FOLD=0 turns the default off (a switch for a GPU where the
+    fold misbehaves: scripts/gpu_bench.sh sets it when the fold's GPU test fails)."""
     B, Hq, S, D = q.shape
     g = Hq // k.shape[1]
-    if not (q.is_cuda if fold is None else fold) or g == 1:
+    if fold is None:
+        fold = q.is_cuda and os.environ.get("DGEMMA_FOLD") != "0"
+    if not fold or g == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=g > 1)
-    if mask is not None and mask.shape[-2] > 1:                       # [.., S, L] -> [.., g*S, L]
-        mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], g, *mask.shape[-2:]).flatten(-3, -2)
+    if mask is not None and mask.shape[-2] > 1:
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)                  # [B, Hq, L, D]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     o = F.scaled_dot_product_attention(q.reshape(B, Hq // g, g * S, D), k, v, attn_mask=mask, scale=1.0)
-    return o.view(B, Hq, S, D)                                        # query head h = K/V head h // g
+    return o.reshape(B, Hq, S, D)     # (a copy where the kernel's output is [B, g*S, Hkv, D] in memory, as CUDA's)
 
 
 def _attention(layer_kv: Callable[[int, torch.Tensor, torch.Tensor], tuple],

@@ -424,7 +424,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if not fold or g == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=g > 1)
     if mask is not None and mask.shape[-2] > 1:
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)                  # [B, Hq, L, D]
+        k, v = (t[:, :, None].expand(-1, -1, g, -1, -1).flatten(1, 2) for t in (k, v))   # [B, Hq, L, D]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     o = F.scaled_dot_product_attention(q.reshape(B, Hq // g, g * S, D), k, v, attn_mask=mask, scale=1.0)
     return o.reshape(B, Hq, S, D)     # (a copy where the kernel's output is [B, g*S, Hkv, D] in memory, as CUDA's)

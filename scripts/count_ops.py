@@ -4,8 +4,8 @@ run it) and one AR step, with and without the fused Triton kernels (DGEMMA_FUSED
 What is counted: every aten operation that does work (views and allocations excluded), plus one per Triton kernel
 launch (Triton's interpreter runs them here; what happens inside a launch is not counted), and one per RMSNorm
 (one F.rms_norm kernel on CUDA, a chain of ops on the CPU), plus three for each attention call given a bool mask
-(torch turns it into an additive bias inside the call: a `where` and two scalar fills on CUDA; the CPU dispatch
-shows the call as one op). On a GPU each counted operation is about one kernel
+(torch turns it into an additive bias inside the call: about three small kernels on CUDA, by torch version; the
+CPU dispatch shows the call as one op). On a GPU each counted operation is about one kernel
 launch, so the counts estimate the kernels per step before and after fusing; they are not a GPU profile
 (scripts/gpu_profile.py measures that) and they say nothing about time. The experts and MLPs run as on a GPU:
 with DGEMMA_FUSED=moe / mlp their Triton kernels (here in fp32, which the GPU path does not take), without it
@@ -56,7 +56,7 @@ class Launches(TorchDispatchMode):
             self.ops[name] += 1
             mask = (kwargs or {}).get("attn_mask", args[3] if len(args) > 3 else None)
             if name == "scaled_dot_product_attention" and mask is not None and mask.dtype == torch.bool:
-                self.ops["sdpa bool mask -> bias"] += 3   # CUDA: where(mask, 0, -inf) and its two scalar fills
+                self.ops["sdpa bool mask -> bias"] += 3   # CUDA: 0 / -inf made from it (3 kernels, by torch version)
         return func(*args, **(kwargs or {}))
 
 

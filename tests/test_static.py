@@ -246,6 +246,29 @@ def test_folded_attention_equals_grouped(Hq, Hkv, S, mask_shape, cuda_layout, mo
 
 
 @torch.no_grad()
+def test_plan_masks_are_aligned_biases():
+    """Every plan (encoder, dynamic and static denoiser, one-token step) hands attention an additive bias in the
+    cache's dtype, 0 / -inf, whose rows are 16-element aligned for CUDA's memory-efficient kernel."""
+    m = model()
+    cache = two_row_cache(m, torch.tensor([[5, 6, 7]]), torch.randint(2, 64, (1, 13)))   # lengths 3 and 13
+    plans = []
+    cache.begin_encode(5, None)
+    plans.append(cache._plan)
+    cache._plan = {}
+    for static in (False, True):
+        cache.begin_decode(8, static)
+        plans.append(cache._plan)
+    cache.begin_step()
+    plans.append(cache._plan)
+    biases = [plan[key] for plan in plans for key in ("mask_s", "mask_f")]
+    assert sum(b.shape[-1] % 16 != 0 for b in biases) >= 4                      # widths that need the padding
+    for bias in biases:
+        assert bias.dtype == cache.dtype and bias.stride(-1) == 1
+        assert all(st % 16 == 0 for st in bias.stride()[:-1])
+        assert bool(((bias == 0) | (bias == float("-inf"))).all()) and bool((bias == 0).any(-1).all())
+
+
+@torch.no_grad()
 def test_model_passes_with_folded_attention(monkeypatch):
     """Every pass (encoder, dynamic and static denoiser, AR step, training's losses with two canvases) gives the
     same logits with the fold that CUDA uses (forced here on the CPU), on a model with 2 query heads per K/V head

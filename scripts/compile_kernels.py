@@ -72,6 +72,8 @@ def record_launches() -> list[tuple]:
             idx, w = meta(T, k, dtype=torch.int64), meta(T, k, dtype=torch.float32)
             order, offs = meta(T * k, dtype=torch.int64), meta(E, dtype=torch.int64)
             kernels.moe(x, meta(E, 2 * I, H), meta(E, H, I), idx, w, order, offs)
+            if T == 256:          # batch 1: 32 rows per block, which scripts/gpu_profile.py times beside 16 and 64
+                kernels.moe(x, meta(E, 2 * I, H), meta(E, H, I), idx, w, order, offs, block_m=32)
             kernels.mlp(x, meta(Id, H), meta(Id, H), meta(H, Id))
             for weights, q, s in (("int8", meta(E, 2 * I, H, dtype=torch.int8), meta(E, 2 * I, 1)),
                                   ("fp8", meta(E, 2 * I, H, dtype=torch.float8_e4m3fn), meta(E, 2 * I, 1)),

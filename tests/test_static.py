@@ -320,10 +320,12 @@ def test_model_passes_with_folded_attention(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_folded_attention_runs_a_fused_kernel_on_cuda():
     """At the 26B's widths (sliding: 16 query heads on 8 K/V heads of 256; global: 16 on 2 of 512), bf16, with the
-    denoiser's broadcast mask and the encoder's per-query mask, the folded call runs with torch's math backend
-    switched off (a fused kernel took it) and matches fp32 attention. Prints whether the unfolded enable_gqa
-    call would have found a fused kernel (the reason for the fold; it depends on the torch version)."""
+    denoiser's broadcast mask and the encoder's per-query mask, as a bool mask and as the plans' aligned bias
+    (cache.attention_bias), the folded call runs with torch's math backend switched off (a fused kernel took it)
+    and matches fp32 attention. Prints whether the unfolded enable_gqa call would have found a fused kernel (the
+    reason for the fold; it depends on the torch version)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from dgemma.cache import attention_bias
     from dgemma.model import attention
     fused = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -334,18 +336,20 @@ def test_folded_attention_runs_a_fused_kernel_on_cuda():
         k, v = (torch.randn(B, Hkv, L, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
         mask = torch.rand(B, 1, rows, L, device="cuda", generator=g) < 0.8
         mask[..., 0] = True
-        with sdpa_kernel(fused):
-            out = attention(q, k, v, mask)
-            try:
-                attention(q, k, v, mask, fold=False)
-                unfolded = "a fused kernel"
-            except RuntimeError as err:
-                assert any(m in str(err) for m in ("No available kernel", "No viable backend")), err
-                unfolded = "math only"
         ref = attention(q.float(), k.float(), v.float(), mask, fold=False)
-        err = float((out.float() - ref).norm() / ref.norm())
-        print(f"Hkv {Hkv} D {D} S {S} L {L} mask rows {rows}: folded rel. error {err:.1e}; unfolded: {unfolded}")
-        assert err < 2e-2
+        for kind, m in (("bool", mask), ("bias", attention_bias(mask, torch.bfloat16))):
+            with sdpa_kernel(fused):
+                out = attention(q, k, v, m)
+                try:
+                    attention(q, k, v, m, fold=False)
+                    unfolded = "a fused kernel"
+                except RuntimeError as err:
+                    assert any(s in str(err) for s in ("No available kernel", "No viable backend")), err
+                    unfolded = "math only"
+            err = float((out.float() - ref).norm() / ref.norm())
+            print(f"Hkv {Hkv} D {D} S {S} L {L} mask rows {rows} ({kind}): folded rel. error {err:.1e}; "
+                  f"unfolded: {unfolded}")
+            assert err < 2e-2
 
 
 # ---- real graphs ------------------------------------------------------------------------------------------

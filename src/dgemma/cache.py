@@ -174,14 +174,10 @@ class KVCache:
         return qpos[0] if len(set(lens)) == 1 else qpos
 
     def _bias(self, mask: torch.Tensor) -> torch.Tensor:
-        """A plan's bool mask [.., L] (True: attend) as the additive bias SDPA adds to the scores: 0 or -inf, in the
-        cache's dtype. SDPA makes this itself from a bool mask on every call (about three small kernels on CUDA,
-        per layer); made once per plan, every layer of the pass shares it. Its rows are 16-element aligned (a view
-        of [.., L rounded up to 16]), as torch's memory-efficient kernel wants them: else it pads a copy per call.
-        No query row is ever fully masked (each position sees itself), so -inf never leaves a row without keys."""
-        L = mask.shape[-1]
-        bias = torch.zeros(*mask.shape[:-1], -(-L // 16) * 16, dtype=self.dtype, device=mask.device)[..., :L]
-        return bias.masked_fill_(~mask, float("-inf"))
+        """A plan's bool mask as the additive bias attention takes (attention_bias), made once per plan: every
+        layer of the pass shares it. No query row is ever fully masked (each position sees itself), so -inf never
+        leaves a row without keys."""
+        return attention_bias(mask, self.dtype)
 
     def _write(self, buf: torch.Tensor, new: torch.Tensor, ring: bool) -> None:
         """buf[row, :, slot(len_row + t)] = new[j, :, t] for the planned rows."""
@@ -349,6 +345,16 @@ class KVCache:
         """The host half of `end_step`: one more position on every active row."""
         for b in range(self.n):
             self.lengths[b] += 1
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask [.., L] (True: attend) -> the additive bias SDPA adds to the scores, 0 or -inf in `dtype`. SDPA
+    makes this itself from a bool mask on every call (about three small kernels on CUDA). Its rows are 16-element
+    aligned (a view of [.., L rounded up to 16]), as torch's memory-efficient kernel wants them: else it pads a
+    copy on every call."""
+    L = mask.shape[-1]
+    bias = torch.zeros(*mask.shape[:-1], -(-L // 16) * 16, dtype=dtype, device=mask.device)[..., :L]
+    return bias.masked_fill_(~mask, float("-inf"))
 
 
 def _pow2(x: int) -> int:

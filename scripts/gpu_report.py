@@ -34,7 +34,7 @@ def load(*roots: Path) -> dict[str, dict]:
 
 def best(runs: dict[str, dict], names: tuple[str, ...], system: str, key: str, high: bool = True):
     """(value, run) of the best `key` of `system` over the runs named (missing or failed ones skipped)."""
-    found = [(r[system][key], n) for n in names if (r := runs.get(n)) and key in r.get(system, {})]
+    found = [(r[system][key], n) for n in names if (r := runs.get(n)) and r.get(system, {}).get(key) is not None]
     return (max if high else min)(found) if found else (None, None)
 
 
@@ -62,8 +62,12 @@ def targets(runs: dict[str, dict]) -> list[tuple[str, str, str, str]]:
     row("batch 1 throughput", ">= 1,000 tok/s", v, r, lambda x: x >= 1000, ",.0f")
     v, r = ratio(runs, b1, "dgemma-fast", "reference")
     row("batch 1 vs the reference (same run)", ">= 2.3x", v, r, lambda x: x >= 2.3, ".2f")
-    v, r = best(runs, b1, "ar", "step_ms", high=False)
-    row("AR step, batch 1 (ms per token, prompt included)", "<= 3 ms", v, r, lambda x: x <= 3, ".2f")
+    v, r = best(runs, b1, "ar", "decode_step_ms", high=False)     # one-token steps only (bench since this task)
+    if v is not None:
+        row("AR step, batch 1 (one-token steps, ms each)", "<= 3 ms", v, r, lambda x: x <= 3, ".2f")
+    else:
+        v, r = best(runs, b1, "ar", "step_ms", high=False)
+        row("AR step, batch 1 (ms per token, prompt included)", "<= 3 ms", v, r, lambda x: x <= 3, ".2f")
     v, r = best(runs, b32, "dgemma-fast", "tokens_per_s")
     row("batch 32 throughput", ">= 4,000 tok/s", v, r, lambda x: x >= 4000, ",.0f")
     p = None if r is None else runs[r]["dgemma-fast"].get("peak_over_weights")

@@ -21,3 +21,26 @@ def test_ar_eos_then_pad():
     out = m.generate_ar(ids, max_new_tokens=6, eos_token_id=[eos], pad_token_id=0)
     assert out.sequences[0, 5] == eos and (out.sequences[0, 6:] == 0).all()
     assert out.tokens_per_forward[0] < 1
+
+
+def test_ar_without_eos_reads_nothing_back_per_token():
+    """With no EOS to stop at, the token loop never waits for the device (on a GPU each wait leaves it idle while
+    the host queues the next step): the reads back from tensors do not grow with the tokens decoded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func.overloadpacket.__name__ in ("_local_scalar_dense", "item", "is_nonzero")
+            return func(*args, **(kwargs or {}))
+
+    m = model()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    counts = []
+    for n in (3, 9):
+        Reads.n = 0
+        with Reads():
+            m.generate_ar(ids, max_new_tokens=n, eos_token_id=None, cuda_graphs=True)
+        counts.append(Reads.n)
+    assert counts[0] == counts[1], counts

@@ -16,6 +16,8 @@ def test_bench_smoke(tmp_path):
     for system in ("dgemma", "dgemma-fast", "reference", "ar"):
         assert rep["results"][system]["tokens_per_s"] > 0, rep["results"][system]
     assert rep["results"]["dgemma"]["decoder_passes"] == 2
+    ar = rep["results"]["ar"]       # one-token steps timed apart from the prompt's pass: 3 of them in the total
+    assert 0 < 3 * ar["decode_step_ms"] < 1000 * ar["total_s"]
     assert (out / "bench.png").exists()
 
 
@@ -87,6 +89,8 @@ def test_gpu_report_judges_the_targets_from_bench_output(tmp_path, capsys, monke
     runs = report.load(tmp_path / "stage_b1", tmp_path / "stage_b32")
     assert set(runs) == {"b1", "b32"}
     rows = {t[0]: t for t in report.targets(runs)}
+    ar_row = rows["AR step, batch 1 (one-token steps, ms each)"]
+    assert ar_row[2].startswith(f"{runs['b1']['ar']['decode_step_ms']:.2f} ")
     fast = runs["b1"]["dgemma-fast"]
     step = rows["batch 1 decoder pass"]
     assert step[2].startswith(f"{fast['step_ms']:.1f} ") and step[3] == ("met" if fast["step_ms"] <= 15 else "NOT met")

@@ -299,7 +299,7 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
         finished |= torch.isin(tok, eos)
         if on_token is not None:
             on_token(tok)
-        if bool(finished.all()) or len(out) == s.max_new_tokens:
+        if len(out) == s.max_new_tokens or (eos.numel() and bool(finished.all())):   # (no EOS: no host sync)
             break
         logits = next_logits(tok)
     new = torch.stack(out, 1)

@@ -116,6 +116,8 @@ def run_bench(a: argparse.Namespace) -> int:
         extra = f"  sampler {100 * r['sampler_fraction']:.0f}% of a step" if "sampler_fraction" in r else ""
         if r.get("bandwidth_fraction"):
             extra += f"  {100 * r['bandwidth_fraction']:.0f}% of the memory-bandwidth limit"
+        if r.get("decode_step_ms") is not None:
+            extra += f"  one-token step {r['decode_step_ms']:.2f} ms"
         print(f"{s:12s} {r['tokens_per_s']:9.1f} tok/s  step {r['step_ms']:8.1f} ms  "
               f"tpf {r['tokens_per_forward']:.2f}  peak {r['peak_gib']:.2f} GiB{extra}")
     for k in ("speedup_vs_reference", "fast_speedup_vs_reference", "memory_ratio_vs_reference",

@@ -202,6 +202,15 @@ def test_graph_store_off_cuda_calls_through():
 
 
 # ---- folded grouped-query attention (what CUDA runs) ----------------------------------------------------
+def _sdpa_out_as_cuda(monkeypatch) -> None:
+    """SDPA returns its output as CUDA's memory-efficient kernel does: a [B, H, M, D] view of [B, M, H, D] memory
+    (the CPU's is contiguous)."""
+    import torch.nn.functional as F
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+
+
 def _grouped_reference(q, k, v, mask):
     """Attention one query head at a time, head h reading K/V head h // g: the definition, no SDPA."""
     g = q.shape[1] // k.shape[1]
@@ -222,12 +231,9 @@ def test_folded_attention_equals_grouped(Hq, Hkv, S, mask_shape, cuda_layout, mo
     """Folded or not, attention is the per-head definition, with the cache's masks ([B, 1, 1, L], [B, 1, S, L];
     as additive biases too) and training's ([S, L]); also when SDPA returns its output as CUDA's memory-efficient
     kernel does (a [B, H, M, D] view of [B, M, H, D] memory, where the CPU's is contiguous)."""
-    import torch.nn.functional as F
     from dgemma.model import attention
     if cuda_layout:
-        sdpa = F.scaled_dot_product_attention
-        monkeypatch.setattr(F, "scaled_dot_product_attention",
-                            lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+        _sdpa_out_as_cuda(monkeypatch)
     g = torch.Generator().manual_seed(Hq * 10 + S)
     B, L, D = 2, 11, 8
     q = torch.randn(B, S, Hq, D, generator=g).transpose(1, 2)                   # the strides the model gives
@@ -307,9 +313,7 @@ def test_model_passes_with_folded_attention(monkeypatch):
     counted = lambda *a: (calls.append(1), folded_attention(*a))[1]                      # noqa: E731
     monkeypatch.setattr(model_mod, "attention", counted)
     monkeypatch.setattr(objective, "attention", counted)
-    sdpa = torch.nn.functional.scaled_dot_product_attention     # and its output laid out as CUDA's efficient kernel's
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    _sdpa_out_as_cuda(monkeypatch)                                # and SDPA's output laid out as on CUDA
     folded = list(passes()) + train_losses()
     assert len(calls) > 6 * 3
     for a, b in zip(plain, folded):

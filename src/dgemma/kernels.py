@@ -128,14 +128,19 @@ def qmm(x: torch.Tensor, t: dict[str, torch.Tensor], weights: str, group: int | 
 ROUTE_ORDER_MAX = 128     # routing slots route_order sorts in one program (an AR step up to batch 16 at k = 8)
 
 
+def _by_expert(slots: int, experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (order [slots] int64, offs [experts] int32): what the sorting kernels fill."""
+    return (torch.empty(slots, dtype=torch.int64, device=device),
+            torch.empty(experts, dtype=torch.int32, device=device))
+
+
 def route_order(idx: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing of a decoding step sorted by expert in one launch (instead of torch.sort, an arange and
     searchsorted): idx [T, k] with T * k <= ROUTE_ORDER_MAX -> order [T*k] int64 (the slots t * k + j sorted by
     expert, stable: torch.sort's), offs [E] int32 (each expert's group end)."""
     M = idx.numel()
     assert M <= ROUTE_ORDER_MAX, M
-    order = torch.empty(M, dtype=torch.int64, device=idx.device)
-    offs = torch.empty(experts, dtype=torch.int32, device=idx.device)
+    order, offs = _by_expert(M, experts, idx.device)
     _kernels().route_order_kernel[(1,)](idx.contiguous(), order, offs, M, experts, BMS=_pow2(M), BE=_pow2(experts))
     return order, offs
 
@@ -382,8 +387,7 @@ def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor,
         return w, idx, None
     kern, logits = _kernels(), logits.contiguous()
     if sort and T * k <= ROUTE_ORDER_MAX:
-        order = torch.empty(T * k, dtype=torch.int64, device=logits.device)
-        offs = torch.empty(E, dtype=torch.int32, device=logits.device)
+        order, offs = _by_expert(T * k, E, logits.device)
         kern.route_sorted_kernel[(1,)](logits, per_expert_scale, w, idx, order, offs, T, E, K=k, BT=_pow2(T),
                                        BE=_pow2(E), BK=_pow2(k), BMS=_pow2(T * k), num_warps=8)
         return w, idx, (order, offs)
@@ -395,8 +399,7 @@ def route(logits: torch.Tensor, k: int, per_expert_scale: torch.Tensor,
                             HIST=place, num_warps=8)       # (8 warps: [16, 128] tiles in registers)
     if not place:
         return w, idx, None
-    order = torch.empty(T * k, dtype=torch.int64, device=logits.device)
-    offs = torch.empty(E, dtype=torch.int32, device=logits.device)
+    order, offs = _by_expert(T * k, E, logits.device)
     kern.place_kernel[(n,)](idx, hist, order, offs, T * k, E, n, BT * k, BC=_pow2(n), BE=_pow2(E),
                             BMS=_pow2(BT * k), num_warps=8)
     return w, idx, (order, offs)

@@ -123,6 +123,29 @@ def test_packed_qkv_projection(tmp_path, monkeypatch):
         assert all(L.self_attn.packed_weight(x) is None for L in q.layers)
 
 
+def test_packed_qkv_of_a_model_made_in_inference_mode(monkeypatch):
+    """A model built inside inference mode (its Parameters are inference tensors: gpu_profile.py builds one so, a
+    user may load one so) packs its q, k (and v) weights and runs the one GEMM, with the separate GEMMs' output."""
+    from dgemma.model import _back_to_back
+    g = torch.Generator().manual_seed(7)
+    ids, canvas = torch.randint(2, 64, (1, 9), generator=g), torch.randint(0, 64, (1, 8), generator=g)
+
+    def outputs(net):
+        cache = net.new_cache(1, 40)
+        return net.head(net.encode(ids, cache)), net.head(net.denoise(canvas, cache))
+
+    with torch.inference_mode():
+        m = model()
+        assert m.layers[0].self_attn.q_proj.weight.is_inference()
+        monkeypatch.delenv("DGEMMA_FUSED", raising=False)
+        want = outputs(m)
+        monkeypatch.setenv("DGEMMA_FUSED", "qkv")
+        got = outputs(m)
+    assert all(_back_to_back([p.weight for p in L.self_attn.projections()]) for L in m.layers)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
 def test_training_after_inference():
     """A model that generated (inference mode: its cached rope frequencies and embedding scale were made there)
     can still be trained in the same process."""

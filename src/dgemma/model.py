@@ -161,7 +161,8 @@ class Attention(nn.Module):
             return None
         ws = [m.weight for m in self.projections()]
         rows = sum(w.shape[0] for w in ws)
-        return ws[0].as_strided((rows, ws[0].shape[1]), ws[0].stride())
+        # (.data: a Parameter made in inference mode and packed by pack() refuses as_strided, the tensor does not)
+        return ws[0].data.as_strided((rows, ws[0].shape[1]), ws[0].stride())
 
     def packable(self) -> bool:
         """Plain (not quantized) projection weights."""

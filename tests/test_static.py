@@ -125,7 +125,8 @@ def test_packed_qkv_projection(tmp_path, monkeypatch):
 
 def test_packed_qkv_of_a_model_made_in_inference_mode(monkeypatch):
     """A model built inside inference mode (its Parameters are inference tensors: gpu_profile.py builds one so, a
-    user may load one so) packs its q, k (and v) weights and runs the one GEMM, with the separate GEMMs' output."""
+    user may load one so) packs its q, k (and v) weights and runs the one GEMM, with the separate GEMMs' output;
+    without the opt-in the packed weights still run one at a time."""
     from dgemma.model import _back_to_back
     g = torch.Generator().manual_seed(7)
     ids, canvas = torch.randint(2, 64, (1, 9), generator=g), torch.randint(0, 64, (1, 8), generator=g)
@@ -141,9 +142,12 @@ def test_packed_qkv_of_a_model_made_in_inference_mode(monkeypatch):
         want = outputs(m)
         monkeypatch.setenv("DGEMMA_FUSED", "qkv")
         got = outputs(m)
-    assert all(_back_to_back([p.weight for p in L.self_attn.projections()]) for L in m.layers)
-    for a, b in zip(got, want):
+        assert all(_back_to_back([p.weight for p in L.self_attn.projections()]) for L in m.layers)
+        monkeypatch.delenv("DGEMMA_FUSED")
+        again = outputs(m)                                                  # the packed weights, one at a time
+    for a, b, c in zip(got, want, again):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+        assert torch.equal(b, c)
 
 
 def test_training_after_inference():

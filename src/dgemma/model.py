@@ -161,8 +161,7 @@ class Attention(nn.Module):
             return None
         ws = [m.weight for m in self.projections()]
         rows = sum(w.shape[0] for w in ws)
-        # (.data: a Parameter made in inference mode and packed by pack() refuses as_strided, the tensor does not)
-        return ws[0].data.as_strided((rows, ws[0].shape[1]), ws[0].stride())
+        return ws[0].as_strided((rows, ws[0].shape[1]), ws[0].stride())
 
     def packable(self) -> bool:
         """Plain (not quantized) projection weights."""
@@ -176,9 +175,10 @@ class Attention(nn.Module):
         """Move the q, k (and v) weights back to back into one new buffer (a plain tensor, even when called in
         inference mode, so that the weights stay trainable). Each Parameter stays the same object (an optimizer
         holding it is unaffected): its .data becomes a view of the buffer. Anything that makes new weight tensors
-        (model.to, .half, a load with assign) leaves them apart again."""
+        (model.to, .half, a load with assign) leaves them apart again. Weights made in inference mode (a model
+        built there, not trainable) get an inference tensor: torch refuses a plain .data under them."""
         ws = [m.weight for m in self.projections()]
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(ws[0].is_inference()), torch.no_grad():
             buf = torch.cat([w.data for w in ws])                      # [Nq + Nk (+ Nv), H]
             start = 0
             for w in ws:

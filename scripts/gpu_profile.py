@@ -9,6 +9,8 @@ denoiser step and per AR step, the time of one step (eager and graph-replayed), 
 One chunk of the head + fast sampler is timed with torch ops and with the fused kernel (sampling.fused_rows), and
 one attention call per layer kind with each of torch's attention backends, folded and not (`attention_times`).
 Usage:  PYTHONPATH=src python scripts/gpu_profile.py [--shape 26b-a4b] [--batch 1] [--quick]
+        (a smoke run on the CPU, as tests/test_bench.py does: --device cpu --shape tiny --override KEY=INT ...,
+        with TRITON_INTERPRET=1)
 """
 from __future__ import annotations
 
@@ -27,32 +29,47 @@ from dgemma.bench.worker import build
 from dgemma.generate import _FastStep
 
 
-def timed(fn, reps: int = 10) -> float:
-    """Median milliseconds of fn() on the GPU (CUDA events), after two warm-up calls."""
-    fn()
-    fn()
+DEV = "cuda"   # --device: cuda for the measurements; cpu runs every line on a small shape (the test's smoke run)
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    """Median milliseconds of fn() over 10 calls after two warm-up calls (CUDA events); on the CPU, of one call
+    (the smoke run's interpreted kernels are slow)."""
+    warm_up, reps = (2, 10) if DEV == "cuda" else (0, 1)
+    for _ in range(warm_up):
+        fn()
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        if DEV == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            sync()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
     return sorted(times)[len(times) // 2]
 
 
 def kernel_count(prof) -> int:
-    """GPU kernels the profiler recorded (memcpy / memset not counted)."""
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith(("Memcpy", "Memset")))
+    """GPU kernels the profiler recorded (memcpy / memset not counted); on the CPU, every op it recorded."""
+    kind = torch.autograd.DeviceType.CUDA if DEV == "cuda" else torch.autograd.DeviceType.CPU
+    return sum(1 for e in prof.events() if e.device_type == kind and not e.name.startswith(("Memcpy", "Memset")))
 
 
 def profiled(fn):
-    """(profiler, fn's result) of one call of fn, CUDA activity only."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    """(profiler, fn's result) of one call of fn, the device's activity only."""
+    with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
         out = fn()
-        torch.cuda.synchronize()
+        sync()
     return prof, out
 
 
@@ -67,10 +84,10 @@ def attention_times(B: int, C: int, L: int, g: torch.Generator) -> dict[str, flo
     out: dict[str, float | str] = {}
     for layer, Hkv, D in (("sliding", 8, 256), ("global", 2, 512)):
         for S in (C, 1):
-            q = torch.randn(B, S, 16, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-            k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-            keep = torch.rand(B, 1, 1, L, device="cuda", generator=g) < 0.9
-            mask = torch.zeros(keep.shape, device="cuda", dtype=torch.bfloat16).masked_fill_(~keep, float("-inf"))
+            q = torch.randn(B, S, 16, D, device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+            k, v = (torch.randn(B, Hkv, L, D, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(2))
+            keep = torch.rand(B, 1, 1, L, device=DEV, generator=g) < 0.9
+            mask = torch.zeros(keep.shape, device=DEV, dtype=torch.bfloat16).masked_fill_(~keep, float("-inf"))
             for name, allowed in backends.items():
                 for fold in (True, False):
                     key = f"attn_{layer}_q{S}_L{L}_{name}_{'folded' if fold else 'gqa'}_ms"
@@ -94,47 +111,57 @@ def main() -> None:
     ap.add_argument("--shape", default="26b-a4b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: a smoke run of every line (use a small --shape; TRITON_INTERPRET=1 for the kernels)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=INT",
+                    help="a config value of the shape, e.g. num_hidden_layers=6 (repeatable)")
     ap.add_argument("--quick", action="store_true",
                     help="only one denoiser step's kernels and times, both paths (no fp32 check, parts, AR)")
     a = ap.parse_args()
+    global DEV
+    DEV = a.device
     out_dir = Path(os.environ.get("OUT", "bench_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    r = {"shape": a.shape, "batch": a.batch, "gpu": torch.cuda.get_device_name(), "triton": kernels.available()}
+    over = {k: int(v) for k, v in (o.split("=", 1) for o in a.override)}
+    r = {"shape": a.shape, "overrides": over, "batch": a.batch, "triton": kernels.available(),
+         "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu"}
     if not a.quick:
         # correctness at the real dimensions, in fp32 (no routing flips from rounding), 6 layers (5 sliding + 1 full)
-        m = build({"shape": a.shape, "device": "cuda", "dtype": "float32", "overrides": {"num_hidden_layers": 6}})
-        g = torch.Generator(device="cuda").manual_seed(1)
+        m = build({"shape": a.shape, "device": DEV, "dtype": "float32",
+                   "overrides": {"num_hidden_layers": 6, **over}})
+        g = torch.Generator(device=DEV).manual_seed(1)
         C, V = m.config.canvas_length, m.config.vocab_size
-        ids = torch.randint(3, V, (a.batch, a.prompt_len), device="cuda", generator=g)
+        ids = torch.randint(3, V, (a.batch, a.prompt_len), device=DEV, generator=g)
         cache = m.new_cache(a.batch, a.prompt_len + C)
         m.encode(ids, cache)
-        canvas = torch.randint(0, V, (a.batch, C), device="cuda", generator=g)
+        canvas = torch.randint(0, V, (a.batch, C), device=DEV, generator=g)
         hd = m.denoise(canvas, cache).float()
         r["fp32_static_vs_dynamic_rel_err"] = float((m.denoise(canvas, cache, static=True) - hd).norm() / hd.norm())
         r["fp32_dynamic_repeat_rel_err"] = float((m.denoise(canvas, cache) - hd).norm() / hd.norm())
         del m, cache, hd
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
-    m = build({"shape": a.shape, "device": "cuda", "dtype": "bfloat16"})
+    m = build({"shape": a.shape, "device": DEV, "dtype": "bfloat16", "overrides": over})
     cfg, B = m.config, a.batch
     C, V, H = cfg.canvas_length, cfg.vocab_size, cfg.hidden_size
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(3, V, (B, a.prompt_len), device="cuda", generator=g)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    ids = torch.randint(3, V, (B, a.prompt_len), device=DEV, generator=g)
     cache = m.new_cache(B, a.prompt_len + C)
     m.encode(ids, cache)
-    canvas = torch.randint(0, V, (B, C), device="cuda", generator=g)
-    soft = m.embed(torch.randint(0, V, (B, C), device="cuda", generator=g))   # a plausible signal
+    canvas = torch.randint(0, V, (B, C), device=DEV, generator=g)
+    soft = m.embed(torch.randint(0, V, (B, C), device=DEV, generator=g))   # a plausible signal
 
     hd = m.denoise(canvas, cache, soft).float()
     hs = m.denoise(canvas, cache, soft, static=True).float()
     r["bf16_static_vs_dynamic_rel_err"] = float((hs - hd).norm() / hd.norm())
     r["bf16_static_repeat_equal"] = bool(torch.equal(m.denoise(canvas, cache, soft, static=True).float(), hs))
 
-    rc = sampling.rows_per_chunk(V)
+    rc = min(sampling.rows_per_chunk(V), B * C)                # (the 26B: 256 rows, a canvas)
     step = _FastStep(m, cache, rc, 0.1, static=True)
-    temp = torch.tensor(0.6, device="cuda")
-    u = torch.rand(B * C, device="cuda", generator=g)
-    ren = torch.randint(0, V, (B, C), device="cuda", generator=g)
+    temp = torch.tensor(0.6, device=DEV)
+    u = torch.rand(B * C, device=DEV, generator=g)
+    ren = torch.randint(0, V, (B, C), device=DEV, generator=g)
     store = step.graphs
     weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
     r["weights_gb"] = weight_bytes / 1e9
@@ -162,7 +189,7 @@ def main() -> None:
         layer = m.layers[0]
         exp_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
         for T in (B * C, B):                                   # a denoiser step's tokens, an AR step's tokens
-            x = torch.randn(T, H, device="cuda", dtype=m.dtype, generator=g)
+            x = torch.randn(T, H, device=DEV, dtype=m.dtype, generator=g)
             w, idx = layer.router(x)
             xs, order, _, offs = layer.experts.group(x, idx)                  # (offs: int32, as the kernels take)
             ms = timed(lambda: layer.experts._grouped(xs, offs))
@@ -197,10 +224,10 @@ def main() -> None:
             r["moe_autotuned"] = {f"{name} {key}": str(cfg) for name in ("gate_up_kernel", "down_kernel")
                                   for key, cfg in getattr(tk, name).cache.items()}
         r.update(attention_times(B, C, cache.key_slots(C, True)[1], g))     # the static pass's full-layer keys
-        hh = torch.randn(rc, H, device="cuda", dtype=m.dtype, generator=g)
+        hh = torch.randn(rc, H, device=DEV, dtype=m.dtype, generator=g)
         r["head_chunk_ms"] = timed(lambda: m.head(hh))
         lg = m.head(hh)
-        uu = torch.rand(rc, device="cuda", generator=g)
+        uu = torch.rand(rc, device=DEV, generator=g)
         r["sampler_chunk_ms"] = timed(lambda: sampling.sample_rows(lg.clone(), temp, None, m.embed_tokens,
                                                                    m.embed_scale(), uu))
         if kernels.available():   # the same chunk from the raw logits in one Triton kernel (DGEMMA_FUSED=sampler)
@@ -211,15 +238,15 @@ def main() -> None:
                 m.head(hh), temp, None, m.embed_tokens, m.embed_scale(), uu))
 
     if not a.quick:
-        ar_ids = torch.randint(3, V, (B, a.prompt_len), device="cuda", generator=g)
+        ar_ids = torch.randint(3, V, (B, a.prompt_len), device=DEV, generator=g)
         for mode in ("fused", "torch"):
             set_path(mode)
             m._runtime.graphs = None                           # generate_ar's graph keys do not name the MoE path
             m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)       # warm-up, capture
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             m.generate_ar(ar_ids, max_new_tokens=32, eos_token_id=None)
-            torch.cuda.synchronize()
+            sync()
             r[f"{mode}_ar_ms_per_token_with_prefill"] = 1000 * (time.perf_counter() - t) / 32
             ar_cache = m.new_cache(B, a.prompt_len + 8, scratch=1)
             m.encode(ar_ids, ar_cache)

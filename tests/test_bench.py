@@ -106,3 +106,32 @@ def test_gpu_report_judges_the_targets_from_bench_output(tmp_path, capsys, monke
     report.main()
     out = capsys.readouterr().out
     assert len(re.findall(r"^\| batch (1|32), default \| (dgemma-fast|engine|ar) \|", out, re.M)) == 6
+
+
+def test_gpu_profile_runs_every_line_on_the_cpu(tmp_path):
+    """scripts/gpu_profile.py (the GPU session's diagnostics) as a smoke run on the CPU, a 2-layer tiny shape, its
+    Triton kernels interpreted: it ends cleanly, with both paths' step times, kernel counts and tables, graph replay
+    (eager on the CPU) equal to the eager step, the fp32 static plan equal to the dynamic one, and no timing that
+    failed. (It found a model made in inference mode failing at its packed q/k/v weights before any GPU did.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path), "PYTHONPATH": "src"}
+    over = ("canvas_length=16", "num_hidden_layers=2", "num_experts=4", "top_k_experts=2")
+    r = subprocess.run([sys.executable, "scripts/gpu_profile.py", "--device", "cpu", "--shape", "tiny",
+                        "--prompt-len", "8", *[a for o in over for a in ("--override", o)]],
+                       capture_output=True, text=True, timeout=600, env=env,
+                       cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "profile_b1.json").read_text())
+    assert rep["gpu"] == "cpu" and rep["overrides"]["num_hidden_layers"] == 2
+    assert rep["fp32_static_vs_dynamic_rel_err"] < 1e-4 and rep["bf16_static_repeat_equal"]
+    for mode in ("fused", "torch"):
+        assert rep[f"{mode}_graph_equals_eager"]
+        assert rep[f"{mode}_graph_step_ms"] > 0 and rep[f"{mode}_denoise_step_kernels"] > 0
+        assert rep[f"{mode}_ar_step_kernels"] > 0 and rep[f"{mode}_ar_ms_per_token_with_prefill"] > 0
+        assert (tmp_path / f"profile_b1_{mode}.txt").exists() and (tmp_path / f"profile_ar_b1_{mode}.txt").exists()
+    for key in ("fused_moe_T16_ms", "fused_head_and_sampler_chunk_ms", "attn_global_q16_L32_default_folded_ms"):
+        assert isinstance(rep[key], float), (key, rep[key])
+    assert not [k for k, v in rep.items() if isinstance(v, str) and v.startswith("failed")]

@@ -28,12 +28,17 @@
 # Usage on the device machine:  bash scripts/gpu_bench.sh   [STAGE=targets|diagnostics|all; FUSED=none: the
 #                               default path only, no 6 and 7; PROFILE=0: skip 6 and 7; DEADLINE=seconds]
 #                               (results land in $OUT or bench_out/)
+# A dry run of the plumbing on a CPU (tests/test_bench.py runs one): DEVICE=cpu SHAPE=tiny
+#   PROFILE_ARGS="--override canvas_length=16 ..." (the benches and profiles then run on the CPU, not on a GPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench_out}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
 STAGE=${STAGE:-targets}
+DEVICE=${DEVICE:-cuda}
+SHAPE=${SHAPE:-26b-a4b}
+read -ra PROFILE_ARGS <<< "${PROFILE_ARGS:-}"
 case "$STAGE" in
   targets) DEADLINE=${DEADLINE:-420} ;;
   diagnostics) DEADLINE=${DEADLINE:-300} ;;
@@ -47,22 +52,23 @@ unset DGEMMA_FUSED
 # each bench system, the profile) reuses the tiles the first one chose instead of timing every tile again
 export TRITON_CACHE_AUTOTUNING=1
 
+exec 3>&1      # run_step's own lines go here, where a step's output may be redirected to a file
 run_step() {   # run_step NAME MAX_SECONDS COMMAND...: at most MAX_SECONDS, and never past the deadline
   local name=$1 max=$2 t=$(( DEADLINE - SECONDS - 5 ))
   shift 2
   [ "$t" -gt "$max" ] && t=$max
   if [ "$t" -lt 30 ]; then
-    echo "== SKIPPED $name: $(( DEADLINE - SECONDS )) s left"
+    echo "== SKIPPED $name: $(( DEADLINE - SECONDS )) s left" >&3
     return
   fi
-  echo "== $name (up to $t s; at ${SECONDS} s of $DEADLINE)"
+  echo "== $name (up to $t s; at ${SECONDS} s of $DEADLINE)" >&3
   timeout "$t" "$@"
   local rc=$?
-  [ "$rc" -ne 0 ] && echo "== $name ended with status $rc (124: timed out)"
+  [ "$rc" -ne 0 ] && echo "== $name ended with status $rc (124: timed out)" >&3
 }
 
 bench() {      # bench NAME MAX_SECONDS BATCH SYSTEMS OUT_NAME
-  run_step "$1" "$2" python3 -m dgemma.cli bench --shape 26b-a4b --device cuda --dtype bfloat16 --batch "$3" \
+  run_step "$1" "$2" python3 -m dgemma.cli bench --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --batch "$3" \
     --steps 16 --prompt-len 128 --ar-tokens 64 --systems "$4" --out "$OUTDIR/$5" 2>&1 | grep -v "bench:" | tail -14
 }
 
@@ -70,7 +76,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available()
+                                 else 'no GPU')"
 python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
 
 stage() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
@@ -106,9 +113,11 @@ elif stage diagnostics; then
   bench "batch 1, default path" 90 1 dgemma-fast,ar b1
   bench "batch 32, default path" 90 32 dgemma-fast,ar b32
   if [ "${PROFILE:-1}" != 0 ]; then                        # (the profiles time both paths)
-    run_step "step diagnostics" 150 python3 scripts/gpu_profile.py --batch 1 > "$OUTDIR/profile_log.txt" 2>&1
+    run_step "step diagnostics" 150 python3 scripts/gpu_profile.py --batch 1 --device "$DEVICE" \
+      --shape "$SHAPE" "${PROFILE_ARGS[@]}" > "$OUTDIR/profile_log.txt" 2>&1
     tail -70 "$OUTDIR/profile_log.txt"
     run_step "batch 32 step kernels" 120 python3 scripts/gpu_profile.py --batch 32 --quick \
+      --device "$DEVICE" --shape "$SHAPE" "${PROFILE_ARGS[@]}" \
       > "$OUTDIR/profile_b32_log.txt" 2>&1
     tail -40 "$OUTDIR/profile_b32_log.txt"
   fi

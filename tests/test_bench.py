@@ -1,6 +1,8 @@
 """`dgemma bench` runs end to end on a tiny checkpoint (a smoke test: numbers are not checked)."""
 import json
 
+import pytest
+
 import dgemma
 from dgemma.cli import main
 
@@ -135,3 +137,27 @@ def test_gpu_profile_runs_every_line_on_the_cpu(tmp_path):
     for key in ("fused_moe_T16_ms", "fused_head_and_sampler_chunk_ms", "attn_global_q16_L32_default_folded_ms"):
         assert isinstance(rep[key], float), (key, rep[key])
     assert not [k for k, v in rep.items() if isinstance(v, str) and v.startswith("failed")]
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_dry_run_on_the_cpu(tmp_path):
+    """scripts/gpu_bench.sh, both stages in one call, as a dry run on the CPU (tiny shape; ~90 s, so not in CI: run
+    it before spending device time, `pytest -m slow -k dry_run`): every step runs and ends cleanly, every file the
+    report and the notes need is written, and the report judges the targets from them."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE": "cpu", "SHAPE": "tiny", "STAGE": "all", "DEADLINE": "900",
+           "PROFILE_ARGS": "--override canvas_length=16 --override num_hidden_layers=2 --prompt-len 8"}
+    r = subprocess.run(["bash", "scripts/gpu_bench.sh"], capture_output=True, text=True, timeout=1200, env=env,
+                       cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for step in ("GPU tests", "batch 1, DGEMMA_FUSED=all", "batch 32, DGEMMA_FUSED=all", "batch 1, default path",
+                 "batch 32, default path", "step diagnostics", "batch 32 step kernels"):
+        assert f"== {step} (up to" in r.stdout, step
+    assert "ended with status" not in r.stdout and "SKIPPED" not in r.stdout, r.stdout[-3000:]
+    for f in ("b1_fused", "b32_fused", "b1", "b32"):
+        assert (tmp_path / f / "bench.json").exists(), f
+    for f in ("gpu_tests.txt", "profile_b1.json", "profile_b32.json", "profile_b1_fused.txt", "profile_b32_torch.txt"):
+        assert (tmp_path / f).exists(), f
+    assert "| batch 1 decoder pass | <= 15 ms |" in r.stdout

@@ -688,3 +688,18 @@ def test_fused_layer_kernels_on_cuda(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, fused)
+
+
+def test_fused_names_refuse_an_unknown_kernel(monkeypatch, capsys):
+    """DGEMMA_FUSED: "all", a comma list (spaces and empty items allowed) or nothing; a name that is not a kernel
+    raises (a typo would otherwise run the default path without a word), and the CLI says so before any work."""
+    from dgemma.cli import main
+    assert kernels.fused_names("all") == frozenset(kernels.FUSIBLE)
+    assert kernels.fused_names(" moe, norms ,") == {"moe", "norms"} and kernels.fused_names("") == frozenset()
+    with pytest.raises(ValueError, match="unknown kernel norm"):
+        kernels.fused_names("moe,norm")
+    monkeypatch.setenv("DGEMMA_FUSED", "qkv,rop")
+    with pytest.raises(ValueError, match="rop"):
+        kernels.fused("qkv", torch.zeros(1))
+    assert main(["generate", "hi", "--max-new-tokens", "2"]) == 2
+    assert "DGEMMA_FUSED='qkv,rop': unknown kernel rop" in capsys.readouterr().err

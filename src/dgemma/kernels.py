@@ -66,9 +66,22 @@ def fused(name: str, x: torch.Tensor) -> bool:
     (comma-separated, or "all"), and (a Triton kernel) Triton installed and x on CUDA (or any device under
     Triton's interpreter); TORCH_ONLY names run anywhere. Every fused path is opt-in until a GPU run has
     measured it; read on every call, so one process can time both paths."""
-    want = fused_choice()
-    names = FUSIBLE if want.strip() == "all" else [w.strip() for w in want.split(",")]
-    return name in names and (name in TORCH_ONLY or (available() and (x.is_cuda or _interpreted())))
+    return name in fused_names(fused_choice()) and (
+        name in TORCH_ONLY or (available() and (x.is_cuda or _interpreted())))
+
+
+@functools.cache
+def fused_names(want: str) -> frozenset[str]:
+    """A DGEMMA_FUSED value parsed: "all", or names of FUSIBLE separated by commas (empty: none). A name it does
+    not know raises ValueError: a typo would otherwise time or serve the default path without a word."""
+    if want.strip() == "all":
+        return frozenset(FUSIBLE)
+    names = {w.strip() for w in want.split(",")} - {""}
+    unknown = sorted(names - set(FUSIBLE))
+    if unknown:
+        raise ValueError(f"DGEMMA_FUSED={want!r}: unknown kernel {', '.join(unknown)} "
+                         f"(a comma list of {', '.join(FUSIBLE)}; or all)")
+    return frozenset(names)
 
 
 def _pow2(n: int) -> int:

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)     # compile for real (the interpreter compiles nothing)
+os.environ.setdefault("DGEMMA_AUTOTUNE", "full")   # every tile configuration autotuning may try (quick's are in it)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # Triton's current default, stated (silences its warning)
 
 import torch  # noqa: E402

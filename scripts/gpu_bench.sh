@@ -48,8 +48,9 @@ esac
 FUSED=${FUSED:-all}
 unset DGEMMA_FUSED
 [ "${DGEMMA_FOLD:-1}" = 0 ] && echo "== DGEMMA_FOLD=0: attention without the fold"
-# triton.autotune's timings saved on disk with the compiled kernels, so that each step's fresh process (tests,
-# each bench system, the profile) reuses the tiles the first one chose instead of timing every tile again
+# MoE / GEMV tiles: the short autotuning list (DGEMMA_AUTOTUNE unset; =full would compile ~200 tiles in the
+# batch-1 bench step alone); triton.autotune's timings saved on disk with the compiled kernels, so that each
+# step's fresh process (each bench system, the profile) reuses the tiles the first one chose
 export TRITON_CACHE_AUTOTUNING=1
 
 exec 3>&1      # run_step's own lines go here, where a step's output may be redirected to a file

@@ -64,14 +64,29 @@ def test_cpu_experts_forward_is_unchanged(dtype, H, I):
 @pytest.mark.skipif(not kernels.triton_installed(), reason="triton is not installed")
 def test_moe_tile_choices(monkeypatch):
     """On a GPU the MoE kernels autotune over tiles that include the untuned default and narrow column tiles
-    for decoding, less those whose footprint spills; the interpreter and DGEMMA_AUTOTUNE=0 get the default alone
-    (importing the kernels module compiles nothing)."""
+    for decoding, less those whose footprint spills: by default a short list (first use compiles and times each
+    per shape), with DGEMMA_AUTOTUNE=full all 24; the interpreter and DGEMMA_AUTOTUNE=0 get the default alone
+    (importing the kernels module compiles nothing); any other value is refused."""
     from dgemma import triton_kernels as tk
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("DGEMMA_AUTOTUNE", raising=False)
-    tiles = [(c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in tk.moe_configs()]
-    assert (64, 64, 4, 3) in tiles and {16, 32, 64, 128} == {t[0] for t in tiles}
-    assert len(set(tiles)) == len(tiles)
+
+    def tiles():
+        return [(c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in tk.moe_configs()]
+    quick = tiles()
+    monkeypatch.setenv("DGEMMA_AUTOTUNE", "quick")
+    assert tiles() == quick and len(quick) == 6 and (64, 64, 4, 3) in quick and {16, 32} < {t[0] for t in quick}
+    monkeypatch.setenv("DGEMMA_AUTOTUNE", "full")
+    full = tiles()
+    assert (64, 64, 4, 3) in full and {16, 32, 64, 128} == {t[0] for t in full}
+    assert len(set(full)) == len(full) == 24 and set(quick) < set(full)
+    for acc in (1, 2):          # the short list keeps a choice at every rows-per-block kernels.py uses
+        for BM in (16, 32, 64):
+            assert 2 <= len(tk.keep_unspilled(acc)(tk.moe_configs(), {}, BM=BM))
+    monkeypatch.setenv("DGEMMA_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="DGEMMA_AUTOTUNE"):
+        tk.moe_configs()
+    monkeypatch.setenv("DGEMMA_AUTOTUNE", "full")
     # autotuning first drops the tiles whose register footprint spilled on sm_90 (scripts/compile_kernels.py)
     configs = tk.moe_configs()
 

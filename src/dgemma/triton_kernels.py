@@ -8,18 +8,34 @@ import triton
 import triton.language as tl
 
 
+QUICK_TILES = ((16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 3), (64, 64, 8, 4), (128, 64, 8, 3))
+
+
 def moe_configs() -> list[triton.Config]:
     """The tile shapes the MoE kernels choose from (triton.autotune, once per (N, K, BM) on first use, on the GPU
     at hand): output-column tiles BN, reduction tiles BK, warps and pipeline stages. BN 16 / 32 give a decoding
     step (one to a few rows per expert, ~100 tiles of BN 64 for 132 SMs) more programs to stream its weights
     with, as split-K would, without a second pass. Autotuning skips those `keep_unspilled` drops for the BM at
-    hand. Under Triton's interpreter, or with DGEMMA_AUTOTUNE=0, only the untuned default (BN 64, BK 64, 4 warps):
-    nothing to time there, and one config is what tests check."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DGEMMA_AUTOTUNE") == "0":
+    hand. By DGEMMA_AUTOTUNE: unset (or "quick"), the 6 of QUICK_TILES (BN, BK, warps, stages), narrow and wide,
+    at most 6 a shape after pruning; "full", all 24 (each is compiled and timed at first use: ~13 shapes in a
+    batch-1 run of the 26B, ~200 compiles, minutes); "0", and under Triton's interpreter, only the untuned
+    default (BN 64, BK 64, 4 warps): nothing to time there, and one config is what tests check."""
+    choice = os.environ.get("DGEMMA_AUTOTUNE", "quick")
+    if os.environ.get("TRITON_INTERPRET") == "1" or choice == "0":
         return [triton.Config({"BN": 64, "BK": 64}, num_warps=4)]
-    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-            for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)
-            if not (bn <= 32 and w == 8)]
+    if choice not in ("quick", "full"):
+        raise ValueError(f"DGEMMA_AUTOTUNE={choice!r}: quick (the default), full or 0")
+    tiles = QUICK_TILES if choice == "quick" else [
+        (bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)
+        if not (bn <= 32 and w == 8)]
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in tiles]
+
+
+def bench_config(fn, quantiles):
+    """triton.autotune's timing of one tile configuration: 5 ms of warm-up and 20 of repetitions (Triton's own
+    default, 25 + 100, is 4x as long: hundreds of runs of a kernel of tens of microseconds either way)."""
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 def footprint(cfg: triton.Config, BM: int, accumulators: int) -> float:
@@ -110,7 +126,7 @@ def qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ends_ptr, M, N, K, E, sxm, s
 
 
 # ---- the unquantized MLPs: the experts (rows grouped by expert) and the dense MLP (DENSE) ----
-@triton.autotune(configs=moe_configs(), key=["I", "K", "BM", "DENSE"],
+@triton.autotune(configs=moe_configs(), key=["I", "K", "BM", "DENSE"], do_bench=bench_config,
                  prune_configs_by={"early_config_prune": keep_unspilled(accumulators=2)})
 @triton.jit
 def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, order_ptr, ends_ptr, M, I, K, E, KTOP, sxm, swe, swn, shm,
@@ -151,7 +167,7 @@ def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, order_ptr, ends_ptr, M, I, K, E
                  mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.autotune(configs=moe_configs(), key=["N", "K", "BM", "DENSE"],
+@triton.autotune(configs=moe_configs(), key=["N", "K", "BM", "DENSE"], do_bench=bench_config,
                  prune_configs_by={"early_config_prune": keep_unspilled(accumulators=1)})
 @triton.jit
 def down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, order_ptr, ends_ptr, M, N, K, E, shm, swe, swn, sym,

@@ -74,15 +74,17 @@ def test_moe_tile_choices(monkeypatch):
     def tiles():
         return [(c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in tk.moe_configs()]
     quick = tiles()
-    monkeypatch.setenv("DGEMMA_AUTOTUNE", "quick")
-    assert tiles() == quick and len(quick) == 6 and (64, 64, 4, 3) in quick and {16, 32} < {t[0] for t in quick}
+    for value in ("quick", ""):
+        monkeypatch.setenv("DGEMMA_AUTOTUNE", value)
+        assert tiles() == quick
+    assert len(quick) == 6 and (64, 64, 4, 3) in quick and {16, 32} < {t[0] for t in quick}
+    for acc in (1, 2):          # the short list keeps a choice at every rows-per-block kernels.py uses
+        for BM in (16, 32, 64):
+            assert 2 <= len(tk.keep_unspilled(acc)(tk.moe_configs(), {}, BM=BM))
     monkeypatch.setenv("DGEMMA_AUTOTUNE", "full")
     full = tiles()
     assert (64, 64, 4, 3) in full and {16, 32, 64, 128} == {t[0] for t in full}
     assert len(set(full)) == len(full) == 24 and set(quick) < set(full)
-    for acc in (1, 2):          # the short list keeps a choice at every rows-per-block kernels.py uses
-        for BM in (16, 32, 64):
-            assert 2 <= len(tk.keep_unspilled(acc)(tk.moe_configs(), {}, BM=BM))
     monkeypatch.setenv("DGEMMA_AUTOTUNE", "fast")
     with pytest.raises(ValueError, match="DGEMMA_AUTOTUNE"):
         tk.moe_configs()
@@ -716,7 +718,7 @@ def test_fused_layer_kernels_on_cuda(monkeypatch):
         assert torch.equal(captured, fused)
 
 
-def test_fused_names_refuse_an_unknown_kernel(monkeypatch, capsys):
+def test_fused_names_and_autotune_refuse_unknown_values(monkeypatch, capsys):
     """DGEMMA_FUSED: "all", a comma list (spaces and empty items allowed) or nothing; a name that is not a kernel
     raises (a typo would otherwise run the default path without a word), and the CLI says so before any work."""
     from dgemma.cli import main
@@ -729,3 +731,7 @@ def test_fused_names_refuse_an_unknown_kernel(monkeypatch, capsys):
         kernels.fused("qkv", torch.zeros(1))
     assert main(["generate", "hi", "--max-new-tokens", "2"]) == 2
     assert "DGEMMA_FUSED='qkv,rop': unknown kernel rop" in capsys.readouterr().err
+    monkeypatch.setenv("DGEMMA_FUSED", "qkv")
+    monkeypatch.setenv("DGEMMA_AUTOTUNE", "fast")                    # the tiles' setting too, before any work
+    assert main(["generate", "hi", "--max-new-tokens", "2"]) == 2
+    assert "DGEMMA_AUTOTUNE='fast'" in capsys.readouterr().err

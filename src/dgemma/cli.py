@@ -337,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors: return the code instead of exiting
         return e.code if isinstance(e.code, int) else 0
     try:
-        if os.environ.get("DGEMMA_FUSED"):               # a bad value: said now, not at the first pass
-            from dgemma import kernels
+        if os.environ.get("DGEMMA_FUSED") or os.environ.get("DGEMMA_AUTOTUNE"):   # bad values: said now, not
+            from dgemma import kernels                                              # at the first fused pass
             kernels.fused_names(kernels.fused_choice())
+            kernels.autotune_choice()
         return (getattr(args, "run", None) or args.func)(args)
     except KeyboardInterrupt:
         return 130

@@ -70,6 +70,15 @@ def fused(name: str, x: torch.Tensor) -> bool:
         name in TORCH_ONLY or (available() and (x.is_cuda or _interpreted())))
 
 
+def autotune_choice() -> str:
+    """DGEMMA_AUTOTUNE: "quick" (unset or empty: a short list of tiles), "full" (all of them) or "0" (the default
+    tile, no autotuning); see triton_kernels.moe_configs. Anything else raises ValueError."""
+    choice = os.environ.get("DGEMMA_AUTOTUNE") or "quick"
+    if choice not in ("quick", "full", "0"):
+        raise ValueError(f"DGEMMA_AUTOTUNE={choice!r}: quick (the default), full or 0")
+    return choice
+
+
 @functools.cache
 def fused_names(want: str) -> frozenset[str]:
     """A DGEMMA_FUSED value parsed: "all", or names of FUSIBLE separated by commas (empty: none). A name it does

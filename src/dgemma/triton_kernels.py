@@ -16,15 +16,14 @@ def moe_configs() -> list[triton.Config]:
     at hand): output-column tiles BN, reduction tiles BK, warps and pipeline stages. BN 16 / 32 give a decoding
     step (one to a few rows per expert, ~100 tiles of BN 64 for 132 SMs) more programs to stream its weights
     with, as split-K would, without a second pass. Autotuning skips those `keep_unspilled` drops for the BM at
-    hand. By DGEMMA_AUTOTUNE: unset (or "quick"), the 6 of QUICK_TILES (BN, BK, warps, stages), narrow and wide,
+    hand. By DGEMMA_AUTOTUNE (kernels.autotune_choice): unset, empty or "quick", the 6 of QUICK_TILES (BN, BK, warps, stages), narrow and wide,
     at most 6 a shape after pruning; "full", all 24 (each is compiled and timed at first use: ~13 shapes in a
     batch-1 run of the 26B, ~200 compiles, minutes); "0", and under Triton's interpreter, only the untuned
     default (BN 64, BK 64, 4 warps): nothing to time there, and one config is what tests check."""
-    choice = os.environ.get("DGEMMA_AUTOTUNE", "quick")
+    from .kernels import autotune_choice
+    choice = autotune_choice()
     if os.environ.get("TRITON_INTERPRET") == "1" or choice == "0":
         return [triton.Config({"BN": 64, "BK": 64}, num_warps=4)]
-    if choice not in ("quick", "full"):
-        raise ValueError(f"DGEMMA_AUTOTUNE={choice!r}: quick (the default), full or 0")
     tiles = QUICK_TILES if choice == "quick" else [
         (bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)
         if not (bn <= 32 and w == 8)]
@@ -33,7 +32,7 @@ def moe_configs() -> list[triton.Config]:
 
 def bench_config(fn, quantiles):
     """triton.autotune's timing of one tile configuration: 5 ms of warm-up and 20 of repetitions (Triton's own
-    default, 25 + 100, is 4x as long: hundreds of runs of a kernel of tens of microseconds either way)."""
+    default, 25 + 100, is 5x as long: hundreds of runs of a kernel of tens of microseconds either way)."""
     from triton.testing import do_bench
     return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 

@@ -2,7 +2,6 @@
 interpreter too). Imported only by kernels.py, on first use: importing dgemma never imports triton.
 Knows: the tile maths. Does not know: shapes, launch grids, when a kernel is used (kernels.py).
 """
-import os
 
 import triton
 import triton.language as tl
@@ -16,13 +15,14 @@ def moe_configs() -> list[triton.Config]:
     at hand): output-column tiles BN, reduction tiles BK, warps and pipeline stages. BN 16 / 32 give a decoding
     step (one to a few rows per expert, ~100 tiles of BN 64 for 132 SMs) more programs to stream its weights
     with, as split-K would, without a second pass. Autotuning skips those `keep_unspilled` drops for the BM at
-    hand. By DGEMMA_AUTOTUNE (kernels.autotune_choice): unset, empty or "quick", the 6 of QUICK_TILES (BN, BK, warps, stages), narrow and wide,
-    at most 6 a shape after pruning; "full", all 24 (each is compiled and timed at first use: ~13 shapes in a
-    batch-1 run of the 26B, ~200 compiles, minutes); "0", and under Triton's interpreter, only the untuned
-    default (BN 64, BK 64, 4 warps): nothing to time there, and one config is what tests check."""
-    from .kernels import autotune_choice
+    hand. By DGEMMA_AUTOTUNE (kernels.autotune_choice): unset, empty or "quick", the 6 of QUICK_TILES (BN, BK,
+    warps, stages), narrow and wide, at most 6 a shape after pruning; "full", all 24 (each is compiled and timed
+    at first use: ~13 shapes in a batch-1 run of the 26B, ~200 compiles, minutes); "0", and under Triton's
+    interpreter, only the untuned default (BN 64, BK 64, 4 warps): nothing to time there, and one config is what
+    tests check."""
+    from .kernels import _interpreted, autotune_choice
     choice = autotune_choice()
-    if os.environ.get("TRITON_INTERPRET") == "1" or choice == "0":
+    if _interpreted() or choice == "0":
         return [triton.Config({"BN": 64, "BK": 64}, num_warps=4)]
     tiles = QUICK_TILES if choice == "quick" else [
         (bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)

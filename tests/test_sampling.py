@@ -112,3 +112,50 @@ def test_inverse_cdf_never_draws_impossible_tokens_at_block_edges():
         assert (e.gather(1, ids[:, None]) > 0).all()
     ids, _ = sampling.inverse_cdf(e, torch.full((n,), 1 - 2 ** -24))   # u as close to 1 as fp32 gets
     assert (e.gather(1, ids[:, None]) > 0).all()
+
+
+def _spread_logits(n: int, V: int, seed: int) -> torch.Tensor:
+    """Softcapped logits as a trained model gives them (most far under the max at a low temperature)."""
+    g = torch.Generator().manual_seed(seed)
+    return 30 * torch.tanh(torch.randn(n, V, generator=g) * 8 / 30)
+
+
+def test_fast_sampler_keeps_the_cpu_exp_above_its_floor():
+    """At T = 0.1 most of lam - max lies below -87.3, where torch's vectorised CPU exp (and the matmul and dot
+    product after it, on subnormal e) leave their fast paths: the fast sampler floors lam - max at EXP_FLOOR
+    on the CPU, so every exp it runs sees values >= EXP_FLOOR."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class ExpInputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("exp", "exp_"):
+                seen.append(float(args[0].min()))
+            return func(*args, **(kwargs or {}))
+
+    logits = _spread_logits(64, 4096, seed=0)
+    assert float((logits / 0.1 - (logits / 0.1).max(-1, keepdim=True).values).min()) < -400   # far under
+    with ExpInputs():
+        sampling.sample_rows(logits.clone(), torch.tensor(0.1), uniform=torch.rand(64))
+    assert seen and min(seen) >= sampling.EXP_FLOOR > -87.3
+
+
+def test_exp_floor_changes_no_result(monkeypatch):
+    """The floor's added mass (at most V * exp(EXP_FLOOR)) is far below float32's resolution: the same samples
+    and argmax, entropy and soft embedding equal up to the last bits, against the fast sampler without it."""
+    from dgemma.model import Embedding
+
+    n, V, H = 128, 4096, 64
+    emb = Embedding(V, H).requires_grad_(False)
+    scale = torch.tensor(H ** 0.5)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    for T in (0.1, 0.5):
+        logits = _spread_logits(n, V, seed=2)
+        floored = sampling.sample_rows(logits.clone(), torch.tensor(T), None, emb, scale, u)
+        monkeypatch.setattr(sampling, "EXP_FLOOR", float("-inf"))
+        plain = sampling.sample_rows(logits.clone(), torch.tensor(T), None, emb, scale, u)
+        monkeypatch.undo()
+        assert torch.equal(floored.sample, plain.sample) and torch.equal(floored.argmax, plain.argmax)
+        assert torch.allclose(floored.entropy, plain.entropy, rtol=1e-6, atol=1e-12)
+        assert torch.allclose(floored.soft, plain.soft, rtol=1e-6, atol=1e-7)

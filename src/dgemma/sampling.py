@@ -104,6 +104,8 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
     sample (two-level inverse CDF), the entropy log Z - <e, lam - max> / Z and the soft embedding (e @ E) / Z."""
     top, amax = lam.max(dim=-1)
     lam.sub_(top[:, None])                                        # lam - max, in place
+    if lam.device.type == "cpu":
+        lam.clamp_min_(EXP_FLOOR)                                 # (see EXP_FLOOR)
     e = lam.exp()                                                 # unnormalised probabilities [n, V]
     sample, z = inverse_cdf(e, uniform.to(e.device))
     ent = z.log() - torch.linalg.vecdot(e, lam) / z
@@ -113,6 +115,17 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
     return RowResult(sample, amax, ent, soft)
 
 
+# The fast sampler's floor under lam - max on the CPU. torch's vectorised CPU exp leaves its fast path for a whole
+# vector as soon as one lane is below about -87.3 (a result under float32's smallest normal, 1.2e-38): 6-17x slower
+# per element, and at a low temperature most of a trained model's logits are that far under the max. The tiny e
+# that do come out make subnormal products in the self-conditioning matmul and the entropy's dot product, each of
+# which then runs 2-4x slower in fp32. Measured on the shipped model's logits at T = 0.1 (scripts/bench_sampler_cpu.py,
+# docs/NOTES.md). With the floor, e >= exp(-64) = 1.6e-28: at most V * 1.6e-28 of added mass (4e-23 at V = 262,144)
+# beside the max entry's e = 1. That is far below float32's resolution of z, of the entropy and of the soft
+# embedding. A uniform u > 0 gives a target u * z >= 2^-24, which no run of floored entries can reach, so a floored
+# entry is drawn only where a target sits exactly on a cumulative sum (u = 0, or an exact tie), where an entry
+# with e > 0 further along was drawn before. CUDA's exp has no such cliff, so there is no floor there.
+EXP_FLOOR = -64.0
 INVERSE_CDF_BLOCK = 256
 
 

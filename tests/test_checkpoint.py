@@ -165,3 +165,20 @@ def test_loading_needs_about_one_copy_of_the_weights(tmp_path):
     assert size > 100e6
     assert now > 0.8 * size, (now / size)          # the measurement sees the weights
     assert peak < 1.2 * size, (peak / size)        # and never a second copy
+
+
+def test_loading_does_not_import_torch_dynamo():
+    """dgemma.load builds the model on the meta device: nn.Embedding's normal_ init there made torch import
+    torch._dynamo (~1 s, most of the shipped model's load), so the embedding skips it on meta. A fresh process."""
+    import subprocess
+    import sys
+    code = ("import sys, dgemma\n"
+            "m = dgemma.load(dgemma.default_model_path())\n"
+            "print(sorted(k for k in sys.modules if k.startswith('torch._dynamo'))[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    with torch.device("meta"):
+        meta = dgemma.model.Embedding(8, 4)
+    torch.manual_seed(0)
+    real = dgemma.model.Embedding(64, 32)                  # elsewhere the usual N(0, 1) init
+    assert meta.weight.is_meta and 0.8 < float(real.weight.std()) < 1.2

@@ -63,6 +63,12 @@ class Embedding(nn.Embedding):
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
 
+    def reset_parameters(self) -> None:
+        """nn.Embedding's N(0, 1) init, skipped on the meta device (dgemma.load builds the model there, then reads
+        every weight): a meta normal_ makes torch import torch._dynamo, ~1 s of every load's start."""
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [.., H] -> h @ E^T [.., V] in h's dtype."""
         return F.linear(h, self.weight)

@@ -13,6 +13,7 @@ import torch
 import dgemma
 from dgemma.config import ModelConfig
 from dgemma.model import DiffusionGemma
+from dgemma.sampling import EXP_FLOOR
 from dgemma.train.data import Example, pack
 from dgemma.train.loop import TrainConfig, TrainError, init_weights, train
 from dgemma.train.objective import ObjectiveConfig, _denoiser_pass, _encoder_pass, losses
@@ -231,7 +232,9 @@ def test_sc_temperature_scales_the_self_conditioning_logits(monkeypatch):
             out[temps] = losses(m, ids, score, cfg, torch.Generator().manual_seed(5))
     raw, scaled = seen
     t = levels[1][4]                                                    # [B, n*C] noise level per position
-    assert torch.allclose(scaled, raw / (0.1 + 0.2 * t)[..., None], atol=1e-6)
+    # on the CPU both come shifted by their max and floored at sampling.EXP_FLOOR (the exp cliff): the same softmax
+    assert torch.allclose(scaled.softmax(-1), (raw / (0.1 + 0.2 * t)[..., None]).softmax(-1), atol=1e-6)
+    assert float(scaled.amax(-1).abs().max()) == 0 and float(scaled.min()) == EXP_FLOOR
     assert not torch.allclose(out[None]["diffusion"], out[(0.1, 0.3)]["diffusion"])
     from dgemma.train.loop import evaluate
     cfg = ObjectiveConfig(context_length=4, all_canvases=True)
@@ -261,6 +264,9 @@ def test_sampler_step_keeps_accepted_samples_and_renoises_the_rest():
     assert torch.equal(again[sure], out[sure]) and not torch.equal(again[rest], out[rest])
 
 
+SOME_UNROLLED = 0   # a seed whose unroll_prob=0.5 draw unrolls some of 4 examples, not all (checked)
+
+
 def test_unroll_feeds_pass_two_one_sampler_step_of_pass_one(monkeypatch):
     """--unroll P: for those examples the trained pass's canvas is _sampler_step of pass 1's (scaled) logits, and
     they always get pass 1 as self-conditioning; the other examples keep the noisy canvas; 0 leaves the
@@ -284,6 +290,12 @@ def test_unroll_feeds_pass_two_one_sampler_step_of_pass_one(monkeypatch):
     assert torch.equal(second, stepped[0]) and not torch.equal(second, noisy)
     assert softs[1] is not None and bool((softs[1].abs().sum(-1) > 0).all())      # every example self-conditioned
     assert not torch.allclose(full["diffusion"], base["diffusion"])
+    canvases.clear(), stepped.clear()
+    with torch.no_grad():                       # some examples unrolled: the sampler step runs for those only
+        losses(m, ids, score, replace_cfg(cfg, unroll_prob=0.5), torch.Generator().manual_seed(SOME_UNROLLED))
+    noisy, second = canvases
+    changed = (second != noisy).any(-1)                                 # the unrolled examples
+    assert 0 < int(changed.sum()) < ids.shape[0] and torch.equal(second[changed], stepped[0])
     with torch.no_grad():                                            # the same draws as before with unroll_prob 0
         again = losses(m, ids, score, replace_cfg(cfg, unroll_bound=5.0), torch.Generator().manual_seed(5))
     assert torch.equal(again["loss"], base["loss"])

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import attention
-from ..sampling import entropy, entropy_bound_accept, init_canvas
+from ..sampling import EXP_FLOOR, entropy, entropy_bound_accept, init_canvas
 
 
 @dataclass
@@ -145,10 +145,12 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
             if cfg.sc_temperature is not None:   # the sampler's temperature at this noise level
                 lo, hi = cfg.sc_temperature
                 first = first / (lo + (hi - lo) * t)[..., None]
+            if first.device.type == "cpu":       # the CPU's exp cliff and subnormal products (sampling.EXP_FLOOR):
+                first = (first - first.amax(-1, keepdim=True)).clamp_min_(EXP_FLOOR)   # same softmax up to ~1e-28
             soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
-            if bool(unroll.any()):
-                stepped = _sampler_step(first, CL, cfg.unroll_bound, generator)
-                noisy = torch.where(unroll[:, None], stepped, noisy)
+            if bool(unroll.any()):               # a sampler step for the unrolled examples only
+                noisy = noisy.clone()
+                noisy[unroll] = _sampler_step(first[unroll], CL, cfg.unroll_bound, generator)
     logits = _denoiser_pass(model, noisy, start, kv, soft)
     diff = F.cross_entropy(logits[mask], x0[mask]) if mask.any() else logits.sum() * 0
     loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff

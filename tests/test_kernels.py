@@ -332,6 +332,7 @@ for n, V, cap, dt, per_row, edt in [(7, 3000, 30.0, "float32", False, "float32")
     raw[0, 5] = raw[0, 9] = raw[0].max() + 1                # a tie for the max: the first index wins
     temp = torch.rand(n, 1, generator=g) + 0.1 if per_row else torch.tensor(0.7)
     u = torch.rand(n, generator=g)
+    u[-1] = 0.0                                             # the smallest uniform: both paths keep it >= U_MIN
     emb = Emb(torch.randn(V, 24, generator=g).to(getattr(torch, edt)))
     scale = torch.tensor(24 ** 0.5)
     # the softcap in fp64, rounded once: the reference does not depend on a tanh implementation's accuracy

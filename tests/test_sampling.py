@@ -141,12 +141,13 @@ def test_fast_sampler_keeps_the_cpu_exp_above_its_floor():
     assert seen and min(seen) >= sampling.EXP_FLOOR > -87.3
 
 
-def test_exp_floor_changes_no_result(monkeypatch):
+@pytest.mark.parametrize("V", [4096, 64 * 256])               # one cumulative sum; the two-level search
+def test_exp_floor_changes_no_result(monkeypatch, V):
     """The floor's added mass (at most V * exp(EXP_FLOOR)) is far below float32's resolution: the same samples
     and argmax, entropy and soft embedding equal up to the last bits, against the fast sampler without it."""
     from dgemma.model import Embedding
 
-    n, V, H = 128, 4096, 64
+    n, H = 128, 64
     emb = Embedding(V, H).requires_grad_(False)
     scale = torch.tensor(H ** 0.5)
     u = torch.rand(n, generator=torch.Generator().manual_seed(1))
@@ -159,3 +160,16 @@ def test_exp_floor_changes_no_result(monkeypatch):
         assert torch.equal(floored.sample, plain.sample) and torch.equal(floored.argmax, plain.argmax)
         assert torch.allclose(floored.entropy, plain.entropy, rtol=1e-6, atol=1e-12)
         assert torch.allclose(floored.soft, plain.soft, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("V", [4096, 64 * 256])               # one cumulative sum; the two-level search
+def test_a_zero_uniform_draws_from_the_middle_of_its_cell(V):
+    """torch.rand gives exactly 0 once in 2^24 draws: the fast sampler keeps uniforms >= U_MIN, so such a draw
+    takes the entry at 2^-25 of the mass, not the first entry with any weight (with EXP_FLOOR on the CPU every
+    entry has some: token 0, whatever its probability)."""
+    logits = _spread_logits(8, V, seed=4)
+    logits[:, 0] = logits.min(-1).values                   # token 0: far under the max (floored at T = 0.1)
+    for T in (0.1, 1.0):
+        zero = sampling.sample_rows(logits.clone(), torch.tensor(T), uniform=torch.zeros(8)).sample
+        low = sampling.sample_rows(logits.clone(), torch.tensor(T), uniform=torch.full((8,), sampling.U_MIN)).sample
+        assert torch.equal(zero, low) and bool((zero != 0).all())

@@ -107,7 +107,7 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
     if lam.device.type == "cpu":
         lam.clamp_min_(EXP_FLOOR)                                 # (see EXP_FLOOR)
     e = lam.exp()                                                 # unnormalised probabilities [n, V]
-    sample, z = inverse_cdf(e, uniform.to(e.device))
+    sample, z = inverse_cdf(e, uniform.to(e.device).clamp_min(U_MIN))
     ent = z.log() - torch.linalg.vecdot(e, lam) / z
     # (the reference rounds the logits to a bf16 embedding's dtype before this softmax; the fast sampler takes
     # the fp32 probabilities it already has: a second softmax over [n, V] was 40% of its CPU time)
@@ -121,11 +121,16 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
 # that do come out make subnormal products in the self-conditioning matmul and the entropy's dot product, each of
 # which then runs 2-4x slower in fp32. Measured on the shipped model's logits at T = 0.1 (scripts/bench_sampler_cpu.py,
 # docs/NOTES.md). With the floor, e >= exp(-64) = 1.6e-28: at most V * 1.6e-28 of added mass (4e-23 at V = 262,144)
-# beside the max entry's e = 1. That is far below float32's resolution of z, of the entropy and of the soft
-# embedding. A uniform u > 0 gives a target u * z >= 2^-24, which no run of floored entries can reach, so a floored
-# entry is drawn only where a target sits exactly on a cumulative sum (u = 0, or an exact tie), where an entry
-# with e > 0 further along was drawn before. CUDA's exp has no such cliff, so there is no floor there.
+# beside the max entry's e = 1, far below float32's resolution of z, of the entropy and of the soft embedding. The
+# draw: uniforms are kept >= U_MIN, so the target u * z is >= 2^-25 * z (z >= 1), and in the two-level search the
+# target inside a block, u * z less the block sums before it, is 0 (an exact tie) or at least about one last bit of
+# u * z, ~2^-48 * z. Floored entries add at most 256 * 1.6e-28 within a block, so they can be drawn only on such an
+# exact tie. CUDA's exp has no cliff, so there is no floor there.
 EXP_FLOOR = -64.0
+# The fast sampler's smallest uniform: a draw of exactly 0 (1 in 2^24) would take the first entry with any weight
+# at all, however tiny (token 0 with the floor), where it now takes the one at 2^-25 of the mass: the middle of
+# its grid cell.
+U_MIN = 2.0 ** -25
 INVERSE_CDF_BLOCK = 256
 
 
@@ -175,7 +180,7 @@ def fused_rows(raw: torch.Tensor, temp: torch.Tensor, cap: float | None, uniform
     t = temp.to(device=raw.device, dtype=torch.float32).reshape(-1).expand(raw.shape[0]).contiguous()   # [n]
     amax, z, ent, e, bsum = kernels.sampler_rows(raw, t, cap, INVERSE_CDF_BLOCK,
                                                   torch.float32 if embedding is None else embedding.dtype)
-    sample = kernels.sample_search(raw, t, cap, amax, bsum, uniform.to(raw.device), INVERSE_CDF_BLOCK)
+    sample = kernels.sample_search(raw, t, cap, amax, bsum, uniform.to(raw.device).clamp_min(U_MIN), INVERSE_CDF_BLOCK)
     soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
     return RowResult(sample, amax, ent, soft)
 

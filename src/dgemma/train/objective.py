@@ -144,9 +144,9 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
             first = _denoiser_pass(model, noisy, start, [(k.detach(), v.detach()) for k, v in kv], None)
             if cfg.sc_temperature is not None:   # the sampler's temperature at this noise level
                 lo, hi = cfg.sc_temperature
-                first = first / (lo + (hi - lo) * t)[..., None]
-            if first.device.type == "cpu":       # the CPU's exp cliff and subnormal products (sampling.EXP_FLOOR):
-                first = (first - first.amax(-1, keepdim=True)).clamp_min_(EXP_FLOOR)   # same softmax up to ~1e-28
+                first = first / (lo + (hi - lo) * t)[..., None]           # fp32 [B, N, V] (head: fp32 logits)
+                if first.device.type == "cpu":   # the CPU's exp cliff and subnormal products (sampling.EXP_FLOOR):
+                    first = (first - first.amax(-1, keepdim=True)).clamp_min_(EXP_FLOOR)   # same softmax to ~1e-28
             soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
             if bool(unroll.any()):               # a sampler step for the unrolled examples only
                 noisy = noisy.clone()

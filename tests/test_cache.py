@@ -84,3 +84,31 @@ def test_select_rows_compacts_and_growth_keeps_contents():
     cache.select_rows([2, 0])
     out = m.head(m.denoise(canvas[[2, 0]], cache))
     assert torch.allclose(out, full[[2, 0]], atol=1e-5)
+
+
+def test_long_prompts_are_encoded_in_chunks(monkeypatch):
+    """generate and generate_ar encode a prompt of more than PROMPT_CHUNK tokens in passes of at most that many
+    (a single pass builds masks quadratic in its length): the same cache and tokens as one pass (up to rounding),
+    with left padding too, across the sliding window's ring."""
+    import dgemma.generate as gen
+    m = model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 64, (2, 40), generator=g)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :13] = 0                                     # row 1 left-padded past the first chunk's end
+    seen = []
+    real = m.encode
+    monkeypatch.setattr(m, "encode", lambda ids, *a, **k: seen.append(ids.shape[1]) or real(ids, *a, **k))
+    kw = dict(attention_mask=mask, max_new_tokens=16, max_denoising_steps=3, seed=0, eos_token_id=None)
+    one = m.generate(ids, **kw)
+    assert seen[0] == 40
+    monkeypatch.setattr(gen, "PROMPT_CHUNK", 12)
+    seen.clear()
+    chunked = m.generate(ids, **kw)
+    assert seen[:4] == [12, 12, 12, 4] and max(seen) <= 12
+    assert torch.equal(chunked.sequences, one.sequences)
+    for a, b in zip(chunked.cache.tensors(), one.cache.tensors()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4)
+    ar_one = gen.generate_ar(m, ids[:1], max_new_tokens=6, eos_token_id=None)
+    monkeypatch.setattr(gen, "PROMPT_CHUNK", 4096)
+    assert torch.equal(gen.generate_ar(m, ids[:1], max_new_tokens=6, eos_token_id=None).sequences, ar_one.sequences)

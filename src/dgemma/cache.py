@@ -160,9 +160,9 @@ class KVCache:
         diag = torch.eye(n_new, dtype=torch.bool, device=dev)                           # a query sees itself
         kpos_s = torch.cat([self.ring_pos[sel, :n_ring], qpos], 1)                      # [r, n_ring+S]
         kval_s = torch.cat([self.ring_valid[sel, :n_ring], valid], 1)
-        rel = qpos[:, :, None] - kpos_s[:, None, :]                                     # [r, S, n_ring+S]
         self_s = torch.cat([torch.zeros(n_new, n_ring, dtype=torch.bool, device=dev), diag], 1)
-        m_s = (rel >= 0) & (rel < W) & (kval_s[:, None, :] | self_s[None])
+        k_s, q_s = kpos_s[:, None, :], qpos[:, :, None]            # 0 <= q - k < W, as bool [r, S, n_ring+S] only
+        m_s = (k_s <= q_s) & (k_s > q_s - W) & (kval_s[:, None, :] | self_s[None])   # (no int64 [r, S, L] tensor)
         Lf = max(lens) + n_new
         for b, l, vb in zip(rows, lens, valid):
             self.full_valid[b, l:l + n_new] = vb

@@ -40,6 +40,20 @@ def check_positions(cfg, context: int, new: int) -> None:
                          f"({cfg.max_position_embeddings})")
 
 
+PROMPT_CHUNK = 4096   # prompt tokens per encoder pass at most (prefill)
+
+
+def prefill(model, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """model.encode over a prompt ids [B, L] (valid: its [B, L] attention mask), in passes of at most PROMPT_CHUNK
+    tokens. A pass over S new tokens builds masks of [B, S, context + S]: for one pass over a 32k-token prompt,
+    ~20 GB of them. So a longer prompt is encoded chunk after chunk, each reading the cache the ones before it wrote.
+    That is the same sums up to rounding; up to PROMPT_CHUNK tokens it is the reference's single pass, bit for bit.
+    -> the hidden states of the last pass [B, S, H]."""
+    for s in range(0, max(ids.shape[1], 1), PROMPT_CHUNK):
+        h = model.encode(ids[:, s:s + PROMPT_CHUNK], cache, None if valid is None else valid[:, s:s + PROMPT_CHUNK])
+    return h
+
+
 def resolve_settings(model, **given: Any) -> SamplerConfig:
     """Sampler settings: explicit arguments over the checkpoint's generation_config.json."""
     base = model.sampler_config
@@ -116,8 +130,10 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                          for n in range(s.max_denoising_steps, 0, -1)]).to(dev)
     seq = ids
     for c in range(n_canvas):
-        if L or c:  # encode the prompt, then each committed canvas at the positions it had
-            model.encode(seq if c == 0 else seq[:, -CL:], cache, valid if c == 0 else None)
+        if c == 0 and L:   # encode the prompt, then each committed canvas at the positions it had
+            prefill(model, seq, cache, valid)
+        elif c:
+            model.encode(seq[:, -CL:], cache)
         canvas = sampling.init_canvas(B, CL, V, dev, gen)
         argmax, soft = canvas, None
         frozen = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -272,7 +288,7 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
     cache = model.workspace_cache(B, L + s.max_new_tokens, scratch=1)
     eos = torch.tensor(s.eos_token_id or [], device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    logits = model.head(model.encode(ids, cache)[:, -1])                        # [B, V]
+    logits = model.head(prefill(model, ids, cache)[:, -1])                      # [B, V]
     store = graphs.for_model(model) if (model.graph_safe() if cuda_graphs is None else cuda_graphs) else None
 
     def one_token(tok: torch.Tensor) -> tuple[torch.Tensor]:                   # tok [B, 1] -> ([B, V],)

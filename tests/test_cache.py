@@ -89,7 +89,7 @@ def test_select_rows_compacts_and_growth_keeps_contents():
 def test_long_prompts_are_encoded_in_chunks(monkeypatch):
     """generate and generate_ar encode a prompt of more than PROMPT_CHUNK tokens in passes of at most that many
     (a single pass builds masks quadratic in its length): the same cache and tokens as one pass (up to rounding),
-    with left padding too, across the sliding window's ring."""
+    with left padding too, across the sliding window's ring; fewer tokens a pass once the context is long."""
     import dgemma.generate as gen
     m = model()
     g = torch.Generator().manual_seed(3)
@@ -99,6 +99,14 @@ def test_long_prompts_are_encoded_in_chunks(monkeypatch):
     seen = []
     real = m.encode
     monkeypatch.setattr(m, "encode", lambda ids, *a, **k: seen.append(ids.shape[1]) or real(ids, *a, **k))
+    monkeypatch.setattr(gen, "pass_tokens", lambda context: gen.PROMPT_CHUNK)   # (its own sizing: tested below)
+
+    def state(cache):                                    # what the cache holds (not the last canvas's scratch K/V)
+        n = max(cache.lengths)
+        kv = [t[:, :, :cache.ring if m.config.is_sliding(i % len(cache.k)) else n]
+              for i, t in enumerate([*cache.k, *cache.v])]
+        return kv + [cache.ring_pos, cache.ring_valid, cache.full_valid[:, :n]]
+
     kw = dict(attention_mask=mask, max_new_tokens=16, max_denoising_steps=3, seed=0, eos_token_id=None)
     one = m.generate(ids, **kw)
     assert seen[0] == 40
@@ -106,9 +114,16 @@ def test_long_prompts_are_encoded_in_chunks(monkeypatch):
     seen.clear()
     chunked = m.generate(ids, **kw)
     assert seen[:4] == [12, 12, 12, 4] and max(seen) <= 12
-    assert torch.equal(chunked.sequences, one.sequences)
-    for a, b in zip(chunked.cache.tensors(), one.cache.tensors()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4)
-    ar_one = gen.generate_ar(m, ids[:1], max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(chunked.sequences, one.sequences) and chunked.cache.lengths == one.cache.lengths
+    for a, b in zip(state(chunked.cache), state(one.cache)):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    seen.clear()
+    ar_chunked = gen.generate_ar(m, ids, max_new_tokens=6, eos_token_id=None)
+    assert seen[:4] == [12, 12, 12, 4]
     monkeypatch.setattr(gen, "PROMPT_CHUNK", 4096)
-    assert torch.equal(gen.generate_ar(m, ids[:1], max_new_tokens=6, eos_token_id=None).sequences, ar_one.sequences)
+    seen.clear()
+    assert torch.equal(gen.generate_ar(m, ids, max_new_tokens=6, eos_token_id=None).sequences, ar_chunked.sequences)
+    assert seen[0] == 40
+    monkeypatch.undo()
+    assert [gen.pass_tokens(c) for c in (0, 12288, 28672, 262144)] == [4096, 4096, 2048, 256]
+    assert gen.pass_tokens(12289) < 4096 and (gen.pass_tokens(60000) + 60000) * gen.pass_tokens(60000) <= 1 << 26

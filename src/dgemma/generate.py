@@ -40,18 +40,29 @@ def check_positions(cfg, context: int, new: int) -> None:
                          f"({cfg.max_position_embeddings})")
 
 
-PROMPT_CHUNK = 4096   # prompt tokens per encoder pass at most (prefill)
+PROMPT_CHUNK = 4096       # prompt tokens per encoder pass at most (prefill)
+MASK_PAIRS = 1 << 26      # and (query, key) pairs per pass once the context is long (~8 bytes of masks a pair)
+
+
+def pass_tokens(context: int) -> int:
+    """New tokens per prompt pass after `context` cached ones: PROMPT_CHUNK, fewer (down to 256) once
+    (context + PROMPT_CHUNK) * PROMPT_CHUNK would pass MASK_PAIRS, i.e. beyond 12,288 cached tokens."""
+    return min(PROMPT_CHUNK, max(256, MASK_PAIRS // (context + PROMPT_CHUNK)))
 
 
 def prefill(model, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """model.encode over a prompt ids [B, L] (valid: its [B, L] attention mask), in passes of at most PROMPT_CHUNK
-    tokens. A pass over S new tokens builds masks of [B, S, context + S]: for one pass over a 32k-token prompt,
-    ~20 GB of them. So a longer prompt is encoded chunk after chunk, each reading the cache the ones before it wrote.
-    That is the same sums up to rounding; up to PROMPT_CHUNK tokens it is the reference's single pass, bit for bit.
-    -> the hidden states of the last pass [B, S, H]."""
-    for s in range(0, max(ids.shape[1], 1), PROMPT_CHUNK):
-        h = model.encode(ids[:, s:s + PROMPT_CHUNK], cache, None if valid is None else valid[:, s:s + PROMPT_CHUNK])
-    return h
+    """model.encode over a prompt ids [B, L] (valid: its [B, L] attention mask) in passes of `pass_tokens` tokens.
+    A pass over S new tokens after c cached ones builds [B, S, c + S] masks; one pass over a 32k-token prompt
+    built ~20 GB of them. So a long prompt is encoded chunk after chunk, each reading the cache the ones before
+    it wrote. That is the same sums up to rounding, and a prompt of up to PROMPT_CHUNK tokens after at most 12,288
+    cached ones is one pass, the reference's, bit for bit. -> the hidden states of the last pass [B, S, H]."""
+    L, s = ids.shape[1], 0
+    while True:
+        S = pass_tokens(max(cache.lengths[:cache.n], default=0))
+        h = model.encode(ids[:, s:s + S], cache, None if valid is None else valid[:, s:s + S])
+        s += S
+        if s >= L:
+            return h
 
 
 def resolve_settings(model, **given: Any) -> SamplerConfig:

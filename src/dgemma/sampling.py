@@ -103,9 +103,7 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
     """Few passes over the vocabulary: max and argmax together, e = exp(lam - max) once, which serves the
     sample (two-level inverse CDF), the entropy log Z - <e, lam - max> / Z and the soft embedding (e @ E) / Z."""
     top, amax = lam.max(dim=-1)
-    lam.sub_(top[:, None])                                        # lam - max, in place
-    if lam.device.type == "cpu":
-        lam.clamp_min_(EXP_FLOOR)                                 # (see EXP_FLOOR)
+    below_max(lam, top)                                           # lam - max, in place
     e = lam.exp()                                                 # unnormalised probabilities [n, V]
     sample, z = inverse_cdf(e, uniform.to(e.device).clamp_min(U_MIN))
     ent = z.log() - torch.linalg.vecdot(e, lam) / z
@@ -132,6 +130,14 @@ EXP_FLOOR = -64.0
 # its grid cell.
 U_MIN = 2.0 ** -25
 INVERSE_CDF_BLOCK = 256
+
+
+def below_max(lam: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """lam - top in place (top [..]: lam's max over its last dim), floored at EXP_FLOOR on the CPU; -> lam."""
+    lam.sub_(top[..., None])
+    if lam.device.type == "cpu":
+        lam.clamp_min_(EXP_FLOOR)
+    return lam
 
 
 def inverse_cdf(e: torch.Tensor, u: torch.Tensor, block: int = INVERSE_CDF_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

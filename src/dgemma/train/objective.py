@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import attention
-from ..sampling import EXP_FLOOR, entropy, entropy_bound_accept, init_canvas
+from ..sampling import below_max, entropy, entropy_bound_accept, init_canvas
 
 
 @dataclass
@@ -146,7 +146,7 @@ def losses(model, ids: torch.Tensor, score: torch.Tensor, cfg: ObjectiveConfig,
                 lo, hi = cfg.sc_temperature
                 first = first / (lo + (hi - lo) * t)[..., None]           # fp32 [B, N, V] (head: fp32 logits)
                 if first.device.type == "cpu":   # the CPU's exp cliff and subnormal products (sampling.EXP_FLOOR):
-                    first = (first - first.amax(-1, keepdim=True)).clamp_min_(EXP_FLOOR)   # same softmax to ~1e-28
+                    below_max(first, first.amax(-1))                      # same softmax to ~1e-28
             soft = model.soft_embedding(first) * use_sc[:, None, None].to(model.dtype)
             if bool(unroll.any()):               # a sampler step for the unrolled examples only
                 noisy = noisy.clone()

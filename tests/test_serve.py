@@ -174,9 +174,19 @@ def test_temperature_zero_is_greedy_and_deterministic(server):
     a = chat(c, "Greedy please", temperature=0, seed=1).choices[0].message.content
     b = chat(c, "Greedy please", temperature=0, seed=2).choices[0].message.content
     assert isinstance(a, str) and a and b
+    # without a seed too: the starting canvas and renoise draws are random, so greedy fixes them (seed 0)
+    unseeded = {chat(c, "Greedy please", temperature=0).choices[0].message.content for _ in range(2)}
+    assert unseeded == {chat(c, "Greedy please", temperature=0, seed=0).choices[0].message.content}
+
+
+def _requests(srv, route: str, status: str) -> float:
+    want = f'dgemma_requests_total{{route="{route}",status="{status}"}}'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(srv.url + "/metrics").text.splitlines()
+               if line.startswith(want + " "))
 
 
 def test_cancel_on_disconnect_frees_the_row(server):
+    before = [_requests(server, "/v1/chat/completions", s) for s in ("200", "499")]
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"model": NAME, "messages": [{"role": "user", "content": "Go on and on"}],
                             "max_tokens": 3000, "stream": True, "max_denoising_steps": 32}, timeout=30) as r:
@@ -187,6 +197,8 @@ def test_cancel_on_disconnect_frees_the_row(server):
     while server.metric("dgemma_active_rows") > 0:
         assert time.time() - t0 < 5, "the disconnected request kept its row"
         time.sleep(0.05)
+    # counted as a client that went away, not as a 200
+    assert [_requests(server, "/v1/chat/completions", s) for s in ("200", "499")] == [before[0], before[1] + 1]
 
 
 def test_auth(server):
@@ -194,6 +206,9 @@ def test_auth(server):
         client(server, key="wrong").models.list()
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": []})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",      # the key before the body
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 401
 
 
 BAD = [  # (body changes, status, param)
@@ -217,16 +232,41 @@ BAD = [  # (body changes, status, param)
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages"),
     ({"model": "gpt-4"}, 404, "model"),
+    # JSON of the wrong type is refused, not converted
+    ({"max_tokens": "5"}, 400, "max_tokens"),
+    ({"max_tokens": True}, 400, "max_tokens"),
+    ({"max_tokens": 5.0}, 400, "max_tokens"),
+    ({"stream": 1}, 400, "stream"),
+    ({"seed": "7"}, 400, "seed"),
+    ({"temperature": "0.5"}, 400, "temperature"),
+    ({"temperature": float("nan")}, 400, "temperature"),
+    ({"entropy_bound": float("inf")}, 400, "entropy_bound"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content[0].text"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]},
+                   {"role": "user", "content": "hi"}]}, 400, "messages[0].tool_calls"),
 ]
 
 
 @pytest.mark.parametrize("change,status,param", BAD, ids=[str(b[0])[:40] for b in BAD])
 def test_bad_requests_are_named(server, change, status, param):
     body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **change}
-    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body),     # json.dumps: NaN too
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"]
+    if any(isinstance(v, float) and v != v or v in (float("inf"),) for v in change.values()):
+        assert "finite" in err["message"]
+
+
+def test_an_assistant_message_as_the_openai_client_dumps_it(server):
+    c = client(server)
+    first = chat(c, "Hello", max_tokens=8)
+    msgs = [{"role": "user", "content": "Hello"}, first.choices[0].message.model_dump(),   # refusal: None, ...
+            {"role": "user", "content": "More"}]
+    assert {"refusal", "tool_calls", "annotations"} <= set(msgs[1])
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, extra_body=FAST)
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_malformed_json_and_unknown_routes(server):
@@ -257,6 +297,23 @@ def test_queue_full_is_429(small):
     for t in threads:
         t.join()
     assert errors and all(h for h in errors) and done
+    # a burst that reaches the handlers together (one event-loop tick): still one row and one waiting request
+    import asyncio
+
+    async def burst() -> list[int]:
+        ac = openai.AsyncOpenAI(base_url=small.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+        async def one(i: int) -> int:
+            try:
+                await ac.chat.completions.create(model=NAME, messages=[{"role": "user", "content": f"q {i}"}],
+                                                 max_tokens=200, extra_body={"max_denoising_steps": 64,
+                                                                             "entropy_bound": 0.001})
+                return 200
+            except openai.RateLimitError:
+                return 429
+        return await asyncio.gather(*[one(i) for i in range(6)])
+    codes = asyncio.run(burst())
+    assert 1 <= codes.count(200) <= 2 and codes.count(429) == 6 - codes.count(200), codes
 
 
 def _conversation(tok):
@@ -282,6 +339,34 @@ def test_second_turn_reuses_the_prefix_exactly(server, small, tok):
     assert warm.choices[0].message.content == ref.choices[0].message.content
     assert warm.usage.completion_tokens == ref.usage.completion_tokens
     assert server.metric("dgemma_prefix_cache_hit_tokens_total") >= cached
+
+
+def test_a_turn_ended_by_a_stop_string_warms_the_next(server, tok):
+    c = client(server)
+    msgs = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+    kw = dict(model=NAME, max_tokens=120, seed=31, extra_body={**FAST, "confidence_threshold": 0})
+    full = c.chat.completions.create(messages=msgs, **kw).choices[0].message.content
+    words = [w for w in full.split() if len(w) >= 3]
+    stop = words[len(words) * 3 // 4]                     # late in the reply: the turn adds > one 32-token chunk
+    r = c.chat.completions.create(messages=msgs, stop=stop, **kw)
+    reply = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and reply == full[:full.index(stop)]
+    msgs2 = msgs + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Go on."}]
+    turn = len(tok.apply_chat_template(msgs2[:2], add_generation_prompt=False, tokenize=True))
+    prompt = len(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    assert turn // 32 > prompt // 32 + 1
+    time.sleep(1.0)                                       # the finished turn is encoded in idle time
+    r2 = c.chat.completions.create(messages=msgs2, **{**kw, "max_tokens": 8})
+    assert r2.usage.prompt_tokens_details.cached_tokens >= turn // 32 * 32
+
+
+def test_a_port_in_use_is_one_line(server):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", "--port", str(server.port)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout
+    assert p.stderr.strip() == f"dgemma: error: cannot listen on 127.0.0.1:{server.port}: Address already in use"
 
 
 def test_metrics(server):

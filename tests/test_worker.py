@@ -70,3 +70,11 @@ def test_worker_survives_a_failing_step():
     w.stop()
     assert not w.thread.is_alive() and time.time() - t0 < 5
     assert _submit(w, "d") == ["error"]
+
+
+def test_submit_counts_and_refuses_in_one_step():
+    w = Worker(FakeEngine())                  # not started: nothing leaves the queue
+    sink = lambda kind, payload: None         # noqa: E731
+    assert w.submit("a", [1], sink, limit=2) and w.submit("b", [1], sink, limit=2)
+    assert not w.submit("c", [1], sink, limit=2) and w.waiting == 2
+    assert w.submit("d", [1], sink) and w.waiting == 3          # no limit: always queued

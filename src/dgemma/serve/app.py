@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, now, usage
@@ -129,6 +130,8 @@ class Job:
     chat: list[dict] | None
     include_usage: bool
     frame_interval: float | None = None      # seconds between frames; None: no frames
+    events: asyncio.Queue | None = None      # the worker's (kind, payload) events, once submitted
+    done: bool = False                       # finished, failed or cancelled: nothing left to cancel
 
 
 def create_app(state: State) -> FastAPI:
@@ -146,6 +149,8 @@ def create_app(state: State) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
+        if not authorized(request):          # the body is parsed before the key is checked: a 401 comes first
+            return await _api_error(request, _bad_key())
         err = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _UNION_TAG.match(str(x))]
         param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
@@ -183,14 +188,16 @@ def create_app(state: State) -> FastAPI:
         _check_model(st, req.model)
         return st
 
-    async def auth(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         key = state.cfg.api_key
         if not key:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    async def auth(request: Request) -> None:
+        if not authorized(request):
+            raise _bad_key()
 
     # ---- routes -----------------------------------------------------------------------------------
     @app.get("/health", summary="200 once the model is loaded and the engine runs, else 503")
@@ -258,6 +265,12 @@ def create_app(state: State) -> FastAPI:
 
 
 STARTED = now()
+
+
+def _bad_key() -> APIError:
+    return APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+
 _ERRORS = {400: "invalid request (the error names the parameter)", 401: "missing or wrong API key",
            404: "unknown model or route", 429: "queue full (see Retry-After)",
            503: "model loading or server shutting down"}
@@ -341,33 +354,46 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
         param = next((p for p in ("t_max", "t_min", "entropy_bound", "max_denoising_steps", "confidence_threshold")
                       if msg.startswith(p)), "temperature")
         raise APIError(400, msg, param) from None
-    if st.worker.waiting >= st.cfg.max_queue:
-        raise APIError(429, f"{st.worker.waiting} requests are waiting (--max-queue {st.cfg.max_queue}); retry "
-                            "later", kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    kwargs.update(seed=req.seed, greedy=tau == 0, frames=bool(req.denoising_frames))
+    seed = 0 if req.seed is None and tau == 0 else req.seed      # greedy is repeatable: the canvas noise too
+    kwargs.update(seed=seed, greedy=tau == 0, frames=bool(req.denoising_frames))
     include = bool(req.stream_options and req.stream_options.include_usage)
     interval = (50 if req.frame_interval_ms is None else req.frame_interval_ms) / 1000 if req.denoising_frames \
         else None
     return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include, interval)
 
 
-async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
-    """Submit the job; yield ("text", delta) as canvases commit, then ("end", finish_reason, usage).
-    Cancels the request if the consumer goes away (client disconnect) or a stop string ends it."""
+def _submit(st: State, job: Job) -> None:
+    """Hand the job to the worker now, in the handler, or refuse it with a 429 when --max-queue requests wait."""
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
-    worker, m = st.worker, st.metrics
 
     def sink(kind: str, payload: Any) -> None:                   # called on the engine thread
         loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
 
-    text, n_tokens, t0, first, done = TextStream(st.tok, job.stops), 0, time.perf_counter(), True, False
+    if not st.worker.submit(job.rid, job.ids, sink, limit=st.cfg.max_queue, **job.kwargs):
+        raise APIError(429, f"{st.worker.waiting} requests are waiting (--max-queue {st.cfg.max_queue}); retry "
+                            "later", kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    job.events = q
+
+
+def _drop(st: State, job: Job) -> None:
+    """Cancel a submitted job nobody will read any more (client gone); nothing if it already ended."""
+    if not job.done:
+        job.done = True
+        st.worker.cancel(job.rid)
+        log.info("%s cancelled (client gone)", job.rid)
+
+
+async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
+    """Yield the submitted job's ("text", delta) as canvases commit, then ("end", finish_reason, usage).
+    Cancels the request if the consumer goes away (client disconnect) or a stop string ends it."""
+    worker, m, q = st.worker, st.metrics, job.events
+    text, n_tokens, t0, first = TextStream(st.tok, job.stops), 0, time.perf_counter(), True
     last_frame = -1e9
-    worker.submit(job.rid, job.ids, sink, **job.kwargs)
     try:
         while True:
             kind, p = await q.get()
             if kind == "error":
-                done = True
+                job.done = True
                 raise APIError(503, p, kind="server_error", code="request_ended")
             if kind == "frame":
                 t = time.perf_counter()
@@ -385,20 +411,18 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                     yield "text", delta
                 if text.stopped:                          # count the tokens up to the stop string
                     worker.cancel(job.rid)
-                    done = True
+                    job.done = True
                     yield "end", "stop", _finish(st, job, text.used, p.cached_tokens, p.passes, t0)
+                    _warm(st, job, text.text)
                     return
             elif kind == "done":
-                done = True
+                job.done = True
                 reason = "stop" if p.finish_reason == "eos" else "length"
                 yield "end", reason, _finish(st, job, n_tokens, p.cached_tokens, p.decoder_passes, t0)
-                if job.chat is not None:
-                    _warm(st, job.chat + [{"role": "assistant", "content": text.text}])
+                _warm(st, job, text.text)
                 return
     finally:
-        if not done:
-            worker.cancel(job.rid)
-            log.info("%s cancelled (client gone)", job.rid)
+        _drop(st, job)
 
 
 def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: float) -> dict:
@@ -413,10 +437,14 @@ def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: fl
     return usage(len(job.ids), n_tokens, cached)
 
 
-def _warm(st: State, conversation: list[dict]) -> None:
-    """Encode the finished turn as the next request will render it, in the engine's idle time."""
+def _warm(st: State, job: Job, reply: str) -> None:
+    """Encode a finished chat turn (its messages and the `reply` sent back) as the next request will render it,
+    in the engine's idle time."""
+    if job.chat is None:
+        return
     try:
-        ids = st.tok.apply_chat_template(conversation, add_generation_prompt=False, tokenize=True)
+        ids = st.tok.apply_chat_template(job.chat + [{"role": "assistant", "content": reply}],
+                                         add_generation_prompt=False, tokenize=True)
     except ValueError:
         return
     if len(ids) < st.model.config.max_position_embeddings:
@@ -435,9 +463,10 @@ async def _respond(st: State, job: Job, request: Request, stream: bool, chat: bo
                     "choices": [{"index": 0, "text": delta.get("content", ""), "logprobs": None,
                                  "finish_reason": finish}]}
 
+    _submit(st, job)
     if stream:
         async def sse() -> AsyncIterator[str]:
-            status = "200"
+            status = "499"                                      # until the last event went out
             try:
                 if chat:
                     yield _sse(_with_usage(piece({"role": "assistant", "content": ""}, None), job))
@@ -451,13 +480,15 @@ async def _respond(st: State, job: Job, request: Request, stream: bool, chat: bo
                         if job.include_usage:
                             yield _sse({**piece({}, None), "choices": [], "usage": ev[2]})
                 yield "data: [DONE]\n\n"
+                status = "200"
             except APIError as e:                               # server stopping: a clear error event
                 status = str(e.status)
                 yield _sse(e.body())
                 yield "data: [DONE]\n\n"
             finally:
                 st.metrics.requests.labels(route, status).inc()
-        return StreamingResponse(sse(), media_type="text/event-stream",
+        # the background task runs however the response ends, even when the client left before the first chunk
+        return StreamingResponse(sse(), media_type="text/event-stream", background=BackgroundTask(_drop, st, job),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def collect() -> dict:

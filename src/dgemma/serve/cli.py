@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import threading
 
 
@@ -62,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dgemma.tokenizer import Tokenizer
     ModelConfig.from_dir(path)                       # config and tokenizer errors: one line, before listening
     Tokenizer.from_dir(path)
+    sock = _listen(args.host, args.port)             # a port in use: one line, before the model loads
     from .app import Metrics, ServeConfig, State, create_app, start_loading
     name = args.served_model_name or (args.model if args.model and not os.path.isdir(args.model)
                                       else path.name if args.model else "dgemma-default")
@@ -71,6 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_queue=args.max_queue, sampler=args.sampler, prefill_chunk=args.prefill_chunk,
                       prefix_cache_bytes=args.prefix_cache_mb << 20, max_steps=args.max_denoising_steps)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    where = f"[{args.host}]" if ":" in args.host else args.host
+    logging.getLogger("dgemma.serve").info("listening on http://%s:%d; /health is 200 once the model is loaded",
+                                           where, sock.getsockname()[1])
     state = State(cfg, metrics=Metrics())
     app = create_app(state)
 
@@ -92,10 +97,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if state.failed:
             server.should_exit = True
     threading.Thread(target=watch, daemon=True).start()
-    server.run()
+    server.run(sockets=[sock])
     if state.worker is not None:
         state.worker.stop()
     if state.failed:
         print(f"dgemma: error: could not load the model: {state.failed}")
         return 1
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or a UsageError naming why it cannot be."""
+    from dgemma.cli import UsageError
+    sock = None
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:      # socket.gaierror too: an unknown host name
+        if sock is not None:
+            sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock

@@ -34,11 +34,12 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields, values of the wrong JSON type ("5" for 5, 1 for true) and NaN / Infinity are refused."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")      # other part types are named in a 400 by the request check
+    model_config = ConfigDict(extra="allow", strict=True)   # other part types: named in a 400 by the request check
     type: str = Field(description='only "text" is supported')
     text: Optional[str] = None
 
@@ -49,6 +50,12 @@ class Message(_Strict):
     content: Union[str, list[TextPart]] = Field(
         description="a string, or a list of text parts (joined with newlines); other part types are rejected")
     name: Optional[str] = Field(None, max_length=256, description="accepted; the chat template does not use it")
+    # what an assistant message from this API carries back (the openai client's model_dump() sends them all)
+    refusal: Optional[str] = Field(None, description="only null")
+    tool_calls: Optional[list[Any]] = Field(None, description="only null or empty")
+    function_call: Optional[Any] = Field(None, description="only null")
+    audio: Optional[Any] = Field(None, description="only null")
+    annotations: Optional[list[Any]] = Field(None, description="accepted and ignored")
 
 
 class StreamOptions(_Strict):
@@ -150,11 +157,18 @@ class ChatCompletionRequest(_Common):
                 and self.max_tokens != self.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
         for i, m in enumerate(self.messages):
+            for name in ("refusal", "tool_calls", "function_call", "audio"):
+                if getattr(m, name):
+                    raise APIError(400, f"messages[{i}].{name} is not supported by dgemma (only null)",
+                                   f"messages[{i}].{name}", "unsupported_parameter")
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):
-                    if part.type != "text" or part.text is None:
+                    if part.type != "text":
                         raise APIError(400, f"content part type {part.type!r} is not supported (only text)",
                                        f"messages[{i}].content[{j}].type", "unsupported_content")
+                    if not isinstance(part.text, str):
+                        raise APIError(400, "a text content part needs a 'text' string",
+                                       f"messages[{i}].content[{j}].text")
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

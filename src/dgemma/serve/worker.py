@@ -24,7 +24,8 @@ class Worker:
         self.observe = observe or (lambda kind, value: None)
         self.commands: queue.Queue = queue.Queue()
         self.sinks: dict[str, Sink] = {}
-        self.waiting = 0                          # submitted, not yet denoising (read by handlers, approximate)
+        self.waiting = 0                          # submitted, not yet denoising (changed under _lock)
+        self._lock = threading.Lock()
         self.stopping: str | None = None
         self.thread = threading.Thread(target=self._loop, name="dgemma-engine", daemon=True)
 
@@ -33,13 +34,19 @@ class Worker:
         self.thread.start()
         return self
 
-    def submit(self, request_id: str, prompt: list[int], sink: Sink, **kwargs) -> None:
-        """Queue a request (validated by the caller: engine.settings and the position check)."""
+    def submit(self, request_id: str, prompt: list[int], sink: Sink, limit: int | None = None, **kwargs) -> bool:
+        """Queue a request (validated by the caller: engine.settings and the position check). With `limit`,
+        refuse it (False) when that many requests already wait for a row: the check and the count are one step,
+        so a burst of handlers cannot all pass the check before any of them is counted."""
         if self.stopping:
             sink("error", self.stopping)
-            return
-        self.waiting += 1
-        self.commands.put(("submit", request_id, prompt, sink, kwargs))
+            return True
+        with self._lock:
+            if limit is not None and self.waiting >= limit:
+                return False
+            self.waiting += 1
+            self.commands.put(("submit", request_id, prompt, sink, kwargs))
+        return True
 
     def cancel(self, request_id: str) -> None:
         self.commands.put(("cancel", request_id))
@@ -94,7 +101,8 @@ class Worker:
         self._gauges()
 
     def _gauges(self) -> None:
-        self.waiting = self.engine.queued() + self._queued_submits()
+        with self._lock:    # submits put their command under the lock: none is counted twice or missed
+            self.waiting = self.engine.queued() + self._queued_submits()
         self.observe("queue_depth", self.waiting)
         self.observe("active_rows", len(self.engine.rows))
 
@@ -158,7 +166,8 @@ class Worker:
                 keep.append(cmd)
         for cmd in keep:                                   # a stop asked for meanwhile still stops the loop
             self.commands.put(cmd)
-        self.waiting = self.engine.queued()
+        with self._lock:
+            self.waiting = self.engine.queued() + self._queued_submits()
 
     def alive(self) -> bool:
         return self.thread.is_alive() and not self.stopping

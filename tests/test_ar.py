@@ -44,3 +44,15 @@ def test_ar_without_eos_reads_nothing_back_per_token():
             m.generate_ar(ids, max_new_tokens=n, eos_token_id=None, cuda_graphs=True)
         counts.append(Reads.n)
     assert counts[0] == counts[1], counts
+
+
+def test_ar_refuses_an_empty_prompt_and_a_negative_temperature():
+    m = model()
+    for ids, kw, what in ((torch.zeros(1, 0, dtype=torch.long), {}, "prompt token"),
+                          (torch.tensor([[3, 4]]), {"temperature": -1.0}, "temperature")):
+        try:
+            m.generate_ar(ids, max_new_tokens=2, **kw)
+        except ValueError as e:
+            assert what in str(e)
+        else:
+            raise AssertionError(f"accepted {kw or 'an empty prompt'}")

@@ -107,6 +107,10 @@ def test_generate_verbose_stats(model_dir, capsys):
     assert rc == 0
     assert "tokens/s" in err and "tokens per forward" in err and "decoder passes" in err
     assert "first canvas" in err and "Traceback" not in err
+    rc, out, err = run(capsys, "generate", "--model", model_dir, "-v", "--seed", "0", "--max-new-tokens", 3,
+                       "--dtype", "float32", "--device", "cpu", "w5")
+    shown = int(err.split(" new tokens")[0].rsplit(" ", 1)[1])
+    assert rc == 0 and shown <= 3                          # the tokens printed, not the whole canvas
 
 
 def test_info(model_dir, capsys):

@@ -66,6 +66,43 @@ def test_engine_rejects_bad_requests(tmp_path):
         eng.submit([5], temperature=3)
     except ValueError as e:
         assert "temperature" in str(e)
+    for bad in ("some text", torch.ones(1, 3, dtype=torch.long), [1.5]):
+        with pytest.raises(ValueError, match="token ids"):
+            eng.submit(bad)
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(m, max_batch=0)
+
+
+def test_engine_takes_a_tensor_prompt_and_refuses_a_request_id_in_use(tmp_path):
+    m = peaky(tmp_path)
+    eng = Engine(m)
+    a = eng.submit(torch.tensor([21, 22, 23]), seed=1, request_id="x", **KW)
+    with pytest.raises(ValueError, match="already in use"):
+        eng.submit([21, 22, 23], seed=1, request_id="x", **KW)
+    eng.submit([21, 22, 23], seed=1, request_id="req-1", **KW)
+    assert eng.submit([21], seed=2, **KW) not in ("x", "req-1")       # made-up ids skip the ones given
+    while eng.has_work():
+        eng.step()
+    with pytest.raises(ValueError, match="already in use"):          # finished but not collected yet
+        eng.submit([21], request_id="x", **KW)
+    assert eng.collect(a).tokens == eng.collect("req-1").tokens
+    assert eng.submit([21], request_id="x", **KW) == "x"             # collected: the id is free again
+
+
+def test_generate_checks_positions_before_allocating_and_clone_gives_a_second_try(tmp_path):
+    m = peaky(tmp_path)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        m.generate(torch.tensor([[21, 22]]), max_new_tokens=10 ** 9, seed=0)       # no 10^9-token cache first
+    kw = dict(KW, eos_token_id=None)
+    first = m.generate(torch.tensor([[21, 22, 23]]), seed=1, **kw)
+    nxt = torch.cat([first.sequences[:, -m.config.canvas_length:], torch.tensor([[30, 31]])], 1)
+    saved = first.cache.clone()
+    a = m.generate(nxt, seed=2, cache=first.cache, **kw)
+    assert a.cache is first.cache and first.cache.length > saved.length   # extended in place, as documented
+    b = m.generate(nxt, seed=2, cache=saved.clone(), **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    c = m.generate(nxt, seed=2, cache=saved, **kw)
+    assert torch.equal(c.sequences, b.sequences)
 
 
 def test_fast_sampler_engine_equals_generate(tmp_path):

@@ -15,6 +15,8 @@ Does not know: weights, the sampler, or text.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .config import ModelConfig
@@ -66,6 +68,25 @@ class KVCache:
         self.ring_valid.zero_()
         self.full_valid.zero_()
         return self
+
+    def clone(self) -> "KVCache":
+        """An independent copy (its own buffers, the same positions): to continue one conversation in two ways,
+        e.g. to try a turn again, since `generate(..., cache=c)` extends `c` in place."""
+        new = copy.copy(self)
+        new.lengths, new._plan = list(self.lengths), {}
+        new.sliding = None if self.sliding is None else self.sliding.clone()
+        new.k, new.v, j = [], [], 0
+        for i in range(self.cfg.num_hidden_layers):
+            if self.cfg.is_sliding(i):                  # views of the copied sliding buffer, as in __init__
+                new.k.append(new.sliding[0, j])
+                new.v.append(new.sliding[1, j])
+                j += 1
+            else:
+                new.k.append(self.k[i].clone())
+                new.v.append(self.v[i].clone())
+        for name in ("ring_pos", "ring_valid", "full_valid", "lens_dev"):
+            setattr(new, name, getattr(self, name).clone())
+        return new
 
     def _lengths_changed(self) -> None:
         """Mirror the host `lengths` on the device (read by the static plans, which must not sync)."""

@@ -163,13 +163,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose:
-        new = out.sequences[0, len(ids):]
-        n_new = int((new != sc.pad_token_id).sum()) if sc.pad_token_id is not None else new.numel()
+        n_new, passes = len(stream.ids), int(out.decoder_passes[0])   # the tokens shown (--max-new-tokens cuts)
         first = (stream.first_at or t2) - t1
         print(f"dgemma: loaded {path} in {t1 - t0:.2f} s ({model.device}, {str(model.dtype).replace('torch.', '')})\n"
               f"dgemma: {len(ids)} prompt tokens, {n_new} new tokens in {t2 - t1:.2f} s: "
-              f"{n_new / max(t2 - t1, 1e-9):.1f} tokens/s, {float(out.tokens_per_forward[0]):.2f} tokens per forward, "
-              f"{int(out.decoder_passes[0])} decoder passes, time to first canvas {first:.2f} s", file=sys.stderr)
+              f"{n_new / max(t2 - t1, 1e-9):.1f} tokens/s, {n_new / max(passes, 1):.2f} tokens per forward, "
+              f"{passes} decoder passes, time to first canvas {first:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -348,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as e:
-        oom = isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+        oom = isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+            m in str(e) for m in ("out of memory", "can't allocate memory")))      # CUDA's, the CPU allocator's
         if os.environ.get("DGEMMA_DEBUG") or not (_is_user_error(e) or oom):
             raise
         msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -128,6 +129,8 @@ class Engine:
         its new tokens; its tokens then equal a cold request's only up to rounding (the terminal chat uses it)."""
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         sampler = sampling.resolve_sampler(sampler, model.device, model.dtype)
         cfg = model.config
         self.C, self.V = cfg.canvas_length, cfg.vocab_size
@@ -173,12 +176,16 @@ class Engine:
         greedy: accepted positions take the argmax instead of a sample (temperatures still set the entropies).
         frames: record a `Frame` after every pass of this request (collect them with `take_frames`); requests
         without frames cost nothing extra."""
-        self._check_ids(prompt)
+        prompt = self._check_ids(prompt)
         s = self.settings(**settings)
         check_positions(self.model.config, len(prompt), math.ceil(s.max_new_tokens / self.C) * self.C)
+        if request_id is not None and self._known(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
         gen = torch.Generator(device=self.model.device)
         gen.manual_seed(int(seed)) if seed is not None else gen.seed()
-        rid = request_id or f"req-{next(self._ids)}"
+        rid = request_id
+        while rid is None or self._known(rid):
+            rid = f"req-{next(self._ids)}"
         self.waiting.append(_Request(rid, list(prompt), s, gen, greedy, frames))
         return rid
 
@@ -191,7 +198,7 @@ class Engine:
         """Encode `prompt` when nothing else waits, only to leave its snapshot in the prefix store (a chat's
         next turn starts with it). Returns False when there is nothing to gain (no store, or shorter than a
         chunk). At most `max_jobs` wait; older ones are dropped."""
-        self._check_ids(prompt)
+        prompt = self._check_ids(prompt)
         last = self._snapshot_point(len(prompt))         # nothing after the snapshot point
         if self.prefix is None or last == 0:
             return False
@@ -210,11 +217,28 @@ class Engine:
     def _snapshot_point(self, n: int) -> int:
         return n // self.prefill_chunk * self.prefill_chunk if self.exact_reuse else n
 
-    def _check_ids(self, prompt: list[int]) -> None:
+    def _check_ids(self, prompt) -> list[int]:
+        """The prompt (a list or 1-D tensor of token ids) as a checked list of ints."""
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.is_floating_point():
+                raise ValueError(f"a prompt tensor must hold 1-D token ids, got {prompt.dim()}-D {prompt.dtype}")
+            prompt = prompt.tolist()
+        try:
+            if isinstance(prompt, (str, bytes)):
+                raise TypeError
+            prompt = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ValueError("a prompt is a list of token ids (tokenize the text first)") from None
         if not prompt:
             raise ValueError("a request needs at least one prompt token")
         if min(prompt) < 0 or max(prompt) >= self.V:
             raise ValueError(f"token ids must lie in [0, {self.V})")
+        return prompt
+
+    def _known(self, request_id: str) -> bool:
+        """A request of this id is waiting, running or not yet collected."""
+        return request_id in self.done or any(r.id == request_id for r in (*self.waiting, *self.prefilling)) \
+            or any(row.req.id == request_id for row in self.rows)
 
     @torch.inference_mode()
     def cancel(self, request_id: str) -> None:

@@ -89,7 +89,9 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     `stability_threshold=None` disable that rule, as in the reference. With `seed`, a private generator
     is used and a CPU fp32 run equals the reference's `generate` after `torch.manual_seed(seed)`.
     `cache`: continue a conversation; `input_ids` must then hold only uncached tokens (the previous
-    output's last canvas plus the new turn). `on_canvas(tokens [B, C])` is called after each commit.
+    output's last canvas plus the new turn). The cache is extended in place (the output's `cache` is the same
+    object): to continue from one point twice (try a turn again), pass `cache.clone()`.
+    `on_canvas(tokens [B, C])` is called after each commit.
     `sampler`: "exact" draws random numbers exactly like the reference (the seeded contract); "fast"
     samples the same distribution with one uniform per position (see sampling.sample_rows); "auto" (the
     default) is exact on the CPU in fp32 and fast elsewhere.
@@ -111,12 +113,12 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     row_chunk = row_chunk or default_row_chunk(model, sampler)
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
     n_canvas = math.ceil(s.max_new_tokens / CL)
+    if cache is not None and cache.n != B:
+        raise ValueError(f"cache holds {cache.n} rows but input_ids has {B}")
+    cur_len = (0 if cache is None else cache.length) + L
+    check_positions(cfg, cur_len, n_canvas * CL)       # before any memory is taken for them
     if cache is None:
         cache = model.workspace_cache(B, L + n_canvas * CL)
-    elif cache.n != B:
-        raise ValueError(f"cache holds {cache.n} rows but input_ids has {B}")
-    cur_len = cache.length + L
-    check_positions(cfg, cur_len, n_canvas * CL)
     cache.reserve(cur_len + n_canvas * CL)
     # the reference's MaxLengthCriteria: len(input_ids) >= max_new_tokens + cached + prompt. It fires on the last
     # canvas at the latest (never when continuing from a cache, since input_ids excludes the cached part)
@@ -293,6 +295,10 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 256, temperature: flo
                          confidence_threshold=_UNSET, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     ids = model._ids(input_ids)
     B, L = ids.shape
+    if L == 0:
+        raise ValueError("generate_ar needs at least one prompt token")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     check_positions(model.config, L, s.max_new_tokens)
     dev = model.device
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None

@@ -114,6 +114,20 @@ def test_checkpoint_loads_and_new_run_refuses_overwrite(tmp_path):
         train(cfg, ModelConfig(**TINY), _data(), _data(8), progress=False)
 
 
+
+def test_saves_delete_only_their_own_checkpoint_folders(tmp_path):
+    out = tmp_path / "run"
+    for name in ("ckpt-00000003-keep", "ckpt-notes", "ckpt-1"):
+        (out / name).mkdir(parents=True)
+        (out / name / "mine.txt").write_text("keep me")
+    cfg = TrainConfig(out=str(out), steps=4, batch_size=2, eval_every=0, save_every=2, warmup=1,
+                      objective=ObjectiveConfig(context_length=4))
+    train(cfg, ModelConfig(**TINY), _data(), _data(8), progress=False)
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000003-keep", "ckpt-00000004", "ckpt-1",
+                                                        "ckpt-notes"]
+    assert all((out / n / "mine.txt").read_text() == "keep me" for n in ("ckpt-00000003-keep", "ckpt-notes"))
+
+
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})

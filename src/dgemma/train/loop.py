@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +28,7 @@ from ..model import DiffusionGemma
 from .objective import ObjectiveConfig, _denoiser_pass, _encoder_pass, losses
 
 CKPT = "checkpoint"
+CKPT_NAME = re.compile(r"ckpt-\d{8}")    # the folders _save writes (and deletes once superseded)
 
 
 class TrainError(ValueError):
@@ -105,8 +107,8 @@ def _save(model, opt, step: int, cfg: TrainConfig, history: list, extra_files: d
         tmp_link.unlink()
     tmp_link.symlink_to(name)
     os.replace(tmp_link, out / CKPT)
-    for old in out.glob("ckpt-*"):
-        if old.name != name:
+    for old in out.glob("ckpt-*"):          # only the trainer's own folders: never a user's `ckpt-notes`
+        if old.name != name and CKPT_NAME.fullmatch(old.name) and old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -140,8 +140,12 @@ def test_against_a_server(tmp_path):
         out = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", "--url", srv.url, "--api-key", "k",
                               "--system", system, *FAST], input="Hello there\nAnd then?\n",
                              capture_output=True, text=True, env=ENV, timeout=60)
+        wrong = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", "--url", srv.url, "--api-key", "k",
+                                "--model", "nosuch"], input="Hello\n", capture_output=True, text=True, env=ENV,
+                               timeout=60)
     finally:
         srv.stop()
+    assert wrong.returncode == 2 and wrong.stderr.startswith("dgemma: error: ") and "'nosuch'" in wrong.stderr
     assert out.returncode == 0, out.stderr
     (n1, tpf1, p1, e1, r1), (n2, tpf2, p2, e2, r2) = STATS.findall(out.stderr)
     n1, p1, n2, p2, e2, r2 = map(int, (n1, p1, n2, p2, e2, r2))

@@ -249,9 +249,12 @@ class Remote:
         try:
             r = self.http.get("/v1/models")
             r.raise_for_status()
-            self.name = args.model or r.json()["data"][0]["id"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+            served = [m["id"] for m in r.json()["data"]]
+            self.name = args.model or served[0]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
             raise UsageError(f"cannot use the server at {self.url}: {e}") from None
+        if self.name not in served:
+            raise UsageError(f"the server at {self.url} serves {', '.join(map(repr, served))}, not {self.name!r}")
         self.label, self.system = f"{self.name} at {self.url}", system
         self.reset()
 

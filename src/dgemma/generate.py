@@ -127,6 +127,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     valid = None if attention_mask is None else torch.as_tensor(attention_mask, device=dev).bool()
     if valid is not None and valid.shape != ids.shape:
         raise ValueError(f"attention_mask shape {tuple(valid.shape)} != input_ids shape {tuple(ids.shape)}")
+    if valid is not None and L and not bool(valid.any(-1).all()):
+        raise ValueError(f"attention_mask row {int((~valid.any(-1)).nonzero()[0])} has no token")
     stop_rule = s.stability_threshold is not None and s.confidence_threshold is not None
 
     finished = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -1,6 +1,7 @@
 """Checkpoint folders: sharded round trip, clear errors, vision tensors never read, config validation."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,62 @@ def test_loading_does_not_import_torch_dynamo():
     torch.manual_seed(0)
     real = dgemma.model.Embedding(64, 32)                  # elsewhere the usual N(0, 1) init
     assert meta.weight.is_meta and 0.8 < float(real.weight.detach().std()) < 1.2
+
+
+def changed(doc, key: str, value):
+    """A copy of the JSON `doc` with the dotted `key` set to `value` (key "": the whole file is `value`)."""
+    if not key:
+        return value
+    out = json.loads(json.dumps(doc))
+    *parents, last = key.split(".")
+    node = out
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return out
+
+
+def shipped(name: str) -> dict:
+    return json.loads((Path(dgemma.default_model_path()) / name).read_text())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("", [1, 2], "config.json must be a JSON object (got [1, 2])"),
+    ("text_config", 5, "config.json: text_config must be a JSON object (got 5)"),
+    ("text_config.hidden_size", "abc", "config.json: text_config.hidden_size must be a positive integer (got 'abc')"),
+    ("text_config.num_hidden_layers", 4.0, "text_config.num_hidden_layers must be a positive integer"),
+    ("text_config.rms_norm_eps", "1e-6", "text_config.rms_norm_eps must be a positive number"),
+    ("text_config.attention_bias", "no", "text_config.attention_bias must be true or false"),
+    ("text_config.layer_types", "full_attention", "text_config.layer_types must be a list of strings"),
+    ("text_config.rope_parameters.full_attention.rope_theta", "1e6", "full_attention.rope_theta must be a positive"),
+    ("text_config.per_layer_config", {"3": 7}, "text_config.per_layer_config.3 must be a JSON object"),
+    ("canvas_length", -4, "config.json: canvas_length must be a positive integer (got -4)"),
+    ("canvas_length", 0, "config.json: canvas_length must be a positive integer (got 0)"),
+    ("eos_token_id", "1", "config.json: eos_token_id must be a list of integers >= 0"),
+])
+def test_config_json_of_the_wrong_shape(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf(changed(shipped("config.json"), key, value))
+    assert message in str(e.value)
+
+
+def test_config_null_takes_the_default():
+    assert ModelConfig.from_hf(changed(shipped("config.json"), "canvas_length", None)).canvas_length == 256
+    with pytest.raises(ConfigError, match="hidden_size must be a positive integer"):
+        ModelConfig(hidden_size="abc")               # the Python API checks the same kinds
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("", [1, 2], "generation_config.json must be a JSON object (got [1, 2])"),
+    ("t_min", "0.1", "generation_config.json: t_min must be a positive number (got '0.1')"),
+    ("confidence_threshold", "a", "generation_config.json: confidence_threshold must be a number >= 0"),
+    ("eos_token_id", "1", "generation_config.json: eos_token_id must be a list of integers >= 0 (got '1')"),
+    ("sampler_config", 5, "generation_config.json: sampler_config must be a JSON object (got 5)"),
+    ("sampler_config.entropy_bound", "0.1", "generation_config.json: entropy_bound must be a positive number"),
+    ("max_new_tokens", 2.5, "generation_config.json: max_new_tokens must be a positive integer"),
+    ("stability_threshold", True, "generation_config.json: stability_threshold must be an integer >= 0"),
+])
+def test_generation_config_json_of_the_wrong_shape(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        SamplerConfig.from_hf(changed(shipped("generation_config.json"), key, value))
+    assert message in str(e.value)

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class ConfigError(ValueError):
@@ -18,6 +18,52 @@ class ConfigError(ValueError):
 
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return (_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# kind -> (test, what the value must be)
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "pos_int": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "id": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "ids": (lambda v: isinstance(v, (list, tuple)) and all(_int(x) and x >= 0 for x in v), "a list of integers >= 0"),
+    "pos_num": (lambda v: _num(v) and v > 0, "a positive number"),
+    "num": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "strs": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "dict": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+
+
+def check(name: str, value: Any, kind: str) -> Any:
+    """`value` if it is of `kind` (a key of _KINDS; a trailing "?" also allows None), else a ConfigError
+    naming `name` (e.g. "config.json: text_config.hidden_size")."""
+    if value is None and kind.endswith("?"):
+        return value
+    test, what = _KINDS[kind.rstrip("?")]
+    if not test(value):
+        raise ConfigError(f"{name} must be {what} (got {value!r})")
+    return value
+
+
+# ModelConfig fields -> kind (see `check`)
+_FIELD_KINDS = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+                     "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size",
+                     "max_position_embeddings", "canvas_length"), "pos_int"),
+    **dict.fromkeys(("rope_local_theta", "rope_global_theta", "global_partial_rotary_factor", "rms_norm_eps"),
+                    "pos_num"),
+    "final_logit_softcapping": "num?", "layer_types": "strs", "pad_token_id": "id", "bos_token_id": "id",
+    "eos_token_id": "ids", "dtype": "str",
+}
 
 
 @dataclass
@@ -52,6 +98,10 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # untouched top-level keys (vision...)
 
     def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        for name, kind in _FIELD_KINDS.items():
+            check(name, getattr(self, name), kind)
         if not self.layer_types:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
         if len(self.layer_types) != self.num_hidden_layers:
@@ -63,14 +113,10 @@ class ModelConfig:
         for t in self.layer_types:
             if t not in (SLIDING, FULL):
                 raise ConfigError(f"layer_types: unsupported layer type {t!r}")
-        if isinstance(self.eos_token_id, int):
-            self.eos_token_id = [self.eos_token_id]
-        for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive integer (got {getattr(self, name)!r})")
         if self.top_k_experts > self.num_experts:
             raise ConfigError(f"top_k_experts ({self.top_k_experts}) > num_experts ({self.num_experts})")
-        if self.num_attention_heads % self.num_key_value_heads or self.num_attention_heads % self.num_global_key_value_heads:
+        if self.num_attention_heads % self.num_key_value_heads or \
+                self.num_attention_heads % self.num_global_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of the key/value head counts")
         if self.sliding_window < 2:
             raise ConfigError(f"sliding_window must be >= 2 (got {self.sliding_window})")
@@ -103,90 +149,105 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Build from a parsed `config.json` (the top-level DiffusionGemma dict, or a bare text config)."""
+        check("config.json", cfg, "dict")
         if cfg.get("model_type") not in (None, "diffusion_gemma", "diffusion_gemma_text"):
             raise ConfigError(f"model_type {cfg.get('model_type')!r} is not a DiffusionGemma checkpoint")
-        text = dict(cfg.get("text_config") or cfg)
+        text = dict(check("config.json: text_config", cfg.get("text_config"), "dict?") or cfg)
         top = {k: v for k, v in cfg.items() if k != "text_config"} if "text_config" in cfg else {}
 
-        def need(key: str) -> Any:
-            if text.get(key) is None:
-                raise ConfigError(f"config.json: text_config.{key} is missing")
-            return text[key]
+        def get(key: str, default: Any = None, kind: str | None = None, src: dict = text,
+                at: str = "text_config.") -> Any:
+            """src[key], checked as `kind` (default: the field's kind); missing or null: `default` (None: an error)."""
+            if src.get(key) is None:
+                if default is None:
+                    raise ConfigError(f"config.json: {at}{key} is missing")
+                return default
+            return check(f"config.json: {at}{key}", src[key], kind or _FIELD_KINDS[key])
 
         act = text.get("hidden_activation", "gelu_pytorch_tanh")
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ConfigError(f"hidden_activation={act!r} is not supported (only gelu_pytorch_tanh)")
-        if text.get("attention_bias"):
+        if get("attention_bias", False, "bool"):
             raise ConfigError("attention_bias=true is not supported")
         if text.get("use_bidirectional_attention") == "all":
             raise ConfigError("use_bidirectional_attention='all' is not supported (text encoder must be causal)")
-        if text.get("tie_word_embeddings", top.get("tie_word_embeddings", True)) is False:
+        if get("tie_word_embeddings", get("tie_word_embeddings", True, "bool", top, ""), "bool") is False:
             raise ConfigError("tie_word_embeddings=false is not supported (the head is the embedding)")
         if text.get("hidden_size_per_layer_input"):
             raise ConfigError("hidden_size_per_layer_input (per-layer embeddings) is not supported")
-        n_layers = need("num_hidden_layers")
-        layer_types = text.get("layer_types") or []
+        n_layers = get("num_hidden_layers")
+        layer_types = list(get("layer_types", []))
         if layer_types and layer_types[-1] != FULL:
             layer_types = list(layer_types[:-1]) + [FULL]
 
         # Full-layer overrides: published files use global_head_dim/num_global_key_value_heads,
         # transformers' save_pretrained writes per_layer_config {idx: {head_dim, num_key_value_heads}}.
-        kv, hd = need("num_key_value_heads"), text.get("head_dim", 256)
+        kv, hd = get("num_key_value_heads"), get("head_dim", 256)
         tmp_types = layer_types or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)]
         tmp_types = list(tmp_types[:-1]) + [FULL]
         if "per_layer_config" in text:  # written by transformers' save_pretrained; a missing key = base value
-            plc = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
+            plc = {}
+            for k, over in get("per_layer_config", {}, "dict").items():
+                if not str(k).isdigit():
+                    raise ConfigError(f"config.json: text_config.per_layer_config: {k!r} is not a layer index")
+                plc[int(k)] = check(f"config.json: text_config.per_layer_config.{k}", over, "dict")
             shapes = set()
-            for i in range(n_layers):
+            for i, t in enumerate(tmp_types):
                 over = plc.get(i, {})
                 if set(over) - {"head_dim", "num_key_value_heads"}:
                     raise ConfigError(f"per_layer_config[{i}]: unsupported keys {sorted(set(over))}")
-                if tmp_types[i] == SLIDING and over:
+                if t == SLIDING and over:
                     raise ConfigError(f"per_layer_config[{i}]: overrides on sliding layers are not supported")
-                if tmp_types[i] == FULL:
-                    shapes.add((over.get("head_dim", hd), over.get("num_key_value_heads", kv)))
+                if t == FULL:
+                    at = f"text_config.per_layer_config.{i}."
+                    shapes.add((get("head_dim", hd, "pos_int", over, at),
+                                get("num_key_value_heads", kv, "pos_int", over, at)))
             if len(shapes) != 1:
                 raise ConfigError("per_layer_config: full-attention layers with different shapes are not supported")
             g_hd, g_kv = shapes.pop()
         else:  # published config.json: plain keys, with the reference's defaults
-            g_hd = text.get("global_head_dim") or 512
-            g_kv = text.get("num_global_key_value_heads") or kv
-        rope = text.get("rope_parameters") or {}
-        loc = rope.get(SLIDING) or {"rope_type": "default", "rope_theta": 10000.0}
-        glo = rope.get(FULL) or {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+            g_hd = get("global_head_dim", 512)
+            g_kv = get("num_global_key_value_heads", kv)
+        rope = get("rope_parameters", {}, "dict")
+        at = "text_config.rope_parameters."
+        loc = get(SLIDING, {"rope_type": "default", "rope_theta": 10000.0}, "dict", rope, at)
+        glo = get(FULL, {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}, "dict",
+                  rope, at)
         if loc.get("rope_type", "default") != "default" or loc.get("partial_rotary_factor", 1.0) != 1.0:
             raise ConfigError(f"rope_parameters.sliding_attention={loc} is not supported (only 'default')")
         if glo.get("rope_type") not in ("proportional", "default"):
             raise ConfigError(f"rope_parameters.full_attention.rope_type={glo.get('rope_type')!r} is not supported")
-        eos = top.get("eos_token_id", text.get("eos_token_id", 1))
+        eos = next((v for v in (top.get("eos_token_id"), text.get("eos_token_id")) if v is not None), 1)
         tdtype = top.get("dtype") or top.get("torch_dtype") or text.get("dtype") or "bfloat16"
         return cls(
-            vocab_size=need("vocab_size"),
-            hidden_size=need("hidden_size"),
-            intermediate_size=need("intermediate_size"),
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
             num_hidden_layers=n_layers,
-            num_attention_heads=need("num_attention_heads"),
+            num_attention_heads=get("num_attention_heads"),
             num_key_value_heads=kv,
             head_dim=hd,
             global_head_dim=g_hd,
             num_global_key_value_heads=g_kv,
-            sliding_window=text.get("sliding_window", 512),
+            sliding_window=get("sliding_window", 512),
             layer_types=layer_types,
-            rope_local_theta=float(loc.get("rope_theta", 10000.0)),
-            rope_global_theta=float(glo.get("rope_theta", 1e6)),
+            rope_local_theta=float(get("rope_theta", 10000.0, "pos_num", loc, at + SLIDING + ".")),
+            rope_global_theta=float(get("rope_theta", 1e6, "pos_num", glo, at + FULL + ".")),
             global_partial_rotary_factor=float(
-                glo.get("partial_rotary_factor", 1.0) if glo.get("rope_type") == "proportional" else 1.0
+                get("partial_rotary_factor", 1.0, "pos_num", glo, at + FULL + ".")
+                if glo.get("rope_type") == "proportional" else 1.0
             ),
-            num_experts=text.get("num_experts"),
-            top_k_experts=text.get("top_k_experts"),
-            moe_intermediate_size=text.get("moe_intermediate_size"),
-            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-            final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
-            max_position_embeddings=text.get("max_position_embeddings", 131072),
-            canvas_length=top.get("canvas_length", text.get("canvas_length", 256)) or 256,
-            pad_token_id=text.get("pad_token_id", 0) if text.get("pad_token_id") is not None else 0,
-            bos_token_id=text.get("bos_token_id", 2),
-            eos_token_id=eos if isinstance(eos, list) else [eos],
+            num_experts=get("num_experts"),
+            top_k_experts=get("top_k_experts"),
+            moe_intermediate_size=get("moe_intermediate_size"),
+            rms_norm_eps=get("rms_norm_eps", 1e-6),
+            final_logit_softcapping=check("config.json: text_config.final_logit_softcapping",
+                                          text.get("final_logit_softcapping", 30.0), "num?"),
+            max_position_embeddings=get("max_position_embeddings", 131072),
+            canvas_length=get("canvas_length", get("canvas_length", 256), src=top, at=""),
+            pad_token_id=get("pad_token_id", 0),
+            bos_token_id=get("bos_token_id", 2),
+            eos_token_id=check("config.json: eos_token_id", [eos] if _int(eos) else eos, "ids"),
             dtype=str(tdtype).replace("torch.", ""),
             extra=top,
         )
@@ -230,8 +291,14 @@ class ModelConfig:
             raise ConfigError(f"{p} not found (is {path} a DiffusionGemma checkpoint folder?)")
         try:
             return cls.from_hf(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p} is not valid JSON: {e}") from None
+
+
+# SamplerConfig fields -> kind (see `check`); None disables stability, confidence, eos and pad
+_SAMPLER_KINDS = {"max_new_tokens": "pos_int", "max_denoising_steps": "pos_int", "entropy_bound": "pos_num",
+                  "t_min": "pos_num", "t_max": "pos_num", "stability_threshold": "id?", "confidence_threshold": "num?",
+                  "eos_token_id": "ids?", "pad_token_id": "id?"}
 
 
 @dataclass
@@ -249,23 +316,13 @@ class SamplerConfig:
     pad_token_id: int | None = 0
 
     def validate(self) -> "SamplerConfig":
-        if isinstance(self.eos_token_id, int):
+        """Check every setting (a ConfigError starting with its name); an int eos_token_id becomes a list."""
+        if _int(self.eos_token_id):
             self.eos_token_id = [self.eos_token_id]
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r})")
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:
-            raise ConfigError(f"max_denoising_steps must be a positive integer (got {self.max_denoising_steps!r})")
-        if not self.entropy_bound > 0:
-            raise ConfigError(f"entropy_bound must be > 0 (got {self.entropy_bound!r})")
-        if not (0 < self.t_min and 0 < self.t_max) or not all(map(math.isfinite, (self.t_min, self.t_max))):
-            raise ConfigError(f"t_min and t_max must be positive (got {self.t_min!r}, {self.t_max!r})")
+        for name, kind in _SAMPLER_KINDS.items():
+            check(name, getattr(self, name), kind)
         if self.t_max < self.t_min:
             raise ConfigError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
-        if self.stability_threshold is not None and (
-                not isinstance(self.stability_threshold, int) or self.stability_threshold < 0):
-            raise ConfigError(f"stability_threshold must be an integer >= 0 (got {self.stability_threshold!r})")
-        if self.confidence_threshold is not None and self.confidence_threshold < 0:
-            raise ConfigError(f"confidence_threshold must be >= 0 (got {self.confidence_threshold!r})")
         return self
 
     @classmethod
@@ -273,16 +330,17 @@ class SamplerConfig:
         """Read `generation_config.json`. Null or missing sampler keys take the reference's global defaults;
         eos/pad come from the file alone (missing = none, as the reference does); without a file, from the
         model config."""
+        check("generation_config.json", gen, "dict")
         out = cls(eos_token_id=gen.get("eos_token_id"), pad_token_id=gen.get("pad_token_id"))
         if not gen and model is not None:
             out.eos_token_id, out.pad_token_id = list(model.eos_token_id), model.pad_token_id
-        sc = gen.get("sampler_config")
+        sc = check("generation_config.json: sampler_config", gen.get("sampler_config"), "dict?")
         if sc is not None:
-            name = sc.get("_cls_name", "EntropyBoundSamplerConfig") if isinstance(sc, dict) else None
+            name = sc.get("_cls_name", "EntropyBoundSamplerConfig")
             if name != "EntropyBoundSamplerConfig":
                 raise ConfigError(f"generation_config.json: sampler_config {name!r} is not supported")
             if sc.get("entropy_bound") is not None:
-                out.entropy_bound = float(sc["entropy_bound"])
+                out.entropy_bound = sc["entropy_bound"]
         for key in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
                     "confidence_threshold"):
             if gen.get(key) is not None:
@@ -291,7 +349,10 @@ class SamplerConfig:
             raise ConfigError(
                 f"generation_config.json: cache_implementation={gen['cache_implementation']!r} is not supported"
             )
-        return out.validate()
+        try:
+            return out.validate()
+        except ConfigError as e:
+            raise ConfigError(f"generation_config.json: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         d = asdict(self)
@@ -306,7 +367,7 @@ class SamplerConfig:
             return cls.from_hf({}, model)
         try:
             return cls.from_hf(json.loads(p.read_text()), model)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p} is not valid JSON: {e}") from None
 
 

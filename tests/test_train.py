@@ -128,6 +128,68 @@ def test_saves_delete_only_their_own_checkpoint_folders(tmp_path):
     assert all((out / n / "mine.txt").read_text() == "keep me" for n in ("ckpt-00000003-keep", "ckpt-notes"))
 
 
+
+def _failing_losses(monkeypatch, at: int, how: str) -> None:
+    """Make call `at` of the objective return a NaN loss or raise KeyboardInterrupt, or step `at` use lr = inf."""
+    import dgemma.train.loop as loop
+    real, calls = loop.losses, []
+    if how == "lr=inf":
+        monkeypatch.setattr(loop, "lr_at", lambda step, cfg: float("inf") if step == at - 1 else cfg.lr)
+        return
+
+    def fake(model, *a, **k):
+        out = real(model, *a, **k)
+        calls.append(1)
+        if len(calls) == at:
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+    monkeypatch.setattr(loop, "losses", fake)
+
+
+def _step_of(out):
+    return json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+
+
+@pytest.mark.parametrize("how, msg", [("nan", "step 3: the loss is nan"),
+                                      ("lr=inf", "step 3: the weights are no longer finite")])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, how, msg):
+    _failing_losses(monkeypatch, 3, how)
+    out = tmp_path / "run"
+    cfg = TrainConfig(out=str(out), steps=8, batch_size=2, eval_every=0, save_every=1, warmup=1,
+                      objective=ObjectiveConfig(context_length=4))
+    with pytest.raises(TrainError, match=msg):
+        train(cfg, ModelConfig(**TINY), _data(), _data(8), progress=True)
+    assert _step_of(out) == 2 and [p.name for p in out.glob("ckpt-*")] == ["ckpt-00000002"]
+    assert all(torch.isfinite(p).all() for p in dgemma.load(out / "checkpoint").parameters())
+    assert capsys.readouterr().err.endswith("\n")          # the progress bar's line is ended before the error
+
+
+def test_ctrl_c_saves_the_current_step(tmp_path, monkeypatch, capsys):
+    _failing_losses(monkeypatch, 4, "ctrl-c")
+    out = tmp_path / "run"
+    cfg = TrainConfig(out=str(out), steps=6, batch_size=2, eval_every=0, save_every=100, warmup=1,
+                      objective=ObjectiveConfig(context_length=4))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, ModelConfig(**TINY), _data(), _data(8), progress=True)
+    assert _step_of(out) == 3
+    assert capsys.readouterr().err.endswith(f"\ninterrupted at step 3; saved {out / 'checkpoint'} "
+                                            "(resume with --resume)\n")
+    monkeypatch.undo()
+    train(cfg, ModelConfig(**TINY), _data(), _data(8), resume=True, progress=False)
+    assert _step_of(out) == 6
+
+
+def test_data_without_a_scored_canvas_token_is_refused(tmp_path):
+    ids, score = _data()
+    score[:, 4:] = False                                       # e.g. one short document padded to a sequence
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=2, objective=ObjectiveConfig(context_length=4))
+    with pytest.raises(TrainError, match="nothing to train on"):
+        train(cfg, ModelConfig(**TINY), (ids, score), _data(8), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})

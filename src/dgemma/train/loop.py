@@ -7,11 +7,15 @@ Does not know: the loss (objective.py) or file formats (data.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -85,6 +89,8 @@ def _dist(dev: torch.device) -> tuple[int, int]:
 
 
 def _save(model, opt, step: int, cfg: TrainConfig, history: list, extra_files: dict[str, bytes]) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise TrainError(f"step {step}: the weights are no longer finite (training diverged: lower --lr); not saved")
     state = {}
     groups = []
     params = [p for p in model.parameters()]
@@ -110,6 +116,22 @@ def _save(model, opt, step: int, cfg: TrainConfig, history: list, extra_files: d
     for old in out.glob("ckpt-*"):          # only the trainer's own folders: never a user's `ckpt-notes`
         if old.name != name and CKPT_NAME.fullmatch(old.name) and old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _hold_ctrl_c():
+    """Hold Ctrl-C until the block ends (an optimiser step is applied whole or not at all), then raise it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    hit: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt
 
 
 def _restore(model, opt, path: Path) -> tuple[int, list]:
@@ -194,6 +216,14 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(dev)
     rank, world = _dist(dev)
+    ids, score = train_data
+    if len(ids) == 0:
+        raise TrainError("no training sequences (is the data shorter than one sequence?)")
+    ocfg = cfg.objective
+    if not (score[:, ocfg.context_length:] if ocfg.diffusion_weight else score).any():
+        raise TrainError(f"no training sequence has a scored token after its {ocfg.context_length}-token context, so "
+                         f"there is nothing to train on: is the data shorter than one sequence ({ids.shape[1]} "
+                         "tokens)? Add data, or lower --context / --canvases")
     out = Path(cfg.out)
     ckpt = out / CKPT
     if (ckpt.exists() or ckpt.is_symlink()) and not resume:
@@ -230,55 +260,72 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
     step, history = 0, []
     if resume:
         step, history = _restore(model, opt, ckpt)
-    ids, score = train_data
-    if len(ids) == 0:
-        raise TrainError("no training sequences (is the data shorter than one sequence?)")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    ocfg = cfg.objective
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
     t0, toks = time.time(), 0
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        seed = (cfg.seed * 1_000_003 + step) * 64 + rank        # batches and noise depend only on (seed, step)
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        pick = torch.Generator().manual_seed(seed)
-        opt.zero_grad(set_to_none=True)
-        logs = {"loss": 0.0, "ar": 0.0, "diffusion": 0.0}
-        for _ in range(cfg.grad_accum):
-            rows = torch.randint(0, len(ids), (cfg.batch_size,), generator=pick)
-            with autocast:
-                out_ = losses(model, ids[rows].to(dev), score[rows].to(dev), ocfg, gen)
-            (out_["loss"] / cfg.grad_accum).backward()
-            for k in logs:
-                logs[k] += out_[k].item() / cfg.grad_accum
-            toks += int(cfg.batch_size * ids.shape[1])
-        if world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        step += 1
-        rec = {"step": step, **{k: round(v, 4) for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and len(val_data[0]):
-            v = evaluate(model, val_data[0].to(dev), val_data[1].to(dev), ocfg, cfg.batch_size, cfg.eval_batches)
-            rec.update({"val_ar": round(v["ar"], 4), "val_diffusion": round(v["diffusion"], 4)})
-        history.append(rec)
+    saved = step
+    try:
+        while step < cfg.steps:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            seed = (cfg.seed * 1_000_003 + step) * 64 + rank        # batches and noise depend only on (seed, step)
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            pick = torch.Generator().manual_seed(seed)
+            opt.zero_grad(set_to_none=True)
+            logs = {"loss": 0.0, "ar": 0.0, "diffusion": 0.0}
+            for _ in range(cfg.grad_accum):
+                rows = torch.randint(0, len(ids), (cfg.batch_size,), generator=pick)
+                with autocast:
+                    out_ = losses(model, ids[rows].to(dev), score[rows].to(dev), ocfg, gen)
+                (out_["loss"] / cfg.grad_accum).backward()
+                for k in logs:
+                    logs[k] += out_[k].item() / cfg.grad_accum
+                toks += int(cfg.batch_size * ids.shape[1])
+            if world > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))     # the same on every rank
+            if not (math.isfinite(logs["loss"]) and math.isfinite(norm)):
+                raise TrainError(f"step {step + 1}: the loss is {logs['loss']:g} (gradient norm {norm:g}): training "
+                                 "diverged (lower --lr); stopped, " +
+                                 (f"the checkpoint of step {saved} is kept" if saved else "nothing saved"))
+            with _hold_ctrl_c():                       # Ctrl-C: after the whole update, and the step counted
+                opt.step()
+                step += 1
+            rec = {"step": step, **{k: round(v, 4) for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
+            history.append(rec)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and len(val_data[0]):
+                v = evaluate(model, val_data[0].to(dev), val_data[1].to(dev), ocfg, cfg.batch_size, cfg.eval_batches)
+                rec.update({"val_ar": round(v["ar"], 4), "val_diffusion": round(v["diffusion"], 4)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{logs['loss']:.3f}", ar=f"{logs['ar']:.3f}", diff=f"{logs['diffusion']:.3f}",
+                                tok_s=f"{toks * world / max(time.time() - t0, 1e-9):.0f}")
+                bar.update(1)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                if rank == 0:
+                    _save(model, opt, step, cfg, history, extra_files or {})
+                saved = step
+            if world > 1:
+                dist.barrier()
+    except KeyboardInterrupt:
         if bar is not None:
-            bar.set_postfix(loss=f"{logs['loss']:.3f}", ar=f"{logs['ar']:.3f}", diff=f"{logs['diffusion']:.3f}",
-                            tok_s=f"{toks * world / max(time.time() - t0, 1e-9):.0f}")
-            bar.update(1)
-        if (step % cfg.save_every == 0 or step == cfg.steps) and rank == 0:
+            bar.close()
+        if rank == 0 and step > saved:
             _save(model, opt, step, cfg, history, extra_files or {})
-        if world > 1:
-            dist.barrier()
-    if bar is not None:
-        bar.close()
+            saved = step
+        if rank == 0:
+            print(f"interrupted at step {step}; " + (f"saved {ckpt} (resume with --resume)" if saved else
+                                                     "nothing saved yet"), file=sys.stderr, flush=True)
+        raise
+    finally:
+        if bar is not None:             # end the bar's line, so that an error is not printed on it
+            bar.close()
     return ckpt
+

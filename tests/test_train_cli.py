@@ -2,6 +2,8 @@
 with a frozen router, evaluation."""
 import json
 
+import pytest
+
 import torch
 
 import dgemma
@@ -82,3 +84,25 @@ def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch, capsys):
     ev = json.loads(out.read_text())
     assert ev["encoder_perplexity"] > 1 and 0 < ev["tokens_per_forward"] <= 8
     assert ev["by_noise"]["t=1/corrupted"] > ev["by_noise"]["t=0.2/clean"]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    (d / "corpus.txt").write_text(TEXT)
+    assert main(["tokenizer", "train", "--data", str(d / "corpus.txt"), "--vocab-size", "300",
+                 "--out", str(d / "tok")]) == 0
+    return d / "tok"
+
+
+@pytest.mark.parametrize("lines, msg", [
+    ([b'{"messages": ["hi", "there"]}'], "x.jsonl:1: a chat example needs at least two messages"),
+    ([b'{"text": "fine"}', b'{"text": "caf\xe9"}'], "x.jsonl:2: not UTF-8 text (byte 0xe9 at column 14)"),
+    ([b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}'],
+     "x.jsonl:1: message 0 needs a string 'content'")])
+def test_data_errors_name_the_file_and_line(tmp_path, tok_dir, capsys, lines, msg):
+    (tmp_path / "x.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert main(["train", "--data", str(tmp_path / "x.jsonl"), "--tokenizer", str(tok_dir),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dgemma: error: ") and msg in err and str(tmp_path / "x.jsonl") in err, err

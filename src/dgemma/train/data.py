@@ -28,7 +28,8 @@ class Example:
 
 
 def iter_documents(paths: list[str | Path]):
-    """Yield ('text', str) or ('chat', messages) from files and folders (recursively), in sorted order."""
+    """Yield ('text', str, where) or ('chat', messages, where) from files and folders (recursively), in sorted
+    order; `where` is "file:line" (JSONL) or "file" for error messages."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -41,7 +42,12 @@ def iter_documents(paths: list[str | Path]):
         raise DataError(f"no .txt/.md/.jsonl files found in {', '.join(map(str, paths))}")
     for f in files:
         if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            for n, raw in enumerate(f.read_bytes().splitlines(), 1):   # JSON Lines: lines end at \n (or \r\n)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{f}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                        from None
                 if not line.strip():
                     continue
                 try:
@@ -49,15 +55,15 @@ def iter_documents(paths: list[str | Path]):
                 except json.JSONDecodeError as e:
                     raise DataError(f"{f}:{n}: invalid JSON ({e.msg})") from None
                 if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-                    yield "chat", rec["messages"]
+                    yield "chat", rec["messages"], f"{f}:{n}"
                 elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                    yield "text", rec["text"]
+                    yield "text", rec["text"], f"{f}:{n}"
                 else:
                     raise DataError(f"{f}:{n}: each JSONL line needs a 'text' string or a 'messages' list")
         else:
             for para in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
                 if para.strip():
-                    yield "text", para.strip()
+                    yield "text", para.strip(), str(f)
 
 
 def is_validation(doc: str | list, val_percent: float) -> bool:
@@ -70,21 +76,30 @@ def encode_documents(paths, tokenizer, val_percent: float = 1.0) -> tuple[list[E
     """Tokenize every document; text gets bos ... eos and is fully scored; chats score only the reply."""
     train, val = [], []
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    for kind, doc in iter_documents(paths):
+    for kind, doc, where in iter_documents(paths):
         if kind == "text":
             ids = ([bos] if bos is not None else []) + tokenizer.encode(doc) + ([eos] if eos is not None else [])
             ex = Example(ids, [True] * len(ids))
         else:
-            if len(doc) < 2 or doc[-1].get("role") not in ("assistant", "model"):
-                raise DataError("a chat example needs at least two messages and must end with the assistant")
-            prompt = tokenizer.apply_chat_template(doc[:-1], add_generation_prompt=True, tokenize=True)
-            full = tokenizer.apply_chat_template(doc, add_generation_prompt=False, tokenize=True)
-            if full[:len(prompt)] != prompt:
-                raise DataError("chat template renders the prompt differently inside the full conversation")
-            ids = list(full) + ([eos] if eos is not None else [])
-            ex = Example(ids, [False] * len(prompt) + [True] * (len(ids) - len(prompt)))
+            try:
+                ex = _chat_example(doc, tokenizer)
+            except ValueError as e:                 # DataError, or the tokenizer's TokenizerError
+                raise DataError(f"{where}: {e}") from None
         (val if is_validation(doc, val_percent) else train).append(ex)
     return train, val
+
+
+def _chat_example(doc: list, tokenizer) -> Example:
+    """A chat (list of messages): only the last message, the assistant's reply, is scored."""
+    if len(doc) < 2 or not all(isinstance(m, dict) for m in doc) or doc[-1].get("role") not in ("assistant", "model"):
+        raise DataError("a chat example needs at least two messages ({'role': ..., 'content': ...} objects) and "
+                        "must end with the assistant")
+    prompt = tokenizer.apply_chat_template(doc[:-1], add_generation_prompt=True, tokenize=True)
+    full = tokenizer.apply_chat_template(doc, add_generation_prompt=False, tokenize=True)
+    if full[:len(prompt)] != prompt:
+        raise DataError("chat template renders the prompt differently inside the full conversation")
+    ids = list(full) + ([eos] if (eos := tokenizer.eos_token_id) is not None else [])
+    return Example(ids, [False] * len(prompt) + [True] * (len(ids) - len(prompt)))
 
 
 def pack(examples: list[Example], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

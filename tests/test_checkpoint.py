@@ -242,3 +242,67 @@ def test_generation_config_json_of_the_wrong_shape(key, value, message):
     with pytest.raises(ConfigError) as e:
         SamplerConfig.from_hf(changed(shipped("generation_config.json"), key, value))
     assert message in str(e.value)
+
+
+def safetensors_bytes(header, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("model.safetensors", bytes(range(256)) * 4, "header length"),                # random bytes: a huge length
+    ("model.safetensors", safetensors_bytes([1, 2, 3]), "header is not a JSON object"),
+    ("model.safetensors", safetensors_bytes({"a": 5}), "header entry a must be a JSON object"),
+    ("model.safetensors", safetensors_bytes({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"x" * 8),
+     "a: shape must be a list of integers >= 0"),
+    ("model.safetensors", safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"x" * 8),
+     "is truncated or corrupt (tensor a"),
+    ("model.safetensors.index.json", b'{"weight_map": ["a"]}', "weight_map must be a JSON object"),
+    ("model.safetensors.index.json", b'[1]', "weight_map must be a JSON object"),
+    ("model.safetensors.index.json", b'{"weight_map": {"a": 1}}', "weight_map must be a JSON object"),
+], ids=["random", "list-header", "entry", "shape", "offsets", "index-list", "index-top-list", "index-values"])
+def test_corrupt_weight_files(folder, tmp_path, name, content, message):
+    path, _ = folder
+    (path / name).write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        dgemma.load(path)
+    assert message in str(e.value)
+
+
+def test_byte_size_is_checked_before_allocating(tmp_path):
+    from dgemma.checkpoint import read_header, read_tensor
+    fn = tmp_path / "x.safetensors"
+    fn.write_bytes(safetensors_bytes({"a": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 8]}}, b"x" * 8))
+    with pytest.raises(CheckpointError, match="byte size does not match"):
+        read_tensor(fn, read_header(fn)["a"], None, torch.device("cpu"))
+
+
+def test_dtype_must_be_a_compute_dtype(folder):
+    path, _ = folder
+    for dtype in (torch.int8, torch.float64, "torch.int8"):
+        with pytest.raises(ConfigError, match="unsupported dtype.*choose from float32, bfloat16, float16"):
+            dgemma.load(path, dtype=dtype)
+    assert dgemma.load(path, dtype=torch.float16).dtype == torch.float16
+
+
+def test_quantize_output_path_errors(folder, tmp_path, monkeypatch):
+    import dgemma.checkpoint as ck
+    path, _ = folder
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="afile is an existing file"):
+        ck.quantize_folder(path, tmp_path / "afile", "int8", progress=False)
+    with pytest.raises(CheckpointError, match="empty output folder path"):
+        ck.quantize_folder(path, "", "int8", progress=False)
+    with pytest.raises(CheckpointError, match="empty model path"):
+        ck.resolve_model("")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ck, "_write_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ck.quantize_folder(path, tmp_path / "new" / "deep" / "out", "int8", progress=False)
+    assert not (tmp_path / "new").exists()            # the folders it made are gone again
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError, match="No space"):
+        ck.quantize_folder(path, tmp_path / "kept" / "deep" / "out", "int8", progress=False)
+    assert list((tmp_path / "kept").iterdir()) == []  # but not one that was there before

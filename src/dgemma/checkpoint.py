@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig, SamplerConfig
+from .config import ConfigError, ModelConfig, SamplerConfig, check
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -61,6 +62,8 @@ def resolve_model(name: str | os.PathLike) -> Path:
     failure becomes one `CheckpointError` line naming the id.
     """
     text = os.fspath(name)
+    if not text.strip():
+        raise CheckpointError("empty model path (pass a checkpoint folder or a Hub id)")
     path = Path(text).expanduser()
     if path.is_dir():
         return path
@@ -106,13 +109,15 @@ def resolve_model(name: str | os.PathLike) -> Path:
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    """None, or a compute dtype: float32, bfloat16 or float16 (a torch dtype, its name, fp32, bf16 or fp16)."""
+    if dtype is None:
+        return None
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
-    if str(dtype) not in table:
+    name = str(dtype).removeprefix("torch.")
+    if name not in table:
         raise ConfigError(f"unsupported dtype {dtype!r} (choose from float32, bfloat16, float16)")
-    return table[str(dtype)]
+    return table[name]
 
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
@@ -122,18 +127,34 @@ ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def read_header(fn: Path) -> dict[str, dict]:
-    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}, plus '__start__'."""
+    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets, start} (no __metadata__).
+    Checks the header's length and every entry's types and offsets (CheckpointError naming the file)."""
     with open(fn, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{fn} is not a safetensors file (too short)")
         n = int.from_bytes(raw, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{fn} is not a safetensors file (header length {n} > file size - 8)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{fn} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{fn} is not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
-    for v in header.values():
+    for name, v in header.items():
+        try:
+            check(name, v, "dict")
+            check(f"{name}: dtype", v.get("dtype"), "str")
+            check(f"{name}: shape", v.get("shape"), "ids")
+            offsets = check(f"{name}: data_offsets", v.get("data_offsets"), "ids")
+        except ConfigError as e:
+            raise CheckpointError(f"{fn} is not a safetensors file (header entry {e})") from None
+        if len(offsets) != 2 or not offsets[0] <= offsets[1] <= size - 8 - n:
+            raise CheckpointError(f"{fn} is truncated or corrupt (tensor {name}: data_offsets {offsets}, "
+                                  f"{size - 8 - n} bytes of data)")
         v["start"] = 8 + n
     return header
 
@@ -145,11 +166,11 @@ def read_tensor(fn: Path, info: dict, dtype: torch.dtype | None, device: torch.d
     if st is None:
         raise CheckpointError(f"{fn}: unsupported tensor dtype {info['dtype']}")
     a, b = info["data_offsets"]
+    if math.prod(info["shape"]) * st.itemsize != b - a:        # checked before allocating
+        raise CheckpointError(f"{fn}: tensor byte size does not match its shape")
     t = torch.empty(info["shape"], dtype=st)
     if b > a:
-        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
-        if buf is None or buf.nbytes != b - a:
-            raise CheckpointError(f"{fn}: tensor byte size does not match its shape")
+        buf = t.view(-1).view(torch.uint8).numpy()
         with open(fn, "rb") as f:
             f.seek(info["start"] + a)
             if f.readinto(memoryview(buf)) != b - a:
@@ -161,9 +182,13 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     if (path / INDEX).is_file():
         try:
-            wm = json.loads((path / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            index = json.loads((path / INDEX).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path / INDEX} is not a valid safetensors index: {e}") from None
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(f, str) for k, f in wm.items()):
+            raise CheckpointError(f"{path / INDEX} is not a valid safetensors index: weight_map must be a JSON "
+                                  "object of tensor name -> file name")
         missing = sorted({f for f in wm.values() if not (path / f).is_file()})
         if missing:
             raise CheckpointError(f"{path}: shard file(s) listed in {INDEX} are missing: {', '.join(missing)}")
@@ -399,12 +424,16 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, weights: str
     from .model import DiffusionGemma
     from .quant import QuantConfig, plan, quantize, stored_name
 
+    if not os.fspath(dst).strip():
+        raise CheckpointError("empty output folder path")
     src, dst = resolve_model(src), Path(dst)
     q = QuantConfig.make(weights, group_size)
     cfg = ModelConfig.from_dir(src)
     if cfg.extra.get("quantization_config"):
         raise CheckpointError(f"{src} is already quantized: quantize its unquantized checkpoint")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"output folder {dst} is an existing file")
+    if dst.is_dir() and any(dst.iterdir()):
         raise CheckpointError(f"output folder {dst} already exists and is not empty")
     files = _weight_files(src)
     with torch.device("meta"):
@@ -421,6 +450,7 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, weights: str
         if list(shape) != list(qw.shape):
             raise CheckpointError(f"{src}: tensor {key} has shape {list(shape)}, expected {list(qw.shape)} from "
                                   "config.json")
+    made = [p for p in dst.parents if not p.exists()]          # the folders this call creates, deepest first
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
@@ -464,6 +494,11 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, weights: str
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return dst
 

@@ -206,3 +206,59 @@ def test_plugin_commands(monkeypatch, capsys):
     monkeypatch.setattr(cli, "PLUGINS", ["fake_plugin:add_hello"])
     rc, out, err = run(capsys, "hello", "--times", 2)
     assert rc == 0 and out.split() == ["hello", "hello"]
+
+
+def _header(obj) -> bytes:
+    raw = json.dumps(obj).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@pytest.mark.parametrize("command, name, content, fragment", [
+    ("info", "config.json", b"[1, 2]", "config.json must be a JSON object"),
+    ("info", "config.json", None, "text_config.hidden_size must be a positive integer (got 'abc')"),
+    ("generate", "generation_config.json", b'{"t_min": "0.1"}', "generation_config.json: t_min must be a positive"),
+    ("generate", "model.safetensors", bytes(range(256)) * 4, "is not a safetensors file (header length"),
+    ("info", "model.safetensors", bytes(range(256)) * 4, "is not a safetensors file (header length"),
+    ("info", "model.safetensors", _header([1, 2, 3]), "header is not a JSON object"),
+    ("info", "model.safetensors.index.json", b'{"weight_map": ["a"]}', "weight_map must be a JSON object"),
+], ids=["config-list", "config-type", "gen-type", "generate-random", "info-random", "info-list", "index"])
+def test_broken_files_are_one_line(model_dir, tmp_path, capsys, command, name, content, fragment):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    if content is None:                                   # config.json with one value of the wrong type
+        cfg = json.loads((broken / name).read_text())
+        cfg["text_config"]["hidden_size"] = "abc"
+        content = json.dumps(cfg).encode()
+    (broken / name).write_bytes(content)
+    assert_user_error(*run(capsys, command, "--model", broken, *(["hi"] if command == "generate" else [])), fragment)
+
+
+def test_info_counts_only_the_model_files(model_dir, tmp_path, capsys):
+    import shutil
+    run_dir = tmp_path / "checkpoint"                     # a training run's checkpoint folder
+    shutil.copytree(model_dir, run_dir)
+    shutil.copy(run_dir / "model.safetensors", run_dir / "optimizer.safetensors")
+    rc, out, err = run(capsys, "info", "--model", model_dir)
+    rc2, out2, err2 = run(capsys, "info", "--model", run_dir)
+    line = next(x for x in out.splitlines() if x.startswith("checkpoint"))
+    assert rc == rc2 == 0 and "in 1 file(s)" in line and line in out2
+
+
+def test_empty_paths_and_file_outputs(model_dir, tmp_path, capsys):
+    assert_user_error(*run(capsys, "info", "--model", ""), "empty model path")
+    (tmp_path / "afile").write_text("x")
+    assert_user_error(*run(capsys, "quantize", model_dir, tmp_path / "afile", "--weights", "int8"),
+                      "afile is an existing file")
+
+
+def test_readme_memory_figures_are_the_code_s():
+    """README's 26B-A4B weight sizes are what `dgemma info --quantize ...` prints (quant.model_bytes)."""
+    from pathlib import Path
+    from dgemma.config import preset
+    from dgemma.quant import QuantConfig, model_bytes
+    cfg = preset("26b-a4b")
+    size = {w: sum(model_bytes(cfg, QuantConfig.make(w, None) if w else None, 2)) for w in (None, "int8", "int4")}
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert (f"needs about {size[None] / 2**30:.0f} GiB in bf16, {cli._size(size['int8'])} in int8/fp8 and "
+            f"{cli._size(size['int4'])} in int4") in readme

@@ -8,9 +8,7 @@ Does not know: the model math. torch and the model are imported inside the comma
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import struct
 import sys
 import time
 from pathlib import Path
@@ -185,17 +183,6 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=_positive, metavar="G", help="int4: inputs per scale (default 64)")
 
 
-def _safetensors_header(f: Path) -> dict:
-    try:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 1 << 28:
-                raise ValueError("header too large")
-            return json.loads(fh.read(n))
-    except (struct.error, ValueError) as e:
-        raise UsageError(f"{f} is not a valid safetensors file ({e})") from None
-
-
 def _count(n: float) -> str:
     for unit, d in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= d:
@@ -212,20 +199,19 @@ def _size(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from dgemma.checkpoint import _weight_files, read_header
     from dgemma.config import ModelConfig
     path = _model_dir(args.model)
     cfg = ModelConfig.from_dir(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UsageError(f"{path}: no *.safetensors files")
+    files = sorted(set(_weight_files(path).values()))     # the model's files, as the loader reads them
+    headers = [read_header(f) for f in files]
     by_dtype: dict[str, int] = {}
-    for f in files:
-        for name, t in _safetensors_header(f).items():
-            if name != "__metadata__":
-                key = ST_DTYPES.get(t["dtype"], t["dtype"])
-                by_dtype[key] = by_dtype.get(key, 0) + t["data_offsets"][1] - t["data_offsets"][0]
+    for header in headers:
+        for t in header.values():
+            key = ST_DTYPES.get(t["dtype"], t["dtype"])
+            by_dtype[key] = by_dtype.get(key, 0) + t["data_offsets"][1] - t["data_offsets"][0]
     ckpt_dtypes = sorted(by_dtype, key=by_dtype.get, reverse=True)
-    norm = next((h["model.decoder.norm.weight"]["dtype"] for h in map(_safetensors_header, files)
+    norm = next((h["model.decoder.norm.weight"]["dtype"] for h in headers
                  if "model.decoder.norm.weight" in h), None)       # never quantized: the compute dtype as stored
     dtype = args.dtype or (ST_DTYPES.get(norm) if ST_DTYPES.get(norm) in DTYPE_BYTES else "float32")
     nb, CL, W, V = DTYPE_BYTES[dtype], cfg.canvas_length, cfg.sliding_window, cfg.vocab_size

@@ -81,7 +81,8 @@ def test_train_from_scratch_then_finetune_chat(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--model", str(run / "checkpoint"), "--data", str(tmp_path / "corpus.txt"), "--all",
                  "--context", "8", "--canvases", "2", "--batches", "2", "--prompts", "2", "--steps", "4",
                  "--json", str(out)]) == 0
-    ev = json.loads(out.read_text())
+    ev = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert "t=1/clean" not in ev["by_noise"] and "nan" not in capsys.readouterr().out     # never an empty bucket
     assert ev["encoder_perplexity"] > 1 and 0 < ev["tokens_per_forward"] <= 8
     assert ev["by_noise"]["t=1/corrupted"] > ev["by_noise"]["t=0.2/clean"]
 
@@ -106,3 +107,65 @@ def test_data_errors_name_the_file_and_line(tmp_path, tok_dir, capsys, lines, ms
                  "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dgemma: error: ") and msg in err and str(tmp_path / "x.jsonl") in err, err
+
+
+def _train(tmp_path, tok_dir, *extra: str) -> int:
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    return main(["train", "--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(tok_dir), *extra])
+
+
+def _config(run):
+    return json.loads((run / "checkpoint" / "trainer_state.json").read_text())["config"]
+
+
+def test_resume_keeps_the_runs_settings_and_warns_about_changed_ones(tmp_path, tok_dir, capsys):
+    run = tmp_path / "run"
+    assert _train(tmp_path, tok_dir, "--out", str(run), "--canvas-length", "4", "--context", "4", "--canvases", "3",
+                  "--batch-size", "2", "--warmup", "3", "--lr", "1e-3", "--steps", "1", "--eval-every", "0",
+                  "--seed", "5", "--sc-prob", "0.25", "--all-canvases", "--val-percent", "0") == 0
+    capsys.readouterr()
+    assert _train(tmp_path, tok_dir, "--out", str(run), "--resume", "--steps", "2", "--lr", "1e-3",
+                  "--batch-size", "3") == 0
+    cfg, err = _config(run), capsys.readouterr().err
+    assert (cfg["steps"], cfg["batch_size"], cfg["warmup"], cfg["lr"], cfg["seed"]) == (2, 3, 3, 1e-3, 5)
+    assert (cfg["canvases"], cfg["val_percent"], cfg["objective"]["context_length"]) == (3, 0, 4)
+    assert cfg["objective"]["sc_prob"] == 0.25 and cfg["objective"]["all_canvases"]
+    assert [line for line in err.splitlines() if "warning" in line] == [
+        "dgemma: warning: --resume: --steps 2 replaces the run's 1",
+        "dgemma: warning: --resume: --batch-size 3 replaces the run's 2"]
+
+
+def test_an_out_folder_that_cannot_be_written_fails_before_tokenizing(tmp_path, tok_dir, capsys):
+    (tmp_path / "file").write_text("x")
+    assert _train(tmp_path, tok_dir, "--out", str(tmp_path / "file" / "run"), "--steps", "1", "--save-every", "1",
+                  "--canvas-length", "4", "--context", "4") == 2
+    out, err = capsys.readouterr()
+    assert "cannot be written" in err and "tokenizing" not in out
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (["--t-power", "nan"], "--t-power must be positive and finite (got nan)"),
+    (["--lr", "inf"], "--lr must be positive and finite (got inf)"),
+    (["--sc-prob", "2"], "--sc-prob must be between 0 and 1 (got 2.0)"),
+    (["--sc-prob", "-1"], "--sc-prob must be between 0 and 1"),
+    (["--ar-weight", "-1"], "--ar-weight must be a finite number >= 0 (got -1.0)"),
+    (["--diffusion-weight", "inf"], "--diffusion-weight must be a finite number >= 0"),
+    (["--ar-weight", "0", "--diffusion-weight", "0"], "nothing to train"),
+    (["--val-percent", "-5"], "--val-percent must be between 0 and 100"),
+    (["--val-percent", "101"], "--val-percent must be between 0 and 100"),
+    (["--warmup", "-5"], "--warmup must be a finite number >= 0 (got -5)"),
+    (["--sc-temperature", "0.1", "inf"], "--sc-temperature LO HI needs 0 < LO <= HI"),
+    (["--seed", "99999999999999999999"], "--seed must be between 0 and 2**63 - 1"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**63 - 1")])
+def test_bad_values_are_refused_up_front(tmp_path, tok_dir, capsys, bad, msg):
+    assert _train(tmp_path, tok_dir, "--out", str(tmp_path / "run"), "--steps", "1", "--canvas-length", "4",
+                  "--context", "4", "--eval-every", "0", *bad) == 2
+    out, err = capsys.readouterr()
+    assert msg in err and "tokenizing" not in out, err
+
+
+def test_short_data_is_refused(tmp_path, tok_dir, capsys):
+    (tmp_path / "short.txt").write_text("Hello world.")
+    assert main(["train", "--data", str(tmp_path / "short.txt"), "--tokenizer", str(tok_dir), "--out",
+                 str(tmp_path / "run"), "--steps", "1", "--canvas-length", "4", "--context", "32"]) == 2
+    assert "nothing to train on" in capsys.readouterr().err

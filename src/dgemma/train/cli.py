@@ -8,10 +8,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+# The options a run records: their defaults, and where trainer_state.json's "config" keeps them. They parse to None
+# when not given, so that --resume takes them from the run (and warns about each given one that differs).
+TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
+    "steps": (1000, "steps"), "batch_size": (8, "batch_size"), "grad_accum": (1, "grad_accum"), "lr": (3e-3, "lr"),
+    "warmup": (50, "warmup"), "context": (64, "objective.context_length"), "canvases": (2, "canvases"),
+    "ar_weight": (1.0, "objective.ar_weight"), "diffusion_weight": (1.0, "objective.diffusion_weight"),
+    "sc_prob": (0.5, "objective.sc_prob"), "all_canvases": (False, "objective.all_canvases"),
+    "t_power": (1.0, "objective.t_power"), "sc_temperature": (None, "objective.sc_temperature"),
+    "unroll": (0.0, "objective.unroll_prob"), "unroll_bound": (1.0, "objective.unroll_bound"),
+    "freeze_router": (False, "freeze_router"), "eval_every": (100, "eval_every"), "save_every": (100, "save_every"),
+    "val_percent": (1.0, "val_percent"), "seed": (0, "seed")}
 
 
 def _tokenizer_files(folder: Path) -> dict[str, bytes]:
@@ -25,43 +42,94 @@ def add_train(sub) -> None:
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: --init-from's folder)")
     p.add_argument("--shape", default="small", help="model shape when training from scratch (see config.PRESETS)")
     p.add_argument("--init-from", help="checkpoint folder to fine-tune from")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--context", type=int, default=64, help="tokens of clean context before the canvases")
-    p.add_argument("--canvases", type=int, default=2, help="canvases per training sequence")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (with its "
+                   "settings, unless given again)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--context", type=int, help="tokens of clean context before the canvases")
+    p.add_argument("--canvases", type=int, help="canvases per training sequence")
     p.add_argument("--canvas-length", type=int, help="canvas length (default: the shape's, or --init-from's)")
-    p.add_argument("--ar-weight", type=float, default=1.0)
-    p.add_argument("--diffusion-weight", type=float, default=1.0)
-    p.add_argument("--sc-prob", type=float, default=0.5, help="self-conditioning probability")
-    p.add_argument("--all-canvases", action="store_true",
+    p.add_argument("--ar-weight", type=float)
+    p.add_argument("--diffusion-weight", type=float)
+    p.add_argument("--sc-prob", type=float, help="self-conditioning probability")
+    p.add_argument("--all-canvases", action="store_true", default=None,
                    help="score every canvas in one block-causal denoiser pass (default: one random canvas)")
-    p.add_argument("--t-power", type=float, default=1.0,
+    p.add_argument("--t-power", type=float,
                    help="noise level t = u**P, u uniform: 1 = uniform (the spec), < 1 favours heavy noise")
     p.add_argument("--sc-temperature", type=float, nargs=2, metavar=("LO", "HI"),
                    help="divide the self-conditioning logits by the sampler's temperature at the example's noise "
                         "level, LO + (HI - LO) * t (use the shipped t_min t_max); default: raw logits (the spec)")
-    p.add_argument("--unroll", type=float, default=0.0, metavar="P",
+    p.add_argument("--unroll", type=float, metavar="P",
                    help="fraction of examples whose trained pass denoises one sampler step's canvas made from the "
                         "first pass (samples where the entropy bound accepts them, random ids elsewhere); default 0")
-    p.add_argument("--unroll-bound", type=float, default=1.0, metavar="B",
+    p.add_argument("--unroll-bound", type=float, metavar="B",
                    help="the entropy bound of that step (use the shipped sampler's; default 1.0)")
-    p.add_argument("--freeze-router", action="store_true")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--val-percent", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--freeze-router", action="store_true", default=None)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--val-percent", type=float)
+    p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run_train)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _finite(v: float) -> bool:
+    return isinstance(v, int) or math.isfinite(v)
+
+
 def _positive(args, *names: str) -> None:
     for n in names:
-        if getattr(args, n) is not None and getattr(args, n) <= 0:
-            raise ValueError(f"--{n.replace('_', '-')} must be positive (got {getattr(args, n)})")
+        v = getattr(args, n)
+        if v is not None and not (v > 0 and _finite(v)):                                 # NaN fails `v > 0`
+            raise ValueError(f"{_flag(n)} must be positive{'' if _finite(v) else ' and finite'} (got {v})")
+
+
+def _between(args, name: str, lo: float, hi: float = math.inf) -> None:
+    v = getattr(args, name)
+    if not (lo <= v <= hi and _finite(v)):                                            # NaN fails too
+        raise ValueError(f"{_flag(name)} must be " + (f"between {lo:g} and {hi:g}" if hi < math.inf else
+                                                       f"a finite number >= {lo:g}") + f" (got {v})")
+
+
+def _resolve_train_options(args: argparse.Namespace) -> None:
+    """Fill in the options not given: with --resume the run's own (from its trainer_state.json; a given one that
+    differs from the run's is used, with a warning), else the defaults."""
+    stored: dict[str, Any] = {}
+    state = Path(args.out) / "checkpoint" / "trainer_state.json"
+    if args.resume and state.is_file():
+        try:
+            cfg = json.loads(state.read_text())["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--resume: {state} is not a trainer state ({e})") from None
+        for name, (_, key) in TRAIN_OPTIONS.items():
+            v = cfg
+            for part in key.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            if v is not None:
+                stored[name] = v
+    for name, (default, _) in TRAIN_OPTIONS.items():
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, stored.get(name, default))
+        elif name in stored and given != stored[name]:
+            print(f"dgemma: warning: --resume: {_flag(name)} {given} replaces the run's {stored[name]}",
+                  file=sys.stderr)
+
+
+def _check_writable(out: Path) -> None:
+    """Create --out and write a file there now, not at the first save --save-every steps later."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ValueError(f"--out {str(out)!r} cannot be written ({e.strerror or e})") from None
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -73,15 +141,20 @@ def run_train(args: argparse.Namespace) -> int:
 
     from ..checkpoint import resolve_device
 
+    _resolve_train_options(args)
     _positive(args, "steps", "batch_size", "grad_accum", "lr", "context", "canvases", "canvas_length", "save_every",
-              "t_power")
-    if args.sc_temperature is not None and not 0 < args.sc_temperature[0] <= args.sc_temperature[1]:
+              "t_power", "unroll_bound")
+    if args.sc_temperature is not None and not (0 < args.sc_temperature[0] <= args.sc_temperature[1] < math.inf):
         raise ValueError(f"--sc-temperature LO HI needs 0 < LO <= HI (got {args.sc_temperature})")
-    if not 0 <= args.unroll <= 1:
-        raise ValueError(f"--unroll must be between 0 and 1 (got {args.unroll})")
-    _positive(args, "unroll_bound")
+    for name, hi in (("unroll", 1), ("sc_prob", 1), ("val_percent", 100), ("ar_weight", math.inf),
+                     ("diffusion_weight", math.inf), ("warmup", math.inf)):
+        _between(args, name, 0, hi)
+    if args.ar_weight == 0 and args.diffusion_weight == 0:
+        raise ValueError("--ar-weight and --diffusion-weight are both 0: nothing to train")
     if args.eval_every < 0:
         raise ValueError("--eval-every must be >= 0 (0 = never)")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1 (got {args.seed})")
     resolve_device(args.device)                       # fail now, not after tokenizing
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -95,6 +168,7 @@ def run_train(args: argparse.Namespace) -> int:
     if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
         raise ValueError("a tokenizer is needed: pass --tokenizer FOLDER (make one with `dgemma tokenizer train`)")
     tok = Tokenizer.from_dir(tok_dir)
+    _check_writable(out)
     if src is not None:
         mcfg = ModelConfig.from_dir(src)
         if args.canvas_length:                        # the weights do not depend on it: fine-tune at another length
@@ -121,7 +195,8 @@ def run_train(args: argparse.Namespace) -> int:
           f"({time.time() - t0:.0f}s)", flush=True)
     cfg = TrainConfig(out=str(out), steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
-                      seed=args.seed, freeze_router=args.freeze_router,
+                      seed=args.seed, freeze_router=args.freeze_router, canvases=args.canvases,
+                      val_percent=args.val_percent,
                       objective=ObjectiveConfig(context_length=args.context, ar_weight=args.ar_weight,
                                                 diffusion_weight=args.diffusion_weight, sc_prob=args.sc_prob,
                                                 all_canvases=args.all_canvases, t_power=args.t_power,
@@ -229,8 +304,19 @@ def run_eval(args: argparse.Namespace) -> int:
     for k, val in res["by_noise"].items():
         print(f"cross-entropy {k}: {val:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        Path(args.json).write_text(_strict_json(res))
     return 0
+
+
+def _strict_json(obj: Any) -> str:
+    """JSON that strict parsers read: a number that is not finite (NaN, inf) is written as null."""
+    def clean(o: Any) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        return [clean(v) for v in o] if isinstance(o, (list, tuple)) else o
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _load(args: argparse.Namespace, path: Path):
@@ -303,7 +389,7 @@ def run_quality(args: argparse.Namespace) -> int:
                         text_scorer=text_scorer)
     res = {"model": str(path), **res}
     print(format_table(res))
-    text = json.dumps(res, indent=2)
+    text = _strict_json(res)
     if args.json:
         Path(args.json).write_text(text)
     if out is not None:

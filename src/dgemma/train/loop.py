@@ -56,6 +56,8 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     freeze_router: bool = False
+    canvases: int = 2                   # canvases per sequence and the validation share: how `dgemma train` packed
+    val_percent: float = 1.0            # and split its data (kept for --resume; train() reads neither)
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(context_length=64))
 
 
@@ -177,7 +179,8 @@ def noise_profile(model, ids: torch.Tensor, score: torch.Tensor, context: int, b
     canvas's first token, f"t={t}/first": the denoiser's CE on that token when it is corrupted, f"t={t}/corrupted",
     f"t={t}/clean": its CE on all corrupted / clean scored canvas tokens}. At t = 1 the denoiser sees what the
     encoder sees for the first token, so the gap between "encoder_next" and "t=1/first" is the context the
-    denoiser fails to use. Sequences must hold at least `context` + canvas_length tokens."""
+    denoiser fails to use. A bucket with no token to score is left out (t=1/clean always). Sequences must hold
+    at least `context` + canvas_length tokens."""
     C, V = model.config.canvas_length, model.config.vocab_size
     g = torch.Generator(device=ids.device).manual_seed(seed)
     sums: dict[str, list[float]] = {}
@@ -204,7 +207,7 @@ def noise_profile(model, ids: torch.Tensor, score: torch.Tensor, context: int, b
             add(f"t={t:g}/corrupted", ce[flip & scored])
             add(f"t={t:g}/clean", ce[~flip & scored])
     model.train(was)
-    return {k: (v / n if n else float("nan")) for k, (v, n) in sums.items()}
+    return {k: v / n for k, (v, n) in sums.items() if n}      # no empty buckets (t = 1 corrupts every token)
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[torch.Tensor, torch.Tensor],
@@ -272,7 +275,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            seed = (cfg.seed * 1_000_003 + step) * 64 + rank        # batches and noise depend only on (seed, step)
+            seed = ((cfg.seed * 1_000_003 + step) * 64 + rank) % 2**64   # batches and noise: only (seed, step)
             gen = torch.Generator(device=dev).manual_seed(seed)
             pick = torch.Generator().manual_seed(seed)
             opt.zero_grad(set_to_none=True)

@@ -169,3 +169,20 @@ def test_short_data_is_refused(tmp_path, tok_dir, capsys):
     assert main(["train", "--data", str(tmp_path / "short.txt"), "--tokenizer", str(tok_dir), "--out",
                  str(tmp_path / "run"), "--steps", "1", "--canvas-length", "4", "--context", "32"]) == 2
     assert "nothing to train on" in capsys.readouterr().err
+
+
+def test_tokenizer_train_refuses_to_overwrite_and_says_what_is_wrong(tmp_path, tok_dir, capfd):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    argv = ["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--vocab-size", "300", "--out"]
+    assert main([*argv, str(tmp_path / "tok")]) == 0
+    assert capfd.readouterr().out == f"wrote {tmp_path / 'tok'}/tokenizer.json (300 tokens)\n"   # no blank lines
+    before = {f: f.read_bytes() for f in (tmp_path / "tok").iterdir()}
+    (tmp_path / "tok" / "tokenizer.json").unlink()
+    assert main([*argv, str(tmp_path / "tok")]) == 2                    # any one of its files is enough to refuse
+    assert "already holds tokenizer_config.json, chat_template.jinja" in capfd.readouterr().err
+    assert all(f.read_bytes() == b for f, b in before.items() if f.exists())
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "t2")]) == 2
+    assert f"{tmp_path / 'latin1.txt'}: not UTF-8 text (byte 0xe9 at offset 3)" in capfd.readouterr().err
+    assert main(["tokenizer"]) == 2
+    assert "required: {train}" in capfd.readouterr().err

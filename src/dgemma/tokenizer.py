@@ -18,6 +18,7 @@ tool-call messages without string content, batching, padding, truncation, assist
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -252,8 +253,20 @@ def train_bpe(files: list[str | Path], vocab_size: int, out_dir: str | Path, *,
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
-    tok.train([str(f) for f in files], trainer)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=sys.stdout.isatty())     # (it writes blank lines to a pipe)
+    try:
+        tok.train([str(f) for f in files], trainer)
+    except Exception as e:                    # the Rust side names no file: find it
+        if "UTF-8" not in str(e):
+            raise
+        for f in files:
+            try:
+                f.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as u:
+                raise TokenizerError(f"{f}: not UTF-8 text (byte {u.object[u.start]:#04x} at offset {u.start})") \
+                    from None
+        raise TokenizerError(f"a training file is not UTF-8 text ({e})") from None
     if "<bos>" in specials:  # bos comes from the post-processor: transformers v5 ignores add_bos_token here
         bos = ("<bos>", tok.token_to_id("<bos>"))
         tok.post_processor = processors.TemplateProcessing(

@@ -406,7 +406,7 @@ def run_quality(args: argparse.Namespace) -> int:
 
 def add_tokenizer(sub) -> None:
     p = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = p.add_subparsers(dest="tokenizer_cmd", required=True)
+    tsub = p.add_subparsers(dest="tokenizer_cmd", metavar="{train}", required=True)   # the error names the choices
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer.json on text files")
     t.add_argument("--data", nargs="+", required=True)
     t.add_argument("--vocab-size", type=int, default=4096)
@@ -419,6 +419,12 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
     from .data import TEXT_SUFFIXES
 
     _positive(args, "vocab_size")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} exists and is not a folder")
+    if clash := [n for n in TOKENIZER_FILES if (out / n).exists()]:
+        raise ValueError(f"--out {args.out!r} already holds {', '.join(clash)}: choose a new folder (nothing was "
+                         "overwritten)")
     files = []
     for d in map(Path, args.data):
         if d.is_dir():

@@ -181,6 +181,17 @@ def test_ctrl_c_saves_the_current_step(tmp_path, monkeypatch, capsys):
     assert _step_of(out) == 6
 
 
+def test_ctrl_c_waits_for_the_end_of_the_optimiser_step():
+    from dgemma.train.loop import _hold_ctrl_c
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _hold_ctrl_c():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append(1)
+    assert done == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_data_without_a_scored_canvas_token_is_refused(tmp_path):
     ids, score = _data()
     score[:, 4:] = False                                       # e.g. one short document padded to a sequence

@@ -123,7 +123,8 @@ def _save(model, opt, step: int, cfg: TrainConfig, history: list, extra_files: d
 @contextlib.contextmanager
 def _hold_ctrl_c():
     """Hold Ctrl-C until the block ends (an optimiser step is applied whole or not at all), then raise it."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:      # Ctrl-C ignored or handled
         yield
         return
     hit: list[int] = []

@@ -190,6 +190,13 @@ def test_ctrl_c_waits_for_the_end_of_the_optimiser_step():
             time.sleep(0.05)
             done.append(1)
     assert done == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)       # a process that ignores Ctrl-C keeps ignoring it
+    try:
+        with _hold_ctrl_c():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_data_without_a_scored_canvas_token_is_refused(tmp_path):

@@ -34,6 +34,43 @@ def test_bench_engine_system(tmp_path):
     assert res["engine"]["sampler"] == "exact" and res["engine"]["tokens_per_s"] > 0
 
 
+def test_bench_runs_the_reference_like_dgemma(tmp_path, capsys):
+    """The reference computes in dgemma's dtype (by default the checkpoint's: bf16 for the shipped model) with
+    the checkpoint's sampler settings: with the early stop on, both make the same decoder passes."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--systems", "dgemma,reference", "--adaptive", "--canvases", "3", "--prompt-len", "16",
+                 "--steps", "8", "--threads", "1", "--out", str(out)]) == 0
+    rep = json.loads((out / "bench.json").read_text())
+    res = rep["results"]
+    assert rep["setup"]["dtype"] == "bfloat16"
+    assert res["dgemma"]["decoder_passes"] == res["reference"]["decoder_passes"] < 3 * 8, res
+
+
+def test_bench_errors_are_one_line(tmp_path, capsys):
+    m = model()
+    path = dgemma.save(m, tmp_path / "m")
+    q = tmp_path / "q"
+    assert main(["quantize", str(path), str(q), "--weights", "int8"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--model", str(q), "--systems", "reference", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read a dgemma-quantized folder" in err and "nothing left to run" in err
+    for argv, what in ((["--shape", "bogus"], "--shape"), (["--threads", "0"], "--threads"),
+                       (["--model", str(path), "--prompt-len", str(m.config.max_position_embeddings)], "context")):
+        assert main(["bench", *argv, "--systems", "dgemma", "--out", str(tmp_path / "b")]) == 2
+        assert what in capsys.readouterr().err
+    bad = tmp_path / "bad"                      # fails inside the worker: its exception as one line
+    bad.mkdir()
+    for f in path.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] += 8    # the weights no longer fit it: load fails
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["bench", "--model", str(bad), "--systems", "dgemma", "--out", str(tmp_path / "b")]) == 1
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "error" in ln)
+    assert "CheckpointError" in line and "File " not in line and "|" not in line
+
+
 def test_roofline_counts_every_weight_and_the_forward_macs():
     """scripts/roofline.py: the weights a pass reads (all experts) are the model's parameters (norms and scalars
     aside); an AR step reads only k experts per layer; its per-token MACs are what a hooked forward's matmuls do."""

@@ -124,8 +124,10 @@ def test_desktop_chat_canvas_replay(server, browser, tmp_path):
     assert re.search(r"\((\d+) cached\)", page.text_content("#stats"))
     # the slider shows one recorded frame, here the last pass before the final canvas commits (not counted)
     frames = page.get_attribute("#canvas", "data-frames")
+    final = re.match(r"canvas (\d+) · step (\d+) \(final\)", page.text_content("#canvas-info"))
     page.locator("#scrub").evaluate("s => { s.value = s.max - 1; s.dispatchEvent(new Event('input')); }")
-    assert re.match(r"canvas \d+ · step \d+ · accepted", page.text_content("#canvas-info"))
+    last = re.match(r"canvas (\d+) · step (\d+) · accepted", page.text_content("#canvas-info"))
+    assert final and last and final.groups() == last.groups()     # the commit comes after the canvas's last pass
     assert page.get_attribute("#canvas", "data-frames") == frames
     screenshot(page, tmp_path, "playground.png")
 

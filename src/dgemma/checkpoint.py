@@ -265,6 +265,17 @@ def auto_dtype(device: torch.device, stored: torch.dtype, cfg: ModelConfig, quan
     return torch.bfloat16
 
 
+_NORM = _DECODER + "norm.weight"   # never quantized: its dtype is the checkpoint's
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The dtype a checkpoint folder stores its weights in (what `load(..., dtype=None)` computes in)."""
+    files = _weight_files(Path(path))
+    if _NORM not in files:
+        raise CheckpointError(f"{path}: tensor {_NORM} is missing")
+    return _ST_DTYPES.get(read_header(files[_NORM])[_NORM]["dtype"], torch.float32)
+
+
 def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
          dtype: torch.dtype | str | None = "auto", quantize: str | None = None, group_size: int | None = None):
     """Load a DiffusionGemma checkpoint folder or Hub model id -> `DiffusionGemma` in eval mode.
@@ -309,8 +320,7 @@ def load(path: str | os.PathLike, *, device: torch.device | str | None = None,
 
     want = _parse_dtype(None if dtype == "auto" else dtype)
     if want is None:
-        norm = entry(_DECODER + "norm.weight")[1]["dtype"]      # never quantized: the checkpoint's dtype
-        stored = _ST_DTYPES.get(norm, torch.float32)
+        stored = _ST_DTYPES.get(entry(_NORM)[1]["dtype"], torch.float32)
         want = auto_dtype(dev, stored, cfg, q is not None) if dtype == "auto" else stored
     with torch.device("meta"):
         model = DiffusionGemma(cfg, sampler)

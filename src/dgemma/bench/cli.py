@@ -30,7 +30,8 @@ def add_bench(sub) -> None:
                    help="comma-separated subset: dgemma (exact sampler), dgemma-fast, reference, ar, "
                         "engine (the request-level Engine, default sampler)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="default: the checkpoint's (bfloat16 for --shape)")
+    p.add_argument("--dtype", default=None, help="every system computes in it (default: the checkpoint's; for "
+                   "--shape bfloat16, or float32 when the reference runs on the CPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="glibc malloc settings of every system's process: tuned (default; what dgemma.load sets on "
@@ -51,9 +52,11 @@ def _run(system: str, args: dict, malloc: str = "tuned") -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | MALLOC_ENV[malloc]
     r = subprocess.run([sys.executable, "-m", "dgemma.bench.worker", json.dumps({**args, "system": system})],
                        capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        return {"error": " | ".join(r.stderr.strip().splitlines()[-3:]) or "failed"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    last = (r.stdout.strip().splitlines() or [""])[-1]
+    if r.returncode != 0:     # the worker prints {"error": ...} for an exception; else (killed...) stderr's end
+        return json.loads(last) if last.startswith('{"error"') else \
+            {"error": " | ".join(r.stderr.strip().splitlines()[-3:]) or f"exit code {r.returncode}"}
+    return json.loads(last)
 
 
 def run_bench(a: argparse.Namespace) -> int:
@@ -68,16 +71,42 @@ def run_bench(a: argparse.Namespace) -> int:
     if unknown or not systems:
         raise ValueError(f"--systems: unknown {', '.join(sorted(unknown)) or 'empty list'} "
                          "(choose from dgemma, dgemma-fast, reference, ar, engine)")
-    from ..checkpoint import _parse_dtype, resolve_device
+    if a.threads is not None and a.threads < 1:
+        raise ValueError("--threads must be positive")
+    from ..checkpoint import _parse_dtype, resolve_device, stored_dtype
+    from ..config import PRESETS, ModelConfig, preset
     device = resolve_device(a.device)
-    _parse_dtype(a.dtype)
+    dtype = _parse_dtype(a.dtype)
     from ..cli import check_weights_args
     check_weights_args(a)
+    if a.shape:
+        if a.shape not in PRESETS:
+            raise ValueError(f"--shape: unknown {a.shape!r} (choose from {', '.join(PRESETS)})")
+        cfg = preset(a.shape)
+    else:
+        path = Path(a.model or default_model_path())
+        if not path.is_dir():
+            raise ValueError(f"model folder {str(path)!r} " + ("is not a folder" if path.exists() else "does not exist"))
+        cfg = ModelConfig.from_dir(path)
+    for what, new in (("--canvases", a.canvases * cfg.canvas_length), ("--ar-tokens", a.ar_tokens)):
+        if (what == "--canvases" or "ar" in systems) and a.prompt_len + new > cfg.max_position_embeddings:
+            raise ValueError(f"--prompt-len {a.prompt_len} + {new} new tokens ({what}) exceed the model's context "
+                             f"of {cfg.max_position_embeddings}")
+    if "reference" in systems:
+        why = "transformers is not installed" if importlib.util.find_spec("transformers") is None else \
+            "this transformers has no DiffusionGemma (it needs 5.23 or later)" \
+            if importlib.util.find_spec("transformers.models.diffusion_gemma") is None else \
+            "transformers cannot read a dgemma-quantized folder" if cfg.extra.get("quantization_config") else None
+        if why:
+            print(f"{why}: skipping the reference", file=sys.stderr)
+            systems.remove("reference")
+    if not systems:
+        raise ValueError("--systems: nothing left to run")
     if a.quantize:
-        a.dtype = a.dtype or "bfloat16"          # quantized systems and the reference compute in the same dtype
-    if "reference" in systems and importlib.util.find_spec("transformers") is None:
-        print("transformers is not installed: skipping the reference", file=sys.stderr)
-        systems.remove("reference")
+        dtype = dtype or _parse_dtype("bfloat16")   # quantized systems and the reference compute in the same dtype
+    if dtype is None and not a.shape:                # one dtype for every system: the checkpoint's
+        dtype = stored_dtype(path)
+    a.dtype = None if dtype is None else str(dtype).removeprefix("torch.")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     common = {"device": a.device, "dtype": a.dtype, "batch": a.batch, "prompt_len": a.prompt_len,
@@ -98,9 +127,7 @@ def run_bench(a: argparse.Namespace) -> int:
         common.update(path=str(Path(tmp.name) / a.shape), dtype=a.dtype or "float32")
         del m, torch
     elif not a.shape:
-        common["path"] = a.model or default_model_path()
-        if not Path(common["path"]).is_dir():
-            raise ValueError(f"model folder {common['path']!r} does not exist")
+        common["path"] = str(path)
     results = {}
     for s in tqdm(systems, desc="bench", unit="system"):
         results[s] = _run(s, common, a.malloc)

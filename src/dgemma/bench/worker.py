@@ -201,11 +201,17 @@ def run_ar(a: dict) -> dict:
 
 
 def run_reference(a: dict) -> dict:
+    """The reference's generate with dgemma's dtype (bench's orchestrator names it) and sampler settings
+    (the checkpoint's generation_config.json, or the defaults for a shape), so the two do the same work."""
     from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
     from transformers.utils import logging
+
+    from dgemma.checkpoint import _parse_dtype
+    from dgemma.config import SamplerConfig
     logging.set_verbosity_error()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a["dtype"] or "float32")
+    dtype = _parse_dtype(a["dtype"])
+    s = SamplerConfig.from_dir(a["path"]) if a.get("path") else SamplerConfig()
     dev = torch.device(a["device"])
     if a.get("path"):
         m = DiffusionGemmaForBlockDiffusion.from_pretrained(a["path"], dtype=dtype).to(dev).eval()
@@ -214,8 +220,9 @@ def run_reference(a: dict) -> dict:
     C, V = m.config.canvas_length, m.config.text_config.vocab_size
     ids = _prompt(V, a["batch"], a["prompt_len"]).to(dev)
     kw = dict(max_new_tokens=a["canvases"] * C, max_denoising_steps=a["steps"], eos_token_id=None,
-              sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1), t_min=0.4, t_max=0.8,
-              confidence_threshold=0.005, stability_threshold=1 if a["adaptive"] else None, pad_token_id=0)
+              sampler_config=EntropyBoundSamplerConfig(entropy_bound=s.entropy_bound), t_min=s.t_min,
+              t_max=s.t_max, confidence_threshold=s.confidence_threshold,
+              stability_threshold=s.stability_threshold if a["adaptive"] else None, pad_token_id=0)
     stamps = []
 
     class Streamer:
@@ -260,7 +267,11 @@ if __name__ == "__main__":
     if args["system"] == "dgemma-fast":
         args.update(system="dgemma", sampler="fast")
     fn = {"dgemma": run_dgemma, "reference": run_reference, "ar": run_ar, "engine": run_engine}[args["system"]]
-    result = fn(args)
+    try:
+        result = fn(args)
+    except Exception as e:                   # the orchestrator prints this line; the traceback goes to stderr
+        print(json.dumps({"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}))
+        raise
     if args.get("quantize"):                 # which quantized matmul paths ran (quant.py), and how often
         from dgemma.quant import PATHS
         result["quant_paths"] = dict(PATHS)

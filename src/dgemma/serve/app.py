@@ -213,6 +213,10 @@ def create_app(state: State) -> FastAPI:
             raise APIError(404, "the playground page is not installed", kind="not_found_error")
         return Response(page.read_bytes(), media_type="text/html; charset=utf-8")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():                     # none: a 204 keeps the browser from logging a 404 on every page load
+        return Response(status_code=204)
+
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -136,7 +136,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..config import ModelConfig, preset
     from ..tokenizer import Tokenizer
     from .data import encode_documents, pack
-    from .loop import TrainConfig, train
+    from .loop import TrainConfig, refuse_quantized, train
     from .objective import ObjectiveConfig
 
     from ..checkpoint import resolve_device
@@ -171,6 +171,7 @@ def run_train(args: argparse.Namespace) -> int:
     _check_writable(out)
     if src is not None:
         mcfg = ModelConfig.from_dir(src)
+        refuse_quantized(src, (mcfg.extra.get("quantization_config") or {}).get("weights"))   # before tokenizing
         if args.canvas_length:                        # the weights do not depend on it: fine-tune at another length
             mcfg = dataclasses.replace(mcfg, canvas_length=args.canvas_length)
     else:

@@ -211,6 +211,13 @@ def noise_profile(model, ids: torch.Tensor, score: torch.Tensor, context: int, b
     return {k: v / n for k, (v, n) in sums.items() if n}      # no empty buckets (t = 1 corrupts every token)
 
 
+def refuse_quantized(path: str | os.PathLike, weights: str | None) -> None:
+    """A TrainError for a checkpoint whose weights are quantized (`weights`: int8, int4, fp8; None: fine)."""
+    if weights:
+        raise TrainError(f"{path} holds quantized weights ({weights}), which cannot be trained: fine-tune its "
+                         "unquantized checkpoint (and quantize the result)")
+
+
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[torch.Tensor, torch.Tensor],
           val_data: tuple[torch.Tensor, torch.Tensor], *, init_from: str | None = None, resume: bool = False,
           device: str = "cpu", extra_files: dict[str, bytes] | None = None, progress: bool = True) -> Path:
@@ -241,9 +248,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
                              f"not {model_cfg.canvas_length}")
     elif init_from:
         model = load(init_from, device=dev, dtype=torch.float32)
-        if model.quantization:
-            raise TrainError(f"{init_from} holds quantized weights ({model.quantization.weights}), which cannot be "
-                             "trained: fine-tune its unquantized checkpoint (and quantize the result)")
+        refuse_quantized(init_from, model.quantization and model.quantization.weights)
         if model_cfg is not None:                   # a fine-tune may change the canvas length (no weight depends on it)
             model.config.canvas_length = model_cfg.canvas_length
     else:

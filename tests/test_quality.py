@@ -157,6 +157,7 @@ def test_cli_quality_writes_json_and_png(tmp_path, capsys):
     (["eval", "--quality", "--steps", "0"], "--steps must be positive"),
     (["eval", "--quality", "--bound", "-1"], "--bound must be >= 0"),
     (["eval", "--quality", "--tasks", "-1"], "--tasks must be >= 0"),
+    (["eval", "--quality", "--prompts", "1", "--tasks", "0", "--json", "."], "is a folder"),   # before the suite
     (["eval", "--data", "x.txt", "--sweep"], "only goes with --quality"),
     (["eval", "--data", "x.txt", "--steps", "2", "4"], "one value without --quality"),
 ])

@@ -274,10 +274,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--steps takes one value without --quality")
     args.steps = args.steps[0] if args.steps else None
     _positive(args, "context", "canvases", "batches", "batch_size", "prompts", "max_new_tokens", "steps")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ValueError(f"--json: folder {str(Path(args.json).parent)!r} does not exist")
-    if args.json and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json!r} is a folder")
+    _check_json_path(args.json)
     path = Path(args.model or default_model_path())
     model = _load(args, path)
     tok = Tokenizer.from_dir(path)
@@ -347,6 +344,14 @@ def _quality_settings(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def _check_json_path(json_path: str | None) -> None:
+    """--json names a file that can be written: its folder exists and it is not a folder (checked before work)."""
+    if json_path and Path(json_path).is_dir():
+        raise ValueError(f"--json {json_path!r} is a folder: name a file")
+    if json_path and not Path(json_path).resolve().parent.is_dir():
+        raise ValueError(f"--json: folder {str(Path(json_path).parent)!r} does not exist")
+
+
 def run_quality(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -365,8 +370,7 @@ def run_quality(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ValueError(f"--json: folder {str(Path(args.json).parent)!r} does not exist")
+    _check_json_path(args.json)
     settings = _quality_settings(args)
     text_scorer = None
     if args.scorer:

@@ -118,7 +118,7 @@ class TextScorer:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"scorer {path!r} could not be loaded as a transformers causal LM: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                             f"{' '.join(str(e).split())[:300] or type(e).__name__}") from None
         self.encode = lambda text: tok(text)["input_ids"]
         self.logits, self.bos = (lambda ids: model(ids).logits), tok.bos_token_id
 

@@ -37,6 +37,7 @@ def test_bench_engine_system(tmp_path):
 def test_bench_runs_the_reference_like_dgemma(tmp_path, capsys):
     """The reference computes in dgemma's dtype (by default the checkpoint's: bf16 for the shipped model) with
     the checkpoint's sampler settings: with the early stop on, both make the same decoder passes."""
+    pytest.importorskip("transformers.models.diffusion_gemma")
     out = tmp_path / "bench"
     assert main(["bench", "--systems", "dgemma,reference", "--adaptive", "--canvases", "3", "--prompt-len", "16",
                  "--steps", "8", "--threads", "1", "--out", str(out)]) == 0

@@ -95,6 +95,9 @@ def test_generate_checks_positions_before_allocating_and_clone_gives_a_second_tr
         m.generate(torch.tensor([[21, 22]]), max_new_tokens=10 ** 9, seed=0)       # no 10^9-token cache first
     with pytest.raises(ValueError, match="row 1 has no token"):
         m.generate(torch.tensor([[21, 22], [0, 0]]), attention_mask=torch.tensor([[1, 1], [0, 0]]), seed=0)
+    two = m.generate(torch.tensor([[21, 22], [23, 24]]), seed=0, **dict(KW, eos_token_id=None))
+    m.generate(torch.tensor([[25, 26], [0, 0]]), attention_mask=torch.tensor([[1, 1], [0, 0]]), cache=two.cache,
+               seed=0, **KW)                        # a row with nothing new still has its history
     kw = dict(KW, eos_token_id=None)
     first = m.generate(torch.tensor([[21, 22, 23]]), seed=1, **kw)
     nxt = torch.cat([first.sequences[:, -m.config.canvas_length:], torch.tensor([[30, 31]])], 1)

@@ -133,6 +133,9 @@ def test_resume_keeps_the_runs_settings_and_warns_about_changed_ones(tmp_path, t
     assert [line for line in err.splitlines() if "warning" in line] == [
         "dgemma: warning: --resume: --steps 2 replaces the run's 1",
         "dgemma: warning: --resume: --batch-size 3 replaces the run's 2"]
+    assert _train(tmp_path, tok_dir, "--out", str(run), "--resume", "--steps", "3", "--no-all-canvases") == 0
+    assert not _config(run)["objective"]["all_canvases"]          # a switch can be turned off again
+    assert "--all-canvases off replaces the run's on" in capsys.readouterr().err
 
 
 def test_an_out_folder_that_cannot_be_written_fails_before_tokenizing(tmp_path, tok_dir, capsys):

@@ -199,7 +199,7 @@ def _size(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dgemma.checkpoint import _weight_files, read_header
+    from dgemma.checkpoint import _NORM, _weight_files, read_header
     from dgemma.config import ModelConfig
     path = _model_dir(args.model)
     cfg = ModelConfig.from_dir(path)
@@ -211,8 +211,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             key = ST_DTYPES.get(t["dtype"], t["dtype"])
             by_dtype[key] = by_dtype.get(key, 0) + t["data_offsets"][1] - t["data_offsets"][0]
     ckpt_dtypes = sorted(by_dtype, key=by_dtype.get, reverse=True)
-    norm = next((h["model.decoder.norm.weight"]["dtype"] for h in headers
-                 if "model.decoder.norm.weight" in h), None)       # never quantized: the compute dtype as stored
+    norm = next((h[_NORM]["dtype"] for h in headers if _NORM in h), None)   # the compute dtype as stored
     dtype = args.dtype or (ST_DTYPES.get(norm) if ST_DTYPES.get(norm) in DTYPE_BYTES else "float32")
     nb, CL, W, V = DTYPE_BYTES[dtype], cfg.canvas_length, cfg.sliding_window, cfg.vocab_size
     L = cfg.num_hidden_layers

@@ -127,8 +127,10 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     valid = None if attention_mask is None else torch.as_tensor(attention_mask, device=dev).bool()
     if valid is not None and valid.shape != ids.shape:
         raise ValueError(f"attention_mask shape {tuple(valid.shape)} != input_ids shape {tuple(ids.shape)}")
-    if valid is not None and L and not bool(valid.any(-1).all()):
-        raise ValueError(f"attention_mask row {int((~valid.any(-1)).nonzero()[0])} has no token")
+    if valid is not None and L:          # a row with no token and no cached history has nothing to go on
+        empty = ~valid.any(-1) & (torch.tensor(cache.lengths[:B], device=dev) == 0 if cache is not None else True)
+        if bool(empty.any()):
+            raise ValueError(f"attention_mask row {int(empty.nonzero()[0])} has no token")
     stop_rule = s.stability_threshold is not None and s.confidence_threshold is not None
 
     finished = torch.zeros(B, dtype=torch.bool, device=dev)

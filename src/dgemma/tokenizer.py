@@ -262,7 +262,7 @@ def train_bpe(files: list[str | Path], vocab_size: int, out_dir: str | Path, *,
             raise
         for f in files:
             try:
-                f.read_bytes().decode("utf-8")
+                Path(f).read_bytes().decode("utf-8")
             except UnicodeDecodeError as u:
                 raise TokenizerError(f"{f}: not UTF-8 text (byte {u.object[u.start]:#04x} at offset {u.start})") \
                     from None

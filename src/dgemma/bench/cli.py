@@ -62,7 +62,6 @@ def _run(system: str, args: dict, malloc: str = "tuned") -> dict:
 def run_bench(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .. import default_model_path
     for name in ("batch", "prompt_len", "canvases", "steps", "ar_tokens"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
@@ -84,9 +83,8 @@ def run_bench(a: argparse.Namespace) -> int:
             raise ValueError(f"--shape: unknown {a.shape!r} (choose from {', '.join(PRESETS)})")
         cfg = preset(a.shape)
     else:
-        path = Path(a.model or default_model_path())
-        if not path.is_dir():
-            raise ValueError(f"model folder {str(path)!r} " + ("is not a folder" if path.exists() else "does not exist"))
+        from ..cli import _model_dir
+        path = _model_dir(a.model)
         cfg = ModelConfig.from_dir(path)
     for what, new in (("--canvases", a.canvases * cfg.canvas_length), ("--ar-tokens", a.ar_tokens)):
         if (what == "--canvases" or "ar" in systems) and a.prompt_len + new > cfg.max_position_embeddings:
@@ -104,8 +102,9 @@ def run_bench(a: argparse.Namespace) -> int:
         raise ValueError("--systems: nothing left to run")
     if a.quantize:
         dtype = dtype or _parse_dtype("bfloat16")   # quantized systems and the reference compute in the same dtype
-    if dtype is None and not a.shape:                # one dtype for every system: the checkpoint's
-        dtype = stored_dtype(path)
+    if dtype is None:           # one dtype for every system: the checkpoint's; bf16 for a shape (CPU reference: fp32)
+        dtype = stored_dtype(path) if not a.shape else _parse_dtype(
+            "float32" if "reference" in systems and device.type == "cpu" else "bfloat16")
     a.dtype = None if dtype is None else str(dtype).removeprefix("torch.")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,9 +121,9 @@ def run_bench(a: argparse.Namespace) -> int:
         from .. import save
         from .worker import build
         tmp = tempfile.TemporaryDirectory(prefix="dgemma-bench-")
-        m = build({**common, "device": "cpu", "dtype": a.dtype or "float32", "quantize": None})   # saved unquantized
+        m = build({**common, "device": "cpu", "dtype": a.dtype, "quantize": None})   # saved unquantized
         save(m, Path(tmp.name) / a.shape)
-        common.update(path=str(Path(tmp.name) / a.shape), dtype=a.dtype or "float32")
+        common.update(path=str(Path(tmp.name) / a.shape), dtype=a.dtype)
         del m, torch
     elif not a.shape:
         common["path"] = str(path)

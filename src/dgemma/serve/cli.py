@@ -111,10 +111,11 @@ def _listen(host: str, port: int) -> socket.socket:
     from dgemma.cli import UsageError
     sock = None
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock.bind(address)
+        sock.listen(2048)     # connections wait in the backlog while the model loads (/health answers 503 then)
     except OSError as e:      # socket.gaierror too: an unknown host name
         if sock is not None:
             sock.close()

@@ -38,14 +38,15 @@ class Worker:
         """Queue a request (validated by the caller: engine.settings and the position check). With `limit`,
         refuse it (False) when that many requests already wait for a row: the check and the count are one step,
         so a burst of handlers cannot all pass the check before any of them is counted."""
-        if self.stopping:
-            sink("error", self.stopping)
-            return True
-        with self._lock:
-            if limit is not None and self.waiting >= limit:
+        with self._lock:      # stop() sets `stopping` under it too: a submit is either failed below or queued
+            stopping = self.stopping   # before the stop command (and failed by the loop)
+            if not stopping and limit is not None and self.waiting >= limit:
                 return False
-            self.waiting += 1
-            self.commands.put(("submit", request_id, prompt, sink, kwargs))
+            if not stopping:
+                self.waiting += 1
+                self.commands.put(("submit", request_id, prompt, sink, kwargs))
+        if stopping:
+            sink("error", stopping)
         return True
 
     def cancel(self, request_id: str) -> None:
@@ -56,8 +57,9 @@ class Worker:
 
     def stop(self, reason: str = "the server is shutting down", wait: float = 10.0) -> None:
         """End every open request with `reason` and stop the loop after the current step."""
-        self.stopping = reason
-        self.commands.put(("stop",))
+        with self._lock:
+            self.stopping = reason
+            self.commands.put(("stop",))
         if self.thread.is_alive() and threading.current_thread() is not self.thread and wait:
             self.thread.join(wait)
 

@@ -55,7 +55,7 @@ def add_train(sub) -> None:
     p.add_argument("--ar-weight", type=float)
     p.add_argument("--diffusion-weight", type=float)
     p.add_argument("--sc-prob", type=float, help="self-conditioning probability")
-    p.add_argument("--all-canvases", action="store_true", default=None,
+    p.add_argument("--all-canvases", action=argparse.BooleanOptionalAction, default=None,
                    help="score every canvas in one block-causal denoiser pass (default: one random canvas)")
     p.add_argument("--t-power", type=float,
                    help="noise level t = u**P, u uniform: 1 = uniform (the spec), < 1 favours heavy noise")
@@ -67,7 +67,8 @@ def add_train(sub) -> None:
                         "first pass (samples where the entropy bound accepts them, random ids elsewhere); default 0")
     p.add_argument("--unroll-bound", type=float, metavar="B",
                    help="the entropy bound of that step (use the shipped sampler's; default 1.0)")
-    p.add_argument("--freeze-router", action="store_true", default=None)
+    p.add_argument("--freeze-router", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the routers' weights fixed (default: trained)")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--val-percent", type=float)
@@ -78,6 +79,11 @@ def add_train(sub) -> None:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    """An option's value as a warning shows it: on / off for the switches, else as it is."""
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def _finite(v: float) -> bool:
@@ -119,8 +125,8 @@ def _resolve_train_options(args: argparse.Namespace) -> None:
         if given is None:
             setattr(args, name, stored.get(name, default))
         elif name in stored and given != stored[name]:
-            print(f"dgemma: warning: --resume: {_flag(name)} {given} replaces the run's {stored[name]}",
-                  file=sys.stderr)
+            print(f"dgemma: warning: --resume: {_flag(name)} {_shown(given)} replaces the run's "
+                  f"{_shown(stored[name])}", file=sys.stderr)
 
 
 def _check_writable(out: Path) -> None:

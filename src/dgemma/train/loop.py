@@ -90,9 +90,13 @@ def _dist(dev: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
-def _save(model, opt, step: int, cfg: TrainConfig, history: list, extra_files: dict[str, bytes]) -> None:
+def _check_finite(model, step: int) -> None:
+    """Refuse to save weights that are not finite (run on every rank, so all of them stop together)."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise TrainError(f"step {step}: the weights are no longer finite (training diverged: lower --lr); not saved")
+
+
+def _save(model, opt, step: int, cfg: TrainConfig, history: list, extra_files: dict[str, bytes]) -> None:
     state = {}
     groups = []
     params = [p for p in model.parameters()]
@@ -180,8 +184,8 @@ def noise_profile(model, ids: torch.Tensor, score: torch.Tensor, context: int, b
     canvas's first token, f"t={t}/first": the denoiser's CE on that token when it is corrupted, f"t={t}/corrupted",
     f"t={t}/clean": its CE on all corrupted / clean scored canvas tokens}. At t = 1 the denoiser sees what the
     encoder sees for the first token, so the gap between "encoder_next" and "t=1/first" is the context the
-    denoiser fails to use. A bucket with no token to score is left out (t=1/clean always). Sequences must hold
-    at least `context` + canvas_length tokens."""
+    denoiser fails to use. A bucket with no token to score is left out (t=1/clean and t=0/first always).
+    Sequences must hold at least `context` + canvas_length tokens."""
     C, V = model.config.canvas_length, model.config.vocab_size
     g = torch.Generator(device=ids.device).manual_seed(seed)
     sums: dict[str, list[float]] = {}
@@ -305,11 +309,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
                 raise TrainError(f"step {step + 1}: the loss is {logs['loss']:g} (gradient norm {norm:g}): training "
                                  "diverged (lower --lr); stopped, " +
                                  (f"the checkpoint of step {saved} is kept" if saved else "nothing saved"))
-            with _hold_ctrl_c():                       # Ctrl-C: after the whole update, and the step counted
+            with _hold_ctrl_c():                       # Ctrl-C: after the whole update, counted and recorded
                 opt.step()
                 step += 1
-            rec = {"step": step, **{k: round(v, 4) for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
-            history.append(rec)
+                rec = {"step": step, **{k: round(v, 4) for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
+                history.append(rec)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and len(val_data[0]):
                 v = evaluate(model, val_data[0].to(dev), val_data[1].to(dev), ocfg, cfg.batch_size, cfg.eval_batches)
                 rec.update({"val_ar": round(v["ar"], 4), "val_diffusion": round(v["diffusion"], 4)})
@@ -318,15 +322,18 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None, train_data: tuple[tor
                                 tok_s=f"{toks * world / max(time.time() - t0, 1e-9):.0f}")
                 bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                if rank == 0:
-                    _save(model, opt, step, cfg, history, extra_files or {})
-                saved = step
+                _check_finite(model, step)
+                with _hold_ctrl_c():                   # Ctrl-C: after the save (not a second save of the same step)
+                    if rank == 0:
+                        _save(model, opt, step, cfg, history, extra_files or {})
+                    saved = step
             if world > 1:
                 dist.barrier()
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
         if rank == 0 and step > saved:
+            _check_finite(model, step)
             _save(model, opt, step, cfg, history, extra_files or {})
             saved = step
         if rank == 0:

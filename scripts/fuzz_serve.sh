@@ -17,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate 2>/dev/null || true
+command -v schemathesis >/dev/null || { echo "fuzz_serve.sh needs schemathesis: pip install schemathesis" >&2; exit 2; }
 OUT=$(realpath -m "${OUT:-$(mktemp -d /tmp/fuzz_serve.XXXXXX)}")
 CHECKS=${CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance}
 mkdir -p "$OUT"

@@ -30,8 +30,9 @@ def add_bench(sub) -> None:
                    help="comma-separated subset: dgemma (exact sampler), dgemma-fast, reference, ar, "
                         "engine (the request-level Engine, default sampler)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="every system computes in it (default: the checkpoint's; for "
-                   "--shape bfloat16, or float32 when the reference runs on the CPU)")
+    p.add_argument("--dtype", default="auto", help="every system computes in it; auto (default): what dgemma.load "
+                   "picks for the model and device, and for --shape bfloat16 (float32 when the reference runs on "
+                   "the CPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="glibc malloc settings of every system's process: tuned (default; what dgemma.load sets on "
@@ -72,10 +73,10 @@ def run_bench(a: argparse.Namespace) -> int:
                          "(choose from dgemma, dgemma-fast, reference, ar, engine)")
     if a.threads is not None and a.threads < 1:
         raise ValueError("--threads must be positive")
-    from ..checkpoint import _parse_dtype, resolve_device, stored_dtype
+    from ..checkpoint import _parse_dtype, auto_dtype, resolve_device, stored_dtype
     from ..config import PRESETS, ModelConfig, preset
     device = resolve_device(a.device)
-    dtype = _parse_dtype(a.dtype)
+    dtype = None if a.dtype == "auto" else _parse_dtype(a.dtype)
     from ..cli import check_weights_args
     check_weights_args(a)
     if a.shape:
@@ -102,9 +103,10 @@ def run_bench(a: argparse.Namespace) -> int:
         raise ValueError("--systems: nothing left to run")
     if a.quantize:
         dtype = dtype or _parse_dtype("bfloat16")   # quantized systems and the reference compute in the same dtype
-    if dtype is None:           # one dtype for every system: the checkpoint's; bf16 for a shape (CPU reference: fp32)
-        dtype = stored_dtype(path) if not a.shape else _parse_dtype(
-            "float32" if "reference" in systems and device.type == "cpu" else "bfloat16")
+    if dtype is None:           # one dtype for every system: what a user's load picks; for a shape bf16 (fp32 with
+        dtype = auto_dtype(device, stored_dtype(path), cfg, bool(cfg.extra.get("quantization_config"))) \
+            if not a.shape else _parse_dtype("float32" if "reference" in systems and device.type == "cpu"
+                                             else "bfloat16")       # the reference on the CPU)
     a.dtype = None if dtype is None else str(dtype).removeprefix("torch.")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ def add_serve(sub) -> None:
     p.add_argument("--model", metavar="PATH_OR_ID",
                    help="checkpoint folder or Hugging Face hub id (default: the model shipped with dgemma)")
     p.add_argument("--served-model-name", metavar="NAME",
-                   help="the model id clients send (default: the folder name or hub id)")
+                   help="the model id clients send (default: the folder name or hub id; dgemma-default for the "
+                        "shipped model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (default: $DGEMMA_API_KEY)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
 
@@ -191,6 +192,26 @@ def test_console_script_has_no_traceback(tmp_path):
     assert r.stderr.strip().splitlines() == [f"dgemma: error: model folder {str(tmp_path / 'nope')!r} does not exist"]
     r = subprocess.run(cmd + ["--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "generate" in r.stdout and "info" in r.stdout
+
+
+CTRL_C_AT_IMPORT = """
+import builtins, sys
+sys.argv[0] = sys.argv[1]
+real = builtins.__import__
+def ctrl_c(name, globals=None, locals=None, fromlist=(), level=0):   # Ctrl-C while dgemma imports torch & co
+    if name == "checkpoint" and level == 1:
+        raise KeyboardInterrupt
+    return real(name, globals, locals, fromlist, level)
+builtins.__import__ = ctrl_c
+import dgemma.cli
+"""
+
+
+def test_ctrl_c_while_the_command_starts_is_quiet():
+    """The `dgemma` command exits 130 without a traceback; `import dgemma` elsewhere still raises."""
+    for argv0, rc in (("/venv/bin/dgemma", 130), ("python-program", -signal.SIGINT)):   # (python's own exit)
+        r = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, argv0], capture_output=True, text=True)
+        assert r.returncode == rc and ("KeyboardInterrupt" in r.stderr) == (rc != 130), r.stderr
 
 
 def test_plugin_commands(monkeypatch, capsys):

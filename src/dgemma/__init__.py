@@ -12,12 +12,18 @@ Public API:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load, resolve_model, save
-from .config import ConfigError, ModelConfig, SamplerConfig
-from .generate import GenerateOutput
-from .model import DiffusionGemma
+try:                     # imports torch: about a second
+    from .checkpoint import CheckpointError, load, resolve_model, save
+    from .config import ConfigError, ModelConfig, SamplerConfig
+    from .generate import GenerateOutput
+    from .model import DiffusionGemma
+except KeyboardInterrupt:
+    if Path(sys.argv[0]).name == "dgemma":   # Ctrl-C while the `dgemma` command starts: exit as its handler does
+        raise SystemExit(130) from None
+    raise
 
 __version__ = "0.1.0"
 

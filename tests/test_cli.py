@@ -148,6 +148,7 @@ def test_stream_stops_at_eos_skips_pad_and_flushes_per_canvas():
     (["generate", "--model", "{missing}", "hi"], "does not exist"),
     (["generate", "--model", "{model}", "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
     (["generate", "--model", "{model}", "--steps", "x", "hi"], "--steps"),
+    (["generate", "--model", "{model}", "--seed", str(10 ** 23), "hi"], "--seed"),
     (["generate", "--model", "{model}", "--dtype", "int8", "hi"], "--dtype"),
     (["generate", "--model", "{model}", "--device", "nosuchdevice", "hi"], "unknown device"),
     (["generate", "--model", "{model}", "  "], "empty prompt"),

@@ -159,6 +159,7 @@ def test_cli_quality_writes_json_and_png(tmp_path, capsys):
     (["eval", "--quality", "--tasks", "-1"], "--tasks must be >= 0"),
     (["eval", "--quality", "--prompts", "1", "--tasks", "0", "--json", "."], "is a folder"),   # before the suite
     (["eval", "--data", "x.txt", "--sweep"], "only goes with --quality"),
+    (["eval", "--data", "x.txt", "--val-percent", "150"], "--val-percent must be in (0, 100]"),
     (["eval", "--data", "x.txt", "--steps", "2", "4"], "one value without --quality"),
 ])
 def test_cli_quality_errors(argv, msg, capsys):

@@ -334,7 +334,7 @@ def command(line: str, chat: Local | Remote, opt: Options, ui: UI) -> bool:
             elif name == "bound":
                 opt.bound = _check(float(arg), lambda x: 0 < x < math.inf)
             else:
-                opt.seed = None if arg == "off" else int(arg)
+                opt.seed = None if arg == "off" else _check(int(arg), lambda n: -2**63 <= n < 2**64)
             ui.info(f"(steps {opt.steps or 'default'}, bound {opt.bound or 'default'}, seed {opt.seed})")
         elif name == "show" and ui.console is None:
             ui.info("/show: the live canvas needs a terminal (and rich)")
@@ -394,7 +394,7 @@ def run(chat: Local | Remote, opt: Options, ui: UI) -> int:
 
 
 def add_chat(sub: Any) -> None:
-    from dgemma.cli import _positive, add_weights_args
+    from dgemma.cli import _positive, add_weights_args, seed
     p = sub.add_parser("chat", help="chat in the terminal, watching the canvas denoise",
                        description="Chat in the terminal with a model in this process (default: the shipped model) "
                                    "or a running `dgemma serve` (--url). Slash commands: /help.")
@@ -405,7 +405,7 @@ def add_chat(sub: Any) -> None:
     add_weights_args(p)
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
     p.add_argument("--bound", type=float, metavar="X", help="entropy bound")
-    p.add_argument("--seed", type=int, metavar="N", help="seed every reply (default: unseeded)")
+    p.add_argument("--seed", type=seed, metavar="N", help="seed every reply (default: unseeded)")
     p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="at most N tokens per reply")
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     p.add_argument("--show-denoising", action="store_true", help="redraw the canvas at every denoising pass")

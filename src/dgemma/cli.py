@@ -28,6 +28,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"dgemma: error: {message} (see '{self.prog} --help')\n")
 
 
+def seed(text: str) -> int:
+    """A --seed value: an integer torch's generators take (-2^63 .. 2^64 - 1)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -2**63 <= n < 2**64:
+        raise argparse.ArgumentTypeError(f"must lie in -2^63 .. 2^64 - 1, got {text}")
+    return n
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -92,7 +103,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap PROMPT as one user turn with the chat template")
     p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="print at most N new tokens")
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
-    p.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same device: same text)")
+    p.add_argument("--seed", type=seed, metavar="N", help="random seed (same seed, same device: same text)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_weights_args(p)
     p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="auto",

@@ -280,6 +280,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--steps takes one value without --quality")
     args.steps = args.steps[0] if args.steps else None
     _positive(args, "context", "canvases", "batches", "batch_size", "prompts", "max_new_tokens", "steps")
+    if not 0 < args.val_percent <= 100:
+        raise ValueError(f"--val-percent must be in (0, 100] (got {args.val_percent:g})")
     _check_json_path(args.json)
     path = Path(args.model or default_model_path())
     model = _load(args, path)

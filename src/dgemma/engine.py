@@ -186,7 +186,7 @@ class Engine:
         rid = request_id
         while rid is None or self._known(rid):
             rid = f"req-{next(self._ids)}"
-        self.waiting.append(_Request(rid, list(prompt), s, gen, greedy, frames))
+        self.waiting.append(_Request(rid, prompt, s, gen, greedy, frames))      # (_check_ids made a new list)
         return rid
 
     def take_frames(self) -> list[Frame]:

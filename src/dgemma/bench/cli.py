@@ -107,7 +107,7 @@ def run_bench(a: argparse.Namespace) -> int:
         dtype = auto_dtype(device, stored_dtype(path), cfg, bool(cfg.extra.get("quantization_config"))) \
             if not a.shape else _parse_dtype("float32" if "reference" in systems and device.type == "cpu"
                                              else "bfloat16")       # the reference on the CPU)
-    a.dtype = None if dtype is None else str(dtype).removeprefix("torch.")
+    a.dtype = str(dtype).removeprefix("torch.")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     common = {"device": a.device, "dtype": a.dtype, "batch": a.batch, "prompt_len": a.prompt_len,

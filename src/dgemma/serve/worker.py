@@ -40,9 +40,9 @@ class Worker:
         so a burst of handlers cannot all pass the check before any of them is counted."""
         with self._lock:      # stop() sets `stopping` under it too: a submit is either failed below or queued
             stopping = self.stopping   # before the stop command (and failed by the loop)
-            if not stopping and limit is not None and self.waiting >= limit:
-                return False
             if not stopping:
+                if limit is not None and self.waiting >= limit:
+                    return False
                 self.waiting += 1
                 self.commands.put(("submit", request_id, prompt, sink, kwargs))
         if stopping:
@@ -102,9 +102,13 @@ class Worker:
                 sink("done", res)
         self._gauges()
 
-    def _gauges(self) -> None:
+    def _recount(self) -> None:
+        """`waiting` from the engine's queue and the submits not yet drained (the engine thread's view)."""
         with self._lock:    # submits put their command under the lock: none is counted twice or missed
             self.waiting = self.engine.queued() + self._queued_submits()
+
+    def _gauges(self) -> None:
+        self._recount()
         self.observe("queue_depth", self.waiting)
         self.observe("active_rows", len(self.engine.rows))
 
@@ -168,8 +172,7 @@ class Worker:
                 keep.append(cmd)
         for cmd in keep:                                   # a stop asked for meanwhile still stops the loop
             self.commands.put(cmd)
-        with self._lock:
-            self.waiting = self.engine.queued() + self._queued_submits()
+        self._recount()
 
     def alive(self) -> bool:
         return self.thread.is_alive() and not self.stopping

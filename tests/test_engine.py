@@ -31,8 +31,10 @@ def test_engine_requests_equal_batch1_generate(tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (3, 11, 7, 20, 5)]
     eng = Engine(m, max_batch=3)
-    # request 2 becomes confident at once (stops early every canvas); the others run their steps
-    kws = [KW, KW, dict(KW, stability_threshold=0, confidence_threshold=7.0), KW, KW]
+    # request 2 becomes confident at once (stops early every canvas); 1 needs a longer stable run, 3 has no stop
+    # rule: each row of a step keeps its own thresholds
+    kws = [KW, dict(KW, stability_threshold=2), dict(KW, stability_threshold=0, confidence_threshold=7.0),
+           dict(KW, stability_threshold=None), KW]
     ids = [eng.submit(p, seed=100 + i, **kws[i]) for i, p in enumerate(prompts[:4])]
     events = []
     for _ in range(3):                     # the last request arrives while others are mid-flight
@@ -50,6 +52,34 @@ def test_engine_requests_equal_batch1_generate(tmp_path):
         assert streamed == toks
     reasons = {e.finish_reason for e in events if e.finished}
     assert reasons <= {"eos", "length"} and reasons
+    passes = [expected(m, p, 100 + i, kws[i])[1] for i, p in enumerate(prompts)]
+    assert passes[2] < passes[3]           # the rule fired for request 2 (request 3 ran every step)
+
+
+def test_engine_step_launches_two_ops_per_row(tmp_path):
+    """Besides the denoiser step, an engine step dispatches a fixed number of ops plus each request's own two
+    random draws, however many rows run (each is a kernel launch on a GPU, in series with the step's host sync)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not any(r.alias_info is not None for r in func._schema.returns):   # views launch nothing
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    m = peaky(tmp_path)
+    counts = []
+    for rows in (2, 6):
+        eng = Engine(m, max_batch=rows, sampler="fast", cuda_graphs=True)
+        for i in range(rows):
+            eng.submit([21, 22, 23], seed=i, **dict(KW, stability_threshold=i % 3 or None))
+        eng.step()                                     # prompts encoded, first step
+        mode = Count()
+        mode.n = 0
+        with mode:
+            eng.step()
+        counts.append(mode.n)
+    assert counts[1] - counts[0] <= 2 * 4, counts
 
 
 def test_engine_rejects_bad_requests(tmp_path):

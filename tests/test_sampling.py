@@ -173,3 +173,32 @@ def test_a_zero_uniform_draws_from_the_middle_of_its_cell(V):
         zero = sampling.sample_rows(logits.clone(), torch.tensor(T), uniform=torch.zeros(8)).sample
         low = sampling.sample_rows(logits.clone(), torch.tensor(T), uniform=torch.full((8,), sampling.U_MIN)).sample
         assert torch.equal(zero, low) and bool((zero != 0).all())
+
+
+@pytest.mark.parametrize("stability", [0, 1, 2, 3])
+def test_stop_rule_equals_reference_over_steps(stability):
+    """Our run-length form of the stable-and-confident rule decides as the reference's history of canvases,
+    step after step, as a batch and with per-row [B] thresholds (the engine's form)."""
+    B, C, V = 4, 6, 5
+    g = torch.Generator().manual_seed(stability)
+    ref = StableAndConfidentStoppingCriteria(stability, 1.2)
+    ours = sampling.StableAndConfident(stability, 1.2, B, C, "cpu")
+    prev, run = torch.full((B, C), -1), torch.zeros(B, dtype=torch.long)
+    argmax = torch.randint(0, V, (B, C), generator=g)
+    fired = 0
+    for step in range(14):
+        # rows keep their argmax for a while, then change one position (row 0 never changes)
+        change = torch.rand(B, generator=g) < 0.3
+        change[0] = False
+        argmax = argmax.clone()
+        argmax[change, step % C] = (argmax[change, step % C] + 1) % V
+        lam = torch.randn(B, C, V, generator=g) * torch.tensor([3.0, 0.5, 3.0, 0.5])[:, None, None]
+        want = ref(argmax, lam)
+        ent = sampling.entropy(lam)
+        assert torch.equal(ours(argmax, ent), want), step
+        stop, run = sampling.stable_and_confident(argmax, prev, run, ent, torch.full((B,), stability),
+                                                  torch.full((B,), 1.2))
+        prev = argmax
+        assert torch.equal(stop, want), step
+        fired += int(want.sum())
+    assert fired                                  # the rule did fire (confident rows 0 and 2)

@@ -109,10 +109,10 @@ class _Request:
 class _Row:
     req: _Request
     canvas: torch.Tensor                     # [C] current (noisy) canvas
-    argmax: torch.Tensor                     # [C]
+    argmax: torch.Tensor                     # [C] the last step's (all -1 before the canvas's first step)
     soft: torch.Tensor | None                # [C, H] self-conditioning input, None at a canvas's first step
     left: int                                # denoising steps left for this canvas
-    stopper: sampling.StableAndConfident | None
+    run: torch.Tensor                        # [] steps in a row with this argmax (the stop rule's state)
 
 
 class Engine:
@@ -154,6 +154,8 @@ class Engine:
         self.done: dict[str, Result] = {}
         self._ids = itertools.count()
         self._noise = torch.empty(self.row_chunk, self.V, device=model.device) if sampler == "exact" else None
+        self._unseen = torch.full((self.C,), -1, device=model.device)     # a fresh canvas's "last argmax"
+        self._zero = torch.zeros((), dtype=torch.long, device=model.device)
         # CUDA graphs for the fast sampler's step (one per number of active rows), where the model allows them
         # (off CUDA, cuda_graphs=True runs the same static step eagerly)
         if cuda_graphs and sampler != "fast":
@@ -293,8 +295,8 @@ class Engine:
         if self.graphs is not None or any(r.soft is not None for r in self.rows):
             zero = torch.zeros(C, m.config.hidden_size, dtype=m.dtype, device=dev)   # = no signal, exactly
             soft = torch.stack([r.soft if r.soft is not None else zero for r in self.rows])   # [n, C, H]
-        temp = torch.stack([sampling.temperature(r.left, r.req.s.max_denoising_steps, r.req.s.t_min,
-                                                 r.req.s.t_max) for r in self.rows])
+        temp = torch.tensor([sampling.temperatures(r.req.s.max_denoising_steps, r.req.s.t_min, r.req.s.t_max)
+                             [r.req.s.max_denoising_steps - r.left] for r in self.rows], dtype=torch.float32)
         temp = temp.repeat_interleave(C)[:, None].to(dev)                                     # [n*C, 1]
         bound = torch.tensor([[r.req.s.entropy_bound] for r in self.rows], dtype=torch.float32, device=dev)
         greedy = torch.tensor([r.req.greedy for r in self.rows], device=dev)
@@ -321,16 +323,22 @@ class Engine:
                 new_canvas, argmax, ent, soft_new = self.graphs.run(key, self._fast_step, *inputs)
         if any(r.req.frames for r in self.rows):
             self._record_frames(new_canvas, ent, bound)
-        # every row's stop rule on the device, then one host sync for all of them (not one per row)
-        stops = [r.stopper(argmax[b:b + 1], ent[b:b + 1]) for b, r in enumerate(self.rows) if r.stopper is not None]
-        flags = iter(torch.cat(stops).tolist() if stops else [])
+        # every row's stop rule in one batch on the device (each request's own thresholds), one host sync
+        flags, runs = [False] * n, [r.run for r in self.rows]
+        rules = [(r.req.s.stability_threshold, r.req.s.confidence_threshold) for r in self.rows]
+        rules = [(k, c) if k is not None and c is not None else (sampling.NEVER, 0.0) for k, c in rules]
+        if any(k != sampling.NEVER for k, _ in rules):
+            stop, run = sampling.stable_and_confident(
+                argmax, torch.stack([r.argmax for r in self.rows]), torch.stack(runs), ent,
+                torch.tensor([k for k, _ in rules], device=dev),
+                torch.tensor([c for _, c in rules], dtype=torch.float32, device=dev))
+            flags, runs = stop.tolist(), run.unbind()
         commit = []
         for b, r in enumerate(self.rows):
-            r.canvas, r.argmax, r.soft = new_canvas[b], argmax[b], soft_new[b]
+            r.canvas, r.argmax, r.soft, r.run = new_canvas[b], argmax[b], soft_new[b], runs[b]
             r.left -= 1
             r.req.passes += 1
-            stop = next(flags) if r.stopper is not None else False
-            if stop or r.left == 0:
+            if flags[b] or r.left == 0:
                 commit.append(b)
         return self._commit(commit) if commit else []
 
@@ -352,13 +360,8 @@ class Engine:
 
     # ---- internals ----------------------------------------------------------------------------
     def _new_canvas(self, req: _Request) -> _Row:
-        s, C = req.s, self.C
-        canvas = sampling.init_canvas(1, C, self.V, self.model.device, req.gen)[0]
-        stopper = None
-        if s.stability_threshold is not None and s.confidence_threshold is not None:
-            stopper = sampling.StableAndConfident(s.stability_threshold, s.confidence_threshold, 1, C,
-                                                  self.model.device)
-        return _Row(req, canvas, canvas, None, s.max_denoising_steps, stopper)
+        canvas = sampling.init_canvas(1, self.C, self.V, self.model.device, req.gen)[0]
+        return _Row(req, canvas, self._unseen, None, req.s.max_denoising_steps, self._zero)
 
     def _prefill(self) -> int:
         """Encode about `prefill_chunk` prompt tokens (at least one aligned chunk), or with no row denoising every

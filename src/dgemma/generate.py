@@ -143,8 +143,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         raise ValueError("cuda_graphs needs sampler='fast' (the exact sampler's random stream runs eagerly)")
     fast = _FastStep(model, cache, row_chunk, s.entropy_bound, static=cuda_graphs) if sampler == "fast" else None
     # T(n) for n = N..1, computed on the CPU exactly as the reference does, moved to the device once
-    temps = torch.stack([sampling.temperature(n, s.max_denoising_steps, s.t_min, s.t_max)
-                         for n in range(s.max_denoising_steps, 0, -1)]).to(dev)
+    temps = torch.tensor(sampling.temperatures(s.max_denoising_steps, s.t_min, s.t_max), dtype=torch.float32,
+                         device=dev)
     seq = ids
     for c in range(n_canvas):
         if c == 0 and L:   # encode the prompt, then each committed canvas at the positions it had

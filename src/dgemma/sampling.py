@@ -11,6 +11,7 @@ Does not know: the model (it gets logits and, optionally, the embedding: anythin
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,13 @@ def resolve_sampler(name: str, device: torch.device, dtype: torch.dtype) -> str:
 def temperature(steps_left: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
     """T(n) = t_min + (t_max - t_min) * n / N, computed in fp32 exactly as the reference does."""
     return t_min + ((t_max - t_min) * (torch.tensor(steps_left, dtype=torch.int32) / max_steps))
+
+
+@functools.lru_cache(maxsize=256)
+def temperatures(max_steps: int, t_min: float, t_max: float) -> tuple[float, ...]:
+    """T(n) for n = N..1 (step i of a canvas uses entry i), each the float of its fp32 `temperature`, so
+    torch.tensor(..., dtype=torch.float32) of them gives back those fp32 values exactly."""
+    return tuple(float(temperature(n, max_steps, t_min, t_max)) for n in range(max_steps, 0, -1))
 
 
 def init_canvas(batch: int, length: int, vocab: int, device, generator) -> torch.Tensor:
@@ -204,18 +212,31 @@ def entropy_bound_accept(ent: torch.Tensor, bound: float | torch.Tensor) -> torc
     return torch.scatter(torch.zeros_like(keep), -1, order, keep)
 
 
+NEVER = 1 << 62   # a stability no row reaches: rows without the stop rule in a batch with it (the engine)
+
+
+def stable_and_confident(argmax: torch.Tensor, prev: torch.Tensor, run: torch.Tensor, ent: torch.Tensor,
+                         stability: int | torch.Tensor, confidence: float | torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's StableAndConfidentStoppingCriteria for rows of argmax canvases [B, C] and entropies [B, C]:
+    stop where the argmax is the same as at each of the last `stability` steps and the mean entropy is below
+    `confidence` (numbers, or [B] tensors of per-row thresholds). The reference keeps a history of `stability`
+    canvases; since equality is transitive, a count per row of steps in a row with an unchanged argmax
+    (`run` [B], 0 at a canvas's start, with `prev` [B, C] = -1 there as the reference's history) decides the same,
+    in a few kernels whatever the stability. -> (stop [B] bool, the new run [B])."""
+    run = torch.where((argmax == prev).all(dim=-1), run + 1, 0)
+    return (run >= stability) & (ent.mean(dim=-1) < confidence), run
+
+
 class StableAndConfident:
-    """Per-row stop: argmax unchanged for `stability` steps and mean entropy < `confidence`."""
+    """`stable_and_confident` with its state, for a batch whose rows all start a canvas together (generate)."""
 
     def __init__(self, stability: int, confidence: float, batch: int, length: int, device) -> None:
         self.stability, self.confidence = stability, confidence
-        self.history = torch.full((stability, batch, length), -1, dtype=torch.long, device=device)
+        self.prev = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        self.run = torch.zeros(batch, dtype=torch.long, device=device)
 
     def __call__(self, argmax: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
-        if self.stability == 0:
-            stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
-        else:
-            stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
-            self.history = torch.roll(self.history, shifts=-1, dims=0)
-            self.history[-1] = argmax
-        return stable & (ent.mean(dim=-1) < self.confidence)
+        stop, self.run = stable_and_confident(argmax, self.prev, self.run, ent, self.stability, self.confidence)
+        self.prev = argmax                  # (read only: the callers never write an argmax in place)
+        return stop

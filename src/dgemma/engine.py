@@ -446,12 +446,13 @@ class Engine:
 
     def _commit(self, commit: list[int]) -> list[CanvasEvent]:
         events, keep, encode_rows, encode_ids = [], [], [], []
+        canvases = dict(zip(commit, torch.stack([self.rows[b].argmax for b in commit]).tolist()))   # one read
         for b, r in enumerate(self.rows):
             if b not in commit:
                 keep.append(b)
                 continue
             req, s = r.req, r.req.s
-            toks = r.argmax.tolist()
+            toks = canvases[b]
             req.canvases += 1
             eos = set(s.eos_token_id or [])
             cut = next((i for i, t in enumerate(toks) if t in eos), None)

@@ -154,6 +154,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         canvas = sampling.init_canvas(B, CL, V, dev, gen)
         argmax, soft = canvas, None
         frozen = torch.zeros(B, dtype=torch.bool, device=dev)
+        n_frozen = 0                                     # rows of `frozen` set (read once a step)
         stopper = sampling.StableAndConfident(s.stability_threshold or 0, s.confidence_threshold or 0.0,
                                               B, CL, dev) if stop_rule else None
         for i in range(s.max_denoising_steps):
@@ -167,14 +168,16 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                     exponentials=lambda r0, r1: noise[:r1 - r0].exponential_(1, generator=gen),
                     renoise=lambda: sampling.init_canvas(B, CL, V, dev, gen))
             if stopper is not None:
-                if frozen.any():  # frozen rows keep canvas, argmax and self-conditioning input
+                if n_frozen:      # frozen rows keep canvas, argmax and self-conditioning input
                     new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
                     new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
                     new_soft = torch.where(frozen[:, None, None], soft, new_soft)
                 frozen |= stopper(new_argmax, ent)
             canvas, argmax, soft = new_canvas, new_argmax, new_soft
-            if stopper is not None and bool(frozen.all()):   # the only per-step host sync, and only if asked
-                break
+            if stopper is not None:                      # the only per-step host sync, and only if asked
+                n_frozen = int(frozen.sum())
+                if n_frozen == B:
+                    break
         if stopper is not None:
             fired += frozen & ~finished                  # rows the rule stopped (rows done earlier: not counted)
         seq = torch.cat([seq, argmax], dim=1)

@@ -31,8 +31,9 @@ def test_engine_requests_equal_batch1_generate(tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (3, 11, 7, 20, 5)]
     eng = Engine(m, max_batch=3)
-    # request 2 becomes confident at once (stops early every canvas); 1 needs a longer stable run, 3 has no stop
-    # rule: each row of a step keeps its own thresholds
+    # request 2 becomes confident at once (stops early every canvas); 1 has stability 2 and 3 no stop rule (rows
+    # keep their own thresholds; on this model only request 2's rule fires: test_engine_stop_rule_per_row_... below
+    # makes rules fire at different steps)
     kws = [KW, dict(KW, stability_threshold=2), dict(KW, stability_threshold=0, confidence_threshold=7.0),
            dict(KW, stability_threshold=None), KW]
     ids = [eng.submit(p, seed=100 + i, **kws[i]) for i, p in enumerate(prompts[:4])]
@@ -247,3 +248,57 @@ def test_engine_graph_replay_on_cuda(tmp_path):
     eng.graphs.enabled = False
     eager, _ = _run_engine(m, prompts, cuda_graphs=True)
     assert replayed == eager
+
+
+def test_engine_stop_rule_per_row_equals_reference(tmp_path, monkeypatch):
+    """Rows with different stop rules in one batch (stability 0 to 3, confident or not, no rule) each stop where the
+    reference's StableAndConfidentStoppingCriteria, run for that request alone, stops: a scripted denoiser gives each
+    request its own argmax canvases (changing until a settling step, then fixed) and logits (peaked or flat)."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import StableAndConfidentStoppingCriteria
+
+    from dgemma import engine as engine_module
+    from dgemma import sampling
+    m = peaky(tmp_path)
+    C, V, N, H = m.config.canvas_length, 64, 8, m.config.hidden_size
+    # (stability, confidence, settling step, peaked logits)
+    specs = [(0, 1.0, 0, True), (1, 1.0, 3, True), (2, 1.0, 1, True), (3, 1.0, 2, True), (2, 1.0, 1, False),
+             (None, 1.0, 0, True), (1, None, 0, True), (3, 1.0, 4, True)]
+
+    def script(j: int, canvas: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Request j's argmax canvas [C] and logits [C, V] at a step of one of its canvases."""
+        token = 3 + 10 * canvas + min(step, specs[j][2])
+        lam = torch.zeros(C, V)
+        if specs[j][3]:
+            lam[:, token] = 30.0                                  # entropy ~0: confident
+        return torch.full((C,), token), lam
+
+    def expected_passes(j: int, canvases: int) -> int:
+        stab, conf = specs[j][:2]
+        total = 0
+        for k in range(canvases):
+            rule = StableAndConfidentStoppingCriteria(stab, conf) if stab is not None and conf is not None else None
+            for i in range(N):
+                am, lam = script(j, k, i)
+                if rule is not None and bool(rule(am[None], lam[None])[0]):
+                    break
+            total += i + 1
+        return total
+
+    eng = Engine(m, max_batch=3)
+
+    def scripted_step(model, cache, canvas, soft, temp, bound, row_chunk, **kw):
+        parts = [script(int(r.req.id[1:]), r.req.canvases, N - r.left) for r in eng.rows]
+        am, lam = torch.stack([a for a, _ in parts]), torch.stack([x for _, x in parts])
+        return am.clone(), am, sampling.entropy(lam), torch.zeros(len(parts), C, H)
+    monkeypatch.setattr(engine_module, "denoise_step", scripted_step)
+    kw = dict(max_new_tokens=2 * C, max_denoising_steps=N, eos_token_id=None)
+    for j, (stab, conf, _, _) in enumerate(specs[:5]):
+        eng.submit([21, 22, 23], seed=j, request_id=f"r{j}", stability_threshold=stab, confidence_threshold=conf, **kw)
+    for _ in range(3):                                            # the rest arrive mid-flight
+        eng.step()
+    for j, (stab, conf, _, _) in enumerate(specs[5:], 5):
+        eng.submit([21, 22, 23], seed=j, request_id=f"r{j}", stability_threshold=stab, confidence_threshold=conf, **kw)
+    res = eng.run()
+    passes = {j: res[f"r{j}"].decoder_passes for j in range(len(specs))}
+    assert passes == {j: expected_passes(j, 2) for j in range(len(specs))}
+    assert len(set(passes.values())) >= 4                         # the rule fired at different steps

@@ -262,7 +262,7 @@ def test_engine_stop_rule_per_row_equals_reference(tmp_path, monkeypatch):
     C, V, N, H = m.config.canvas_length, 64, 8, m.config.hidden_size
     # (stability, confidence, settling step, peaked logits)
     specs = [(0, 1.0, 0, True), (1, 1.0, 3, True), (2, 1.0, 1, True), (3, 1.0, 2, True), (2, 1.0, 1, False),
-             (None, 1.0, 0, True), (1, None, 0, True), (3, 1.0, 4, True)]
+             (None, 1.0, 0, True), (1, None, 0, True), (3, 1.0, 4, True), (2**63, 1.0, 0, True)]   # past int64
 
     def script(j: int, canvas: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Request j's argmax canvas [C] and logits [C, V] at a step of one of its canvases."""
@@ -276,7 +276,8 @@ def test_engine_stop_rule_per_row_equals_reference(tmp_path, monkeypatch):
         stab, conf = specs[j][:2]
         total = 0
         for k in range(canvases):
-            rule = StableAndConfidentStoppingCriteria(stab, conf) if stab is not None and conf is not None else None
+            rule = StableAndConfidentStoppingCriteria(stab, conf) if stab is not None and conf is not None \
+                and stab < 2 * N else None                      # (a longer history than steps: never stable)
             for i in range(N):
                 am, lam = script(j, k, i)
                 if rule is not None and bool(rule(am[None], lam[None])[0]):

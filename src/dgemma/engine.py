@@ -326,7 +326,8 @@ class Engine:
         # every row's stop rule in one batch on the device (each request's own thresholds), one host sync
         flags, runs = [False] * n, [r.run for r in self.rows]
         rules = [(r.req.s.stability_threshold, r.req.s.confidence_threshold) for r in self.rows]
-        rules = [(k, c) if k is not None and c is not None else (sampling.NEVER, 0.0) for k, c in rules]
+        rules = [(min(k, sampling.NEVER), c) if k is not None and c is not None else (sampling.NEVER, 0.0)
+                 for k, c in rules]                   # (a stability past NEVER is never reached either)
         if any(k != sampling.NEVER for k, _ in rules):
             stop, run = sampling.stable_and_confident(
                 argmax, torch.stack([r.argmax for r in self.rows]), torch.stack(runs), ent,

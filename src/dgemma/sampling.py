@@ -232,7 +232,7 @@ class StableAndConfident:
     """`stable_and_confident` with its state, for a batch whose rows all start a canvas together (generate)."""
 
     def __init__(self, stability: int, confidence: float, batch: int, length: int, device) -> None:
-        self.stability, self.confidence = stability, confidence
+        self.stability, self.confidence = min(stability, NEVER), confidence   # (past NEVER: never reached either)
         self.prev = torch.full((batch, length), -1, dtype=torch.long, device=device)
         self.run = torch.zeros(batch, dtype=torch.long, device=device)
 

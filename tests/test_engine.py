@@ -250,19 +250,24 @@ def test_engine_graph_replay_on_cuda(tmp_path):
     assert replayed == eager
 
 
-def test_engine_stop_rule_per_row_equals_reference(tmp_path, monkeypatch):
-    """Rows with different stop rules in one batch (stability 0 to 3, confident or not, no rule) each stop where the
-    reference's StableAndConfidentStoppingCriteria, run for that request alone, stops: a scripted denoiser gives each
-    request its own argmax canvases (changing until a settling step, then fixed) and logits (peaked or flat)."""
+# (stability, confidence, settling step, peaked logits) per request
+MIXED_RULES = [(0, 1.0, 0, True), (1, 1.0, 3, True), (2, 1.0, 1, True), (3, 1.0, 2, True), (2, 1.0, 1, False),
+               (None, 1.0, 0, True), (1, None, 0, True), (3, 1.0, 4, True), (2**63, 1.0, 0, True)]   # past int64
+ONE_RULE = [(2, 1.0, settle, peaked) for settle in (0, 1, 3, 5) for peaked in (True, False)]
+
+
+@pytest.mark.parametrize("specs", [MIXED_RULES, ONE_RULE], ids=["mixed_rules", "one_rule"])
+def test_engine_stop_rule_per_row_equals_reference(tmp_path, monkeypatch, specs):
+    """Rows with different stop rules in one batch (stability 0 to 3, confident or not, no rule), or all with one
+    rule, each stop where the reference's StableAndConfidentStoppingCriteria, run for that request alone, stops: a
+    scripted denoiser gives each request its own argmax canvases (changing until a settling step, then fixed) and
+    logits (peaked or flat)."""
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import StableAndConfidentStoppingCriteria
 
     from dgemma import engine as engine_module
     from dgemma import sampling
     m = peaky(tmp_path)
     C, V, N, H = m.config.canvas_length, 64, 8, m.config.hidden_size
-    # (stability, confidence, settling step, peaked logits)
-    specs = [(0, 1.0, 0, True), (1, 1.0, 3, True), (2, 1.0, 1, True), (3, 1.0, 2, True), (2, 1.0, 1, False),
-             (None, 1.0, 0, True), (1, None, 0, True), (3, 1.0, 4, True), (2**63, 1.0, 0, True)]   # past int64
 
     def script(j: int, canvas: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Request j's argmax canvas [C] and logits [C, V] at a step of one of its canvases."""

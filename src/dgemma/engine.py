@@ -300,6 +300,7 @@ class Engine:
         temp = temp.repeat_interleave(C)[:, None].to(dev)                                     # [n*C, 1]
         bound = torch.tensor([[r.req.s.entropy_bound] for r in self.rows], dtype=torch.float32, device=dev)
         greedy = torch.tensor([r.req.greedy for r in self.rows], device=dev)
+        rules = self._stop_rules()
         if self.sampler == "exact":                           # each request's own stream, the reference's order
             def exponentials(r0: int, r1: int) -> torch.Tensor:
                 q = self._noise[: r1 - r0]
@@ -325,14 +326,9 @@ class Engine:
             self._record_frames(new_canvas, ent, bound)
         # every row's stop rule in one batch on the device (each request's own thresholds), one host sync
         flags, runs = [False] * n, [r.run for r in self.rows]
-        rules = [(r.req.s.stability_threshold, r.req.s.confidence_threshold) for r in self.rows]
-        rules = [(min(k, sampling.NEVER), c) if k is not None and c is not None else (sampling.NEVER, 0.0)
-                 for k, c in rules]                   # (a stability past NEVER is never reached either)
-        if any(k != sampling.NEVER for k, _ in rules):
+        if rules is not None:
             stop, run = sampling.stable_and_confident(
-                argmax, torch.stack([r.argmax for r in self.rows]), torch.stack(runs), ent,
-                torch.tensor([k for k, _ in rules], device=dev),
-                torch.tensor([c for _, c in rules], dtype=torch.float32, device=dev))
+                argmax, torch.stack([r.argmax for r in self.rows]), torch.stack(runs), ent, *rules)
             flags, runs = stop.tolist(), run.unbind()
         commit = []
         for b, r in enumerate(self.rows):
@@ -342,6 +338,21 @@ class Engine:
             if flags[b] or r.left == 0:
                 commit.append(b)
         return self._commit(commit) if commit else []
+
+    def _stop_rules(self) -> tuple | None:
+        """The active rows' stop-rule thresholds for `sampling.stable_and_confident`: (stability, confidence) as
+        numbers when every row has the same, else as [n] tensors (made before the step, so that copying them to
+        the device never waits for it); None when no row has a rule."""
+        rules = [(r.req.s.stability_threshold, r.req.s.confidence_threshold) for r in self.rows]
+        rules = [(min(k, sampling.NEVER), c) if k is not None and c is not None else (sampling.NEVER, 0.0)
+                 for k, c in rules]                   # (a stability past NEVER is never reached either)
+        if all(k == sampling.NEVER for k, _ in rules):
+            return None
+        if len(set(rules)) == 1:
+            return rules[0]
+        dev = self.model.device
+        return (torch.tensor([k for k, _ in rules], device=dev),
+                torch.tensor([c for _, c in rules], dtype=torch.float32, device=dev))
 
     def _record_frames(self, new_canvas: torch.Tensor, ent: torch.Tensor, bound: torch.Tensor) -> None:
         """Frames of this pass for the rows that asked (the same acceptance the step applied)."""

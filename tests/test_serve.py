@@ -189,7 +189,8 @@ def test_cancel_on_disconnect_frees_the_row(server):
     before = [_requests(server, "/v1/chat/completions", s) for s in ("200", "499")]
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"model": NAME, "messages": [{"role": "user", "content": "Go on and on"}],
-                            "max_tokens": 3000, "stream": True, "max_denoising_steps": 32}, timeout=30) as r:
+                            "max_tokens": 3000, "stream": True, "max_denoising_steps": 32,
+                            "seed": 8}, timeout=30) as r:   # seed 8: ~1,000 tokens (unseeded, some end at once)
         for line in r.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
                 break                                    # first committed text: now hang up

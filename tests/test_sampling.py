@@ -206,7 +206,7 @@ def test_stop_rule_equals_reference_over_steps(stability):
 
 def test_stop_rule_with_a_stability_past_int64_never_fires():
     """A stability no run can reach (even one past int64, which a tensor cannot hold) is simply never met."""
-    rule = sampling.StableAndConfident(2**63, 1.0, 2, 3, "cpu")
+    rule = sampling.StableAndConfident(*sampling.stop_rule(2**63, 1.0), 2, 3, "cpu")
     argmax = torch.zeros(2, 3, dtype=torch.long)
     for _ in range(4):
         assert not rule(argmax, torch.zeros(2, 3)).any()

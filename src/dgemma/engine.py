@@ -343,11 +343,10 @@ class Engine:
         """The active rows' stop-rule thresholds for `sampling.stable_and_confident`: (stability, confidence) as
         numbers when every row has the same, else as [n] tensors (made before the step, so that copying them to
         the device never waits for it); None when no row has a rule."""
-        rules = [(r.req.s.stability_threshold, r.req.s.confidence_threshold) for r in self.rows]
-        rules = [(min(k, sampling.NEVER), c) if k is not None and c is not None else (sampling.NEVER, 0.0)
-                 for k, c in rules]                   # (a stability past NEVER is never reached either)
-        if all(k == sampling.NEVER for k, _ in rules):
+        rules = [sampling.stop_rule(r.req.s.stability_threshold, r.req.s.confidence_threshold) for r in self.rows]
+        if all(x is None for x in rules):
             return None
+        rules = [x or (sampling.NEVER, 0.0) for x in rules]          # a row without the rule never stops by it
         if len(set(rules)) == 1:
             return rules[0]
         dev = self.model.device

@@ -131,7 +131,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         empty = ~valid.any(-1) & (torch.tensor(cache.lengths[:B], device=dev) == 0 if cache is not None else True)
         if bool(empty.any()):
             raise ValueError(f"attention_mask row {int(empty.nonzero()[0])} has no token")
-    stop_rule = s.stability_threshold is not None and s.confidence_threshold is not None
+    rule = sampling.stop_rule(s.stability_threshold, s.confidence_threshold)
 
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.int32, device=dev)
@@ -155,8 +155,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         argmax, soft = canvas, None
         frozen = torch.zeros(B, dtype=torch.bool, device=dev)
         n_frozen = 0                                     # rows of `frozen` set (read once a step)
-        stopper = sampling.StableAndConfident(s.stability_threshold or 0, s.confidence_threshold or 0.0,
-                                              B, CL, dev) if stop_rule else None
+        stopper = sampling.StableAndConfident(*rule, B, CL, dev) if rule else None
         for i in range(s.max_denoising_steps):
             passes += ~(frozen | finished)
             temp = temps[i]

@@ -215,6 +215,14 @@ def entropy_bound_accept(ent: torch.Tensor, bound: float | torch.Tensor) -> torc
 NEVER = 1 << 62   # a stability no row reaches: rows without the stop rule in a batch with it (the engine)
 
 
+def stop_rule(stability: int | None, confidence: float | None) -> tuple[int, float] | None:
+    """The stable-and-confident rule's (stability, confidence), or None when either is None (the rule is off,
+    as in the reference). A stability past NEVER, which no run reaches either, becomes NEVER (a tensor holds it)."""
+    if stability is None or confidence is None:
+        return None
+    return min(stability, NEVER), confidence
+
+
 def stable_and_confident(argmax: torch.Tensor, prev: torch.Tensor, run: torch.Tensor, ent: torch.Tensor,
                          stability: int | torch.Tensor, confidence: float | torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,10 +237,11 @@ def stable_and_confident(argmax: torch.Tensor, prev: torch.Tensor, run: torch.Te
 
 
 class StableAndConfident:
-    """`stable_and_confident` with its state, for a batch whose rows all start a canvas together (generate)."""
+    """`stable_and_confident` with its state, for a batch whose rows all start a canvas together (generate);
+    stability and confidence as `stop_rule` gives them."""
 
     def __init__(self, stability: int, confidence: float, batch: int, length: int, device) -> None:
-        self.stability, self.confidence = min(stability, NEVER), confidence   # (past NEVER: never reached either)
+        self.stability, self.confidence = stability, confidence
         self.prev = torch.full((batch, length), -1, dtype=torch.long, device=device)
         self.run = torch.zeros(batch, dtype=torch.long, device=device)
 

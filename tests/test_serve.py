@@ -149,6 +149,38 @@ def test_stop_strings(server):
     assert s == text[:cut] and finish == "stop"
 
 
+def test_n_choices_are_the_requests_with_seeds_counted_up(server):
+    c = client(server)
+    kw = dict(max_tokens=40, extra_body=FAST)
+    alone = [chat(c, "Three ways to say it", seed=s, **kw) for s in (5, 6, 7)]
+    r = chat(c, "Three ways to say it", seed=5, n=3, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.message.content for ch in r.choices] == [a.choices[0].message.content for a in alone]
+    assert [ch.finish_reason for ch in r.choices] == [a.choices[0].finish_reason for a in alone]
+    assert len({ch.message.content for ch in r.choices}) == 3
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # streamed: each choice's deltas under its index, one role chunk and one finish each, the usage once at the end
+    texts, finish, roles, usages = ["", "", ""], [None] * 3, 0, []
+    for ch in chat(c, "Three ways to say it", seed=5, n=3, stream=True, stream_options={"include_usage": True},
+                   **kw):
+        for d in ch.choices:
+            texts[d.index] += d.delta.content or ""
+            roles += d.delta.role == "assistant"
+            finish[d.index] = d.finish_reason or finish[d.index]
+        if ch.usage is not None:
+            usages.append(ch.usage)
+    assert texts == [ch.message.content for ch in r.choices] and roles == 3
+    assert finish == [ch.finish_reason for ch in r.choices]
+    assert len(usages) == 1 and usages[0].completion_tokens == r.usage.completion_tokens
+    # text completions too; a seed at the top of its range wraps (choice 1: seed 0)
+    top = c.completions.create(model=NAME, prompt="The old house", max_tokens=20, seed=2 ** 64 - 1, n=2,
+                               extra_body=FAST)
+    zero = c.completions.create(model=NAME, prompt="The old house", max_tokens=20, seed=0, extra_body=FAST)
+    assert [ch.index for ch in top.choices] == [0, 1] and top.choices[1].text == zero.choices[0].text
+
+
 def test_seed_is_reproducible_while_batched(server):
     c = client(server)
     alone = chat(c, "A seeded request", seed=123, max_tokens=64).choices[0].message.content
@@ -185,18 +217,23 @@ def _requests(srv, route: str, status: str) -> float:
                if line.startswith(want + " "))
 
 
-def test_cancel_on_disconnect_frees_the_row(server):
+# n = 3: every canvas runs all its 256 steps (no entropy is below 0), so no choice ends by itself in 5 s
+@pytest.mark.parametrize("n,more", [(1, {"max_denoising_steps": 32}),
+                                    (3, {"max_denoising_steps": 256, "confidence_threshold": 0})])
+def test_cancel_on_disconnect_frees_the_row(server, n, more):
     before = [_requests(server, "/v1/chat/completions", s) for s in ("200", "499")]
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"model": NAME, "messages": [{"role": "user", "content": "Go on and on"}],
-                            "max_tokens": 3000, "stream": True, "max_denoising_steps": 32,
+                            "max_tokens": 3000, "stream": True, "n": n, **more,
                             "seed": 8}, timeout=30) as r:   # seed 8: ~1,000 tokens (unseeded, some end at once)
         for line in r.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
                 break                                    # first committed text: now hang up
     t0 = time.time()
     while server.metric("dgemma_active_rows") > 0:
-        assert time.time() - t0 < 5, "the disconnected request kept its row"
+        # n = 3: well within one 256-step canvas (~2 s), after which Python's clean-up of the abandoned event
+        # streams would free the other choices' rows even if hanging up cancelled only the first
+        assert time.time() - t0 < (5 if n == 1 else 1.5), "the disconnected request kept its rows"
         time.sleep(0.05)
     # counted as a client that went away, not as a 200
     assert [_requests(server, "/v1/chat/completions", s) for s in ("200", "499")] == [before[0], before[1] + 1]
@@ -218,7 +255,9 @@ BAD = [  # (body changes, status, param)
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format.type"),
     ({"logprobs": True}, 400, "logprobs"),
-    ({"n": 2}, 400, "n"),
+    ({"n": 0}, 400, "n"),
+    ({"n": 129}, 400, "n"),
+    ({"n": 17}, 400, "n"),                # more than this server's --max-queue 16
     ({"top_p": 0.5}, 400, "top_p"),
     ({"temperature": 3}, 400, "temperature"),
     ({"max_tokens": 0}, 400, "max_tokens"),

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -132,6 +132,22 @@ class Job:
     frame_interval: float | None = None      # seconds between frames; None: no frames
     events: asyncio.Queue | None = None      # the worker's (kind, payload) events, once submitted
     done: bool = False                       # finished, failed or cancelled: nothing left to cancel
+    index: int = 0                           # which of the request's n choices
+
+
+SEEDS = 2 ** 64                              # seeds are taken modulo this (the API's range is -2^63 .. 2^64 - 1)
+
+
+def _choices(job: Job, n: int) -> list[Job]:
+    """A request's n choices as engine requests: the job itself for n = 1; else n copies, choice i with seed + i
+    (choice 0 is what the request gives with n = 1), ids `<id>-<i>`, and no prefix warming afterwards (which
+    reply the conversation goes on with is the client's choice)."""
+    if n == 1:
+        return [job]
+    seed = job.kwargs["seed"]
+    return [replace(job, rid=f"{job.rid}-{i}", index=i, chat=None,
+                    kwargs={**job.kwargs, "seed": None if seed is None else seed if i == 0 else (seed + i) % SEEDS})
+            for i in range(n)]
 
 
 def create_app(state: State) -> FastAPI:
@@ -246,7 +262,7 @@ def create_app(state: State) -> FastAPI:
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from None
         job = _job(st, req, ids, "chatcmpl", "messages", messages)
-        return await _respond(st, job, request, bool(req.stream), chat=True)
+        return await _respond(st, job, req.n or 1, request, bool(req.stream), chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None,
               responses={200: {"description": "a text_completion, or with stream=true an SSE stream of "
@@ -263,7 +279,7 @@ def create_app(state: State) -> FastAPI:
             if min(ids) < 0 or max(ids) >= st.model.config.vocab_size:
                 raise APIError(400, f"token ids must lie in [0, {st.model.config.vocab_size})", "prompt")
         job = _job(st, req, ids, "cmpl", "prompt", None)
-        return await _respond(st, job, request, bool(req.stream), chat=False)
+        return await _respond(st, job, req.n or 1, request, bool(req.stream), chat=False)
 
     return app
 
@@ -366,25 +382,57 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include, interval)
 
 
-def _submit(st: State, job: Job) -> None:
-    """Hand the job to the worker now, in the handler, or refuse it with a 429 when --max-queue requests wait."""
-    loop, q = asyncio.get_running_loop(), asyncio.Queue()
+def _submit(st: State, jobs: list[Job]) -> None:
+    """Hand the jobs (a request's choices) to the worker now, in the handler, all together; or refuse them with a
+    429 when they would take the requests waiting past --max-queue (a 400 when there are more than it allows)."""
+    loop, limit = asyncio.get_running_loop(), st.cfg.max_queue
+    if len(jobs) > limit:
+        raise APIError(400, f"n={len(jobs)} is more than this server queues at once (--max-queue {limit})", "n")
 
-    def sink(kind: str, payload: Any) -> None:                   # called on the engine thread
-        loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+    def sink_for(q: asyncio.Queue):
+        def sink(kind: str, payload: Any) -> None:               # called on the engine thread
+            loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+        return sink
 
-    if not st.worker.submit(job.rid, job.ids, sink, limit=st.cfg.max_queue, **job.kwargs):
-        raise APIError(429, f"{st.worker.waiting} requests are waiting (--max-queue {st.cfg.max_queue}); retry "
+    queues = [asyncio.Queue() for _ in jobs]
+    if not st.worker.submit_all(jobs[0].ids, [(j.rid, sink_for(q), j.kwargs) for j, q in zip(jobs, queues)],
+                                limit=limit):
+        raise APIError(429, f"{st.worker.waiting} requests are waiting (--max-queue {limit}); retry "
                             "later", kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    job.events = q
+    for j, q in zip(jobs, queues):
+        j.events = q
 
 
-def _drop(st: State, job: Job) -> None:
-    """Cancel a submitted job nobody will read any more (client gone); nothing if it already ended."""
-    if not job.done:
-        job.done = True
-        st.worker.cancel(job.rid)
-        log.info("%s cancelled (client gone)", job.rid)
+def _drop(st: State, *jobs: Job) -> None:
+    """Cancel submitted jobs nobody will read any more (client gone); nothing for those that already ended."""
+    for job in jobs:
+        if not job.done:
+            job.done = True
+            st.worker.cancel(job.rid)
+            log.info("%s cancelled (client gone)", job.rid)
+
+
+async def _merged(st: State, jobs: list[Job]) -> AsyncIterator[tuple[int, tuple]]:
+    """Every job's events (_events) as they come, each with its job's choice index. An error in one ends them
+    all: the others are cancelled."""
+    its = [_events(st, j) for j in jobs]
+    pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(its)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in sorted(done, key=pending.get):               # (same-time events in choice order)
+                i = pending.pop(t)
+                try:
+                    ev = t.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(its[i]))] = i
+                yield jobs[i].index, ev
+    finally:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)   # each cancelled generator ran its _drop
+        _drop(st, *jobs)
 
 
 async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
@@ -455,34 +503,37 @@ def _warm(st: State, job: Job, reply: str) -> None:
         st.worker.warm(ids)
 
 
-async def _respond(st: State, job: Job, request: Request, stream: bool, chat: bool):
-    created, name, route = now(), st.cfg.model_name, request.url.path
+async def _respond(st: State, job: Job, n: int, request: Request, stream: bool, chat: bool):
+    created, name, route, rid = now(), st.cfg.model_name, request.url.path, job.rid
+    jobs = _choices(job, n)
     if chat:
-        def piece(delta: dict, finish: str | None) -> dict:
-            return {"id": job.rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        def piece(i: int, delta: dict, finish: str | None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
     else:
-        def piece(delta: dict, finish: str | None) -> dict:
-            return {"id": job.rid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "text": delta.get("content", ""), "logprobs": None,
+        def piece(i: int, delta: dict, finish: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"index": i, "text": delta.get("content", ""), "logprobs": None,
                                  "finish_reason": finish}]}
 
-    _submit(st, job)
+    _submit(st, jobs)
     if stream:
         async def sse() -> AsyncIterator[str]:
-            status = "499"                                      # until the last event went out
+            status, usages = "499", []                          # 499 until the last event went out
             try:
                 if chat:
-                    yield _sse(_with_usage(piece({"role": "assistant", "content": ""}, None), job))
-                async for ev in _events(st, job):
+                    for j in jobs:
+                        yield _sse(_with_usage(piece(j.index, {"role": "assistant", "content": ""}, None), job))
+                async for i, ev in _merged(st, jobs):
                     if ev[0] == "text":
-                        yield _sse(_with_usage(piece({"content": ev[1]}, None), job))
+                        yield _sse(_with_usage(piece(i, {"content": ev[1]}, None), job))
                     elif ev[0] == "frame":
-                        yield _sse({**piece({}, None), "choices": [], "dgemma_frame": ev[1]})
+                        yield _sse({**piece(i, {}, None), "choices": [], "dgemma_frame": {**ev[1], "index": i}})
                     else:
-                        yield _sse(_with_usage(piece({}, ev[1]), job))
-                        if job.include_usage:
-                            yield _sse({**piece({}, None), "choices": [], "usage": ev[2]})
+                        yield _sse(_with_usage(piece(i, {}, ev[1]), job))
+                        usages.append(ev[2])
+                if job.include_usage:
+                    yield _sse({**piece(0, {}, None), "choices": [], "usage": _total(usages)})
                 yield "data: [DONE]\n\n"
                 status = "200"
             except APIError as e:                               # server stopping: a clear error event
@@ -492,26 +543,27 @@ async def _respond(st: State, job: Job, request: Request, stream: bool, chat: bo
             finally:
                 st.metrics.requests.labels(route, status).inc()
         # the background task runs however the response ends, even when the client left before the first chunk
-        return StreamingResponse(sse(), media_type="text/event-stream", background=BackgroundTask(_drop, st, job),
+        return StreamingResponse(sse(), media_type="text/event-stream", background=BackgroundTask(_drop, st, *jobs),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def collect() -> dict:
-        parts, end = [], None
-        async for ev in _events(st, job):
+        parts: list[list[str]] = [[] for _ in jobs]
+        ends: list[tuple] = [()] * len(jobs)
+        async for i, ev in _merged(st, jobs):
             if ev[0] == "text":
-                parts.append(ev[1])
+                parts[i].append(ev[1])
             elif ev[0] == "end":
-                end = ev
-        text = "".join(parts)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end[1]}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            obj = "chat.completion"
-        else:
-            choice["text"] = text
-            obj = "text_completion"
-        return {"id": job.rid, "object": obj, "created": created, "model": name, "choices": [choice],
-                "usage": end[2], "system_fingerprint": None}
+                ends[i] = ev
+        choices = []
+        for i, end in enumerate(ends):
+            choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": end[1]}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": "".join(parts[i])}
+            else:
+                choice["text"] = "".join(parts[i])
+            choices.append(choice)
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": name, "choices": choices, "usage": _total([e[2] for e in ends]), "system_fingerprint": None}
 
     task = asyncio.ensure_future(collect())
     while not task.done():                                      # a client that goes away cancels its request
@@ -523,6 +575,14 @@ async def _respond(st: State, job: Job, request: Request, stream: bool, chat: bo
     body = task.result()                                        # re-raises APIError (handled above)
     st.metrics.requests.labels(route, "200").inc()
     return body
+
+
+def _total(usages: list[dict]) -> dict:
+    """One usage for a request's choices: the prompt once (its cached tokens: the fewest any choice had), the
+    completion tokens of all of them."""
+    completion = sum(u["completion_tokens"] for u in usages)
+    return usage(usages[0]["prompt_tokens"], completion,
+                 min(u["prompt_tokens_details"]["cached_tokens"] for u in usages))
 
 
 def _with_usage(chunk: dict, job: Job) -> dict:

@@ -1,7 +1,7 @@
 """The OpenAI request and response shapes the server accepts and sends (pydantic models = the OpenAPI schema).
 
 Knows: which OpenAI fields exist, which of them dgemma honours, which it rejects unless they carry their
-neutral value (`n`, `top_p`, penalties, `logprobs`, `tools`, `response_format` other than text, ...), the
+neutral value (`top_p`, penalties, `logprobs`, `tools`, `response_format` other than text, ...), the
 diffusion controls that ride along as extra body fields, and the OpenAI error body. Unknown fields are rejected
 (400), as OpenAI does. `temperature` scales the checkpoint's temperature schedule: T(step) = temperature *
 (t_min + (t_max - t_min) * steps_left / steps); 0 means greedy (accepted positions take the argmax).
@@ -92,7 +92,9 @@ class _Common(DiffusionControls):
     temperature: Optional[float] = Field(None, ge=0, le=2, description=(
         "scales the denoising temperature schedule; 0 = greedy argmax (default 1)"))
     top_p: Optional[float] = Field(None, ge=0, le=1, description="only 1 (no nucleus truncation)")
-    n: Optional[int] = Field(None, ge=1, le=128, description="only 1")
+    n: Optional[int] = Field(None, ge=1, le=128, description=(
+        "choices to generate, denoised side by side in the batch; choice i is the request with seed + i "
+        "(choice 0 is what n=1 gives)"))
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = Field(None, description=(
@@ -119,7 +121,7 @@ class _Common(DiffusionControls):
 
     def neutral_checks(self) -> None:
         """Reject fields dgemma cannot honour unless they carry their neutral value."""
-        for name, ok in (("n", self.n in (None, 1)), ("top_p", self.top_p in (None, 1.0)),
+        for name, ok in (("top_p", self.top_p in (None, 1.0)),
                          ("presence_penalty", not self.presence_penalty),
                          ("frequency_penalty", not self.frequency_penalty),
                          ("logit_bias", not self.logit_bias)):

@@ -22,14 +22,11 @@ import io
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
 import tarfile
-import tempfile
 import unicodedata
-import zipfile
 import zlib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

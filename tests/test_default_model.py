@@ -1,7 +1,6 @@
 """The model that ships inside the package: present, small, loads, and continues English text."""
 from pathlib import Path
 
-import torch
 
 import dgemma
 from dgemma.cli import main

@@ -97,7 +97,6 @@ def test_grouped_and_loop_experts_agree():
 
 
 def _data(n=64, seq=4 + 2 * 8):
-    g = torch.Generator().manual_seed(1)
     exs = [Example([(3 + (i * 5 + r) % 13) for i in range(seq)], [True] * seq) for r in range(n)]
     return pack(exs, seq, 0)
 

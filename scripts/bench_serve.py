@@ -1,10 +1,12 @@
 """Serving benchmarks for `dgemma serve` (CPU or GPU), every ratio measured within one run of this script.
 
-    python scripts/bench_serve.py [--part concurrency,history,stall,engine-history] [--json bench_out/serve.json]
+    python scripts/bench_serve.py [--part concurrency,choices,history,stall,engine-history] [--json ...]
 
 concurrency     16 streaming chat requests one after the other vs all at once (aggregate completion tokens/s),
                 and the server's own overhead: the same 16 requests (same seeds, so the same tokens and passes)
                 run on an in-process Engine with pre-tokenized prompts, no HTTP, template or detokenizing.
+choices         one chat prompt, --clients completions: as that many requests one after the other vs one request
+                with n = --clients (the same seeds, so the same texts).
 history         a chat whose history is ~3,900 tokens: turn 2 on a server with prefix reuse (turn 1 served, the
                 finished turn encoded in idle time) vs the same turn 2 cold on a server without reuse. Reports
                 time to first committed text (client side) and prompt-encoding seconds (server metrics), medians of 5 runs
@@ -91,6 +93,30 @@ def bench_concurrency(n: int, max_tokens: int, threads: int, sampler: str) -> di
             "concurrent_s": t_par, "concurrent_tok_s": tok_par / t_par,
             "speedup": (tok_par / t_par) / (tok_seq / t_seq), "same_text_seq_vs_concurrent": f"{same}/{n}",
             "engine_sequential_s": engine_s, "server_overhead": t_seq / engine_s - 1}
+
+
+def bench_choices(n: int, max_tokens: int, threads: int, sampler: str) -> dict:
+    """One chat prompt, n completions: n requests one after the other (seeds 0 .. n-1) vs one request with n
+    choices (seed 0: choice i has seed i, so the same texts)."""
+    import openai
+    srv = ServerProcess("--max-batch", str(n), "--max-queue", str(n), "--sampler", sampler,
+                        env={"OMP_NUM_THREADS": str(threads)}).wait_ready()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=600)
+        msgs = requests(1)[0]
+        ask = lambda **kw: c.chat.completions.create(model=NAME, messages=msgs, max_tokens=max_tokens, **kw)  # noqa
+        ask(seed=999, n=2)                                                                    # warm-up
+        t0 = time.perf_counter()
+        seq = [ask(seed=i).choices[0].message.content for i in range(n)]
+        t_seq = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = ask(seed=0, n=n)
+        t_n = time.perf_counter() - t0
+    finally:
+        srv.stop()
+    return {"choices": n, "max_tokens": max_tokens, "sequential_s": t_seq, "one_request_s": t_n,
+            "speedup": t_seq / t_n, "completion_tokens": r.usage.completion_tokens,
+            "same_texts": f"{sum(a == ch.message.content for a, ch in zip(seq, r.choices))}/{n}"}
 
 
 def engine_sequential(n: int, max_tokens: int, threads: int, sampler: str) -> float:
@@ -226,6 +252,9 @@ def main() -> int:
     if "concurrency" in parts:
         out["concurrency"] = bench_concurrency(a.clients, a.max_tokens, a.threads, a.sampler)
         print(json.dumps(out["concurrency"], indent=1), flush=True)
+    if "choices" in parts:
+        out["choices"] = bench_choices(a.clients, a.max_tokens, a.threads, a.sampler)
+        print(json.dumps(out["choices"], indent=1), flush=True)
     if "history" in parts:
         out["history"] = bench_history(a.history_words, a.threads, a.prefill_chunk)
         print(json.dumps(out["history"], indent=1), flush=True)

@@ -397,7 +397,8 @@ def _submit(st: State, jobs: list[Job]) -> None:
     queues = [asyncio.Queue() for _ in jobs]
     if not st.worker.submit_all(jobs[0].ids, [(j.rid, sink_for(q), j.kwargs) for j, q in zip(jobs, queues)],
                                 limit=limit):
-        raise APIError(429, f"{st.worker.waiting} requests are waiting (--max-queue {limit}); retry "
+        more = f" and this one asks for n={len(jobs)}" if len(jobs) > 1 else ""
+        raise APIError(429, f"{st.worker.waiting} requests are waiting{more} (--max-queue {limit}); retry "
                             "later", kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     for j, q in zip(jobs, queues):
         j.events = q
@@ -429,10 +430,10 @@ async def _merged(st: State, jobs: list[Job]) -> AsyncIterator[tuple[int, tuple]
                 pending[asyncio.ensure_future(anext(its[i]))] = i
                 yield jobs[i].index, ev
     finally:
+        _drop(st, *jobs)         # first: the awaits below can themselves be cancelled (anyio cancels again)
         for t in pending:
             t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)   # each cancelled generator ran its _drop
-        _drop(st, *jobs)
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:

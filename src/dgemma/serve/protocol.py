@@ -93,8 +93,9 @@ class _Common(DiffusionControls):
         "scales the denoising temperature schedule; 0 = greedy argmax (default 1)"))
     top_p: Optional[float] = Field(None, ge=0, le=1, description="only 1 (no nucleus truncation)")
     n: Optional[int] = Field(None, ge=1, le=128, description=(
-        "choices to generate, denoised side by side in the batch; choice i is the request with seed + i "
-        "(choice 0 is what n=1 gives)"))
+        "choices to generate: n requests for one prompt, denoised side by side (up to the server's --max-batch "
+        "rows; the rest wait in its queue); choice i is the request with seed + i modulo 2^64 (choice 0 is what "
+        "n=1 gives)"))
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = Field(None, description=(
@@ -188,13 +189,13 @@ class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(description=(
         "one prompt: a string or a list of token ids (a list holding one of those is accepted too)"))
     echo: Optional[bool] = Field(None, description="only false")
-    best_of: Optional[int] = Field(None, description="only 1")
+    best_of: Optional[int] = Field(None, description="only n (no picking among more choices than returned)")
     logprobs: Optional[int] = Field(None, description="not supported")
     suffix: Optional[str] = Field(None, description="not supported")
 
     def checks(self) -> None:
         self.neutral_checks()
-        for name, ok in (("echo", not self.echo), ("best_of", self.best_of in (None, 1)),
+        for name, ok in (("echo", not self.echo), ("best_of", self.best_of in (None, self.n or 1)),  # = n: no pick
                          ("logprobs", self.logprobs is None), ("suffix", self.suffix is None)):
             if not ok:
                 raise APIError(400, f"{name} is not supported by dgemma", name, "unsupported_parameter")

@@ -9,8 +9,9 @@
 # conformance), MODEL (dgemma-default), API_KEY (sent as a bearer token), OUT (report folder).
 # A schemathesis hook makes generated bodies useful and cheap: a string `model` becomes $MODEL (else every
 # request is a 404), a valid max_denoising_steps above 4 becomes 4 and a valid max_tokens /
-# max_completion_tokens above 64 becomes 64 (invalid values are left alone, so the 400 paths are fuzzed), and
-# positive cases drop the OpenAI fields dgemma refuses unless neutral (n, top_p, penalties, tools, ...)
+# max_completion_tokens above 64 becomes 64, a valid n above 4 becomes 4 (invalid values are left alone, so the
+# 400 paths are fuzzed), and positive cases drop the OpenAI fields dgemma refuses unless neutral (penalties,
+# tools, ...)
 # and get a non-empty prompt.
 # Exit status 1 if any response was a 5xx, any request failed or timed out, or the run hit MAX_TIME;
 # conformance findings (e.g. undocumented 400/404 codes) are printed but do not fail the run.
@@ -39,8 +40,9 @@ cat >"$OUT/hooks.py" <<'EOF'
 import os
 import schemathesis
 
-CAPS = {"max_denoising_steps": (4, 1024), "max_tokens": (64, 4064), "max_completion_tokens": (64, 4064)}
-UNSUPPORTED = ("n", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+CAPS = {"max_denoising_steps": (4, 1024), "max_tokens": (64, 4064), "max_completion_tokens": (64, 4064),
+        "n": (4, 128)}
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
                "tools", "tool_choice", "functions", "function_call", "echo", "best_of", "suffix")
 
 @schemathesis.hook

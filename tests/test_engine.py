@@ -153,6 +153,29 @@ def test_fast_sampler_engine_equals_generate(tmp_path):
     assert all(t == 0 for t in new[len(res.tokens):])
 
 
+@pytest.mark.parametrize("sampler", ["exact", "fast"])
+def test_truncating_requests_batched_equal_their_generate(tmp_path, sampler):
+    """Rows with different top_k / top_p (per-row values), with the same ones, and without, in one batch: each
+    request gets its own batch-1 generate tokens."""
+    m = peaky(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (4, 9, 6, 12)]
+    cuts = [dict(top_k=3), dict(top_p=0.6), dict(top_k=10, top_p=0.8), {}]
+    eng = Engine(m, max_batch=4, sampler=sampler)
+    ids = [eng.submit(p, seed=40 + i, **KW, **cuts[i]) for i, p in enumerate(prompts)]
+    same = Engine(m, max_batch=2, sampler=sampler)           # two rows with the same cut: numbers, not tensors
+    twins = [same.submit(prompts[i], seed=40 + i, **KW, top_p=0.6) for i in (1, 1)]
+    done, twin = eng.run(), same.run()
+    for i, rid in enumerate(ids):
+        out = m.generate(torch.tensor([prompts[i]]), seed=40 + i, sampler=sampler, **KW, **cuts[i])
+        new = out.sequences[0, len(prompts[i]):].tolist()
+        assert done[rid].tokens == new[:len(done[rid].tokens)], i
+        assert all(t == 0 for t in new[len(done[rid].tokens):])
+    assert twin[twins[0]].tokens == twin[twins[1]].tokens == done[ids[1]].tokens
+    plain = m.generate(torch.tensor([prompts[0]]), seed=40, sampler=sampler, **KW)
+    assert plain.sequences[0, len(prompts[0]):].tolist()[:len(done[ids[0]].tokens)] != done[ids[0]].tokens
+
+
 def test_engine_refuses_graphs_with_the_exact_sampler(tmp_path):
     with pytest.raises(ValueError, match="fast"):
         Engine(peaky(tmp_path), sampler="exact", cuda_graphs=True)

@@ -95,6 +95,46 @@ def test_seeded_generate_equals_reference(pair, B, T):
     assert torch.allclose(o.tokens_per_forward, r.tokens_per_forward.float())
 
 
+class _PerPosition:
+    """A transformers 2-D logits warper applied to the reference's [B, C, V] canvas logits, position by position
+    (its TopPLogitsWarper scatters along dim 1, which for 3-D scores is the canvas, not the vocabulary)."""
+
+    def __init__(self, warper):
+        self.warper = warper
+
+    def __call__(self, input_ids, scores):
+        return self.warper(input_ids, scores.reshape(-1, scores.shape[-1])).view(scores.shape)
+
+
+@pytest.fixture(scope="module")
+def peaked(tmp_path_factory):
+    """A reference model with an embedding (so the tied head) 8x larger: logits spread like a trained model's."""
+    ref = reference_model(0)
+    with torch.no_grad():
+        ref.model.decoder.embed_tokens.weight.mul_(8)
+    return ref, dgemma.load(save_reference(ref, tmp_path_factory.mktemp("peaked")), device="cpu")
+
+
+@pytest.mark.parametrize("k,p", [(3, 1.0), (0, 0.8), (20, 0.6), (0, 0.5)])
+def test_seeded_top_k_top_p_equal_reference_with_its_warpers(peaked, k, p):
+    """generate(top_k, top_p) = the reference's generate with TopK / TopP warpers as its logits_processor (they run
+    before its temperature schedule), token for token. On peaked logits: our fp32 logits differ from the
+    reference's by ~1e-5, and on a flat random model two logits that close often sit at the top-p boundary, where
+    the one that sorts first is dropped (the samplers' own decisions on the same logits are equal bit for bit:
+    test_sampling.py)."""
+    from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+    ref, m = peaked
+    ids = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(k + int(10 * p)))
+    warpers = ([_PerPosition(TopKLogitsWarper(k))] if k else []) + ([_PerPosition(TopPLogitsWarper(p))] if p < 1
+                                                                     else [])
+    r = _ref_generate(ref, ids, 13, logits_processor=LogitsProcessorList(warpers), **GEN)
+    o = m.generate(ids, seed=13, top_k=k, top_p=p, **GEN)
+    assert torch.equal(o.sequences, r.sequences)
+    assert torch.allclose(o.tokens_per_forward, r.tokens_per_forward.float())
+    plain = m.generate(ids, seed=13, **GEN)
+    assert not torch.equal(plain.sequences, o.sequences)           # the truncation changed the text
+
+
 @pytest.mark.parametrize("scale,stab,conf,eos", [
     (40, 0, 5.0, [5, 7]),          # confident at once: early stop + EOS mid-batch
     (8, 1, 4.0, [5, 7, 9, 11]),    # rows freeze at different steps

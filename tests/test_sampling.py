@@ -210,3 +210,86 @@ def test_stop_rule_with_a_stability_past_int64_never_fires():
     argmax = torch.zeros(2, 3, dtype=torch.long)
     for _ in range(4):
         assert not rule(argmax, torch.zeros(2, 3)).any()
+
+
+CUTS = [(0, 0.9), (5, 1.0), (5, 0.8), (60, 0.5), (1, 1.0), (3, 0.0), (1000, 0.999), (0, 1.0)]
+
+
+def _warped(logits, k, p):
+    """What transformers' warpers keep: TopK(k) then TopP(p) on 2-D scores (the -inf they write)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    x = logits.clone()
+    if k:
+        x = TopKLogitsWarper(k)(None, x)
+    if p < 1:
+        x = TopPLogitsWarper(p)(None, x)
+    return torch.isinf(x)
+
+
+def test_dropped_equals_transformers_top_k_top_p():
+    logits = fixed_logits(1, 12, 300, seed=3).view(12, 300)
+    logits[0, :5] = logits[0].max()                     # a tie at the top: top-k keeps every tied entry
+    for k, p in CUTS:
+        want = _warped(logits, k, p)
+        got = sampling.dropped(logits, k, p)
+        assert (got is None) == (k == 0 and p == 1.0)
+        assert torch.equal(got if got is not None else torch.zeros_like(want), want), (k, p)
+    # per-row values (the engine's rows with different requests): each row as its own call would drop
+    ks = torch.tensor([k for k, _ in CUTS] + [2] * 4)
+    ps = torch.tensor([p for _, p in CUTS] + [0.3] * 4, dtype=torch.float64)
+    got = sampling.dropped(logits, ks, ps)
+    for i in range(12):
+        assert torch.equal(got[i], _warped(logits[i:i + 1], int(ks[i]), float(ps[i]))[0]), i
+
+
+@pytest.mark.parametrize("k,p", [(4, 1.0), (0, 0.7), (6, 0.6)])
+def test_truncated_sampler_draws_only_kept_tokens(k, p):
+    B, C, V = 2, 32, 60
+    logits = fixed_logits(B, C, V, seed=4).view(-1, V)
+    temp = sampling.temperature(5, 8, 0.4, 0.8)
+    drop = sampling.dropped(logits, k, p)
+    want = logits.masked_fill(drop, -torch.inf) / temp                   # the truncated distribution
+    exact = sampling.sample_rows(logits.clone(), temp, torch.empty(B * C, V).exponential_(1), top_k=k, top_p=p)
+    fast = sampling.sample_rows(logits.clone(), temp, uniform=torch.rand(B * C), top_k=k, top_p=p)
+    for r in (exact, fast):
+        assert not drop.gather(1, r.sample[:, None]).any()
+        assert torch.equal(r.argmax, want.argmax(-1))
+        assert torch.allclose(r.entropy, sampling.entropy(want.clone()), atol=1e-4)
+    assert (exact.entropy < sampling.entropy(logits / temp) - 1e-3).any()    # it did truncate something
+    # the fast draw follows the truncated distribution (one row, many draws)
+    row, n = logits[7:8], 20000
+    draws = sampling.sample_rows(row.repeat(n, 1), temp, uniform=torch.rand(n, generator=torch.Generator()
+                                                                             .manual_seed(1)), top_k=k, top_p=p)
+    counts = torch.bincount(draws.sample, minlength=V).float()
+    expected = torch.softmax(want[7], -1) * n
+    assert counts[expected == 0].sum() == 0
+    keep = expected > 5
+    chi2 = (((counts - expected) ** 2) / expected)[keep].sum().item()
+    dof = max(int(keep.sum()) - 1, 1)
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5
+
+
+@pytest.mark.parametrize("k,p", [(5, 1.0), (0, 0.7), (40, 0.5)])
+def test_truncated_exact_sampler_matches_reference_decisions(k, p):
+    """On the same logits: the reference with transformers' warpers before its temperature processor
+    (softmax, multinomial, entropy-bound acceptance, the stop rule's entropies) = sample_rows(top_k, top_p)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    B, C, V, N, step = 2, 32, 400, 8, 5
+    logits = fixed_logits(B, C, V, seed=6)
+    x = logits.clone().view(B * C, V)
+    x = TopKLogitsWarper(k)(None, x) if k else x
+    x = TopPLogitsWarper(p)(None, x) if p < 1 else x
+    torch.manual_seed(5)
+    lam = LinearTemperatureScheduleLogitsProcessor(0.4, 0.8, N)(None, x.view(B, C, V),
+                                                                  cur_step=torch.tensor(step, dtype=torch.int32))
+    ref_sample = torch.multinomial(torch.softmax(lam, -1, dtype=torch.float32).view(-1, V), 1).view(B, C)
+    smp = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=0.5), C, V, N)
+    smp.accept_canvas(torch.zeros(B, C, dtype=torch.long), ref_sample, lam, step)
+    g = torch.Generator().manual_seed(5)
+    q = torch.empty(B * C, V).exponential_(1, generator=g)
+    r = sampling.sample_rows(logits.clone().view(B * C, V), sampling.temperature(step, N, 0.4, 0.8), q,
+                             top_k=k, top_p=p)
+    assert torch.equal(r.sample.view(B, C), ref_sample)
+    assert torch.equal(r.argmax.view(B, C), lam.argmax(-1))
+    assert torch.equal(sampling.entropy_bound_accept(r.entropy.view(B, C), 0.5), smp.accepted_token_mask)
+    assert torch.equal(r.entropy.view(B, C), torch.distributions.Categorical(logits=lam).entropy())

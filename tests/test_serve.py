@@ -188,6 +188,16 @@ def test_n_choices_are_the_requests_with_seeds_counted_up(server):
         assert e.value.body["param"] == "best_of"
 
 
+def test_top_k_top_p_truncate_and_stay_seeded(server):
+    c = client(server)
+    plain = chat(c, "Tell me about the hills", seed=4).choices[0].message.content
+    cut = [chat(c, "Tell me about the hills", seed=4, top_p=0.3, extra_body={**FAST, "top_k": 2}).choices[0]
+           .message.content for _ in range(2)]
+    assert cut[0] == cut[1] and cut[0] != plain
+    r = chat(c, "Tell me about the hills", seed=4, top_p=0.0)            # 0: the likeliest token alone
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_seed_is_reproducible_while_batched(server):
     c = client(server)
     alone = chat(c, "A seeded request", seed=123, max_tokens=64).choices[0].message.content
@@ -265,7 +275,9 @@ BAD = [  # (body changes, status, param)
     ({"n": 0}, 400, "n"),
     ({"n": 129}, 400, "n"),
     ({"n": 17}, 400, "n"),                # more than this server's --max-queue 16
-    ({"top_p": 0.5}, 400, "top_p"),
+    ({"top_p": 1.5}, 400, "top_p"),
+    ({"top_k": -1}, 400, "top_k"),
+    ({"top_k": 2.5}, 400, "top_k"),
     ({"temperature": 3}, 400, "temperature"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_tokens": 10 ** 9}, 400, "max_tokens"),

@@ -8,6 +8,7 @@ Does not know: the model math. torch and the model are imported inside the comma
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -37,6 +38,17 @@ def seed(text: str) -> int:
     if not -2**63 <= n < 2**64:
         raise argparse.ArgumentTypeError(f"must lie in -2^63 .. 2^64 - 1, got {text}")
     return n
+
+
+def _fraction(text: str) -> float:
+    """A --top-p value: a number in [0, 1]."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return x
 
 
 def _positive(text: str) -> int:
@@ -104,6 +116,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="print at most N new tokens")
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
     p.add_argument("--seed", type=seed, metavar="N", help="random seed (same seed, same device: same text)")
+    p.add_argument("--top-k", type=_positive, metavar="K", help="sample each position from its K likeliest tokens")
+    p.add_argument("--top-p", type=_fraction, metavar="P",
+                   help="sample each position from its likeliest tokens holding probability P (nucleus)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_weights_args(p)
     p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="auto",
@@ -165,7 +180,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sc = model.sampler_config
     eos = set(sc.eos_token_id or []) | ({tok.eos_token_id} - {None})
     stream = Stream(tok, eos, sc.pad_token_id, args.max_new_tokens)
-    given = {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps}
+    given = {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "top_k": args.top_k,
+             "top_p": args.top_p}
     out = model.generate(torch.tensor([ids]), seed=args.seed, on_canvas=stream, sampler=args.sampler,
                          **{k: v for k, v in given.items() if v is not None})
     t2 = time.perf_counter()

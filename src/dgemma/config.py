@@ -35,6 +35,7 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ids": (lambda v: isinstance(v, (list, tuple)) and all(_int(x) and x >= 0 for x in v), "a list of integers >= 0"),
     "pos_num": (lambda v: _num(v) and v > 0, "a positive number"),
     "num": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+    "unit": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "strs": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
@@ -298,7 +299,7 @@ class ModelConfig:
 # SamplerConfig fields -> kind (see `check`); None disables stability, confidence, eos and pad
 _SAMPLER_KINDS = {"max_new_tokens": "pos_int", "max_denoising_steps": "pos_int", "entropy_bound": "pos_num",
                   "t_min": "pos_num", "t_max": "pos_num", "stability_threshold": "id?", "confidence_threshold": "num?",
-                  "eos_token_id": "ids?", "pad_token_id": "id?"}
+                  "eos_token_id": "ids?", "pad_token_id": "id?", "top_k": "id", "top_p": "unit"}
 
 
 @dataclass
@@ -314,6 +315,11 @@ class SamplerConfig:
     confidence_threshold: float = 0.005
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = 0
+    # dgemma's own: truncate each position's distribution (sampling.dropped; 0 / 1 = off). Not read from
+    # generation_config.json: the reference's generate ignores a top_k / top_p there (only its temperature
+    # schedule processes the logits), so reading them would break the seeded contract
+    top_k: int = 0
+    top_p: float = 1.0
 
     def validate(self) -> "SamplerConfig":
         """Check every setting (a ConfigError starting with its name); an int eos_token_id becomes a list."""

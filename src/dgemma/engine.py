@@ -38,7 +38,7 @@ from .generate import _UNSET, check_positions, default_row_chunk, denoise_step, 
 from .prefix import PrefixStore
 
 SETTINGS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-            "confidence_threshold", "eos_token_id", "pad_token_id")
+            "confidence_threshold", "eos_token_id", "pad_token_id", "top_k", "top_p")
 
 
 @dataclass
@@ -300,7 +300,7 @@ class Engine:
         temp = temp.repeat_interleave(C)[:, None].to(dev)                                     # [n*C, 1]
         bound = torch.tensor([[r.req.s.entropy_bound] for r in self.rows], dtype=torch.float32, device=dev)
         greedy = torch.tensor([r.req.greedy for r in self.rows], device=dev)
-        rules = self._stop_rules()
+        rules, trunc = self._stop_rules(), self._truncation()
         if self.sampler == "exact":                           # each request's own stream, the reference's order
             def exponentials(r0: int, r1: int) -> torch.Tensor:
                 q = self._noise[: r1 - r0]
@@ -311,13 +311,13 @@ class Engine:
             new_canvas, argmax, ent, soft_new = denoise_step(
                 m, self.cache, canvas, soft, temp, bound, self.row_chunk, exponentials=exponentials,
                 renoise=lambda: torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0]
-                                             for r in self.rows]), greedy=greedy)
+                                             for r in self.rows]), greedy=greedy, truncation=trunc)
         else:                                                 # per request: C uniforms, then C renoise ids
             uniform = torch.cat([torch.rand(C, device=dev, generator=r.req.gen) for r in self.rows])
             renoise = torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0] for r in self.rows])
             inputs = (canvas, soft, temp, bound, uniform, renoise, greedy)
-            if self.graphs is None:
-                new_canvas, argmax, ent, soft_new = self._fast_step(*inputs)
+            if self.graphs is None or trunc is not None:      # truncation sorts the logits: an eager step
+                new_canvas, argmax, ent, soft_new = self._fast_step(*inputs, trunc)
             else:
                 key = ("engine", n, C, self.row_chunk, self.cache.key_slots(C, True),
                        graphs.buffer_key(*self.cache.tensors()))
@@ -353,6 +353,18 @@ class Engine:
         return (torch.tensor([k for k, _ in rules], device=dev),
                 torch.tensor([c for _, c in rules], dtype=torch.float32, device=dev))
 
+    def _truncation(self) -> tuple | None:
+        """The active rows' (top_k, top_p) for denoise_step: None when no row truncates, numbers when every row
+        asks the same, else [n*C] tensors (one value per canvas position; top_p in float64, see sampling.dropped)."""
+        cuts = [(r.req.s.top_k, r.req.s.top_p) for r in self.rows]
+        if not any(sampling.truncation_on(*c) for c in cuts):
+            return None
+        if len(set(cuts)) == 1:
+            return cuts[0]
+        dev, C = self.model.device, self.C
+        return (torch.tensor([k for k, _ in cuts], device=dev).repeat_interleave(C),
+                torch.tensor([p for _, p in cuts], dtype=torch.float64, device=dev).repeat_interleave(C))
+
     def _record_frames(self, new_canvas: torch.Tensor, ent: torch.Tensor, bound: torch.Tensor) -> None:
         """Frames of this pass for the rows that asked (the same acceptance the step applied)."""
         accept = sampling.entropy_bound_accept(ent, bound)
@@ -364,10 +376,12 @@ class Engine:
                                          new_canvas[b].tolist(), [int(a) for a in acc], r.req.last_entropy, sum(acc),
                                          float(e.mean())))
 
-    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy):
-        """The fast sampler's step as a function of tensors (captured per active-row count on CUDA)."""
+    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy, truncation=None):
+        """The fast sampler's step as a function of tensors (captured per active-row count on CUDA, when no row
+        truncates its distribution)."""
         return denoise_step(self.model, self.cache, canvas, soft, temp, bound, self.row_chunk,
-                            static=self.graphs is not None, uniform=uniform, renoise=renoise, greedy=greedy)
+                            static=self.graphs is not None, uniform=uniform, renoise=renoise, greedy=greedy,
+                            truncation=truncation)
 
     # ---- internals ----------------------------------------------------------------------------
     def _new_canvas(self, req: _Request) -> _Row:

@@ -82,7 +82,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = _UNSET, seed: int | None = None, cache: KVCache | None = None,
              on_canvas: Callable[[torch.Tensor], None] | None = None,
              sampler: str = "auto", row_chunk: int | None = None,
-             cuda_graphs: bool | None = None) -> GenerateOutput:
+             cuda_graphs: bool | None = None, top_k: int = 0, top_p: float = 1.0) -> GenerateOutput:
     """Generate whole canvases after `input_ids` [B, L].
 
     Arguments left out come from generation_config.json; `eos_token_id=None` / `pad_token_id=None` /
@@ -98,12 +98,16 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     `cuda_graphs`: run each fast-sampler denoising step as one replayed CUDA graph (default: with the fast
     sampler where the model is capturable: CUDA, bf16). The step then uses the cache's static plan; where the
     model is not capturable, True runs that same path eagerly.
+    `top_k` / `top_p` (0 / 1: off): each position's distribution truncated before the temperature, as the
+    reference does with transformers' TopKLogitsWarper / TopPLogitsWarper as its `logits_processor`
+    (sampling.dropped); every step sorts its logits then, and runs eagerly (no CUDA graph, no fused sampler).
     """
     sampler = sampling.resolve_sampler(sampler, model.device, model.dtype)
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
                          entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
                          stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, top_k=top_k, top_p=top_p)
+    trunc = (s.top_k, s.top_p) if sampling.truncation_on(s.top_k, s.top_p) else None
     ids = model._ids(input_ids)
     B, L = ids.shape
     if L == 0 and (cache is None or cache.length == 0):
@@ -141,7 +145,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
         cuda_graphs = sampler == "fast" and model.graph_safe()
     if cuda_graphs and sampler != "fast":
         raise ValueError("cuda_graphs needs sampler='fast' (the exact sampler's random stream runs eagerly)")
-    fast = _FastStep(model, cache, row_chunk, s.entropy_bound, static=cuda_graphs) if sampler == "fast" else None
+    fast = _FastStep(model, cache, row_chunk, s.entropy_bound, cuda_graphs, trunc) if sampler == "fast" else None
     # T(n) for n = N..1, computed on the CPU exactly as the reference does, moved to the device once
     temps = torch.tensor(sampling.temperatures(s.max_denoising_steps, s.t_min, s.t_max), dtype=torch.float32,
                          device=dev)
@@ -165,7 +169,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                 new_canvas, new_argmax, ent, new_soft = denoise_step(
                     model, cache, canvas, soft, temp, s.entropy_bound, row_chunk,
                     exponentials=lambda r0, r1: noise[:r1 - r0].exponential_(1, generator=gen),
-                    renoise=lambda: sampling.init_canvas(B, CL, V, dev, gen))
+                    renoise=lambda: sampling.init_canvas(B, CL, V, dev, gen), truncation=trunc)
             if stopper is not None:
                 if n_frozen:      # frozen rows keep canvas, argmax and self-conditioning input
                     new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
@@ -202,7 +206,7 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
                  exponentials: Callable[[int, int], torch.Tensor] | None = None,
                  uniform: torch.Tensor | None = None,
                  renoise: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-                 greedy: torch.Tensor | None = None):
+                 greedy: torch.Tensor | None = None, truncation: tuple | None = None):
     """One denoising step of the rows in `canvas` [B, C] (generate's batch or the engine's requests):
     denoiser pass, then head and sampler chunk by chunk over the B*C canvas rows, then entropy-bound
     acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H]).
@@ -212,22 +216,27 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     the [B, C] renoise ids, called in the reference's order (each chunk's draws before its sampling, renoise
     after all of them). fast: `uniform` [B*C] and `renoise` [B, C] tensors drawn by the caller, which makes the
     step a pure function of its tensors: what lets CUDA graphs capture it.
-    greedy: [B] bool; those rows' accepted positions take the argmax instead of the sample."""
+    greedy: [B] bool; those rows' accepted positions take the argmax instead of the sample.
+    truncation: (top_k, top_p) for sampling.dropped, each a number or a [B*C] tensor; None: off."""
     B, C = canvas.shape
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens, model.embed_scale()
-    fused = exponentials is None and kernels.fused("sampler", h)
+    fused = exponentials is None and truncation is None and kernels.fused("sampler", h)
     parts = []
     for r in range(0, B * C, row_chunk):
         hr = h[r:r + row_chunk]                                                 # [rows, H]
         t = temp if temp.dim() == 0 else temp[r:r + row_chunk]
+        cut = {} if truncation is None else dict(zip(("top_k", "top_p"), (
+            x[r:r + row_chunk] if isinstance(x, torch.Tensor) else x for x in truncation)))
         if exponentials is not None:
-            parts.append(sampling.sample_rows(model.head(hr), t, exponentials(r, r + hr.shape[0]), emb, scale))
+            parts.append(sampling.sample_rows(model.head(hr), t, exponentials(r, r + hr.shape[0]), emb, scale,
+                                              **cut))
         elif fused:   # one Triton kernel over the raw logits [rows, V] (sampling.fused_rows)
             parts.append(sampling.fused_rows(emb.logits(hr), t, model.config.final_logit_softcapping,
                                              uniform[r:r + row_chunk], emb, scale))
         else:         # head: fp32 softcapped logits [rows, V]
-            parts.append(sampling.sample_rows(model.head(hr), t, None, emb, scale, uniform[r:r + row_chunk]))
+            parts.append(sampling.sample_rows(model.head(hr), t, None, emb, scale, uniform[r:r + row_chunk],
+                                              **cut))
     res = sampling.RowResult.cat(parts, B, C)
     accept = sampling.entropy_bound_accept(res.entropy, bound)
     renoise = renoise() if callable(renoise) else renoise
@@ -240,9 +249,11 @@ class _FastStep:
     renoise ids), so that on CUDA it can be captured once and replayed (graphs.StepGraphs). Random numbers
     are drawn before the step: B*C uniforms, then the renoise ids."""
 
-    def __init__(self, model, cache: KVCache, row_chunk: int, bound: float, static: bool) -> None:
+    def __init__(self, model, cache: KVCache, row_chunk: int, bound: float, static: bool,
+                 truncation: tuple | None = None) -> None:
         self.model, self.cache, self.row_chunk, self.bound, self.static = model, cache, row_chunk, bound, static
-        self.graphs = graphs.for_model(model) if static else None
+        self.truncation = truncation
+        self.graphs = graphs.for_model(model) if static and truncation is None else None   # (a sort: eager)
 
     def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor, gen):
         m, (B, C) = self.model, canvas.shape
@@ -259,7 +270,7 @@ class _FastStep:
 
     def step(self, canvas, soft, temp, uniform, renoise):
         return denoise_step(self.model, self.cache, canvas, soft, temp, self.bound, self.row_chunk,
-                            static=self.static, uniform=uniform, renoise=renoise)
+                            static=self.static, uniform=uniform, renoise=renoise, truncation=self.truncation)
 
 
 def _finalize(seq: torch.Tensor, finished: torch.Tensor, CL: int, eos: torch.Tensor | None,

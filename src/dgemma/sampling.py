@@ -1,7 +1,8 @@
 """The entropy-bound block-diffusion sampler as pure tensor code (spec section 4.2).
 
 Knows: the temperature schedule, per-position sampling, entropy, argmax, entropy-bound acceptance,
-the stable-and-confident stop rule. Every random number is drawn in the reference's order
+the stable-and-confident stop rule, top-k / top-p truncation of each position's distribution. Every random
+number is drawn in the reference's order
 (canvas init: randint [B, C]; each step: the multinomial's exponential draws [B*C, V] row by row,
 then the renoise randint [B, C]), so a seeded CPU run reproduces the reference token for token.
 `torch.multinomial(p, 1)` on the CPU is exactly `argmax(p / Exp(1))` with the exponentials drawn row
@@ -79,9 +80,45 @@ class RowResult:
                          torch.cat([p.entropy for p in parts]).view(B, C), soft)
 
 
+def truncation_on(top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> bool:
+    """Does (top_k, top_p) drop anything? Numbers: top_k > 0 or top_p < 1; tensors (per-row values) always do."""
+    return isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor) or top_k > 0 or top_p < 1
+
+
+def dropped(logits: torch.Tensor, top_k: int | torch.Tensor = 0,
+            top_p: float | torch.Tensor = 1.0) -> torch.Tensor | None:
+    """[n, V] bool: the entries top-k then top-p truncation removes from each row of logits [n, V], with the ops
+    of transformers' TopKLogitsWarper then TopPLogitsWarper (min_tokens_to_keep 1), so ties fall as they do
+    there: top-k drops what is below the k-th largest logit (ties kept); top-p sorts the survivors ascending and
+    drops those whose cumulative softmax is <= 1 - top_p (the largest is always kept). top_k: a number or [n]
+    ints (0: off); top_p: a number or [n] (1: off; a tensor in float64, so 1 - p rounds as Python's does).
+    None when nothing is asked."""
+    if not truncation_on(top_k, top_p):
+        return None
+    n, V = logits.shape
+    drop = torch.zeros(n, V, dtype=torch.bool, device=logits.device)
+    if isinstance(top_k, torch.Tensor) or top_k > 0:
+        k = top_k.to(logits.device) if isinstance(top_k, torch.Tensor) else \
+            torch.full((n,), top_k, device=logits.device)                                      # [n]
+        top = torch.topk(logits, int(k.max().clamp(1, V)), dim=-1).values                  # [n, kmax] descending
+        kth = top.gather(1, (k.clamp(1, top.shape[1]) - 1)[:, None])                          # [n, 1]
+        drop = logits < torch.where(k[:, None] > 0, kth, -torch.inf)
+    if isinstance(top_p, torch.Tensor) or top_p < 1:
+        srt, order = torch.sort(logits.masked_fill(drop, -torch.inf), dim=-1)                # ascending
+        cut = (1 - top_p).to(torch.float32).to(logits.device)[:, None] if isinstance(top_p, torch.Tensor) \
+            else 1 - top_p                                                         # (as the warper's float)
+        by_p = srt.softmax(dim=-1).cumsum(dim=-1) <= cut
+        by_p[:, -1] = False
+        if isinstance(top_p, torch.Tensor):
+            by_p &= top_p.to(logits.device)[:, None] < 1
+        drop = drop | by_p.scatter(1, order, by_p)
+    return drop
+
+
 def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | None = None,
                 embedding=None, embed_scale: torch.Tensor | None = None,
-                uniform: torch.Tensor | None = None) -> RowResult:
+                uniform: torch.Tensor | None = None, top_k: int | torch.Tensor = 0,
+                top_p: float | torch.Tensor = 1.0) -> RowResult:
     """One step's per-position work for n rows of fp32 logits [n, V] (overwritten in place).
 
     temp: a scalar or [n, 1] tensor. lam = logits / T; a sample from softmax(lam); argmax; entropy; and,
@@ -92,10 +129,17 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
       torch.distributions.Categorical's ops: the reference's decisions bit for bit.
     * fast (`uniform` [n] given): inverse-CDF sampling with one uniform per row (same distribution, V times
       fewer random numbers) and the entropy lse - sum(p * lam) from the same softmax (equal up to rounding).
+    top_k / top_p (see `dropped`): truncate each row's distribution before the temperature, as the reference
+    does with transformers' TopK / TopP warpers passed as its `logits_processor` (they run before its
+    temperature schedule): the sample, the argmax, the entropy (so acceptance and the stop rule) and the
+    self-conditioning input all see the truncated distribution.
     """
+    drop = dropped(logits, top_k, top_p)
+    if drop is not None and noise is not None:
+        logits.masked_fill_(drop, -torch.inf)
     lam = logits.div_(temp.to(logits.device))
     if noise is None:
-        return _fast_rows(lam, uniform, embedding, embed_scale)
+        return _fast_rows(lam, uniform, embedding, embed_scale, drop)
     probs = torch.softmax(lam, dim=-1, dtype=torch.float32)
     sample = torch.argmax(torch.div(probs, noise, out=noise), dim=-1)
     soft = None
@@ -107,12 +151,15 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
 
 
 def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
-               embed_scale: torch.Tensor | None) -> RowResult:
+               embed_scale: torch.Tensor | None, drop: torch.Tensor | None = None) -> RowResult:
     """Few passes over the vocabulary: max and argmax together, e = exp(lam - max) once, which serves the
-    sample (two-level inverse CDF), the entropy log Z - <e, lam - max> / Z and the soft embedding (e @ E) / Z."""
-    top, amax = lam.max(dim=-1)
+    sample (two-level inverse CDF), the entropy log Z - <e, lam - max> / Z and the soft embedding (e @ E) / Z.
+    drop [n, V]: entries truncated away (e = 0 there; lam stays finite, so no 0 * inf in the entropy)."""
+    top, amax = lam.max(dim=-1)                                   # (a row's max is never dropped)
     below_max(lam, top)                                           # lam - max, in place
     e = lam.exp()                                                 # unnormalised probabilities [n, V]
+    if drop is not None:
+        e.masked_fill_(drop, 0.0)
     sample, z = inverse_cdf(e, uniform.to(e.device).clamp_min(U_MIN))
     ent = z.log() - torch.linalg.vecdot(e, lam) / z
     # (the reference rounds the logits to a bf16 embedding's dtype before this softmax; the fast sampler takes

@@ -362,7 +362,7 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     t_min = req.t_min if req.t_min is not None else base.t_min
     t_max = req.t_max if req.t_max is not None else base.t_max
     kwargs: dict[str, Any] = dict(max_new_tokens=limit, t_min=t_min * (tau or 1.0), t_max=t_max * (tau or 1.0))
-    for name in ("max_denoising_steps", "entropy_bound", "confidence_threshold"):
+    for name in ("max_denoising_steps", "entropy_bound", "confidence_threshold", "top_k", "top_p"):
         if getattr(req, name) is not None:
             kwargs[name] = getattr(req, name)
     if chat is not None:
@@ -371,8 +371,8 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
         st.engine.settings(**kwargs)
     except ValueError as e:
         msg = str(e)
-        param = next((p for p in ("t_max", "t_min", "entropy_bound", "max_denoising_steps", "confidence_threshold")
-                      if msg.startswith(p)), "temperature")
+        param = next((p for p in ("t_max", "t_min", "entropy_bound", "max_denoising_steps", "confidence_threshold",
+                                  "top_k", "top_p") if msg.startswith(p)), "temperature")
         raise APIError(400, msg, param) from None
     seed = 0 if req.seed is None and tau == 0 else req.seed      # greedy is repeatable: the canvas noise too
     kwargs.update(seed=seed, greedy=tau == 0, frames=bool(req.denoising_frames))

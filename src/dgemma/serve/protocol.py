@@ -1,7 +1,7 @@
 """The OpenAI request and response shapes the server accepts and sends (pydantic models = the OpenAPI schema).
 
 Knows: which OpenAI fields exist, which of them dgemma honours, which it rejects unless they carry their
-neutral value (`top_p`, penalties, `logprobs`, `tools`, `response_format` other than text, ...), the
+neutral value (penalties, `logprobs`, `tools`, `response_format` other than text, ...), the
 diffusion controls that ride along as extra body fields, and the OpenAI error body. Unknown fields are rejected
 (400), as OpenAI does. `temperature` scales the checkpoint's temperature schedule: T(step) = temperature *
 (t_min + (t_max - t_min) * steps_left / steps); 0 means greedy (accepted positions take the argmax).
@@ -76,6 +76,9 @@ class DiffusionControls(_Strict):
     t_max: Optional[float] = Field(None, gt=0, le=100, description="temperature of the first denoising step")
     confidence_threshold: Optional[float] = Field(None, ge=0, le=1e6, description=(
         "a canvas commits early once its argmax is stable and its mean entropy is below this"))
+    top_k: Optional[int] = Field(None, ge=0, le=2 ** 31, description=(
+        "keep only the k most likely tokens of each position's distribution at every denoising step (0: off); "
+        "applied before top_p"))
     denoising_frames: Optional[bool] = Field(None, description=(
         "with stream=true: also send the canvas after each denoiser pass, as chunks with empty `choices` and a "
         "`dgemma_frame` object {canvas, step, final, tokens, pieces, state (0 noise, 1 accepted, 2 committed), "
@@ -91,7 +94,9 @@ class _Common(DiffusionControls):
         "context ends sooner)"))
     temperature: Optional[float] = Field(None, ge=0, le=2, description=(
         "scales the denoising temperature schedule; 0 = greedy argmax (default 1)"))
-    top_p: Optional[float] = Field(None, ge=0, le=1, description="only 1 (no nucleus truncation)")
+    top_p: Optional[float] = Field(None, ge=0, le=1, description=(
+        "nucleus truncation of each position's distribution at every denoising step (1: off), before the "
+        "temperature schedule; the entropies that decide acceptance are those of the truncated distribution"))
     n: Optional[int] = Field(None, ge=1, le=128, description=(
         "choices to generate: n requests for one prompt, denoised side by side (up to the server's --max-batch "
         "rows; the rest wait in its queue); choice i is the request with seed + i modulo 2^64 (choice 0 is what "
@@ -122,8 +127,7 @@ class _Common(DiffusionControls):
 
     def neutral_checks(self) -> None:
         """Reject fields dgemma cannot honour unless they carry their neutral value."""
-        for name, ok in (("top_p", self.top_p in (None, 1.0)),
-                         ("presence_penalty", not self.presence_penalty),
+        for name, ok in (("presence_penalty", not self.presence_penalty),
                          ("frequency_penalty", not self.frequency_penalty),
                          ("logit_bias", not self.logit_bias)):
             if not ok:

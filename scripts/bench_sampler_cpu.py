@@ -6,7 +6,12 @@ The logits are the shipped model's denoiser logits at a canvas's first step (ran
 context and canvases differ per row), [rows, V] fp32, as generate hands them to the sampler. Each temperature is
 timed both ways, alternated, best of `--reps`.
 
+With --cuts: instead, the cost of top-k / top-p truncation (sampling.dropped: a `topk`, or a full sort for top-p)
+on the same fast-sampler chunk, at T = 1; --vocab V times synthetic softcapped logits of width V instead (the
+shipped model's vocabulary is 4,096; the 100m shape's 32,768).
+
 Usage:  PYTHONPATH=src python scripts/bench_sampler_cpu.py [--rows 2048] [--threads 2] [--reps 7]
+        PYTHONPATH=src python scripts/bench_sampler_cpu.py --cuts [--vocab 32768 --rows 256]
 """
 from __future__ import annotations
 
@@ -51,8 +56,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--cuts", action="store_true", help="time top-k / top-p truncation instead")
+    ap.add_argument("--vocab", type=int, help="with --cuts: synthetic logits of this width")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.cuts:
+        return time_cuts(a)
     model = dgemma.load(dgemma.default_model_path(), dtype="float32")
     tok = dgemma.load_tokenizer(model.path)
     with torch.inference_mode():
@@ -79,6 +88,30 @@ def main() -> None:
             dent = float((res[True].entropy - res[False].entropy).abs().max())
             dsoft = float((res[True].soft - res[False].soft).abs().max())
             print(f"| {T:g} | {on:.1f} | {off:.1f} | {off / on:.2f}x | {same} | {dent:.2e} | {dsoft:.2e} |")
+
+
+def time_cuts(a) -> None:
+    """Fast-sampler chunk time without and with truncation, alternated twice, best of `reps`."""
+    if a.vocab:
+        g = torch.Generator().manual_seed(0)
+        logits = torch.tanh(torch.randn(a.rows, a.vocab, generator=g) * 4 / 30) * 30
+        what = "synthetic softcapped logits"
+    else:
+        model = dgemma.load(dgemma.default_model_path(), dtype="float32")
+        with torch.inference_mode():
+            logits = logits_of(model, dgemma.load_tokenizer(model.path), a.rows)
+        what = "the shipped model's logits"
+    u, temp = torch.rand(a.rows, generator=torch.Generator().manual_seed(1)), torch.tensor(1.0)
+    cuts = {"none": {}, "top_k 50": {"top_k": 50}, "top_p 0.9": {"top_p": 0.9},
+            "top_k 50, top_p 0.9": {"top_k": 50, "top_p": 0.9}}
+    ms = {name: [] for name in cuts}
+    for _ in range(2):
+        for name, kw in cuts.items():
+            ms[name].append(best_ms(lambda: sampling.sample_rows(logits.clone(), temp, None, uniform=u, **kw), a.reps))
+    print(f"{a.rows} rows x V = {logits.shape[1]} ({what}), {a.threads} threads, best of {a.reps}, fast sampler")
+    print("| truncation | ms per chunk | vs none |\n|---|---|---|")
+    for name in cuts:
+        print(f"| {name} | {min(ms[name]):.1f} | {min(ms[name]) / min(ms['none']):.1f}x |")
 
 
 if __name__ == "__main__":

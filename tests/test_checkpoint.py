@@ -32,6 +32,20 @@ def test_sharded_round_trip(tmp_path):
     assert back.sampler_config == m.sampler_config
 
 
+def test_generation_config_keeps_to_the_reference_keys(folder):
+    """top_k / top_p are per-call settings: a saved generation_config.json has only the keys the reference's
+    DiffusionGemmaGenerationConfig takes (it refuses others), which it then loads."""
+    path, _ = folder
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert "top_k" not in gen and "top_p" not in gen
+    assert "top_k" not in SamplerConfig(top_k=5, top_p=0.5).to_hf()
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+    cfg = DiffusionGemmaGenerationConfig.from_pretrained(path)
+    assert cfg.max_denoising_steps == SamplerConfig.from_dir(path).max_denoising_steps
+    del transformers
+
+
 def test_dtype_choice(folder):
     path, _ = folder
     assert dgemma.load(path).dtype == torch.float32

@@ -51,6 +51,17 @@ def _fraction(text: str) -> float:
     return x
 
 
+def _count(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -116,7 +127,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="print at most N new tokens")
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
     p.add_argument("--seed", type=seed, metavar="N", help="random seed (same seed, same device: same text)")
-    p.add_argument("--top-k", type=_positive, metavar="K", help="sample each position from its K likeliest tokens")
+    p.add_argument("--top-k", type=_count, metavar="K",
+                   help="sample each position from its K likeliest tokens (0: all, the default)")
     p.add_argument("--top-p", type=_fraction, metavar="P",
                    help="sample each position from its likeliest tokens holding probability P (nucleus)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")

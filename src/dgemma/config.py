@@ -315,9 +315,9 @@ class SamplerConfig:
     confidence_threshold: float = 0.005
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = 0
-    # dgemma's own: truncate each position's distribution (sampling.dropped; 0 / 1 = off). Not read from
-    # generation_config.json: the reference's generate ignores a top_k / top_p there (only its temperature
-    # schedule processes the logits), so reading them would break the seeded contract
+    # dgemma's own: truncate each position's distribution (sampling.dropped; 0 / 1 = off), per call. Not part of
+    # generation_config.json: the reference's generation config has no such keys (it refuses a file with them; its
+    # only logits processor is the temperature schedule), so they are neither read nor written there
     top_k: int = 0
     top_p: float = 1.0
 
@@ -362,6 +362,7 @@ class SamplerConfig:
 
     def to_hf(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["top_k"], d["top_p"]                  # dgemma's own (the reference refuses a file that has them)
         d["sampler_config"] = {"entropy_bound": d.pop("entropy_bound"), "_cls_name": "EntropyBoundSamplerConfig"}
         d["return_dict_in_generate"] = True
         return d

@@ -217,8 +217,11 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     after all of them). fast: `uniform` [B*C] and `renoise` [B, C] tensors drawn by the caller, which makes the
     step a pure function of its tensors: what lets CUDA graphs capture it.
     greedy: [B] bool; those rows' accepted positions take the argmax instead of the sample.
-    truncation: (top_k, top_p) for sampling.dropped, each a number or a [B*C] tensor; None: off."""
+    truncation: (top_k, top_p) for sampling.dropped, each a number or a [B*C] tensor; None: off. Its sort about
+    doubles a chunk's memory: chunks of at most half the plain sampler's rows then."""
     B, C = canvas.shape
+    if truncation is not None:
+        row_chunk = max(1, min(row_chunk, sampling.rows_per_chunk(model.config.vocab_size) // 2))
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens, model.embed_scale()
     fused = exponentials is None and truncation is None and kernels.fused("sampler", h)

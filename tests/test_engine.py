@@ -153,10 +153,13 @@ def test_fast_sampler_engine_equals_generate(tmp_path):
     assert all(t == 0 for t in new[len(res.tokens):])
 
 
-@pytest.mark.parametrize("sampler", ["exact", "fast"])
-def test_truncating_requests_batched_equal_their_generate(tmp_path, sampler):
+@pytest.mark.parametrize("sampler,chunk", [("exact", None), ("fast", None), ("exact", 40), ("fast", 40)])
+def test_truncating_requests_batched_equal_their_generate(tmp_path, monkeypatch, sampler, chunk):
     """Rows with different top_k / top_p (per-row values), with the same ones, and without, in one batch: each
-    request gets its own batch-1 generate tokens."""
+    request gets its own batch-1 generate tokens. chunk: the sampler's chunks cut to 40 rows (2.5 canvases of
+    16; halved to 20 where a truncating fast step halves them), as a large vocabulary does."""
+    if chunk:
+        monkeypatch.setattr("dgemma.sampling.CHUNK_ELEMENTS", chunk * 512)
     m = peaky(tmp_path)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (4, 9, 6, 12)]

@@ -218,9 +218,10 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     step a pure function of its tensors: what lets CUDA graphs capture it.
     greedy: [B] bool; those rows' accepted positions take the argmax instead of the sample.
     truncation: (top_k, top_p) for sampling.dropped, each a number or a [B*C] tensor; None: off. Its sort about
-    doubles a chunk's memory: chunks of at most half the plain sampler's rows then."""
+    doubles a chunk's memory: the fast sampler's chunks are then at most half the plain sampler's rows (the
+    exact sampler's stay the caller's, whose exponentials(r0, r1) may expect whole canvases)."""
     B, C = canvas.shape
-    if truncation is not None:
+    if truncation is not None and exponentials is None:
         row_chunk = max(1, min(row_chunk, sampling.rows_per_chunk(model.config.vocab_size) // 2))
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens, model.embed_scale()

@@ -104,6 +104,25 @@ def test_piped_output_is_plain_text(tmp_path):
     assert [m["role"] for m in json.loads(save.read_text())] == ["system", "user", "assistant", "user", "assistant"]
 
 
+def test_top_k_top_p_flags_and_commands(tmp_path):
+    def replies(*flags, lines="Hello there\n"):
+        save = tmp_path / "c.json"
+        out = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", *FAST, *flags],
+                             input=lines + f"/save {save}\n", capture_output=True, text=True, env=ENV, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [m["content"] for m in json.loads(save.read_text()) if m["role"] == "assistant"], out.stderr
+
+    plain, _ = replies()
+    cut, _ = replies("--top-k", "2", "--top-p", "0.4")
+    assert cut == replies("--top-k", "2", "--top-p", "0.4")[0] and cut != plain
+    # the same settings by command, after a refused value; then top_k back to 0 (off)
+    by_cmd, err = replies(lines="/top_p 1.5\n/top_k 2\n/top_p 0.4\nHello there\n/top_k 0\n/top_p 1\nHello there\n")
+    assert "usage: /top_p P" in err and "top_k 2, top_p 0.4" in err
+    assert by_cmd[0] == cut[0]
+    assert subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", "--top-p", "2"], capture_output=True,
+                          text=True, env=ENV, timeout=60).returncode == 2
+
+
 def test_show_denoising_redraws_the_canvas():
     child = spawn(*FAST, "--show-denoising")
     child.sendline("Hello")

@@ -95,6 +95,14 @@ def test_generate_fast_sampler(model_dir, capsys):
     assert_user_error(rc, out, err, "--sampler")
 
 
+def test_generate_top_k_top_p(model_dir, capsys):
+    args = ("generate", "--model", model_dir, "--seed", "0", "--max-new-tokens", 20)
+    _, plain, _ = run(capsys, *args, "w10 w11")
+    rc, cut, err = run(capsys, *args, "--top-k", "2", "--top-p", "0.5", "w10 w11")
+    assert rc == 0 and err == "" and cut != plain
+    assert run(capsys, *args, "--top-k", "0", "--top-p", "1", "w10 w11")[1] == plain      # 0 / 1: off
+
+
 def test_generate_chat(model_dir, capsys):
     rc, out, err = run(capsys, "generate", "--model", model_dir, "--chat", "--seed", "1", "--max-new-tokens", 16,
                        "--steps", 4, "w20 w21")
@@ -149,6 +157,8 @@ def test_stream_stops_at_eos_skips_pad_and_flushes_per_canvas():
     (["generate", "--model", "{model}", "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
     (["generate", "--model", "{model}", "--steps", "x", "hi"], "--steps"),
     (["generate", "--model", "{model}", "--seed", str(10 ** 23), "hi"], "--seed"),
+    (["generate", "--model", "{model}", "--top-k", "-1", "hi"], "--top-k"),
+    (["generate", "--model", "{model}", "--top-p", "1.2", "hi"], "--top-p"),
     (["generate", "--model", "{model}", "--dtype", "int8", "hi"], "--dtype"),
     (["generate", "--model", "{model}", "--device", "nosuchdevice", "hi"], "unknown device"),
     (["generate", "--model", "{model}", "  "], "empty prompt"),

@@ -28,6 +28,8 @@ HELP = """/reset        start a new conversation
 /steps N      at most N denoising steps per canvas
 /bound X      entropy bound (higher: more positions accepted per step)
 /seed N|off   seed the following replies (default: unseeded)
+/top_k K      sample each position from its K likeliest tokens (0: all)
+/top_p P      sample each position from its likeliest tokens holding probability P (1: all)
 /show         toggle the live canvas (terminal only)
 /save FILE    write the conversation as JSON messages
 /help         this text
@@ -41,6 +43,14 @@ class Options:
     seed: int | None = None
     max_new_tokens: int | None = None
     show: bool = False
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The sampler settings given (engine / request field names)."""
+        given = {"max_denoising_steps": self.steps, "entropy_bound": self.bound, "top_k": self.top_k,
+                 "top_p": self.top_p}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclass
@@ -206,10 +216,9 @@ class Local:
         if room < 1:
             raise ValueError(f"the conversation ({len(ids)} tokens) fills the model's context: /reset")
         limit = min(opt.max_new_tokens or self.model.sampler_config.max_new_tokens, room)
-        given = {"max_denoising_steps": opt.steps, "entropy_bound": opt.bound}
         t0, first, stream = time.perf_counter(), None, TextStream(self.tok, [])
         rid = self.eng.submit(ids, seed=opt.seed, frames=ui.live is not None, max_new_tokens=limit,
-                              eos_token_id=self.eos, **{k: v for k, v in given.items() if v is not None})
+                              eos_token_id=self.eos, **opt.settings())
         while (res := self.eng.collect(rid)) is None:
             if ctrl.hit:
                 self.eng.cancel(rid)
@@ -266,7 +275,7 @@ class Remote:
         msgs = self.messages + [{"role": "user", "content": user}]
         body: dict[str, Any] = {"model": self.name, "messages": msgs, "stream": True, "seed": opt.seed,
                                 "stream_options": {"include_usage": True}, "max_tokens": opt.max_new_tokens,
-                                "max_denoising_steps": opt.steps, "entropy_bound": opt.bound}
+                                **opt.settings()}
         body = {k: v for k, v in body.items() if v is not None} | ({"denoising_frames": True} if ui.live else {})
         t0, first, text, usage = time.perf_counter(), None, "", None
         try:
@@ -309,7 +318,8 @@ def _error(r: Any) -> str:
 
 # ---- the loop ---------------------------------------------------------------------------------------------
 USAGE = {"steps": "/steps N (a positive integer)", "bound": "/bound X (a number > 0)",
-         "seed": "/seed N (an integer) or /seed off", "save": "/save FILE"}
+         "seed": "/seed N (an integer) or /seed off", "save": "/save FILE", "top_k": "/top_k K (an integer >= 0)",
+         "top_p": "/top_p P (a number in [0, 1])"}
 
 
 def _check(value: Any, ok: Any) -> Any:
@@ -328,14 +338,19 @@ def command(line: str, chat: Local | Remote, opt: Options, ui: UI) -> bool:
         elif name == "reset":
             chat.reset()
             ui.info("(new conversation)")
-        elif name in ("steps", "bound", "seed"):
+        elif name in ("steps", "bound", "seed", "top_k", "top_p"):
             if name == "steps":
                 opt.steps = _check(int(arg), lambda n: n >= 1)
             elif name == "bound":
                 opt.bound = _check(float(arg), lambda x: 0 < x < math.inf)
+            elif name == "top_k":
+                opt.top_k = _check(int(arg), lambda n: n >= 0)
+            elif name == "top_p":
+                opt.top_p = _check(float(arg), lambda x: 0 <= x <= 1)
             else:
                 opt.seed = None if arg == "off" else _check(int(arg), lambda n: -2**63 <= n < 2**64)
-            ui.info(f"(steps {opt.steps or 'default'}, bound {opt.bound or 'default'}, seed {opt.seed})")
+            ui.info(f"(steps {opt.steps or 'default'}, bound {opt.bound or 'default'}, seed {opt.seed}, "
+                    f"top_k {opt.top_k or 'off'}, top_p {opt.top_p if opt.top_p is not None else 'off'})")
         elif name == "show" and ui.console is None:
             ui.info("/show: the live canvas needs a terminal (and rich)")
         elif name == "show":
@@ -394,7 +409,7 @@ def run(chat: Local | Remote, opt: Options, ui: UI) -> int:
 
 
 def add_chat(sub: Any) -> None:
-    from dgemma.cli import _positive, add_weights_args, seed
+    from dgemma.cli import _fraction, _non_negative, _positive, add_weights_args, seed
     p = sub.add_parser("chat", help="chat in the terminal, watching the canvas denoise",
                        description="Chat in the terminal with a model in this process (default: the shipped model) "
                                    "or a running `dgemma serve` (--url). Slash commands: /help.")
@@ -406,6 +421,9 @@ def add_chat(sub: Any) -> None:
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
     p.add_argument("--bound", type=float, metavar="X", help="entropy bound")
     p.add_argument("--seed", type=seed, metavar="N", help="seed every reply (default: unseeded)")
+    p.add_argument("--top-k", type=_non_negative, metavar="K", help="sample each position from its K likeliest tokens")
+    p.add_argument("--top-p", type=_fraction, metavar="P",
+                   help="sample each position from its likeliest tokens holding probability P (nucleus)")
     p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="at most N tokens per reply")
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     p.add_argument("--show-denoising", action="store_true", help="redraw the canvas at every denoising pass")
@@ -424,6 +442,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     show = args.show_denoising and ui.console is not None
     if args.show_denoising and not show and sys.stdout.isatty():
         ui.info("(--show-denoising needs rich: pip install rich)")
-    opt = Options(args.steps, args.bound, args.seed, args.max_new_tokens, show)
+    opt = Options(args.steps, args.bound, args.seed, args.max_new_tokens, show, args.top_k, args.top_p)
     chat = (Remote if args.url else Local)(args, args.system)
     return run(chat, opt, ui)

@@ -51,7 +51,7 @@ def _fraction(text: str) -> float:
     return x
 
 
-def _count(text: str) -> int:
+def _non_negative(text: str) -> int:
     """An integer >= 0."""
     try:
         n = int(text)
@@ -127,7 +127,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="print at most N new tokens")
     p.add_argument("--steps", type=_positive, metavar="N", help="max denoising steps per canvas")
     p.add_argument("--seed", type=seed, metavar="N", help="random seed (same seed, same device: same text)")
-    p.add_argument("--top-k", type=_count, metavar="K",
+    p.add_argument("--top-k", type=_non_negative, metavar="K",
                    help="sample each position from its K likeliest tokens (0: all, the default)")
     p.add_argument("--top-p", type=_fraction, metavar="P",
                    help="sample each position from its likeliest tokens holding probability P (nucleus)")

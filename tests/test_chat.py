@@ -116,7 +116,8 @@ def test_top_k_top_p_flags_and_commands(tmp_path):
     cut, _ = replies("--top-k", "2", "--top-p", "0.4")
     assert cut == replies("--top-k", "2", "--top-p", "0.4")[0] and cut != plain
     # the same settings by command, after a refused value; then top_k back to 0 (off)
-    by_cmd, err = replies(lines="/top_p 1.5\n/top_k 2\n/top_p 0.4\nHello there\n/top_k 0\n/top_p 1\nHello there\n")
+    by_cmd, err = replies(lines="/top_p 1.5\n/top_k 2\n/top_p 0.4\nHello there\n"
+                                "/top_k 0\n/top_p 1\nHello there\n")
     assert "usage: /top_p P" in err and "top_k 2, top_p 0.4" in err
     assert by_cmd[0] == cut[0]
     assert subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", "--top-p", "2"], capture_output=True,

@@ -212,7 +212,7 @@ def test_stop_rule_with_a_stability_past_int64_never_fires():
         assert not rule(argmax, torch.zeros(2, 3)).any()
 
 
-CUTS = [(0, 0.9), (5, 1.0), (5, 0.8), (60, 0.5), (1, 1.0), (3, 0.0), (1000, 0.999), (0, 1.0)]
+CUTS = [(0, 0.9), (5, 1.0), (5, 0.8), (60, 0.5), (1, 1.0), (3, 0.0), (1000, 0.999), (0, 1.0), (1000, 1.0)]
 
 
 def _warped(logits, k, p):
@@ -232,11 +232,14 @@ def test_dropped_equals_transformers_top_k_top_p():
     for k, p in CUTS:
         want = _warped(logits, k, p)
         got = sampling.dropped(logits, k, p)
-        assert (got is None) == (k == 0 and p == 1.0)
+        assert (got is None) == (k in (0, 1000) and p == 1.0)     # (k = 1000 > V = 300 keeps every entry)
         assert torch.equal(got if got is not None else torch.zeros_like(want), want), (k, p)
+    # a request's settings as the steps take them: None (graphs and the fused sampler kept) when nothing drops
+    assert sampling.truncation(300, 1.0, 300) is None and sampling.truncation(0, 1.0, 300) is None
+    assert sampling.truncation(300, 0.9, 300) == (0, 0.9) and sampling.truncation(299, 1.0, 300) == (299, 1.0)
     # per-row values (the engine's rows with different requests): each row as its own call would drop
-    ks = torch.tensor([k for k, _ in CUTS] + [2] * 4)
-    ps = torch.tensor([p for _, p in CUTS] + [0.3] * 4, dtype=torch.float64)
+    ks = torch.tensor([k for k, _ in CUTS] + [2] * 3)
+    ps = torch.tensor([p for _, p in CUTS] + [0.3] * 3, dtype=torch.float64)
     got = sampling.dropped(logits, ks, ps)
     for i in range(12):
         assert torch.equal(got[i], _warped(logits[i:i + 1], int(ks[i]), float(ps[i]))[0]), i

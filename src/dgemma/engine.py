@@ -356,8 +356,8 @@ class Engine:
     def _truncation(self) -> tuple | None:
         """The active rows' (top_k, top_p) for denoise_step: None when no row truncates, numbers when every row
         asks the same, else [n*C] tensors (one value per canvas position; top_p in float64, see sampling.dropped)."""
-        cuts = [(r.req.s.top_k, r.req.s.top_p) for r in self.rows]
-        if not any(sampling.truncation_on(*c) for c in cuts):
+        cuts = [sampling.truncation(r.req.s.top_k, r.req.s.top_p, self.V) or (0, 1.0) for r in self.rows]
+        if cuts == [(0, 1.0)] * len(cuts):
             return None
         if len(set(cuts)) == 1:
             return cuts[0]

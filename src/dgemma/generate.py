@@ -107,7 +107,7 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                          entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
                          stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, top_k=top_k, top_p=top_p)
-    trunc = (s.top_k, s.top_p) if sampling.truncation_on(s.top_k, s.top_p) else None
+    trunc = sampling.truncation(s.top_k, s.top_p, model.config.vocab_size)
     ids = model._ids(input_ids)
     B, L = ids.shape
     if L == 0 and (cache is None or cache.length == 0):

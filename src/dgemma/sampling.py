@@ -85,6 +85,13 @@ def truncation_on(top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> boo
     return isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor) or top_k > 0 or top_p < 1
 
 
+def truncation(top_k: int, top_p: float, vocab: int) -> tuple[int, float] | None:
+    """One request's (top_k, top_p) as the samplers take them: None when they drop nothing (top_k 0 or >= the
+    vocabulary, top_p 1), so the step keeps its CUDA graph and fused sampler."""
+    top_k = 0 if top_k >= vocab else top_k
+    return (top_k, top_p) if truncation_on(top_k, top_p) else None
+
+
 def dropped(logits: torch.Tensor, top_k: int | torch.Tensor = 0,
             top_p: float | torch.Tensor = 1.0) -> torch.Tensor | None:
     """[n, V] bool: the entries top-k then top-p truncation removes from each row of logits [n, V], with the ops
@@ -92,10 +99,12 @@ def dropped(logits: torch.Tensor, top_k: int | torch.Tensor = 0,
     there: top-k drops what is below the k-th largest logit (ties kept); top-p sorts the survivors ascending and
     drops those whose cumulative softmax is <= 1 - top_p (the largest is always kept). top_k: a number or [n]
     ints (0: off); top_p: a number or [n] (1: off; a tensor in float64, so 1 - p rounds as Python's does).
-    None when nothing is asked."""
+    None when nothing is asked (a number top_k >= V keeps everything: no `topk` of the whole row)."""
+    n, V = logits.shape
+    if not isinstance(top_k, torch.Tensor) and top_k >= V:
+        top_k = 0
     if not truncation_on(top_k, top_p):
         return None
-    n, V = logits.shape
     drop = torch.zeros(n, V, dtype=torch.bool, device=logits.device)
     if isinstance(top_k, torch.Tensor) or top_k > 0:
         k = top_k.to(logits.device) if isinstance(top_k, torch.Tensor) else \

@@ -112,16 +112,23 @@ def dropped(logits: torch.Tensor, top_k: int | torch.Tensor = 0,
         top = torch.topk(logits, int(k.max().clamp(1, V)), dim=-1).values                  # [n, kmax] descending
         kth = top.gather(1, (k.clamp(1, top.shape[1]) - 1)[:, None])                          # [n, 1]
         drop = logits < torch.where(k[:, None] > 0, kth, -torch.inf)
-    if isinstance(top_p, torch.Tensor) or top_p < 1:
-        srt, order = torch.sort(logits.masked_fill(drop, -torch.inf), dim=-1)                # ascending
-        cut = (1 - top_p).to(torch.float32).to(logits.device)[:, None] if isinstance(top_p, torch.Tensor) \
-            else 1 - top_p                                                         # (as the warper's float)
-        by_p = srt.softmax(dim=-1).cumsum(dim=-1) <= cut
-        by_p[:, -1] = False
-        if isinstance(top_p, torch.Tensor):
-            by_p &= top_p.to(logits.device)[:, None] < 1
-        drop = drop | by_p.scatter(1, order, by_p)
+    if isinstance(top_p, torch.Tensor):        # per-row values: sort only the rows that ask (one host read)
+        rows = (top_p < 1).nonzero()[:, 0].to(logits.device)                                  # [m]
+        if rows.numel():
+            cut = (1 - top_p[top_p < 1]).to(torch.float32).to(logits.device)[:, None]          # [m, 1]
+            drop[rows] |= _nucleus_drop(logits[rows].masked_fill(drop[rows], -torch.inf), cut)
+    elif top_p < 1:
+        drop |= _nucleus_drop(logits.masked_fill(drop, -torch.inf), 1 - top_p)    # (1 - p: the warper's float)
     return drop
+
+
+def _nucleus_drop(x: torch.Tensor, cut: float | torch.Tensor) -> torch.Tensor:
+    """TopPLogitsWarper's removal mask for logits x [m, V] (-inf where already dropped) and 1 - top_p (a number or
+    [m, 1] fp32): sorted ascending, cumulative softmax <= cut, the largest kept."""
+    srt, order = torch.sort(x, dim=-1)                                                       # ascending
+    by_p = srt.softmax(dim=-1).cumsum(dim=-1) <= cut
+    by_p[:, -1] = False
+    return by_p.scatter(1, order, by_p)
 
 
 def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | None = None,

@@ -321,7 +321,7 @@ def test_engine_stop_rule_per_row_equals_reference(tmp_path, monkeypatch, specs)
     def scripted_step(model, cache, canvas, soft, temp, bound, row_chunk, **kw):
         parts = [script(int(r.req.id[1:]), r.req.canvases, N - r.left) for r in eng.rows]
         am, lam = torch.stack([a for a, _ in parts]), torch.stack([x for _, x in parts])
-        return am.clone(), am, sampling.entropy(lam), torch.zeros(len(parts), C, H)
+        return am.clone(), am, sampling.entropy(lam), torch.zeros(len(parts), C, H), torch.zeros(len(parts), C)
     monkeypatch.setattr(engine_module, "denoise_step", scripted_step)
     kw = dict(max_new_tokens=2 * C, max_denoising_steps=N, eos_token_id=None)
     for j, (stab, conf, _, _) in enumerate(specs[:5]):
@@ -334,3 +334,62 @@ def test_engine_stop_rule_per_row_equals_reference(tmp_path, monkeypatch, specs)
     passes = {j: res[f"r{j}"].decoder_passes for j in range(len(specs))}
     assert passes == {j: expected_passes(j, 2) for j in range(len(specs))}
     assert len(set(passes.values())) >= 4                         # the rule fired at different steps
+
+
+@pytest.mark.parametrize("sampler", ["exact", "fast"])
+def test_logprobs_are_the_converged_step_s(tmp_path, sampler):
+    """generate's and the engine's per-token log-probabilities: with one step per canvas, log_softmax of the first
+    canvas's denoiser logits at the temperature of that step, at its argmax; 0 under top_k=1 (one token left);
+    0 where pad replaced a token; the engine's equal generate's."""
+    from dgemma import sampling
+    m = peaky(tmp_path)
+    prompt, C, V = list(range(20, 29)), m.config.canvas_length, m.config.vocab_size
+    kw = dict(KW, max_denoising_steps=1)
+    out = m.generate(torch.tensor([prompt]), seed=5, sampler=sampler, **kw)
+    canvas = sampling.init_canvas(1, C, V, "cpu", torch.Generator().manual_seed(5))   # generate's first draw
+    s = m.sampler_config
+    lam = m.denoise_logits(torch.tensor([prompt]), canvas)[0] / sampling.temperature(1, 1, s.t_min, s.t_max)
+    assert out.logprobs.shape == (1, out.sequences.shape[1] - len(prompt))
+    assert torch.allclose(out.logprobs[0, :C], lam.log_softmax(-1).amax(-1), atol=1e-5)
+    assert (out.logprobs <= 0).all() and (out.logprobs < -1e-3).any()
+    assert torch.equal(m.generate(torch.tensor([prompt]), seed=5, sampler=sampler, top_k=1, **kw).logprobs,
+                       torch.zeros_like(out.logprobs))
+    for seed in range(3, 60):                          # the first seed whose reply ends at an EOS before its end
+        full = m.generate(torch.tensor([prompt]), seed=seed, sampler=sampler, **KW)
+        new = full.sequences[0, len(prompt):].tolist()
+        eos = next((i for i, t in enumerate(new) if t in KW["eos_token_id"]), len(new))
+        if eos < len(new) - 1:
+            break
+    assert (full.logprobs[0, eos + 1:] == 0).all() and (full.logprobs[0, :eos + 1] < 0).any()
+    eng = Engine(m, sampler=sampler)
+    rid = eng.submit(prompt, seed=seed, **KW)
+    res = eng.run()[rid]
+    assert len(res.logprobs) == len(res.tokens) == eos + 1
+    assert torch.allclose(torch.tensor(res.logprobs), full.logprobs[0, :eos + 1], atol=1e-6)
+
+
+def test_generate_keeps_a_frozen_row_s_logprobs(tmp_path, monkeypatch):
+    """Rows that the stop rule freezes at different steps keep the log-probabilities of their freeze step (the
+    batch goes on denoising the others): checked against every step's own, recorded."""
+    from dgemma import generate as gen_module, sampling
+    m = peaky(tmp_path)
+    kw = dict(KW, max_new_tokens=m.config.canvas_length, max_denoising_steps=10, stability_threshold=0,
+              confidence_threshold=4.0)                 # this model and seed: rows stop after 7, 7, 7 and 6 steps
+    steps, real = [], gen_module.denoise_step
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        steps.append((out[1].clone(), out[2].clone(), out[4].clone()))          # argmax, entropy, logprob
+        return out
+    monkeypatch.setattr(gen_module, "denoise_step", recording)
+    ids = torch.randint(20, 512, (4, 7), generator=torch.Generator().manual_seed(2))
+    out = m.generate(ids, seed=1, **kw)
+    stopper = sampling.StableAndConfident(0, 4.0, 4, m.config.canvas_length, "cpu")
+    first = [None] * 4
+    for i, (am, ent, _) in enumerate(steps):
+        for r, f in enumerate(stopper(am, ent).tolist()):
+            first[r] = i if f and first[r] is None else first[r]
+    assert len(set(first)) > 1 and None not in first        # rows froze at different steps
+    for r, f in enumerate(first):
+        keep = out.sequences[r, 7:] == steps[f][0][r]       # (pad after an EOS: logprob 0 there)
+        assert torch.equal(out.logprobs[r][keep], steps[f][2][r][keep]), r

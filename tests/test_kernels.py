@@ -342,6 +342,7 @@ for n, V, cap, dt, per_row, edt in [(7, 3000, 30.0, "float32", False, "float32")
     assert torch.equal(got.argmax, want.argmax) and int(got.argmax[0]) == 5, (got.argmax, want.argmax)
     assert torch.equal(got.sample, want.sample), (got.sample, want.sample)
     assert torch.allclose(got.entropy, want.entropy, rtol=1e-4, atol=1e-4), (got.entropy, want.entropy)
+    assert torch.allclose(got.logprob, want.logprob, rtol=1e-4, atol=1e-4)
     tol = 1e-5 if edt == "float32" else 1e-2
     assert float((got.soft.float() - want.soft.float()).norm() / want.soft.float().norm()) < tol
     # the kernel's own outputs: e = exp(lam - max) and the block sums add up to Z

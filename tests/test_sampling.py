@@ -57,6 +57,8 @@ def test_fast_sampler_same_decisions_and_distribution():
     fast = sampling.sample_rows(logits.clone().view(-1, V), temp, uniform=torch.rand(B * C))
     assert torch.equal(exact.argmax, fast.argmax)
     assert torch.allclose(exact.entropy, fast.entropy, atol=1e-4)
+    logp = (logits.view(-1, V) / temp).log_softmax(-1).amax(-1)               # the argmax's log-probability
+    assert torch.allclose(exact.logprob, logp, atol=1e-5) and torch.allclose(fast.logprob, logp, atol=1e-5)
     assert torch.equal(sampling.entropy_bound_accept(exact.entropy.view(B, C), 0.3),
                        sampling.entropy_bound_accept(fast.entropy.view(B, C), 0.3))
     # distribution: many draws from one flat-ish row vs its probabilities (chi-square, generous bound)
@@ -258,6 +260,7 @@ def test_truncated_sampler_draws_only_kept_tokens(k, p):
         assert not drop.gather(1, r.sample[:, None]).any()
         assert torch.equal(r.argmax, want.argmax(-1))
         assert torch.allclose(r.entropy, sampling.entropy(want.clone()), atol=1e-4)
+        assert torch.allclose(r.logprob, want.log_softmax(-1).amax(-1), atol=1e-5)   # of the truncated distribution
     assert (exact.entropy < sampling.entropy(logits / temp) - 1e-3).any()    # it did truncate something
     # the fast draw follows the truncated distribution (one row, many draws)
     row, n = logits[7:8], 20000

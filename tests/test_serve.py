@@ -188,6 +188,30 @@ def test_n_choices_are_the_requests_with_seeds_counted_up(server):
         assert e.value.body["param"] == "best_of"
 
 
+def test_chat_logprobs(server):
+    c = client(server)
+    r = chat(c, "Say something", seed=6, logprobs=True)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(e.logprob <= 0 for e in content)
+    assert any(e.logprob < -1e-3 for e in content) and all(e.top_logprobs == [] for e in content)
+    assert "".join(e.token for e in content).startswith(r.choices[0].message.content[:20])
+    assert all(bytes(e.bytes).decode() == e.token for e in content)
+    assert chat(c, "Say something", seed=6).choices[0].logprobs is None          # only when asked
+    assert chat(c, "Say something", seed=6, logprobs=True, top_logprobs=0).choices[0].logprobs.content == content
+    streamed = []
+    for ch in chat(c, "Say something", seed=6, logprobs=True, stream=True):
+        for d in ch.choices:
+            streamed += d.logprobs.content if d.logprobs else []
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # a stop string: the entries of the tokens up to it, as many as usage counts
+    word = next(w for w in r.choices[0].message.content.split()[2:] if len(w) >= 3)
+    cut = chat(c, "Say something", seed=6, logprobs=True, stop=word)
+    assert cut.choices[0].finish_reason == "stop"
+    assert len(cut.choices[0].logprobs.content) == cut.usage.completion_tokens < len(content)
+    n = cut.usage.completion_tokens
+    assert [e.logprob for e in cut.choices[0].logprobs.content] == [e.logprob for e in content][:n]
+
+
 def test_top_k_top_p_truncate_and_stay_seeded(server):
     c = client(server)
     plain = chat(c, "Tell me about the hills", seed=4).choices[0].message.content
@@ -271,7 +295,8 @@ BAD = [  # (body changes, status, param)
     ({"foo": 1}, 400, "foo"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format.type"),
-    ({"logprobs": True}, 400, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"top_logprobs": 0}, 400, "top_logprobs"),
     ({"n": 0}, 400, "n"),
     ({"n": 129}, 400, "n"),
     ({"n": 17}, 400, "n"),                # more than this server's --max-queue 16

@@ -50,6 +50,7 @@ class CanvasEvent:
     finish_reason: str | None    # "eos" or "length" once finished
     passes: int = 0              # decoder passes of this request so far
     cached_tokens: int = 0       # prompt tokens served from the prefix cache
+    logprobs: list[float] = field(default_factory=list)   # each token's log-probability (see GenerateOutput)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Result:
     decoder_passes: int
     tokens_per_forward: float
     cached_tokens: int = 0       # prompt tokens served from the prefix cache (not encoded again)
+    logprobs: list[float] = field(default_factory=list)   # one per token (see GenerateOutput.logprobs)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class _Request:
     frames: bool = False
     last_entropy: list[float] | None = None  # entropies of this request's last frame
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     canvases: int = 0
     passes: int = 0
     cached: int = 0                       # prompt tokens taken from the prefix store
@@ -113,6 +116,7 @@ class _Row:
     soft: torch.Tensor | None                # [C, H] self-conditioning input, None at a canvas's first step
     left: int                                # denoising steps left for this canvas
     run: torch.Tensor                        # [] steps in a row with this argmax (the stop rule's state)
+    logprob: torch.Tensor | None = None      # [C] the argmax's log-probabilities (None before the first step)
 
 
 class Engine:
@@ -308,7 +312,7 @@ class Engine:
                     q[j * C - r0:(j + 1) * C - r0].exponential_(1, generator=self.rows[j].req.gen)
                 return q
 
-            new_canvas, argmax, ent, soft_new = denoise_step(
+            new_canvas, argmax, ent, soft_new, lp = denoise_step(
                 m, self.cache, canvas, soft, temp, bound, self.row_chunk, exponentials=exponentials,
                 renoise=lambda: torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0]
                                              for r in self.rows]), greedy=greedy, truncation=trunc)
@@ -317,11 +321,11 @@ class Engine:
             renoise = torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0] for r in self.rows])
             inputs = (canvas, soft, temp, bound, uniform, renoise, greedy)
             if self.graphs is None or trunc is not None:      # truncation sorts the logits: an eager step
-                new_canvas, argmax, ent, soft_new = self._fast_step(*inputs, trunc)
+                new_canvas, argmax, ent, soft_new, lp = self._fast_step(*inputs, trunc)
             else:
                 key = ("engine", n, C, self.row_chunk, self.cache.key_slots(C, True),
                        graphs.buffer_key(*self.cache.tensors()))
-                new_canvas, argmax, ent, soft_new = self.graphs.run(key, self._fast_step, *inputs)
+                new_canvas, argmax, ent, soft_new, lp = self.graphs.run(key, self._fast_step, *inputs)
         if any(r.req.frames for r in self.rows):
             self._record_frames(new_canvas, ent, bound)
         # every row's stop rule in one batch on the device (each request's own thresholds), one host sync
@@ -332,7 +336,7 @@ class Engine:
             flags, runs = stop.tolist(), run.unbind()
         commit = []
         for b, r in enumerate(self.rows):
-            r.canvas, r.argmax, r.soft, r.run = new_canvas[b], argmax[b], soft_new[b], runs[b]
+            r.canvas, r.argmax, r.soft, r.run, r.logprob = new_canvas[b], argmax[b], soft_new[b], runs[b], lp[b]
             r.left -= 1
             r.req.passes += 1
             if flags[b] or r.left == 0:
@@ -471,7 +475,11 @@ class Engine:
 
     def _commit(self, commit: list[int]) -> list[CanvasEvent]:
         events, keep, encode_rows, encode_ids = [], [], [], []
-        canvases = dict(zip(commit, torch.stack([self.rows[b].argmax for b in commit]).tolist()))   # one read
+        ids = torch.stack([self.rows[b].argmax for b in commit])                                 # [m, C]
+        lps = torch.stack([self.rows[b].logprob for b in commit])                               # [m, C]
+        both = torch.cat([ids.double(), lps.double()], dim=1).tolist()       # one read (ids < 2^53: exact)
+        canvases = {b: [int(t) for t in row[:self.C]] for b, row in zip(commit, both)}
+        logprobs = {b: row[self.C:] for b, row in zip(commit, both)}
         for b, r in enumerate(self.rows):
             if b not in commit:
                 keep.append(b)
@@ -488,16 +496,18 @@ class Engine:
                 toks = toks[:room]
                 reason = "length" if len(toks) == room else None
             req.tokens += toks
+            req.logprobs += logprobs[b][:len(toks)]
             if req.frames:                                        # the committed canvas closes its frames
                 ent = (req.last_entropy or [0.0] * self.C)[:len(toks)]
                 self.frames.append(Frame(req.id, req.canvases - 1, s.max_denoising_steps - r.left, True,
                                          list(toks), [2] * len(toks), ent, len(toks),
                                          sum(ent) / max(len(ent), 1)))
-            events.append(CanvasEvent(req.id, toks, reason is not None, reason, req.passes, req.cached))
+            events.append(CanvasEvent(req.id, toks, reason is not None, reason, req.passes, req.cached,
+                                      logprobs[b][:len(toks)]))
             if reason is not None:
                 n_valid = len(req.tokens) if s.pad_token_id is None else sum(t != s.pad_token_id for t in req.tokens)
                 self.done[req.id] = Result(req.id, req.prompt, req.tokens, reason, req.passes,
-                                           n_valid / max(req.passes, 1), req.cached)
+                                           n_valid / max(req.passes, 1), req.cached, req.logprobs)
                 continue
             keep.append(b)
             encode_rows.append(b)

@@ -31,6 +31,10 @@ class GenerateOutput:
     decoder_passes: torch.Tensor     # [B] decoder passes counted for each row
     cache: KVCache                   # encoder K/V of everything except the last canvas (for continuing)
     stop_fired: torch.Tensor | None = None    # [B] canvases of each row on which the stable-and-confident rule fired
+    # [B, new] fp32: each new token's log-probability under the distribution of the step its canvas converged at
+    # (the last, or where the stop rule froze the row; temperature and top_k / top_p applied); 0 where pad replaced
+    # the token (after EOS, rows already finished)
+    logprobs: torch.Tensor | None = None
 
 
 def check_positions(cfg, context: int, new: int) -> None:
@@ -149,14 +153,14 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     # T(n) for n = N..1, computed on the CPU exactly as the reference does, moved to the device once
     temps = torch.tensor(sampling.temperatures(s.max_denoising_steps, s.t_min, s.t_max), dtype=torch.float32,
                          device=dev)
-    seq = ids
+    seq, logprobs = ids, []
     for c in range(n_canvas):
         if c == 0 and L:   # encode the prompt, then each committed canvas at the positions it had
             prefill(model, seq, cache, valid)
         elif c:
             model.encode(seq[:, -CL:], cache)
         canvas = sampling.init_canvas(B, CL, V, dev, gen)
-        argmax, soft = canvas, None
+        argmax, soft, lp = canvas, None, torch.zeros(B, CL, device=dev)
         frozen = torch.zeros(B, dtype=torch.bool, device=dev)
         n_frozen = 0                                     # rows of `frozen` set (read once a step)
         stopper = sampling.StableAndConfident(*rule, B, CL, dev) if rule else None
@@ -164,19 +168,20 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             passes += ~(frozen | finished)
             temp = temps[i]
             if fast is not None:
-                new_canvas, new_argmax, ent, new_soft = fast(canvas, soft, temp, gen)
+                new_canvas, new_argmax, ent, new_soft, new_lp = fast(canvas, soft, temp, gen)
             else:
-                new_canvas, new_argmax, ent, new_soft = denoise_step(
+                new_canvas, new_argmax, ent, new_soft, new_lp = denoise_step(
                     model, cache, canvas, soft, temp, s.entropy_bound, row_chunk,
                     exponentials=lambda r0, r1: noise[:r1 - r0].exponential_(1, generator=gen),
                     renoise=lambda: sampling.init_canvas(B, CL, V, dev, gen), truncation=trunc)
             if stopper is not None:
-                if n_frozen:      # frozen rows keep canvas, argmax and self-conditioning input
+                if n_frozen:      # frozen rows keep canvas, argmax, its log-probs and self-conditioning input
                     new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
+                    new_lp = torch.where(frozen[:, None], lp, new_lp)
                     new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
                     new_soft = torch.where(frozen[:, None, None], soft, new_soft)
                 frozen |= stopper(new_argmax, ent)
-            canvas, argmax, soft = new_canvas, new_argmax, new_soft
+            canvas, argmax, soft, lp = new_canvas, new_argmax, new_soft, new_lp
             if stopper is not None:                      # the only per-step host sync, and only if asked
                 n_frozen = int(frozen.sum())
                 if n_frozen == B:
@@ -185,13 +190,14 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             fired += frozen & ~finished                  # rows the rule stopped (rows done earlier: not counted)
         seq = torch.cat([seq, argmax], dim=1)
         finished = _finalize(seq, finished, CL, eos, s.pad_token_id, max_length)
+        logprobs.append(torch.where(seq[:, -CL:] == argmax, lp, 0.0))
         if on_canvas is not None:
             on_canvas(seq[:, -CL:])
         if bool(finished.all()):
             break
     new = seq[:, L:]
     n_valid = (new != s.pad_token_id).sum(-1) if s.pad_token_id is not None else torch.full_like(passes, new.shape[1])
-    return GenerateOutput(seq, n_valid / passes, passes, cache, fired)
+    return GenerateOutput(seq, n_valid / passes, passes, cache, fired, torch.cat(logprobs, dim=1))
 
 
 def default_row_chunk(model, sampler: str) -> int:
@@ -209,7 +215,7 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
                  greedy: torch.Tensor | None = None, truncation: tuple | None = None):
     """One denoising step of the rows in `canvas` [B, C] (generate's batch or the engine's requests):
     denoiser pass, then head and sampler chunk by chunk over the B*C canvas rows, then entropy-bound
-    acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H]).
+    acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H], the argmax's log-probability [B, C]).
 
     temp: a scalar tensor or [B*C, 1]; bound: a float or [B, 1] fp32 tensor.
     exact: `exponentials(r0, r1)` returns the Exp(1) draws [r1 - r0, V] for canvas rows r0..r1 and `renoise()`
@@ -245,7 +251,7 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     accept = sampling.entropy_bound_accept(res.entropy, bound)
     renoise = renoise() if callable(renoise) else renoise
     sample = res.sample if greedy is None else torch.where(greedy[:, None], res.argmax, res.sample)
-    return torch.where(accept, sample, renoise), res.argmax, res.entropy, res.soft
+    return torch.where(accept, sample, renoise), res.argmax, res.entropy, res.soft, res.logprob
 
 
 class _FastStep:

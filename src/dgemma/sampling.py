@@ -45,9 +45,10 @@ def init_canvas(batch: int, length: int, vocab: int, device, generator) -> torch
     return torch.randint(0, vocab, (batch, length), device=device, generator=generator)
 
 
-def entropy(lam: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(lam) along the last dim, with the same fp32 ops as torch.distributions.Categorical."""
-    logp = lam - lam.logsumexp(dim=-1, keepdim=True)
+def entropy(lam: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of softmax(lam) along the last dim, with the same fp32 ops as torch.distributions.Categorical
+    (lse: lam.logsumexp(dim=-1, keepdim=True) when the caller has it)."""
+    logp = lam - (lam.logsumexp(dim=-1, keepdim=True) if lse is None else lse)
     p = torch.softmax(logp, dim=-1)
     return -(logp.clamp_(min=torch.finfo(logp.dtype).min).mul_(p)).sum(-1)   # same values, no temporaries
 
@@ -70,14 +71,16 @@ class RowResult:
     argmax: torch.Tensor     # [n] argmax of lam
     entropy: torch.Tensor    # [n] entropy of softmax(lam), fp32
     soft: torch.Tensor | None  # [n, H] self-conditioning soft embedding, when an embedding was given
+    logprob: torch.Tensor | None = None   # [n] log-probability of the argmax under softmax(lam), fp32
 
     @staticmethod
     def cat(parts: list["RowResult"], B: int, C: int) -> "RowResult":
         """Chunk results in row order -> one result shaped [B, C] (soft: [B, C, H])."""
         soft = None if parts[0].soft is None else torch.cat([p.soft for p in parts]).view(B, C, -1)
+        logprob = None if parts[0].logprob is None else torch.cat([p.logprob for p in parts]).view(B, C)
         return RowResult(torch.cat([p.sample for p in parts]).view(B, C),
                          torch.cat([p.argmax for p in parts]).view(B, C),
-                         torch.cat([p.entropy for p in parts]).view(B, C), soft)
+                         torch.cat([p.entropy for p in parts]).view(B, C), soft, logprob)
 
 
 def truncation_on(top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> bool:
@@ -163,7 +166,8 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
         p_sc = probs if embedding.dtype == torch.float32 else torch.softmax(
             lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
         soft = embedding.mix(p_sc) * embed_scale
-    return RowResult(sample, torch.argmax(lam, dim=-1), entropy(lam), soft)
+    amax, lse = torch.argmax(lam, dim=-1), lam.logsumexp(dim=-1, keepdim=True)            # [n], [n, 1]
+    return RowResult(sample, amax, entropy(lam, lse), soft, (lam.gather(1, amax[:, None]) - lse)[:, 0])
 
 
 def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
@@ -177,11 +181,12 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
     if drop is not None:
         e.masked_fill_(drop, 0.0)
     sample, z = inverse_cdf(e, uniform.to(e.device).clamp_min(U_MIN))
-    ent = z.log() - torch.linalg.vecdot(e, lam) / z
+    log_z = z.log()                                               # = -log p(argmax): its e is exp(0) = 1
+    ent = log_z - torch.linalg.vecdot(e, lam) / z
     # (the reference rounds the logits to a bf16 embedding's dtype before this softmax; the fast sampler takes
     # the fp32 probabilities it already has: a second softmax over [n, V] was 40% of its CPU time)
     soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
-    return RowResult(sample, amax, ent, soft)
+    return RowResult(sample, amax, ent, soft, -log_z)
 
 
 # The fast sampler's floor under lam - max on the CPU. torch's vectorised CPU exp leaves its fast path for a whole
@@ -259,7 +264,7 @@ def fused_rows(raw: torch.Tensor, temp: torch.Tensor, cap: float | None, uniform
                                                   torch.float32 if embedding is None else embedding.dtype)
     sample = kernels.sample_search(raw, t, cap, amax, bsum, uniform.to(raw.device).clamp_min(U_MIN), INVERSE_CDF_BLOCK)
     soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
-    return RowResult(sample, amax, ent, soft)
+    return RowResult(sample, amax, ent, soft, -z.log())
 
 
 def _below(x: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,7 @@ class Job:
     events: asyncio.Queue | None = None      # the worker's (kind, payload) events, once submitted
     done: bool = False                       # finished, failed or cancelled: nothing left to cancel
     index: int = 0                           # which of the request's n choices
+    logprobs: bool = False                   # send each token's log-probability (chat: logprobs=true)
 
 
 SEEDS = 2 ** 64                              # seeds are taken modulo this (the API's range is -2^63 .. 2^64 - 1)
@@ -379,7 +380,8 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     include = bool(req.stream_options and req.stream_options.include_usage)
     interval = (50 if req.frame_interval_ms is None else req.frame_interval_ms) / 1000 if req.denoising_frames \
         else None
-    return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include, interval)
+    return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include, interval,
+               logprobs=bool(getattr(req, "logprobs", False)) and chat is not None)
 
 
 def _submit(st: State, jobs: list[Job]) -> None:
@@ -437,7 +439,8 @@ async def _merged(st: State, jobs: list[Job]) -> AsyncIterator[tuple[int, tuple]
 
 
 async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
-    """Yield the submitted job's ("text", delta) as canvases commit, then ("end", finish_reason, usage).
+    """Yield the submitted job's ("text", delta, logprob entries of the tokens it counts) as canvases commit (with
+    job.logprobs also for a canvas whose text is held back), then ("end", finish_reason, usage).
     Cancels the request if the consumer goes away (client disconnect) or a stop string ends it."""
     worker, m, q = st.worker, st.metrics, job.events
     text, n_tokens, t0, first = TextStream(st.tok, job.stops), 0, time.perf_counter(), True
@@ -458,10 +461,12 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 if first:
                     m.ttfc.observe(time.perf_counter() - t0)
                     first = False
-                n_tokens += len(p.tokens)
+                before, n_tokens = n_tokens, n_tokens + len(p.tokens)
                 delta = text.push(p.tokens, final=p.finished)
-                if delta:
-                    yield "text", delta
+                counted = max(0, text.used - before) if text.stopped else len(p.tokens)   # tokens up to a stop
+                entries = _logprob_entries(st, p.tokens[:counted], p.logprobs[:counted]) if job.logprobs else []
+                if delta or entries:
+                    yield "text", delta, entries
                 if text.stopped:                          # count the tokens up to the stop string
                     worker.cancel(job.rid)
                     job.done = True
@@ -476,6 +481,18 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 return
     finally:
         _drop(st, job)
+
+
+def _logprob_entries(st: State, tokens: list[int], logprobs: list[float]) -> list[dict]:
+    """OpenAI's chat logprobs content: each token's text, log-probability (of the step its canvas converged at) and
+    UTF-8 bytes; no alternatives (top_logprobs)."""
+    out = []
+    for t, lp in zip(tokens, logprobs):
+        if t not in st.pieces:
+            st.pieces[t] = st.tok.decode([t], skip_special_tokens=False)
+        piece = st.pieces[t]
+        out.append({"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8")), "top_logprobs": []})
+    return out
 
 
 def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: float) -> dict:
@@ -508,11 +525,12 @@ async def _respond(st: State, job: Job, n: int, request: Request, stream: bool, 
     created, name, route, rid = now(), st.cfg.model_name, request.url.path, job.rid
     jobs = _choices(job, n)
     if chat:
-        def piece(i: int, delta: dict, finish: str | None) -> dict:
+        def piece(i: int, delta: dict, finish: str | None, entries: list | None = None) -> dict:
+            lp = {"content": entries} if job.logprobs and entries is not None else None
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
     else:
-        def piece(i: int, delta: dict, finish: str | None) -> dict:
+        def piece(i: int, delta: dict, finish: str | None, entries: list | None = None) -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": name,
                     "choices": [{"index": i, "text": delta.get("content", ""), "logprobs": None,
                                  "finish_reason": finish}]}
@@ -527,7 +545,7 @@ async def _respond(st: State, job: Job, n: int, request: Request, stream: bool, 
                         yield _sse(_with_usage(piece(j.index, {"role": "assistant", "content": ""}, None), job))
                 async for i, ev in _merged(st, jobs):
                     if ev[0] == "text":
-                        yield _sse(_with_usage(piece(i, {"content": ev[1]}, None), job))
+                        yield _sse(_with_usage(piece(i, {"content": ev[1]}, None, ev[2]), job))
                     elif ev[0] == "frame":
                         yield _sse({**piece(i, {}, None), "choices": [], "dgemma_frame": {**ev[1], "index": i}})
                     else:
@@ -549,15 +567,18 @@ async def _respond(st: State, job: Job, n: int, request: Request, stream: bool, 
 
     async def collect() -> dict:
         parts: list[list[str]] = [[] for _ in jobs]
+        entries: list[list[dict]] = [[] for _ in jobs]
         ends: list[tuple] = [()] * len(jobs)
         async for i, ev in _merged(st, jobs):
             if ev[0] == "text":
                 parts[i].append(ev[1])
+                entries[i] += ev[2]
             elif ev[0] == "end":
                 ends[i] = ev
         choices = []
         for i, end in enumerate(ends):
-            choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": end[1]}
+            choice: dict[str, Any] = {"index": i, "logprobs": {"content": entries[i]} if job.logprobs else None,
+                                      "finish_reason": end[1]}
             if chat:
                 choice["message"] = {"role": "assistant", "content": "".join(parts[i])}
             else:

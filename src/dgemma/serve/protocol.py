@@ -142,8 +142,10 @@ class _Common(DiffusionControls):
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=2 ** 31, description="same as max_tokens")
-    logprobs: Optional[bool] = Field(None, description="only false")
-    top_logprobs: Optional[int] = Field(None, description="not supported")
+    logprobs: Optional[bool] = Field(None, description=(
+        "each generated token's log-probability, under the distribution of the denoising step its canvas converged "
+        "at (temperature and top_k / top_p applied); the committed token is that step's argmax"))
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="only 0 (no alternatives)")
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Any]] = Field(None, description="not supported (only empty)")
     tool_choice: Optional[Any] = Field(None, description='not supported (only "none")')
@@ -153,8 +155,11 @@ class ChatCompletionRequest(_Common):
 
     def checks(self) -> None:
         self.neutral_checks()
-        if self.logprobs or self.top_logprobs is not None:
-            raise APIError(400, "logprobs are not supported by dgemma", "logprobs", "unsupported_parameter")
+        if self.top_logprobs:
+            raise APIError(400, "top_logprobs > 0 is not supported by dgemma (logprobs=true gives each token's "
+                                "own)", "top_logprobs", "unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         for name in ("tools", "functions", "function_call"):
             if getattr(self, name):
                 raise APIError(400, f"{name} are not supported by dgemma", name, "unsupported_parameter")

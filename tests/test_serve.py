@@ -195,7 +195,7 @@ def test_chat_logprobs(server):
     assert len(content) == r.usage.completion_tokens and all(e.logprob <= 0 for e in content)
     assert any(e.logprob < -1e-3 for e in content) and all(e.top_logprobs == [] for e in content)
     assert "".join(e.token for e in content).startswith(r.choices[0].message.content[:20])
-    assert all(bytes(e.bytes).decode() == e.token for e in content)
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8").startswith(r.choices[0].message.content)
     assert chat(c, "Say something", seed=6).choices[0].logprobs is None          # only when asked
     assert chat(c, "Say something", seed=6, logprobs=True, top_logprobs=0).choices[0].logprobs.content == content
     streamed = []
@@ -210,6 +210,30 @@ def test_chat_logprobs(server):
     assert len(cut.choices[0].logprobs.content) == cut.usage.completion_tokens < len(content)
     n = cut.usage.completion_tokens
     assert [e.logprob for e in cut.choices[0].logprobs.content] == [e.logprob for e in content][:n]
+    # a stop string across a canvas boundary (this model's canvases: 8 tokens): no entries past it
+    C = dgemma.ModelConfig.from_dir(dgemma.default_model_path()).canvas_length
+    across = "".join(e.token for e in content[C - 2:C + 2])
+    assert across.strip() and "".join(e.token for e in content).find(across) == len("".join(
+        e.token for e in content[:C - 2]))                                   # (first seen there)
+    cut = chat(c, "Say something", seed=6, logprobs=True, stop=across)
+    assert cut.choices[0].finish_reason == "stop"
+    assert len(cut.choices[0].logprobs.content) == cut.usage.completion_tokens <= C - 1
+
+
+def test_text_stream_counts_the_tokens_whose_text_went_out(tok):
+    """TextStream.covered: the tokens whose text is sent, so logprob entries never run ahead of the text; a stop
+    string across two canvases ends them at `used` (what usage counts), not at the first canvas's end."""
+    from dgemma.serve.text import TextStream
+    a, b = tok.encode("Hello there. The STO"), tok.encode("P sign is red.")
+    ts = TextStream(tok, ["STOP"])
+    sent, c = ts.push(a), ts.covered()
+    assert sent == "Hello there. The " and len(tok.decode(a[:c])) <= len(sent) < len(tok.decode(a[:c + 1]))
+    assert ts.push(b) == "" and ts.stopped and ts.covered() == ts.used < len(a)
+    assert tok.decode((a + b)[:ts.used]).startswith("Hello there. The") and "STO" not in tok.decode((a + b)[:ts.used])
+    whole = TextStream(tok, [])
+    whole.push(a)
+    whole.push(b, final=True)
+    assert whole.covered() == len(a + b)
 
 
 def test_top_k_top_p_truncate_and_stay_seeded(server):

@@ -153,3 +153,22 @@ def test_matches_transformers(tok_dir, tok):
     assert hf(TEXT)["input_ids"] == tok.encode(TEXT, add_special_tokens=True)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (2, 1, 0)
     assert hf.decode(tok.encode(TEXT), skip_special_tokens=True) == TEXT
+
+
+def test_token_bytes_rebuild_the_text(tok):
+    ids = tok.encode(TEXT)
+    assert any(tok.decode([i]) == "\ufffd" for i in ids)            # pieces of multi-byte characters
+    assert b"".join(tok.token_bytes(i) for i in ids) == TEXT.encode("utf-8")
+    assert tok.token_bytes(2) == b"<bos>" and tok.token_bytes(10 ** 6) is None
+
+
+def test_token_bytes_of_a_byte_fallback_sentencepiece_vocabulary():
+    """Gemma's own tokenizer style: SentencePiece pieces with U+2581 for spaces, <0xAB> pieces for bytes."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models
+    vocab = {"<pad>": 0, "<eos>": 1, "<0xC3>": 2, "<0xA9>": 3, "\u2581caf": 4, "\u2581ok": 5}
+    hf = HFTokenizer(models.BPE(vocab, [], byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens(["<eos>"])
+    t = Tokenizer(hf)
+    assert [t.token_bytes(i) for i in range(1, 6)] == [b"<eos>", b"\xc3", b"\xa9", b" caf", b" ok"]
+    assert b"".join(t.token_bytes(i) for i in (4, 2, 3, 5)).decode("utf-8") == t.decode([4, 2, 3, 5]) == " café ok"

@@ -48,6 +48,23 @@ class TokenizerError(ValueError):
     """A user-facing tokenizer problem (missing files, bad messages, template errors)."""
 
 
+def _byte_symbols() -> dict[str, int]:
+    """Byte-level BPE's alphabet: each of the 256 bytes as one printable character (printable Latin-1 bytes as
+    themselves, the others as the characters from U+0100 up, in byte order) -> the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+_BYTE_OF = _byte_symbols()
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -170,6 +187,30 @@ class Tokenizer:
         return self._id(self.pad_token)
 
     # ---- encode / decode --------------------------------------------------------------------------------------
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The raw bytes a token stands for, also when they are part of a UTF-8 character (which `decode` shows as
+        U+FFFD): a byte-level BPE's symbols mapped back to bytes, a byte-fallback piece ``<0xAB>`` as its byte,
+        else the piece's UTF-8 with SentencePiece's ``▁`` as a space; special tokens as their text. None for an id
+        the vocabulary does not have."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return None
+        if token_id in self._special_ids():
+            return piece.encode("utf-8")
+        if type(self._tok.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def _special_ids(self) -> frozenset[int]:
+        if not hasattr(self, "_specials"):
+            self._specials = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        return self._specials
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``. Special-token strings in the text (e.g. ``<bos>``) map to their ids.
 

@@ -444,7 +444,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     Cancels the request if the consumer goes away (client disconnect) or a stop string ends it."""
     worker, m, q = st.worker, st.metrics, job.events
     text, n_tokens, t0, first = TextStream(st.tok, job.stops), 0, time.perf_counter(), True
-    last_frame = -1e9
+    last_frame, logprobs, sent = -1e9, [], 0           # every token's logprob; how many went out as entries
     try:
         while True:
             kind, p = await q.get()
@@ -461,10 +461,13 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 if first:
                     m.ttfc.observe(time.perf_counter() - t0)
                     first = False
-                before, n_tokens = n_tokens, n_tokens + len(p.tokens)
+                n_tokens += len(p.tokens)
                 delta = text.push(p.tokens, final=p.finished)
-                counted = max(0, text.used - before) if text.stopped else len(p.tokens)   # tokens up to a stop
-                entries = _logprob_entries(st, p.tokens[:counted], p.logprobs[:counted]) if job.logprobs else []
+                entries = []
+                if job.logprobs:     # the tokens whose text went out (all at the end; up to a stop string)
+                    logprobs += p.logprobs
+                    upto = len(text.ids) if p.finished and not text.stopped else text.covered()
+                    entries, sent = _logprob_entries(st, text.ids[sent:upto], logprobs[sent:upto]), max(sent, upto)
                 if delta or entries:
                     yield "text", delta, entries
                 if text.stopped:                          # count the tokens up to the stop string
@@ -490,8 +493,9 @@ def _logprob_entries(st: State, tokens: list[int], logprobs: list[float]) -> lis
     for t, lp in zip(tokens, logprobs):
         if t not in st.pieces:
             st.pieces[t] = st.tok.decode([t], skip_special_tokens=False)
-        piece = st.pieces[t]
-        out.append({"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8")), "top_logprobs": []})
+        raw = st.tok.token_bytes(t)                 # (a piece of a UTF-8 character decodes to U+FFFD)
+        out.append({"token": st.pieces[t], "logprob": lp, "bytes": None if raw is None else list(raw),
+                    "top_logprobs": []})
     return out
 
 

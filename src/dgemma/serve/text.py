@@ -51,6 +51,20 @@ class TextStream:
         self.text += new
         return new
 
+    def covered(self) -> int:
+        """How many of the ids pushed so far have all their text sent (`used` once stopped): the most m whose
+        decoded prefix ids[:m] fits in the text sent."""
+        if self.stopped:
+            return self.used
+        lo, hi = 0, len(self.ids)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self.tok.decode(self.ids[:mid], skip_special_tokens=True)) <= len(self.text):   # (U+FFFD: 1)
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
 
 def frame_json(frame, tokenizer, pieces: dict[int, str]) -> dict:
     """An engine `Frame` as the JSON the server streams and the terminal chat draws: token ids plus each one's

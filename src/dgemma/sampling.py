@@ -75,7 +75,12 @@ class RowResult:
 
     @staticmethod
     def cat(parts: list["RowResult"], B: int, C: int) -> "RowResult":
-        """Chunk results in row order -> one result shaped [B, C] (soft: [B, C, H])."""
+        """Chunk results in row order -> one result shaped [B, C] (soft: [B, C, H]); one chunk: views of it."""
+        if len(parts) == 1:
+            p = parts[0]
+            return RowResult(p.sample.view(B, C), p.argmax.view(B, C), p.entropy.view(B, C),
+                             None if p.soft is None else p.soft.view(B, C, -1),
+                             None if p.logprob is None else p.logprob.view(B, C))
         soft = None if parts[0].soft is None else torch.cat([p.soft for p in parts]).view(B, C, -1)
         logprob = None if parts[0].logprob is None else torch.cat([p.logprob for p in parts]).view(B, C)
         return RowResult(torch.cat([p.sample for p in parts]).view(B, C),

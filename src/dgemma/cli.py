@@ -8,12 +8,11 @@ Does not know: the model math. torch and the model are imported inside the comma
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64"}
@@ -40,36 +39,22 @@ def seed(text: str) -> int:
     return n
 
 
-def _fraction(text: str) -> float:
-    """A --top-p value: a number in [0, 1]."""
-    try:
-        x = float(text)
-    except ValueError:
-        x = math.nan
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return x
+def _argument(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse `type`: convert(text) if that works and passes `ok`, else "expected <what>, got '<text>'"."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    """An integer >= 0."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return n
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+_positive = _argument(int, lambda n: n >= 1, "a positive integer")
+_non_negative = _argument(int, lambda n: n >= 0, "an integer >= 0")
+_fraction = _argument(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")       # (NaN fails the test)
 
 
 def _model_dir(given: str | None) -> Path:

@@ -344,30 +344,31 @@ class Engine:
         return self._commit(commit) if commit else []
 
     def _stop_rules(self) -> tuple | None:
-        """The active rows' stop-rule thresholds for `sampling.stable_and_confident`: (stability, confidence) as
-        numbers when every row has the same, else as [n] tensors (made before the step, so that copying them to
-        the device never waits for it); None when no row has a rule."""
-        rules = [sampling.stop_rule(r.req.s.stability_threshold, r.req.s.confidence_threshold) for r in self.rows]
-        if all(x is None for x in rules):
-            return None
-        rules = [x or (sampling.NEVER, 0.0) for x in rules]          # a row without the rule never stops by it
-        if len(set(rules)) == 1:
-            return rules[0]
-        dev = self.model.device
-        return (torch.tensor([k for k, _ in rules], device=dev),
-                torch.tensor([c for _, c in rules], dtype=torch.float32, device=dev))
+        """The active rows' stop-rule thresholds for `sampling.stable_and_confident` (see _per_row): a row without
+        the rule never stops by it."""
+        return self._per_row([sampling.stop_rule(r.req.s.stability_threshold, r.req.s.confidence_threshold)
+                              for r in self.rows], (sampling.NEVER, 0.0), torch.float32)
 
     def _truncation(self) -> tuple | None:
-        """The active rows' (top_k, top_p) for denoise_step: None when no row truncates, numbers when every row
-        asks the same, else [n*C] tensors (one value per canvas position; top_p in float64, see sampling.dropped)."""
-        cuts = [sampling.truncation(r.req.s.top_k, r.req.s.top_p, self.V) or (0, 1.0) for r in self.rows]
-        if cuts == [(0, 1.0)] * len(cuts):
+        """The active rows' (top_k, top_p) for denoise_step (see _per_row), one value per canvas position; top_p
+        in float64 (see sampling.dropped)."""
+        return self._per_row([sampling.truncation(r.req.s.top_k, r.req.s.top_p, self.V) for r in self.rows],
+                             (0, 1.0), torch.float64, repeat=self.C)
+
+    def _per_row(self, pairs: list[tuple | None], off: tuple, second: torch.dtype, repeat: int = 1) -> tuple | None:
+        """Each active row's pair of settings (None: the row has it off): None when every row has it off, the pair
+        itself when every row has the same (nothing to copy to the device), else two [n * repeat] tensors (the
+        second of dtype `second`; made before the step, so that copying them to the device never waits for it),
+        rows that have it off taking `off`."""
+        if all(p is None for p in pairs):
             return None
-        if len(set(cuts)) == 1:
-            return cuts[0]
-        dev, C = self.model.device, self.C
-        return (torch.tensor([k for k, _ in cuts], device=dev).repeat_interleave(C),
-                torch.tensor([p for _, p in cuts], dtype=torch.float64, device=dev).repeat_interleave(C))
+        pairs = [p or off for p in pairs]
+        if len(set(pairs)) == 1:
+            return pairs[0]
+        dev = self.model.device
+        a = torch.tensor([x for x, _ in pairs], device=dev)
+        b = torch.tensor([y for _, y in pairs], dtype=second, device=dev)
+        return (a, b) if repeat == 1 else (a.repeat_interleave(repeat), b.repeat_interleave(repeat))
 
     def _record_frames(self, new_canvas: torch.Tensor, ent: torch.Tensor, bound: torch.Tensor) -> None:
         """Frames of this pass for the rows that asked (the same acceptance the step applied)."""

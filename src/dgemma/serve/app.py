@@ -27,7 +27,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, now, usage
-from .text import TextStream, frame_json
+from .text import TextStream, frame_json, token_text
 
 log = logging.getLogger("dgemma.serve")
 
@@ -341,6 +341,10 @@ def _check_model(st: State, name: str) -> None:
                        "model", "model_not_found")
 
 
+# request fields handed to the engine settings as they are (an engine error naming one names it as the parameter)
+_PASSED_ON = ("max_denoising_steps", "entropy_bound", "confidence_threshold", "top_k", "top_p")
+
+
 def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: list[dict] | None) -> Job:
     """Request -> engine settings; every refusal is a 400/429 naming the parameter."""
     cfg, base = st.model.config, st.model.sampler_config
@@ -363,7 +367,7 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     t_min = req.t_min if req.t_min is not None else base.t_min
     t_max = req.t_max if req.t_max is not None else base.t_max
     kwargs: dict[str, Any] = dict(max_new_tokens=limit, t_min=t_min * (tau or 1.0), t_max=t_max * (tau or 1.0))
-    for name in ("max_denoising_steps", "entropy_bound", "confidence_threshold", "top_k", "top_p"):
+    for name in _PASSED_ON:
         if getattr(req, name) is not None:
             kwargs[name] = getattr(req, name)
     if chat is not None:
@@ -372,8 +376,7 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
         st.engine.settings(**kwargs)
     except ValueError as e:
         msg = str(e)
-        param = next((p for p in ("t_max", "t_min", "entropy_bound", "max_denoising_steps", "confidence_threshold",
-                                  "top_k", "top_p") if msg.startswith(p)), "temperature")
+        param = next((p for p in ("t_max", "t_min", *_PASSED_ON) if msg.startswith(p)), "temperature")
         raise APIError(400, msg, param) from None
     seed = 0 if req.seed is None and tau == 0 else req.seed      # greedy is repeatable: the canvas noise too
     kwargs.update(seed=seed, greedy=tau == 0, frames=bool(req.denoising_frames))
@@ -491,11 +494,9 @@ def _logprob_entries(st: State, tokens: list[int], logprobs: list[float]) -> lis
     UTF-8 bytes; no alternatives (top_logprobs)."""
     out = []
     for t, lp in zip(tokens, logprobs):
-        if t not in st.pieces:
-            st.pieces[t] = st.tok.decode([t], skip_special_tokens=False)
         raw = st.tok.token_bytes(t)                 # (a piece of a UTF-8 character decodes to U+FFFD)
-        out.append({"token": st.pieces[t], "logprob": lp, "bytes": None if raw is None else list(raw),
-                    "top_logprobs": []})
+        out.append({"token": token_text(st.tok, st.pieces, t), "logprob": lp,
+                    "bytes": None if raw is None else list(raw), "top_logprobs": []})
     return out
 
 

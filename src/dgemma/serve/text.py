@@ -66,13 +66,17 @@ class TextStream:
         return lo
 
 
+def token_text(tokenizer, pieces: dict[int, str], token: int) -> str:
+    """One token's own text, special tokens included, through `pieces` (a cache of id -> text kept by the caller)."""
+    if token not in pieces:
+        pieces[token] = tokenizer.decode([token], skip_special_tokens=False)
+    return pieces[token]
+
+
 def frame_json(frame, tokenizer, pieces: dict[int, str]) -> dict:
     """An engine `Frame` as the JSON the server streams and the terminal chat draws: token ids plus each one's
-    text (`pieces`, a cache of id -> text kept by the caller), states, entropies (4 decimals)."""
-    for t in frame.tokens:
-        if t not in pieces:
-            pieces[t] = tokenizer.decode([t], skip_special_tokens=False)
+    text (`token_text`), states, entropies (4 decimals)."""
     return {"canvas": frame.canvas, "step": frame.step, "final": frame.final, "tokens": frame.tokens,
-            "pieces": [pieces[t] for t in frame.tokens], "state": frame.state,
+            "pieces": [token_text(tokenizer, pieces, t) for t in frame.tokens], "state": frame.state,
             "entropy": [round(e, 4) for e in frame.entropy], "accepted": frame.accepted,
             "mean_entropy": round(frame.mean_entropy, 4)}

@@ -393,3 +393,67 @@ def test_generate_keeps_a_frozen_row_s_logprobs(tmp_path, monkeypatch):
     for r, f in enumerate(first):
         keep = out.sequences[r, 7:] == steps[f][0][r]       # (pad after an EOS: logprob 0 there)
         assert torch.equal(out.logprobs[r][keep], steps[f][2][r][keep]), r
+
+
+@pytest.mark.parametrize("sampler", ["exact", "fast"])
+def test_top_logprobs_and_prompt_scores(tmp_path, sampler):
+    """top_logprobs=N: each committed token's N most likely alternatives, the token itself first with its own
+    log-probability, and the same tokens as without. prompt_logprobs: the causal encoder's log-probabilities of
+    each prompt token given the ones before, equal to one encoder pass over the prompt, also when it is encoded
+    chunk by chunk, and never taken from the prefix store; max_new_tokens=0 scores without generating."""
+    m = peaky(tmp_path)
+    prompt = torch.randint(20, 512, (11,), generator=torch.Generator().manual_seed(3)).tolist()
+    kw = dict(KW, max_new_tokens=20)
+    runs = {}
+    for name, extra in (("plain", {}), ("top", dict(top_logprobs=3))):
+        eng = Engine(m, max_batch=2, sampler=sampler, prefill_chunk=4)
+        runs[name] = eng.run() if eng.submit(prompt, seed=4, request_id="r", **kw, **extra) else None
+    plain, top = runs["plain"]["r"], runs["top"]["r"]
+    assert top.tokens == plain.tokens and top.logprobs == plain.logprobs
+    assert plain.top_logprobs == [[]] * len(plain.tokens) and plain.prompt_logprobs is None
+    assert len(top.top_logprobs) == len(top.tokens)
+    for t, lp, alts in zip(top.tokens, top.logprobs, top.top_logprobs):
+        assert len(alts) == 3 and alts[0][0] == t and abs(alts[0][1] - lp) < 1e-5
+        assert alts[0][1] >= alts[1][1] >= alts[2][1] and len({a for a, _ in alts}) == 3
+    assert any(a[1][1] > -30 for a in top.top_logprobs)            # not all alternatives are negligible
+    with torch.inference_mode():                                    # the prompt's scores, from one pass
+        h = m.encode(torch.tensor([prompt]), m.new_cache(1, len(prompt), scratch=1))[0]
+        lsm = m.head(h).log_softmax(-1)                                                 # [L, V]
+    want = lsm[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    eng = Engine(m, max_batch=2, sampler=sampler, prefill_chunk=4)
+    eng.submit(prompt, seed=4, request_id="warm", **kw)             # leaves its prompt's snapshots in the store
+    eng.run()
+    eng.submit(prompt, seed=4, request_id="again", **kw)
+    eng.submit(prompt, request_id="score", prompt_logprobs=2, **dict(kw, max_new_tokens=0))
+    eng.submit(prompt, seed=4, request_id="both", prompt_logprobs=0, **kw)
+    events = []
+    while eng.has_work():
+        events += eng.step()
+    res = {k: eng.collect(k) for k in ("again", "score", "both")}
+    assert res["again"].cached_tokens == 8                          # the store had the prompt ...
+    assert res["score"].cached_tokens == res["both"].cached_tokens == 0   # ... scoring encoded it all the same
+    score = res["score"]
+    assert score.tokens == [] and score.finish_reason == "length" and score.decoder_passes == 0
+    assert score.prompt_logprobs[0] is None and len(score.prompt_logprobs) == len(prompt)
+    assert torch.allclose(torch.tensor(score.prompt_logprobs[1:]), want, atol=1e-4)
+    assert score.prompt_top_logprobs[0] == [] and all(len(a) == 2 for a in score.prompt_top_logprobs[1:])
+    best = lsm[:-1].topk(2)
+    assert [[t for t, _ in a] for a in score.prompt_top_logprobs[1:]] == best.indices.tolist()
+    assert torch.allclose(torch.tensor([[p for _, p in a] for a in score.prompt_top_logprobs[1:]]), best.values,
+                          atol=1e-4)
+    both = res["both"]
+    assert both.tokens == plain.tokens and both.prompt_logprobs == score.prompt_logprobs
+    assert both.prompt_top_logprobs == [[]] * len(prompt)
+    firsts = [e for e in events if e.request_id == "both"]
+    assert firsts[0].prompt_logprobs == score.prompt_logprobs and all(e.prompt_logprobs is None for e in firsts[1:])
+    assert [e for e in events if e.request_id == "score"][0].finished
+
+
+def test_engine_rejects_bad_logprob_counts(tmp_path):
+    m = peaky(tmp_path)
+    eng = Engine(m)
+    for bad in (dict(top_logprobs=-1), dict(prompt_logprobs=m.config.vocab_size + 1), dict(top_logprobs=1.5)):
+        with pytest.raises(ValueError, match="logprobs must be an int"):
+            eng.submit([21, 22], **bad)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        eng.submit([21, 22], max_new_tokens=-1)

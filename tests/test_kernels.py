@@ -337,9 +337,13 @@ for n, V, cap, dt, per_row, edt in [(7, 3000, 30.0, "float32", False, "float32")
     scale = torch.tensor(24 ** 0.5)
     # the softcap in fp64, rounded once: the reference does not depend on a tanh implementation's accuracy
     head = raw.float() if cap is None else (torch.tanh(raw.double() / cap) * cap).float()
-    want = sampling.sample_rows(head.clone(), temp, None, emb, scale, u)
-    got = sampling.fused_rows(raw, temp, cap, u, emb, scale)
+    want = sampling.sample_rows(head.clone(), temp, None, emb, scale, u, alternatives=4)
+    got = sampling.fused_rows(raw, temp, cap, u, emb, scale, 4)
     assert torch.equal(got.argmax, want.argmax) and int(got.argmax[0]) == 5, (got.argmax, want.argmax)
+    # alternatives: the 4 most likely tokens (ties in any order) and their log-probabilities
+    assert torch.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(got.top_logprobs, (head / temp).log_softmax(-1).gather(1, got.top_ids), rtol=1e-4,
+                          atol=1e-4)
     assert torch.equal(got.sample, want.sample), (got.sample, want.sample)
     assert torch.allclose(got.entropy, want.entropy, rtol=1e-4, atol=1e-4), (got.entropy, want.entropy)
     assert torch.allclose(got.logprob, want.logprob, rtol=1e-4, atol=1e-4)

@@ -299,3 +299,30 @@ def test_truncated_exact_sampler_matches_reference_decisions(k, p):
     assert torch.equal(r.argmax.view(B, C), lam.argmax(-1))
     assert torch.equal(sampling.entropy_bound_accept(r.entropy.view(B, C), 0.5), smp.accepted_token_mask)
     assert torch.equal(r.entropy.view(B, C), torch.distributions.Categorical(logits=lam).entropy())
+
+
+@pytest.mark.parametrize("k,p", [(0, 1.0), (3, 1.0), (0, 0.5)])
+def test_alternatives_are_the_most_likely_tokens_of_the_distribution(k, p):
+    """alternatives=N: each row's N most likely tokens and their log-probabilities under the distribution the
+    argmax's log-probability is taken from (truncated, tempered), exact and fast sampler alike; truncated tokens
+    -inf; exact where the fast sampler's CPU floor (EXP_FLOOR below the max) would cut lam."""
+    B, C, V, N = 2, 32, 60, 5
+    logits = fixed_logits(B, C, V, seed=6).view(-1, V)
+    temp = torch.tensor(0.1)
+    drop = sampling.dropped(logits, k, p)
+    want = (logits if drop is None else logits.masked_fill(drop, -torch.inf)) / temp
+    vals, ids = want.log_softmax(-1).topk(N)
+    assert (vals < sampling.EXP_FLOOR).any() and (vals > -1).any()          # the floor's case is there
+    kept = vals.isfinite()
+    assert (~kept).any() == (k > 0 or p < 1)
+    exact = sampling.sample_rows(logits.clone(), temp, torch.empty(B * C, V).exponential_(1), top_k=k, top_p=p,
+                                 alternatives=N)
+    fast = sampling.sample_rows(logits.clone(), temp, uniform=torch.rand(B * C), top_k=k, top_p=p, alternatives=N)
+    plain = sampling.sample_rows(logits.clone(), temp, uniform=torch.rand(B * C), top_k=k, top_p=p)
+    assert plain.top_ids is None and plain.top_logprobs is None
+    for r in (exact, fast):
+        assert r.top_ids.shape == r.top_logprobs.shape == (B * C, N)
+        assert torch.equal(r.top_ids[kept], ids[kept])
+        assert torch.allclose(r.top_logprobs[kept], vals[kept], atol=1e-4)
+        assert (r.top_logprobs[~kept] == -torch.inf).all()
+        assert torch.equal(r.top_ids[:, 0], r.argmax) and torch.allclose(r.top_logprobs[:, 0], r.logprob, atol=1e-5)

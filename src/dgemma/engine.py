@@ -17,7 +17,9 @@ each finished prompt leaves a snapshot at its last chunk boundary in the prefix 
 a later prompt that starts with a stored prefix (the next turn of a chat) encodes only the rest, with exactly the
 cold request's tokens (bit for bit when both were encoded alone; up to rounding when either shared a pass).
 `warm(ids)` encodes a prefix in idle time without generating (the server does it with a finished chat turn).
-`max_new_tokens` is exact: the last canvas is cut, never overshot.
+`max_new_tokens` is exact: the last canvas is cut, never overshot; 0 encodes the prompt only (with
+`prompt_logprobs`: scoring a text). A request can ask for each committed token's most likely alternatives
+(`top_logprobs`) and for its prompt tokens' log-probabilities under the causal encoder (`prompt_logprobs`).
 Does not know: text, HTTP. The server sits on `submit`, `step`, `cancel` and `collect`.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import math
 import operator
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,6 +38,8 @@ from .cache import KVCache
 from .config import SamplerConfig
 from .generate import _UNSET, check_positions, default_row_chunk, denoise_step, resolve_settings
 from .prefix import PrefixStore
+
+Alternatives = list[tuple[int, float]]   # a position's most likely tokens and their log-probabilities, descending
 
 SETTINGS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
             "confidence_threshold", "eos_token_id", "pad_token_id", "top_k", "top_p")
@@ -51,6 +55,11 @@ class CanvasEvent:
     passes: int = 0              # decoder passes of this request so far
     cached_tokens: int = 0       # prompt tokens served from the prefix cache
     logprobs: list[float] = field(default_factory=list)   # each token's log-probability (see GenerateOutput)
+    top_logprobs: list[Alternatives] = field(default_factory=list)   # per token, if the request asked
+    # on a request's first event, if it asked (prompt_logprobs): each prompt token's log-probability under the
+    # causal encoder given the tokens before it (None for the first), and its alternatives
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[Alternatives] | None = None
 
 
 @dataclass
@@ -63,6 +72,9 @@ class Result:
     tokens_per_forward: float
     cached_tokens: int = 0       # prompt tokens served from the prefix cache (not encoded again)
     logprobs: list[float] = field(default_factory=list)   # one per token (see GenerateOutput.logprobs)
+    top_logprobs: list[Alternatives] = field(default_factory=list)   # as CanvasEvent's
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[Alternatives] | None = None
 
 
 @dataclass
@@ -106,6 +118,11 @@ class _Request:
     cached: int = 0                       # prompt tokens taken from the prefix store
     pos: int = 0                          # prompt tokens encoded so far (into its prefill row)
     row: int | None = None                # its row of the engine's prefill cache while its prompt is encoded
+    top: int = 0                          # alternatives per committed token (top_logprobs)
+    prompt_top: int | None = None         # None: no prompt scoring; else alternatives per prompt token
+    alternatives: list[Alternatives] = field(default_factory=list)
+    prompt_lps: list[float | None] = field(default_factory=lambda: [None])   # the first token has no context
+    prompt_alts: list[Alternatives] = field(default_factory=lambda: [[]])
 
 
 @dataclass
@@ -117,6 +134,7 @@ class _Row:
     left: int                                # denoising steps left for this canvas
     run: torch.Tensor                        # [] steps in a row with this argmax (the stop rule's state)
     logprob: torch.Tensor | None = None      # [C] the argmax's log-probabilities (None before the first step)
+    top: tuple | None = None                 # ([C, N] ids, [C, N] log-probabilities): the last step's alternatives
 
 
 class Engine:
@@ -156,6 +174,7 @@ class Engine:
         self.frames: list[Frame] = []               # frames of requests that asked for them (take_frames)
         self.stats = StepStats()
         self.done: dict[str, Result] = {}
+        self._ended: list[CanvasEvent] = []         # requests that ended in _prefill (max_new_tokens 0)
         self._ids = itertools.count()
         self._noise = torch.empty(self.row_chunk, self.V, device=model.device) if sampler == "exact" else None
         self._unseen = torch.full((self.C,), -1, device=model.device)     # a fresh canvas's "last argmax"
@@ -177,13 +196,26 @@ class Engine:
         return resolve_settings(self.model, **{k: settings.get(k, _UNSET) for k in SETTINGS})
 
     def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,
-               greedy: bool = False, frames: bool = False, **settings) -> str:
-        """Queue a request (token ids); settings as for `generate` (max_new_tokens, max_denoising_steps, ...).
+               greedy: bool = False, frames: bool = False, top_logprobs: int = 0,
+               prompt_logprobs: int | None = None, **settings) -> str:
+        """Queue a request (token ids); settings as for `generate` (max_new_tokens, max_denoising_steps, ...;
+        max_new_tokens=0: encode the prompt, generate nothing).
         greedy: accepted positions take the argmax instead of a sample (temperatures still set the entropies).
         frames: record a `Frame` after every pass of this request (collect them with `take_frames`); requests
-        without frames cost nothing extra."""
+        without frames cost nothing extra.
+        top_logprobs: each committed token's N most likely alternatives under the distribution its log-probability
+        comes from (a top-N of the logits in every step while the request denoises).
+        prompt_logprobs: score the prompt: each token's log-probability under the causal encoder (temperature 1)
+        given the tokens before it, with N alternatives (0: none); such a prompt is encoded whole, never taken from
+        the prefix store."""
         prompt = self._check_ids(prompt)
-        s = self.settings(**settings)
+        for name, n in (("top_logprobs", top_logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if n is not None and not (isinstance(n, int) and 0 <= n <= self.V):
+                raise ValueError(f"{name} must be an int in [0, {self.V}]")
+        encode_only = settings.get("max_new_tokens") == 0
+        s = self.settings(**{**settings, "max_new_tokens": 1} if encode_only else settings)
+        if encode_only:
+            s = replace(s, max_new_tokens=0)
         check_positions(self.model.config, len(prompt), math.ceil(s.max_new_tokens / self.C) * self.C)
         if request_id is not None and self._known(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -192,7 +224,8 @@ class Engine:
         rid = request_id
         while rid is None or self._known(rid):
             rid = f"req-{next(self._ids)}"
-        self.waiting.append(_Request(rid, prompt, s, gen, greedy, frames))      # (_check_ids made a new list)
+        self.waiting.append(_Request(rid, prompt, s, gen, greedy, frames, top=top_logprobs,   # (a new list)
+                                     prompt_top=prompt_logprobs))
         return rid
 
     def take_frames(self) -> list[Frame]:
@@ -285,12 +318,13 @@ class Engine:
         self.stats = StepStats(prefill_tokens=self._prefill())
         t1 = time.perf_counter()
         self.stats.prefill_s = t1 - t0
+        ended, self._ended = self._ended, []
         if not self.rows:
-            return []
+            return ended
         self.stats.rows = len(self.rows)
         events = self._denoise()
         self.stats.pass_s = time.perf_counter() - t1
-        return events
+        return ended + events
 
     def _denoise(self) -> list[CanvasEvent]:
         m, C, n, dev = self.model, self.C, len(self.rows), self.model.device
@@ -305,6 +339,7 @@ class Engine:
         bound = torch.tensor([[r.req.s.entropy_bound] for r in self.rows], dtype=torch.float32, device=dev)
         greedy = torch.tensor([r.req.greedy for r in self.rows], device=dev)
         rules, trunc = self._stop_rules(), self._truncation()
+        top = max(r.req.top for r in self.rows)                 # alternatives: as many as any row asks for
         if self.sampler == "exact":                           # each request's own stream, the reference's order
             def exponentials(r0: int, r1: int) -> torch.Tensor:
                 q = self._noise[: r1 - r0]
@@ -312,20 +347,22 @@ class Engine:
                     q[j * C - r0:(j + 1) * C - r0].exponential_(1, generator=self.rows[j].req.gen)
                 return q
 
-            new_canvas, argmax, ent, soft_new, lp = denoise_step(
+            out = denoise_step(
                 m, self.cache, canvas, soft, temp, bound, self.row_chunk, exponentials=exponentials,
                 renoise=lambda: torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0]
-                                             for r in self.rows]), greedy=greedy, truncation=trunc)
+                                             for r in self.rows]), greedy=greedy, truncation=trunc, alternatives=top)
         else:                                                 # per request: C uniforms, then C renoise ids
             uniform = torch.cat([torch.rand(C, device=dev, generator=r.req.gen) for r in self.rows])
             renoise = torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0] for r in self.rows])
             inputs = (canvas, soft, temp, bound, uniform, renoise, greedy)
             if self.graphs is None or trunc is not None:      # truncation sorts the logits: an eager step
-                new_canvas, argmax, ent, soft_new, lp = self._fast_step(*inputs, trunc)
+                out = self._fast_step(*inputs, trunc, top)
             else:
-                key = ("engine", n, C, self.row_chunk, self.cache.key_slots(C, True),
+                key = ("engine", n, C, self.row_chunk, top, self.cache.key_slots(C, True),
                        graphs.buffer_key(*self.cache.tensors()))
-                new_canvas, argmax, ent, soft_new, lp = self.graphs.run(key, self._fast_step, *inputs)
+                out = self.graphs.run(key, lambda *x: self._fast_step(*x, None, top), *inputs)
+        new_canvas, argmax, ent, soft_new, lp = out[:5]
+        alts = (out[5], out[6]) if top else None                # [n, C, N] each
         if any(r.req.frames for r in self.rows):
             self._record_frames(new_canvas, ent, bound)
         # every row's stop rule in one batch on the device (each request's own thresholds), one host sync
@@ -337,6 +374,7 @@ class Engine:
         commit = []
         for b, r in enumerate(self.rows):
             r.canvas, r.argmax, r.soft, r.run, r.logprob = new_canvas[b], argmax[b], soft_new[b], runs[b], lp[b]
+            r.top = (alts[0][b, :, :r.req.top], alts[1][b, :, :r.req.top]) if alts and r.req.top else None
             r.left -= 1
             r.req.passes += 1
             if flags[b] or r.left == 0:
@@ -381,12 +419,12 @@ class Engine:
                                          new_canvas[b].tolist(), [int(a) for a in acc], r.req.last_entropy, sum(acc),
                                          float(e.mean())))
 
-    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy, truncation=None):
-        """The fast sampler's step as a function of tensors (captured per active-row count on CUDA, when no row
-        truncates its distribution)."""
+    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy, truncation=None, alternatives=0):
+        """The fast sampler's step as a function of tensors (captured per active-row count and alternatives on
+        CUDA, when no row truncates its distribution)."""
         return denoise_step(self.model, self.cache, canvas, soft, temp, bound, self.row_chunk,
                             static=self.graphs is not None, uniform=uniform, renoise=renoise, greedy=greedy,
-                            truncation=truncation)
+                            truncation=truncation, alternatives=alternatives)
 
     # ---- internals ----------------------------------------------------------------------------
     def _new_canvas(self, req: _Request) -> _Row:
@@ -425,8 +463,10 @@ class Engine:
                 break
             for group in chunks.values():
                 ids = torch.tensor([req.prompt[req.pos:end] for req, end in group], device=self.model.device)
-                self.model.encode(ids, self.pre, rows=[req.row for req, _ in group])
-                for req, end in group:
+                h = self.model.encode(ids, self.pre, rows=[req.row for req, _ in group])     # [G, S, H]
+                for g, (req, end) in enumerate(group):
+                    if req.prompt_top is not None:
+                        self._score(req, h[g], end)
                     req.pos = end
                     last = self._snapshot_point(len(req.prompt))   # exact reuse: the last chunk boundary
                     if end == last and last > req.cached and self.prefix is not None:
@@ -441,12 +481,33 @@ class Engine:
                 self._release(req)
                 continue
             self.prefilling.remove(req)
+            if req.s.max_new_tokens == 0:                        # encode only: done, no denoising row
+                self._release(req)
+                self._ended.append(self._end(req, [], [], [], "length"))
+                continue
             b = len(self.rows)                                   # move into a free row
             self.cache.n = b + 1
             self.cache.copy_row(b, self.pre, req.row)
             self._release(req)
             self.rows.append(self._new_canvas(req))
         return done
+
+    def _score(self, req: _Request, h: torch.Tensor, end: int) -> None:
+        """The prompt's log-probabilities from one encoded chunk (h [S, H] at positions req.pos .. end - 1, each
+        predicting the next prompt token), in pieces of the sampler's rows (fp32 [rows, V] logits)."""
+        last = min(end, len(req.prompt) - 1)                     # the prompt's last position predicts no prompt token
+        step = sampling.rows_per_chunk(self.V)
+        for a in range(req.pos, last, step):
+            b = min(last, a + step)
+            logits = self.model.head(h[a - req.pos:b - req.pos])                                # [m, V] fp32
+            lse = logits.logsumexp(dim=-1, keepdim=True)
+            target = torch.tensor(req.prompt[a + 1:b + 1], device=logits.device)[:, None]
+            req.prompt_lps += (logits.gather(1, target) - lse)[:, 0].tolist()
+            if req.prompt_top:
+                ids, lps = sampling.alternatives_of(logits, req.prompt_top, lse)
+                req.prompt_alts += [list(zip(i, p)) for i, p in zip(ids.tolist(), lps.tolist())]
+            else:
+                req.prompt_alts += [[] for _ in range(b - a)]
 
     def _start(self, req: _Request) -> _Request:
         """Give a request a row of the prefill cache, starting from the longest stored prefix of its prompt."""
@@ -459,7 +520,7 @@ class Engine:
             self.pre, self._pre_free = grown, list(range(grown.batch - 1, n - 1, -1))
         req.row = self._pre_free.pop()
         self.pre.clear_row(req.row)
-        n, snap = self.prefix.lookup(req.prompt) if self.prefix is not None else (0, None)
+        n, snap = self.prefix.lookup(req.prompt) if self.prefix is not None and req.prompt_top is None else (0, None)
         if snap is not None:
             self.pre.copy_row(req.row, snap)
             req.pos = req.cached = n
@@ -481,6 +542,8 @@ class Engine:
         both = torch.cat([ids.double(), lps.double()], dim=1).tolist()       # one read (ids < 2^53: exact)
         canvases = {b: [int(t) for t in row[:self.C]] for b, row in zip(commit, both)}
         logprobs = {b: row[self.C:] for b, row in zip(commit, both)}
+        alternatives = {b: [list(zip(i, p)) for i, p in zip(top[0].tolist(), top[1].tolist())]   # (reads only
+                        for b in commit if (top := self.rows[b].top) is not None}                    # when asked)
         for b, r in enumerate(self.rows):
             if b not in commit:
                 keep.append(b)
@@ -496,19 +559,14 @@ class Engine:
             else:
                 toks = toks[:room]
                 reason = "length" if len(toks) == room else None
-            req.tokens += toks
-            req.logprobs += logprobs[b][:len(toks)]
+            alts = alternatives.get(b, [[]] * self.C)[:len(toks)]
             if req.frames:                                        # the committed canvas closes its frames
                 ent = (req.last_entropy or [0.0] * self.C)[:len(toks)]
                 self.frames.append(Frame(req.id, req.canvases - 1, s.max_denoising_steps - r.left, True,
                                          list(toks), [2] * len(toks), ent, len(toks),
                                          sum(ent) / max(len(ent), 1)))
-            events.append(CanvasEvent(req.id, toks, reason is not None, reason, req.passes, req.cached,
-                                      logprobs[b][:len(toks)]))
+            events.append(self._end(req, toks, logprobs[b][:len(toks)], alts, reason))
             if reason is not None:
-                n_valid = len(req.tokens) if s.pad_token_id is None else sum(t != s.pad_token_id for t in req.tokens)
-                self.done[req.id] = Result(req.id, req.prompt, req.tokens, reason, req.passes,
-                                           n_valid / max(req.passes, 1), req.cached, req.logprobs)
                 continue
             keep.append(b)
             encode_rows.append(b)
@@ -520,6 +578,25 @@ class Engine:
         if len(keep) != len(self.rows):
             self._compact(keep)
         return events
+
+    def _end(self, req: _Request, toks: list[int], logprobs: list[float], alts: list[Alternatives],
+             reason: str | None) -> CanvasEvent:
+        """Add a committed canvas's tokens to the request (its first carries the prompt's scores) and make its
+        event; with a finish `reason`, the request is done: its Result waits in `done`."""
+        first = req.canvases <= 1
+        req.tokens += toks
+        req.logprobs += logprobs
+        req.alternatives += alts
+        prompt = (req.prompt_lps, req.prompt_alts) if req.prompt_top is not None else (None, None)
+        event = CanvasEvent(req.id, toks, reason is not None, reason, req.passes, req.cached, logprobs, alts,
+                            *(prompt if first else (None, None)))
+        if reason is not None:
+            s = req.s
+            n_valid = len(req.tokens) if s.pad_token_id is None else sum(t != s.pad_token_id for t in req.tokens)
+            self.done[req.id] = Result(req.id, req.prompt, req.tokens, reason, req.passes,
+                                       n_valid / max(req.passes, 1), req.cached, req.logprobs, req.alternatives,
+                                       *prompt)
+        return event
 
     def _compact(self, keep: list[int]) -> None:
         self.cache.select_rows(keep)

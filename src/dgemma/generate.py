@@ -212,7 +212,7 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
                  exponentials: Callable[[int, int], torch.Tensor] | None = None,
                  uniform: torch.Tensor | None = None,
                  renoise: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-                 greedy: torch.Tensor | None = None, truncation: tuple | None = None):
+                 greedy: torch.Tensor | None = None, truncation: tuple | None = None, alternatives: int = 0):
     """One denoising step of the rows in `canvas` [B, C] (generate's batch or the engine's requests):
     denoiser pass, then head and sampler chunk by chunk over the B*C canvas rows, then entropy-bound
     acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H], the argmax's log-probability [B, C]).
@@ -225,7 +225,9 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     greedy: [B] bool; those rows' accepted positions take the argmax instead of the sample.
     truncation: (top_k, top_p) for sampling.dropped, each a number or a [B*C] tensor; None: off. Its sort about
     doubles a chunk's memory: the fast sampler's chunks are then at most half the plain sampler's rows (the
-    exact sampler's stay the caller's, whose exponentials(r0, r1) may expect whole canvases)."""
+    exact sampler's stay the caller's, whose exponentials(r0, r1) may expect whole canvases).
+    alternatives: N > 0 adds two outputs, each position's N most likely tokens [B, C, N] and their log-probabilities
+    [B, C, N] (sampling.sample_rows), under the same distribution as the argmax's log-probability."""
     B, C = canvas.shape
     if truncation is not None and exponentials is None:
         row_chunk = max(1, min(row_chunk, sampling.rows_per_chunk(model.config.vocab_size) // 2))
@@ -240,18 +242,19 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
             x[r:r + row_chunk] if isinstance(x, torch.Tensor) else x for x in truncation)))
         if exponentials is not None:
             parts.append(sampling.sample_rows(model.head(hr), t, exponentials(r, r + hr.shape[0]), emb, scale,
-                                              **cut))
+                                              **cut, alternatives=alternatives))
         elif fused:   # one Triton kernel over the raw logits [rows, V] (sampling.fused_rows)
             parts.append(sampling.fused_rows(emb.logits(hr), t, model.config.final_logit_softcapping,
-                                             uniform[r:r + row_chunk], emb, scale))
+                                             uniform[r:r + row_chunk], emb, scale, alternatives))
         else:         # head: fp32 softcapped logits [rows, V]
             parts.append(sampling.sample_rows(model.head(hr), t, None, emb, scale, uniform[r:r + row_chunk],
-                                              **cut))
+                                              **cut, alternatives=alternatives))
     res = sampling.RowResult.cat(parts, B, C)
     accept = sampling.entropy_bound_accept(res.entropy, bound)
     renoise = renoise() if callable(renoise) else renoise
     sample = res.sample if greedy is None else torch.where(greedy[:, None], res.argmax, res.sample)
-    return torch.where(accept, sample, renoise), res.argmax, res.entropy, res.soft, res.logprob
+    out = torch.where(accept, sample, renoise), res.argmax, res.entropy, res.soft, res.logprob
+    return out + (res.top_ids, res.top_logprobs) if alternatives else out
 
 
 class _FastStep:

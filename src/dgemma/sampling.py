@@ -72,20 +72,27 @@ class RowResult:
     entropy: torch.Tensor    # [n] entropy of softmax(lam), fp32
     soft: torch.Tensor | None  # [n, H] self-conditioning soft embedding, when an embedding was given
     logprob: torch.Tensor | None = None   # [n] log-probability of the argmax under softmax(lam), fp32
+    top_ids: torch.Tensor | None = None   # [n, N] the N most likely tokens (when asked: `alternatives`)
+    top_logprobs: torch.Tensor | None = None   # [n, N] their log-probabilities, descending (-inf: truncated away)
 
     @staticmethod
     def cat(parts: list["RowResult"], B: int, C: int) -> "RowResult":
-        """Chunk results in row order -> one result shaped [B, C] (soft: [B, C, H]); one chunk: views of it."""
-        if len(parts) == 1:
-            p = parts[0]
-            return RowResult(p.sample.view(B, C), p.argmax.view(B, C), p.entropy.view(B, C),
-                             None if p.soft is None else p.soft.view(B, C, -1),
-                             None if p.logprob is None else p.logprob.view(B, C))
-        soft = None if parts[0].soft is None else torch.cat([p.soft for p in parts]).view(B, C, -1)
-        logprob = None if parts[0].logprob is None else torch.cat([p.logprob for p in parts]).view(B, C)
-        return RowResult(torch.cat([p.sample for p in parts]).view(B, C),
-                         torch.cat([p.argmax for p in parts]).view(B, C),
-                         torch.cat([p.entropy for p in parts]).view(B, C), soft, logprob)
+        """Chunk results in row order -> one result shaped [B, C] (soft: [B, C, H], top_*: [B, C, N]); one chunk:
+        views of it."""
+        def joined(name: str, *shape: int) -> torch.Tensor | None:
+            xs = [getattr(p, name) for p in parts]
+            if xs[0] is None:
+                return None
+            return (xs[0] if len(xs) == 1 else torch.cat(xs)).view(B, C, *shape)
+        return RowResult(joined("sample"), joined("argmax"), joined("entropy"), joined("soft", -1),
+                         joined("logprob"), joined("top_ids", -1), joined("top_logprobs", -1))
+
+
+def alternatives_of(lam: torch.Tensor, n: int, log_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest entries of each row of lam [rows, V] as (ids [rows, n], log-probabilities under softmax(lam)
+    [rows, n], descending); log_norm [rows, 1]: lam's logsumexp."""
+    vals, ids = lam.topk(n, dim=-1)
+    return ids, vals - log_norm
 
 
 def truncation_on(top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> bool:
@@ -142,7 +149,7 @@ def _nucleus_drop(x: torch.Tensor, cut: float | torch.Tensor) -> torch.Tensor:
 def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | None = None,
                 embedding=None, embed_scale: torch.Tensor | None = None,
                 uniform: torch.Tensor | None = None, top_k: int | torch.Tensor = 0,
-                top_p: float | torch.Tensor = 1.0) -> RowResult:
+                top_p: float | torch.Tensor = 1.0, alternatives: int = 0) -> RowResult:
     """One step's per-position work for n rows of fp32 logits [n, V] (overwritten in place).
 
     temp: a scalar or [n, 1] tensor. lam = logits / T; a sample from softmax(lam); argmax; entropy; and,
@@ -157,13 +164,15 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
     does with transformers' TopK / TopP warpers passed as its `logits_processor` (they run before its
     temperature schedule): the sample, the argmax, the entropy (so acceptance and the stop rule) and the
     self-conditioning input all see the truncated distribution.
+    alternatives: also the N most likely tokens of each row's softmax(lam) and their log-probabilities
+    (RowResult.top_ids / top_logprobs), for a server's top_logprobs.
     """
     drop = dropped(logits, top_k, top_p)
     if drop is not None and noise is not None:
         logits.masked_fill_(drop, -torch.inf)
     lam = logits.div_(temp.to(logits.device))
     if noise is None:
-        return _fast_rows(lam, uniform, embedding, embed_scale, drop)
+        return _fast_rows(lam, uniform, embedding, embed_scale, drop, alternatives)
     probs = torch.softmax(lam, dim=-1, dtype=torch.float32)
     sample = torch.argmax(torch.div(probs, noise, out=noise), dim=-1)
     soft = None
@@ -172,15 +181,18 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
             lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
         soft = embedding.mix(p_sc) * embed_scale
     amax, lse = torch.argmax(lam, dim=-1), lam.logsumexp(dim=-1, keepdim=True)            # [n], [n, 1]
-    return RowResult(sample, amax, entropy(lam, lse), soft, (lam.gather(1, amax[:, None]) - lse)[:, 0])
+    top = alternatives_of(lam, alternatives, lse) if alternatives else (None, None)       # (dropped: -inf)
+    return RowResult(sample, amax, entropy(lam, lse), soft, (lam.gather(1, amax[:, None]) - lse)[:, 0], *top)
 
 
-def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
-               embed_scale: torch.Tensor | None, drop: torch.Tensor | None = None) -> RowResult:
+def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding, embed_scale: torch.Tensor | None,
+               drop: torch.Tensor | None = None, alternatives: int = 0) -> RowResult:
     """Few passes over the vocabulary: max and argmax together, e = exp(lam - max) once, which serves the
     sample (two-level inverse CDF), the entropy log Z - <e, lam - max> / Z and the soft embedding (e @ E) / Z.
     drop [n, V]: entries truncated away (e = 0 there; lam stays finite, so no 0 * inf in the entropy)."""
     top, amax = lam.max(dim=-1)                                   # (a row's max is never dropped)
+    if alternatives:                                              # (before the CPU's floor below the max)
+        alt_lam, alt_ids = lam.topk(alternatives, dim=-1)
     below_max(lam, top)                                           # lam - max, in place
     e = lam.exp()                                                 # unnormalised probabilities [n, V]
     if drop is not None:
@@ -191,7 +203,13 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding,
     # (the reference rounds the logits to a bf16 embedding's dtype before this softmax; the fast sampler takes
     # the fp32 probabilities it already has: a second softmax over [n, V] was 40% of its CPU time)
     soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
-    return RowResult(sample, amax, ent, soft, -log_z)
+    res = RowResult(sample, amax, ent, soft, -log_z)
+    if alternatives:                                              # lam - max - log Z
+        res.top_logprobs = alt_lam - (top + log_z)[:, None]
+        if drop is not None:
+            res.top_logprobs.masked_fill_(drop.gather(1, alt_ids), -torch.inf)
+        res.top_ids = alt_ids
+    return res
 
 
 # The fast sampler's floor under lam - max on the CPU. torch's vectorised CPU exp leaves its fast path for a whole
@@ -255,21 +273,29 @@ def two_level_search(bsum: torch.Tensor, u: torch.Tensor, block_of) -> tuple[tor
 
 
 def fused_rows(raw: torch.Tensor, temp: torch.Tensor, cap: float | None, uniform: torch.Tensor, embedding=None,
-               embed_scale: torch.Tensor | None = None) -> RowResult:
+               embed_scale: torch.Tensor | None = None, alternatives: int = 0) -> RowResult:
     """The fast sampler (`_fast_rows`) on the head's raw logits [n, V], before the softcap, with the logits read
     twice and e written once, by one Triton kernel (kernels.sampler_rows; CUDA with DGEMMA_FUSED=sampler, or
     Triton's interpreter in tests), instead of ~10 passes of torch ops over fp32 [n, V] tensors. e is stored in
     the embedding's dtype, which is what the self-conditioning matmul reads; a second kernel
     (kernels.sample_search) draws the sample as two_level_search does: the first kernel's fp32 block sums,
     then one block's e recomputed in fp32 from the raw logits. Same outputs as
-    sample_rows(head(raw), temp, uniform=...) up to rounding."""
+    sample_rows(head(raw), temp, uniform=...) up to rounding. alternatives: as sample_rows, from a torch topk of
+    the raw logits (the softcap and the temperature keep their order)."""
     from . import kernels
     t = temp.to(device=raw.device, dtype=torch.float32).reshape(-1).expand(raw.shape[0]).contiguous()   # [n]
     amax, z, ent, e, bsum = kernels.sampler_rows(raw, t, cap, INVERSE_CDF_BLOCK,
                                                   torch.float32 if embedding is None else embedding.dtype)
     sample = kernels.sample_search(raw, t, cap, amax, bsum, uniform.to(raw.device).clamp_min(U_MIN), INVERSE_CDF_BLOCK)
     soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
-    return RowResult(sample, amax, ent, soft, -z.log())
+    res = RowResult(sample, amax, ent, soft, -z.log())
+    if alternatives:
+        def lam(x: torch.Tensor) -> torch.Tensor:                 # the kernel's lam of raw logits x [n, m]
+            x = x.float()
+            return (x if not cap else torch.tanh(x / cap) * cap) / t[:, None]
+        vals, res.top_ids = raw.topk(alternatives, dim=-1)
+        res.top_logprobs = lam(vals) - lam(raw.gather(1, amax[:, None])) - z.log()[:, None]
+    return res
 
 
 def _below(x: torch.Tensor) -> torch.Tensor:

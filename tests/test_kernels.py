@@ -342,6 +342,7 @@ for n, V, cap, dt, per_row, edt in [(7, 3000, 30.0, "float32", False, "float32")
     assert torch.equal(got.argmax, want.argmax) and int(got.argmax[0]) == 5, (got.argmax, want.argmax)
     # alternatives: the 4 most likely tokens (ties in any order) and their log-probabilities
     assert torch.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.top_logprobs[:, 0], got.logprob)            # the argmax's, computed alike
     assert torch.allclose(got.top_logprobs, (head / temp).log_softmax(-1).gather(1, got.top_ids), rtol=1e-4,
                           atol=1e-4)
     assert torch.equal(got.sample, want.sample), (got.sample, want.sample)

@@ -203,6 +203,13 @@ def test_chat_logprobs(server):
         for d in ch.choices:
             streamed += d.logprobs.content if d.logprobs else []
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # top_logprobs: the same tokens, each with its 3 most likely alternatives, itself first
+    top = chat(c, "Say something", seed=6, logprobs=True, top_logprobs=3).choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in top] == [(e.token, e.logprob) for e in content]
+    assert all(len(e.top_logprobs) == 3 and (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)
+               and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+               and e.top_logprobs[2].bytes is not None for e in top)
+    assert any(e.top_logprobs[1].logprob > -20 for e in top)
     # a stop string: the entries of the tokens up to it, as many as usage counts
     word = next(w for w in r.choices[0].message.content.split()[2:] if len(w) >= 3)
     cut = chat(c, "Say something", seed=6, logprobs=True, stop=word)
@@ -319,7 +326,7 @@ BAD = [  # (body changes, status, param)
     ({"foo": 1}, 400, "foo"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format.type"),
-    ({"logprobs": True, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"top_logprobs": 0}, 400, "top_logprobs"),
     ({"n": 0}, 400, "n"),
     ({"n": 129}, 400, "n"),
@@ -381,8 +388,12 @@ def test_malformed_json_and_unknown_routes(server):
     h = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=h)
     assert r.status_code == 400 and "error" in r.json()
-    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": ["a", "b"]}, headers=h)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    for bad in (["a", ""], [], [[2, 3], []], ["a", [2, 3]], [[2, -1]], ["a"] * 257):
+        r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": bad}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", bad
+    for bad in ({"logprobs": 21}, {"logprobs": True}, {"max_tokens": -1}, {"echo": 1}):
+        r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "a", **bad}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), bad
     r = httpx.get(server.url + "/v1/nothing", headers=h)
     assert r.status_code == 404 and "error" in r.json()
 
@@ -534,3 +545,90 @@ def test_denoising_frames_stream(server, tok):
     r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": NAME, "messages": [{"role": "user", "content": "x"}], "denoising_frames": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "denoising_frames"
+
+
+def _encoder_logprobs(ids: list[int]):
+    """The shipped model's causal-encoder log-probabilities of each of `ids` given the ones before ([L - 1]), and the
+    log-softmax rows they come from ([L - 1, V]): what echo + logprobs reports for a prompt."""
+    import torch
+    m = dgemma.load(dgemma.default_model_path())
+    with torch.inference_mode():
+        h = m.encode(torch.tensor([ids]), m.new_cache(1, len(ids), scratch=1))[0]
+        lsm = m.head(h[:-1]).log_softmax(-1)
+    return lsm.gather(1, torch.tensor(ids[1:])[:, None])[:, 0], lsm
+
+
+def test_completions_scoring_as_lm_eval_asks(server, tok):
+    """lm-evaluation-harness's loglikelihood request (local-completions: token ids, max_tokens 1, logprobs 1, echo,
+    temperature 0) and its parsing: the continuation's summed log-probability and whether it is greedy come out as
+    the shipped model's causal encoder gives them; max_tokens 0 scores without generating; a batch of prompts
+    gives each its own choice."""
+    c = client(server)
+    ctx, cont = tok.encode_prompt("The old house stood at the end"), tok.encode(" of the road")
+    want, lsm = _encoder_logprobs(ctx + cont)
+    body = {"model": NAME, "prompt": [ctx + cont], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()
+    ch = r["choices"][0]["logprobs"]
+    assert len(ch["token_logprobs"]) == len(ctx) + len(cont) + 1 and ch["token_logprobs"][0] is None
+    got = ch["token_logprobs"][len(ctx):-1]                          # lm-eval: [ctxlen:-1]
+    assert abs(sum(got) - float(want[len(ctx) - 1:].sum())) < 1e-3
+    greedy = all(t == max(top.values()) for t, top in zip(got, ch["top_logprobs"][len(ctx):-1]))
+    assert greedy == bool((lsm.argmax(-1)[len(ctx) - 1:] == torch_tensor(cont)).all())
+    assert r["usage"] == {"prompt_tokens": len(ctx) + len(cont), "completion_tokens": 1,
+                          "total_tokens": len(ctx) + len(cont) + 1, "prompt_tokens_details": {"cached_tokens": 0}}
+    # scoring only, two prompts in one request (strings): no token generated, each prompt's own scores
+    s = c.completions.create(model=NAME, prompt=["The old house stood at the end of the road", "Hello"],
+                             max_tokens=0, echo=True, logprobs=2)
+    assert [x.index for x in s.choices] == [0, 1] and s.usage.completion_tokens == 0
+    first = s.choices[0]
+    assert first.text == "The old house stood at the end of the road" and first.finish_reason == "length"
+    assert first.logprobs.token_logprobs[:len(ctx) + len(cont)] == ch["token_logprobs"][:len(ctx) + len(cont)]
+    assert all(len(t) in (2, 3) for t in first.logprobs.top_logprobs[1:])   # 2 alternatives (+ the token itself)
+    assert [t for t in first.logprobs.tokens] == [tok.decode([i], skip_special_tokens=False) for i in ctx + cont]
+    assert s.choices[1].text == "Hello" and s.usage.prompt_tokens == len(ctx) + len(cont) + len(
+        tok.encode_prompt("Hello"))
+
+
+def torch_tensor(x):
+    import torch
+    return torch.tensor(x)
+
+
+def test_completions_echo_logprobs_batches_and_streams(server, tok):
+    """echo + logprobs N with generation: the prompt's entries then the generated ones (the same as without echo),
+    text_offset indexing the text, each top_logprobs with N alternatives and the token; a batch of prompts with n=2
+    gives choice p * n + j the text of prompt p alone with seed + j; the stream says the same."""
+    c = client(server)
+    kw = dict(model=NAME, max_tokens=12, seed=3, extra_body=FAST)
+    plain = c.completions.create(prompt="The road", logprobs=2, **kw).choices[0]
+    r = c.completions.create(prompt="The road", logprobs=2, echo=True, **kw).choices[0]
+    n_prompt = len(tok.encode_prompt("The road"))
+    assert r.text == "The road" + plain.text
+    lp = r.logprobs
+    assert lp.token_logprobs[n_prompt:] == plain.logprobs.token_logprobs and lp.token_logprobs[0] is None
+    assert lp.tokens[n_prompt:] == plain.logprobs.tokens and lp.top_logprobs[0] is None
+    for i, (t, p, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+        if i:
+            assert t in top and top[t] == p and len(top) <= 3 and max(top.values()) >= p
+    shown = [tok.decode([i], skip_special_tokens=True) for i in tok.encode_prompt("The road")]
+    assert [r.text[a:a + len(w)] for a, w in zip(lp.text_offset, shown)] == shown
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[n_prompt] == len("The road")
+    # a batch of token-id prompts, n = 2
+    prompts = [[2, 100, 200], [2, 300]]
+    both = c.completions.create(prompt=prompts, n=2, **kw)
+    assert [x.index for x in both.choices] == [0, 1, 2, 3]
+    for p, ids in enumerate(prompts):
+        for j in range(2):
+            alone = c.completions.create(prompt=ids, **{**kw, "seed": 3 + j}).choices[0].text
+            assert both.choices[p * 2 + j].text == alone, (p, j)
+    assert both.usage.prompt_tokens == 5
+    # streamed: the echo first, then the rest; the same logprobs
+    text, tokens, offsets = "", [], []
+    for ch in c.completions.create(prompt="The road", logprobs=2, echo=True, stream=True, **kw):
+        for d in ch.choices:
+            text += d.text
+            if d.logprobs:
+                tokens += d.logprobs.tokens
+                offsets += d.logprobs.text_offset
+    assert (text, tokens, offsets) == (r.text, lp.tokens, lp.text_offset)

@@ -84,11 +84,11 @@ def test_submit_all_takes_all_or_none():
     w = Worker(FakeEngine())                  # not started: nothing leaves the queue
     sink = lambda kind, payload: None         # noqa: E731
     assert w.submit("a", [1], sink, limit=4)
-    assert not w.submit_all([1], [(f"n{i}", sink, {}) for i in range(4)], limit=4)   # 1 + 4 > 4: none queued
+    assert not w.submit_all([(f"n{i}", [1], sink, {}) for i in range(4)], limit=4)   # 1 + 4 > 4: none queued
     assert w.waiting == 1 and w.commands.qsize() == 1
-    assert w.submit_all([1], [(f"n{i}", sink, {}) for i in range(3)], limit=4) and w.waiting == 4
+    assert w.submit_all([(f"n{i}", [1], sink, {}) for i in range(3)], limit=4) and w.waiting == 4
     assert [c[1] for c in list(w.commands.queue)] == ["a", "n0", "n1", "n2"]
     w.stopping = "bye"
     got = []
-    assert w.submit_all([1], [(f"s{i}", lambda k, p: got.append(k), {}) for i in range(2)])
+    assert w.submit_all([(f"s{i}", [1], lambda k, p: got.append(k), {}) for i in range(2)])
     assert got == ["error", "error"]          # a stopping worker fails every one of them

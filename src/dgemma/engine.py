@@ -193,6 +193,8 @@ class Engine:
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        if settings.get("max_new_tokens") == 0:            # encode only (see submit): the rest checked as usual
+            return replace(self.settings(**{**settings, "max_new_tokens": 1}), max_new_tokens=0)
         return resolve_settings(self.model, **{k: settings.get(k, _UNSET) for k in SETTINGS})
 
     def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,
@@ -212,10 +214,7 @@ class Engine:
         for name, n in (("top_logprobs", top_logprobs), ("prompt_logprobs", prompt_logprobs)):
             if n is not None and not (isinstance(n, int) and 0 <= n <= self.V):
                 raise ValueError(f"{name} must be an int in [0, {self.V}]")
-        encode_only = settings.get("max_new_tokens") == 0
-        s = self.settings(**{**settings, "max_new_tokens": 1} if encode_only else settings)
-        if encode_only:
-            s = replace(s, max_new_tokens=0)
+        s = self.settings(**settings)
         check_positions(self.model.config, len(prompt), math.ceil(s.max_new_tokens / self.C) * self.C)
         if request_id is not None and self._known(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -204,8 +204,8 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding, embed_scale:
     # the fp32 probabilities it already has: a second softmax over [n, V] was 40% of its CPU time)
     soft = None if embedding is None else (embedding.mix(e).float() / z[:, None] * embed_scale).to(embedding.dtype)
     res = RowResult(sample, amax, ent, soft, -log_z)
-    if alternatives:                                              # lam - max - log Z
-        res.top_logprobs = alt_lam - (top + log_z)[:, None]
+    if alternatives:                                              # lam - max - log Z (the max's: -log Z exactly)
+        res.top_logprobs = alt_lam.sub_(top[:, None]).sub_(log_z[:, None])
         if drop is not None:
             res.top_logprobs.masked_fill_(drop.gather(1, alt_ids), -torch.inf)
         res.top_ids = alt_ids

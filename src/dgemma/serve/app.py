@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -132,21 +133,23 @@ class Job:
     frame_interval: float | None = None      # seconds between frames; None: no frames
     events: asyncio.Queue | None = None      # the worker's (kind, payload) events, once submitted
     done: bool = False                       # finished, failed or cancelled: nothing left to cancel
-    index: int = 0                           # which of the request's n choices
+    index: int = 0                           # the choice's index (prompt * n + choice)
     logprobs: bool = False                   # send each token's log-probability (chat: logprobs=true)
+    top: int = 0                             # ... with this many alternatives
+    echo: str | None = None                  # completions' echo: the prompt's text, sent first
 
 
 SEEDS = 2 ** 64                              # seeds are taken modulo this (the API's range is -2^63 .. 2^64 - 1)
 
 
-def _choices(job: Job, n: int) -> list[Job]:
-    """A request's n choices as engine requests: the job itself for n = 1; else n copies, choice i with seed + i
-    (choice 0 is what the request gives with n = 1), ids `<id>-<i>`, and no prefix warming afterwards (which
-    reply the conversation goes on with is the client's choice)."""
+def _choices(job: Job, n: int, first: int = 0) -> list[Job]:
+    """One prompt's n choices as engine requests, indexed from `first`: the job itself for n = 1; else n copies,
+    choice i with seed + i (choice 0 is what the request gives with n = 1), ids `<id>-<i>`, and no prefix warming
+    afterwards (which reply the conversation goes on with is the client's choice)."""
     if n == 1:
-        return [job]
+        return [replace(job, index=first)]
     seed = job.kwargs["seed"]
-    return [replace(job, rid=f"{job.rid}-{i}", index=i, chat=None,
+    return [replace(job, rid=f"{job.rid}-{i}", index=first + i, chat=None,
                     kwargs={**job.kwargs, "seed": None if seed is None else seed if i == 0 else (seed + i) % SEEDS})
             for i in range(n)]
 
@@ -263,24 +266,24 @@ def create_app(state: State) -> FastAPI:
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from None
         job = _job(st, req, ids, "chatcmpl", "messages", messages)
-        return await _respond(st, job, req.n or 1, request, bool(req.stream), chat=True)
+        return await _respond(st, [job], req.n or 1, request, bool(req.stream), chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None,
               responses={200: {"description": "a text_completion, or with stream=true an SSE stream of "
                                               "text_completion events ending with `data: [DONE]`"}})
     async def completions(req: CompletionRequest, request: Request):
         st = accept(req)
-        p = req.one_prompt()
-        if isinstance(p, str):
-            if not p:
-                raise APIError(400, "prompt is empty", "prompt")
-            ids = st.tok.encode_prompt(p)
-        else:
-            ids = p
-            if min(ids) < 0 or max(ids) >= st.model.config.vocab_size:
-                raise APIError(400, f"token ids must lie in [0, {st.model.config.vocab_size})", "prompt")
-        job = _job(st, req, ids, "cmpl", "prompt", None)
-        return await _respond(st, job, req.n or 1, request, bool(req.stream), chat=False)
+        jobs = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                ids = st.tok.encode_prompt(p)
+            else:
+                ids = p
+                if min(ids) < 0 or max(ids) >= st.model.config.vocab_size:
+                    raise APIError(400, f"token ids must lie in [0, {st.model.config.vocab_size})", "prompt")
+            echo = (p if isinstance(p, str) else st.tok.decode(ids, skip_special_tokens=True)) if req.echo else None
+            jobs.append(_job(st, req, ids, "cmpl", "prompt", None, echo))
+        return await _respond(st, jobs, req.n or 1, request, bool(req.stream), chat=False)
 
     return app
 
@@ -345,13 +348,17 @@ def _check_model(st: State, name: str) -> None:
 _PASSED_ON = ("max_denoising_steps", "entropy_bound", "confidence_threshold", "top_k", "top_p")
 
 
-def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: list[dict] | None) -> Job:
+def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: list[dict] | None,
+         echo: str | None = None) -> Job:
     """Request -> engine settings; every refusal is a 400/429 naming the parameter."""
     cfg, base = st.model.config, st.model.sampler_config
     C, room = cfg.canvas_length, cfg.max_position_embeddings - len(ids)
     fit = room // C * C                                            # whole canvases that still fit
     limit = req.limit()
-    if fit < 1:
+    if limit == 0 and room < 0:                                    # scoring only: the prompt alone must fit
+        raise APIError(400, f"the prompt has {len(ids)} tokens, more than the model's context of "
+                            f"{cfg.max_position_embeddings}", prompt_param, "context_length_exceeded")
+    if fit < 1 and limit != 0:
         raise APIError(400, f"the prompt has {len(ids)} tokens; with one {C}-token canvas it does not fit "
                             f"the model's context of {cfg.max_position_embeddings}", prompt_param,
                        "context_length_exceeded")
@@ -380,19 +387,29 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
         raise APIError(400, msg, param) from None
     seed = 0 if req.seed is None and tau == 0 else req.seed      # greedy is repeatable: the canvas noise too
     kwargs.update(seed=seed, greedy=tau == 0, frames=bool(req.denoising_frames))
+    # chat: logprobs true / top_logprobs N; completions: logprobs N (each token's own and N alternatives)
+    logprobs = bool(req.logprobs) if chat is not None else req.logprobs is not None
+    top = (req.top_logprobs if chat is not None else req.logprobs) or 0
+    if logprobs and top:
+        kwargs["top_logprobs"] = top
+    if logprobs and echo is not None:
+        kwargs["prompt_logprobs"] = top
     include = bool(req.stream_options and req.stream_options.include_usage)
     interval = (50 if req.frame_interval_ms is None else req.frame_interval_ms) / 1000 if req.denoising_frames \
         else None
     return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include, interval,
-               logprobs=bool(getattr(req, "logprobs", False)) and chat is not None)
+               logprobs=logprobs, top=top, echo=echo)
 
 
-def _submit(st: State, jobs: list[Job]) -> None:
-    """Hand the jobs (a request's choices) to the worker now, in the handler, all together; or refuse them with a
-    429 when they would take the requests waiting past --max-queue (a 400 when there are more than it allows)."""
+def _submit(st: State, jobs: list[Job], prompts: int) -> None:
+    """Hand the jobs (a request's choices, for its `prompts` prompts) to the worker now, in the handler, all
+    together; or refuse them with a 429 when they would take the requests waiting past --max-queue (a 400 when
+    there are more than it allows)."""
     loop, limit = asyncio.get_running_loop(), st.cfg.max_queue
+    asked = f"n={len(jobs)}" if prompts == 1 else f"{prompts} prompts x n={len(jobs) // prompts}"
     if len(jobs) > limit:
-        raise APIError(400, f"n={len(jobs)} is more than this server queues at once (--max-queue {limit})", "n")
+        raise APIError(400, f"{asked} is more than this server queues at once (--max-queue {limit})",
+                       "n" if prompts == 1 else "prompt")
 
     def sink_for(q: asyncio.Queue):
         def sink(kind: str, payload: Any) -> None:               # called on the engine thread
@@ -400,9 +417,8 @@ def _submit(st: State, jobs: list[Job]) -> None:
         return sink
 
     queues = [asyncio.Queue() for _ in jobs]
-    if not st.worker.submit_all(jobs[0].ids, [(j.rid, sink_for(q), j.kwargs) for j, q in zip(jobs, queues)],
-                                limit=limit):
-        more = f" and this one asks for n={len(jobs)}" if len(jobs) > 1 else ""
+    if not st.worker.submit_all([(j.rid, j.ids, sink_for(q), j.kwargs) for j, q in zip(jobs, queues)], limit=limit):
+        more = f" and this one asks for {asked}" if len(jobs) > 1 else ""
         raise APIError(429, f"{st.worker.waiting} requests are waiting{more} (--max-queue {limit}); retry "
                             "later", kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     for j, q in zip(jobs, queues):
@@ -443,11 +459,12 @@ async def _merged(st: State, jobs: list[Job]) -> AsyncIterator[tuple[int, tuple]
 
 async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     """Yield the submitted job's ("text", delta, logprob entries of the tokens it counts) as canvases commit (with
-    job.logprobs also for a canvas whose text is held back), then ("end", finish_reason, usage).
+    job.logprobs also for a canvas whose text is held back; with job.echo the prompt first), then ("end",
+    finish_reason, usage). An entry: (token id, log-probability or None, [(id, log-probability)] alternatives).
     Cancels the request if the consumer goes away (client disconnect) or a stop string ends it."""
     worker, m, q = st.worker, st.metrics, job.events
     text, n_tokens, t0, first = TextStream(st.tok, job.stops), 0, time.perf_counter(), True
-    last_frame, logprobs, sent = -1e9, [], 0           # every token's logprob; how many went out as entries
+    last_frame, entries, sent = -1e9, [], 0            # every token's entry; how many went out
     try:
         while True:
             kind, p = await q.get()
@@ -464,15 +481,18 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 if first:
                     m.ttfc.observe(time.perf_counter() - t0)
                     first = False
+                    if job.echo is not None:     # (a prompt's scores come with its first canvas)
+                        yield "text", job.echo, list(zip(job.ids, p.prompt_logprobs, p.prompt_top_logprobs)) \
+                            if job.logprobs else []
                 n_tokens += len(p.tokens)
                 delta = text.push(p.tokens, final=p.finished)
-                entries = []
+                out = []
                 if job.logprobs:     # the tokens whose text went out (all at the end; up to a stop string)
-                    logprobs += p.logprobs
+                    entries += zip(p.tokens, p.logprobs, p.top_logprobs)
                     upto = len(text.ids) if p.finished and not text.stopped else text.covered()
-                    entries, sent = _logprob_entries(st, text.ids[sent:upto], logprobs[sent:upto]), max(sent, upto)
-                if delta or entries:
-                    yield "text", delta, entries
+                    out, sent = entries[sent:upto], max(sent, upto)
+                if delta or out:
+                    yield "text", delta, out
                 if text.stopped:                          # count the tokens up to the stop string
                     worker.cancel(job.rid)
                     job.done = True
@@ -489,15 +509,38 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
         _drop(st, job)
 
 
-def _logprob_entries(st: State, tokens: list[int], logprobs: list[float]) -> list[dict]:
-    """OpenAI's chat logprobs content: each token's text, log-probability (of the step its canvas converged at) and
-    UTF-8 bytes; no alternatives (top_logprobs)."""
-    out = []
-    for t, lp in zip(tokens, logprobs):
+def _chat_logprobs(st: State, entries: list[tuple]) -> list[dict]:
+    """OpenAI's chat logprobs content: each token's text, log-probability (of the step its canvas converged at),
+    UTF-8 bytes and its alternatives (top_logprobs; truncated-away ones, at -inf, left out)."""
+    def one(t: int, lp: float) -> dict:
         raw = st.tok.token_bytes(t)                 # (a piece of a UTF-8 character decodes to U+FFFD)
-        out.append({"token": token_text(st.tok, st.pieces, t), "logprob": lp,
-                    "bytes": None if raw is None else list(raw), "top_logprobs": []})
-    return out
+        return {"token": token_text(st.tok, st.pieces, t), "logprob": lp, "bytes": None if raw is None else list(raw)}
+    return [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts if math.isfinite(alp)]}
+            for t, lp, alts in entries]
+
+
+def _text_logprobs(st: State, entries: list[tuple], offset: int) -> tuple[dict, int]:
+    """The completions API's logprobs object for entries whose text starts at character `offset` of the choice's
+    text -> (it, the offset after them). text_offset: where each token's text starts (special tokens take none; a
+    token holding part of a character, its replacement character). top_logprobs: per token a {text:
+    log-probability} of its alternatives and itself (None where the token has no log-probability: a prompt's
+    first)."""
+    tokens, tops, offsets = [], [], []
+    for t, lp, alts in entries:
+        tokens.append(token_text(st.tok, st.pieces, t))
+        offsets.append(offset)
+        offset += len(token_text(st.tok, st.pieces, t, shown=True))
+        if lp is None:
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for a, alp in alts:
+            if math.isfinite(alp):
+                top.setdefault(token_text(st.tok, st.pieces, a), alp)
+        top.setdefault(tokens[-1], lp)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
+            "text_offset": offsets}, offset
 
 
 def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: float) -> dict:
@@ -526,24 +569,37 @@ def _warm(st: State, job: Job, reply: str) -> None:
         st.worker.warm(ids)
 
 
-async def _respond(st: State, job: Job, n: int, request: Request, stream: bool, chat: bool):
+async def _respond(st: State, base: list[Job], n: int, request: Request, stream: bool, chat: bool):
+    """Run a request's jobs (one per prompt; completions may have several), n choices each, and answer: one body,
+    or an SSE stream."""
+    job = base[0]                                       # (the request-wide fields: id, logprobs, usage)
     created, name, route, rid = now(), st.cfg.model_name, request.url.path, job.rid
-    jobs = _choices(job, n)
+    jobs = [c for p, b in enumerate(base) for c in _choices(b, n, p * n)]
+    offsets = [0] * len(jobs)                           # completions' text_offset so far, per choice
+
+    def logprobs(i: int, entries: list | None) -> dict | None:
+        if not job.logprobs or entries is None:
+            return None
+        if chat:
+            return {"content": _chat_logprobs(st, entries)}
+        lp, offsets[i] = _text_logprobs(st, entries, offsets[i])
+        return lp
+
     if chat:
         def piece(i: int, delta: dict, finish: str | None, entries: list | None = None) -> dict:
-            lp = {"content": entries} if job.logprobs and entries is not None else None
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs(i, entries),
+                                 "finish_reason": finish}]}
     else:
         def piece(i: int, delta: dict, finish: str | None, entries: list | None = None) -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": i, "text": delta.get("content", ""), "logprobs": None,
+                    "choices": [{"index": i, "text": delta.get("content", ""), "logprobs": logprobs(i, entries),
                                  "finish_reason": finish}]}
 
-    _submit(st, jobs)
+    _submit(st, jobs, len(base))
     if stream:
         async def sse() -> AsyncIterator[str]:
-            status, usages = "499", []                          # 499 until the last event went out
+            status, usages = "499", [None] * len(jobs)          # 499 until the last event went out
             try:
                 if chat:
                     for j in jobs:
@@ -555,9 +611,9 @@ async def _respond(st: State, job: Job, n: int, request: Request, stream: bool, 
                         yield _sse({**piece(i, {}, None), "choices": [], "dgemma_frame": {**ev[1], "index": i}})
                     else:
                         yield _sse(_with_usage(piece(i, {}, ev[1]), job))
-                        usages.append(ev[2])
+                        usages[i] = ev[2]
                 if job.include_usage:
-                    yield _sse({**piece(0, {}, None), "choices": [], "usage": _total(usages)})
+                    yield _sse({**piece(0, {}, None), "choices": [], "usage": _total(usages, n)})
                 yield "data: [DONE]\n\n"
                 status = "200"
             except APIError as e:                               # server stopping: a clear error event
@@ -582,15 +638,15 @@ async def _respond(st: State, job: Job, n: int, request: Request, stream: bool, 
                 ends[i] = ev
         choices = []
         for i, end in enumerate(ends):
-            choice: dict[str, Any] = {"index": i, "logprobs": {"content": entries[i]} if job.logprobs else None,
-                                      "finish_reason": end[1]}
+            choice: dict[str, Any] = {"index": i, "logprobs": logprobs(i, entries[i]), "finish_reason": end[1]}
             if chat:
                 choice["message"] = {"role": "assistant", "content": "".join(parts[i])}
             else:
                 choice["text"] = "".join(parts[i])
             choices.append(choice)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": name, "choices": choices, "usage": _total([e[2] for e in ends]), "system_fingerprint": None}
+                "model": name, "choices": choices, "usage": _total([e[2] for e in ends], n),
+                "system_fingerprint": None}
 
     task = asyncio.ensure_future(collect())
     while not task.done():                                      # a client that goes away cancels its request
@@ -604,12 +660,12 @@ async def _respond(st: State, job: Job, n: int, request: Request, stream: bool, 
     return body
 
 
-def _total(usages: list[dict]) -> dict:
-    """One usage for a request's choices: the prompt once (its cached tokens: the fewest any choice had), the
-    completion tokens of all of them."""
-    completion = sum(u["completion_tokens"] for u in usages)
-    return usage(usages[0]["prompt_tokens"], completion,
-                 min(u["prompt_tokens_details"]["cached_tokens"] for u in usages))
+def _total(usages: list[dict], n: int) -> dict:
+    """One usage for a request's choices (in index order, n per prompt): each prompt once (its cached tokens: the
+    fewest any of its choices had), the completion tokens of all of them."""
+    prompts = [usages[p:p + n] for p in range(0, len(usages), n)]
+    return usage(sum(g[0]["prompt_tokens"] for g in prompts), sum(u["completion_tokens"] for u in usages),
+                 sum(min(u["prompt_tokens_details"]["cached_tokens"] for u in g) for g in prompts))
 
 
 def _with_usage(chunk: dict, job: Job) -> dict:

@@ -1,7 +1,7 @@
 """The OpenAI request and response shapes the server accepts and sends (pydantic models = the OpenAPI schema).
 
 Knows: which OpenAI fields exist, which of them dgemma honours, which it rejects unless they carry their
-neutral value (penalties, `logprobs`, `tools`, `response_format` other than text, ...), the
+neutral value (penalties, `tools`, `response_format` other than text, `suffix`, ...), the
 diffusion controls that ride along as extra body fields, and the OpenAI error body. Unknown fields are rejected
 (400), as OpenAI does. `temperature` scales the checkpoint's temperature schedule: T(step) = temperature *
 (t_min + (t_max - t_min) * steps_left / steps); 0 means greedy (accepted positions take the argmax).
@@ -145,7 +145,8 @@ class ChatCompletionRequest(_Common):
     logprobs: Optional[bool] = Field(None, description=(
         "each generated token's log-probability, under the distribution of the denoising step its canvas converged "
         "at (temperature and top_k / top_p applied); the committed token is that step's argmax"))
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="only 0 (no alternatives)")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description=(
+        "with logprobs=true: also this many most likely tokens of each position, under the same distribution"))
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Any]] = Field(None, description="not supported (only empty)")
     tool_choice: Optional[Any] = Field(None, description='not supported (only "none")')
@@ -155,9 +156,6 @@ class ChatCompletionRequest(_Common):
 
     def checks(self) -> None:
         self.neutral_checks()
-        if self.top_logprobs:
-            raise APIError(400, "top_logprobs > 0 is not supported by dgemma (logprobs=true gives each token's "
-                                "own)", "top_logprobs", "unsupported_parameter")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         for name in ("tools", "functions", "function_call"):
@@ -194,32 +192,45 @@ class ChatCompletionRequest(_Common):
         return out
 
 
+MAX_PROMPTS = 256                            # prompts in one completions request
+
+
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(description=(
-        "one prompt: a string or a list of token ids (a list holding one of those is accepted too)"))
-    echo: Optional[bool] = Field(None, description="only false")
+        "a string or a list of token ids, or a batch of either (a list of strings, or of token-id lists): "
+        f"choice `index` = prompt * n + choice (up to {MAX_PROMPTS} prompts)"))
+    max_tokens: Optional[int] = Field(None, ge=0, le=2 ** 31, description=(
+        "exact upper bound on generated tokens (default: the checkpoint's max_new_tokens, less where the "
+        "context ends sooner); 0 with echo and logprobs scores the prompt without generating"))
+    echo: Optional[bool] = Field(None, description=(
+        "the text starts with the prompt; with logprobs, so do the log-probabilities: the prompt tokens' under the "
+        "model's causal encoder (temperature 1) given the tokens before them, null for the first"))
     best_of: Optional[int] = Field(None, description="only n (no picking among more choices than returned)")
-    logprobs: Optional[int] = Field(None, description="not supported")
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description=(
+        "each token's log-probability (generated tokens: under the distribution of the denoising step its canvas "
+        "converged at) and this many most likely alternatives, as tokens / token_logprobs / top_logprobs / "
+        "text_offset (where each token's text starts in `text`)"))
     suffix: Optional[str] = Field(None, description="not supported")
 
     def checks(self) -> None:
         self.neutral_checks()
-        for name, ok in (("echo", not self.echo), ("best_of", self.best_of in (None, self.n or 1)),  # = n: no pick
-                         ("logprobs", self.logprobs is None), ("suffix", self.suffix is None)):
+        for name, ok in (("best_of", self.best_of in (None, self.n or 1)),  # = n: no pick
+                         ("suffix", self.suffix is None)):
             if not ok:
                 raise APIError(400, f"{name} is not supported by dgemma", name, "unsupported_parameter")
 
     def limit(self) -> int | None:
         return self.max_tokens
 
-    def one_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, each a string or a non-empty list of token ids."""
         p = self.prompt
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, list) and (not p or not all(isinstance(t, int) for t in p)):
-            raise APIError(400, "prompt must be one string or one non-empty list of token ids (batches of "
-                                "prompts are not supported)", "prompt")
-        return p
+        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not batch or any(not x for x in batch):
+            raise APIError(400, "a prompt must be a non-empty string or list of token ids", "prompt")
+        if len(batch) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
+        return batch
 
 
 def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:

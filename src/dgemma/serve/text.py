@@ -66,11 +66,13 @@ class TextStream:
         return lo
 
 
-def token_text(tokenizer, pieces: dict[int, str], token: int) -> str:
-    """One token's own text, special tokens included, through `pieces` (a cache of id -> text kept by the caller)."""
-    if token not in pieces:
-        pieces[token] = tokenizer.decode([token], skip_special_tokens=False)
-    return pieces[token]
+def token_text(tokenizer, pieces: dict[int, str], token: int, shown: bool = False) -> str:
+    """One token's own text, special tokens included, through `pieces` (a cache of id -> text kept by the caller);
+    shown: as a reply's text shows it (special tokens empty; cached under ~id)."""
+    key = ~token if shown else token
+    if key not in pieces:
+        pieces[key] = tokenizer.decode([token], skip_special_tokens=shown)
+    return pieces[key]
 
 
 def frame_json(frame, tokenizer, pieces: dict[int, str]) -> dict:

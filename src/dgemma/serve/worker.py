@@ -38,21 +38,21 @@ class Worker:
         """Queue a request (validated by the caller: engine.settings and the position check). With `limit`,
         refuse it (False) when that many requests already wait for a row: the check and the count are one step,
         so a burst of handlers cannot all pass the check before any of them is counted."""
-        return self.submit_all(prompt, [(request_id, sink, kwargs)], limit)
+        return self.submit_all([(request_id, prompt, sink, kwargs)], limit)
 
-    def submit_all(self, prompt: list[int], requests: list[tuple[str, Sink, dict]], limit: int | None = None) -> bool:
-        """Queue several requests for one prompt (an API request's n choices: (request_id, sink, settings) each)
-        all together, or none of them (False) when they would take the waiting requests past `limit`."""
+    def submit_all(self, requests: list[tuple[str, list[int], Sink, dict]], limit: int | None = None) -> bool:
+        """Queue several requests (an API request's prompts and n choices: (request_id, prompt, sink, settings)
+        each) all together, or none of them (False) when they would take the waiting requests past `limit`."""
         with self._lock:      # stop() sets `stopping` under it too: a submit is either failed below or queued
             stopping = self.stopping   # before the stop command (and failed by the loop)
             if not stopping:
                 if limit is not None and self.waiting + len(requests) > limit:
                     return False
                 self.waiting += len(requests)
-                for request_id, sink, kwargs in requests:
+                for request_id, prompt, sink, kwargs in requests:
                     self.commands.put(("submit", request_id, prompt, sink, kwargs))
         if stopping:
-            for _, sink, _ in requests:
+            for _, _, sink, _ in requests:
                 sink("error", stopping)
         return True
 

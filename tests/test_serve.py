@@ -632,3 +632,38 @@ def test_completions_echo_logprobs_batches_and_streams(server, tok):
                 tokens += d.logprobs.tokens
                 offsets += d.logprobs.text_offset
     assert (text, tokens, offsets) == (r.text, lp.tokens, lp.text_offset)
+
+
+def test_tokenizer_routes(server, tok):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-evaluation-harness's remote tokenizer): the ids the
+    completion and chat routes would encode, a lossless round trip, the special tokens; errors named; the key
+    required."""
+    h = {"Authorization": f"Bearer {KEY}"}
+
+    def post(route, body, headers=h):
+        return httpx.post(server.url + route, json=body, headers=headers)
+    text = "The old house <bos> stood"
+    r = post("/tokenize", {"prompt": text}).json()
+    assert r["tokens"] == tok.encode_prompt(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] > 0
+    assert post("/tokenize", {"model": NAME, "prompt": text, "add_special_tokens": False}).json()["tokens"] == \
+        tok.encode(text)
+    msgs = [{"role": "user", "content": "Hello"}]
+    assert post("/tokenize", {"messages": msgs}).json()["tokens"] == tok.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True)
+    assert post("/tokenize", {"messages": msgs, "add_generation_prompt": False}).json()["tokens"] == \
+        tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True)
+    ids = tok.encode_prompt(text)
+    back = post("/detokenize", {"tokens": ids}).json()["prompt"]
+    assert back == tok.decode(ids, skip_special_tokens=False) and tok.encode(back) == ids   # (bos kept: lossless)
+    info = httpx.get(server.url + "/tokenizer_info", headers=h).json()
+    assert (info["eos_token"], info["bos_token"]) == (tok.eos_token, tok.bos_token) and info["chat_template"]
+    for route, body, param in (("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+                               ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                                "messages[0].content[0].type"),
+                               ("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"prompt": "a", "model": "x"},
+                                                                        "model"),
+                               ("/detokenize", {"tokens": [1, 10 ** 6]}, "tokens"), ("/detokenize", {}, "tokens")):
+        r = post(route, body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (route, body)
+    assert post("/tokenize", {"prompt": "a"}, headers={}).status_code == 401
+    assert httpx.get(server.url + "/tokenizer_info").status_code == 401

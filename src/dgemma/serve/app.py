@@ -1,4 +1,5 @@
-"""FastAPI routes of `dgemma serve`: OpenAI-compatible chat and text completions on the engine worker.
+"""FastAPI routes of `dgemma serve`: OpenAI-compatible chat and text completions on the engine worker, and
+vLLM-style tokenizer routes.
 
 Knows: HTTP, the OpenAI shapes (protocol.py), the chat template and tokenizer (text lives here, not in the
 engine), turning a request into engine settings (exact max_tokens, temperature, stop strings, seed, diffusion
@@ -27,7 +28,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, now, usage
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       error_body, now, usage)
 from .text import TextStream, frame_json, token_text
 
 log = logging.getLogger("dgemma.serve")
@@ -285,6 +287,46 @@ def create_app(state: State) -> FastAPI:
             jobs.append(_job(st, req, ids, "cmpl", "prompt", None, echo))
         return await _respond(st, jobs, req.n or 1, request, bool(req.stream), chat=False)
 
+    # ---- tokenizer routes (as vLLM serves them; lm-evaluation-harness's remote tokenizer uses them) -------------
+    def tokenizer_state(model: str | None) -> State:
+        st = ready()
+        if model is not None:
+            _check_model(st, model)
+        return st
+
+    @app.post("/tokenize", dependencies=[Depends(auth)], summary="a prompt or chat -> token ids")
+    async def tokenize(req: TokenizeRequest):
+        st = tokenizer_state(req.model)
+        req.checks()
+        from dgemma.tokenizer import TokenizerError
+        try:
+            if req.messages is not None:
+                as_chat = ChatCompletionRequest(model=st.cfg.model_name, messages=req.messages)
+                as_chat.checks()                                 # (text parts only, as the chat route)
+                ids = st.tok.apply_chat_template(as_chat.chat(), add_generation_prompt=req.add_generation_prompt,
+                                                 tokenize=True)
+            else:
+                ids = st.tok.encode_prompt(req.prompt) if req.add_special_tokens else st.tok.encode(req.prompt)
+        except TokenizerError as e:
+            raise APIError(400, str(e), "messages" if req.messages is not None else "prompt") from None
+        return {"count": len(ids), "max_model_len": st.model.config.max_position_embeddings, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=[Depends(auth)], summary="token ids -> text (special tokens kept)")
+    async def detokenize(req: DetokenizeRequest):
+        st = tokenizer_state(req.model)
+        V = st.model.config.vocab_size
+        if req.tokens and (min(req.tokens) < 0 or max(req.tokens) >= V):
+            raise APIError(400, f"token ids must lie in [0, {V})", "tokens")
+        return {"prompt": st.tok.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info", dependencies=[Depends(auth)], summary="special tokens, chat template, context")
+    async def tokenizer_info():
+        st = tokenizer_state(None)
+        t = st.tok
+        return {"tokenizer_class": "dgemma.Tokenizer", "bos_token": t.bos_token, "eos_token": t.eos_token,
+                "pad_token": t.pad_token, "unk_token": t.unk_token, "chat_template": t.chat_template,
+                "model_max_length": st.model.config.max_position_embeddings, "vocab_size": t.vocab_size}
+
     return app
 
 
@@ -315,7 +357,7 @@ def _openapi(app: FastAPI) -> dict:
         for op in ops.values():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/tokenizer_info"):
                 for code, text in _ERRORS.items():
                     responses[str(code)] = {"description": text, "content": {"application/json": {"schema": err}}}
             if path in ("/v1/chat/completions", "/v1/completions"):

@@ -233,6 +233,26 @@ class CompletionRequest(_Common):
         return batch
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a text prompt or chat messages -> token ids."""
+    model: Optional[str] = None
+    prompt: Optional[str] = Field(None, description="a text, encoded as /v1/completions encodes a string prompt "
+                                                    "(with add_special_tokens: bos in front)")
+    messages: Optional[list[Message]] = Field(None, description="a chat, rendered as /v1/chat/completions does")
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    def checks(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's /detokenize: token ids -> their text, special tokens included (decoding is lossless)."""
+    model: Optional[str] = None
+    tokens: list[int]
+
+
 def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}

@@ -93,7 +93,7 @@ for line in open(sys.argv[1]):
             if c["status"] != "failure":
                 continue
             f = c["failure_info"]["failure"]
-            kinds.setdefault((c["name"], f["operation"], f["title"]), f["message"].splitlines()[0])
+            kinds.setdefault((c["name"], f["operation"], f["title"]), (f["message"].splitlines() or [""])[0])
             if c["name"] == "not_a_server_error":
                 case = rec["cases"][cid]["value"]
                 req = rec.get("interactions", {}).get(cid, {}).get("request", {})

@@ -340,6 +340,8 @@ BAD = [  # (body changes, status, param)
     ({"max_tokens": 10 ** 400}, 400, "max_tokens"),
     ({"stop": "x" * 300}, 400, "stop"),
     ({"t_min": 2.0, "t_max": 1.0}, 400, "t_max"),
+    ({"t_min": 5e-324}, 400, "t_min"),    # 0 in fp32: logits / 0 gave NaN log-probabilities (a 500)
+    ({"temperature": 1e-300, "logprobs": True}, 400, "temperature"),
     ({"max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
@@ -657,7 +659,7 @@ def test_tokenizer_routes(server, tok):
     assert back == tok.decode(ids, skip_special_tokens=False) and tok.encode(back) == ids   # (bos kept: lossless)
     info = httpx.get(server.url + "/tokenizer_info", headers=h).json()
     assert (info["eos_token"], info["bos_token"]) == (tok.eos_token, tok.bos_token) and info["chat_template"]
-    for route, body, param in (("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+    for route, body, param in (("/tokenize", {}, "prompt"), ("/tokenize", {"messages": []}, "messages"), ("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
                                ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                                 "messages[0].content[0].type"),
                                ("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"prompt": "a", "model": "x"},

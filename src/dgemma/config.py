@@ -296,6 +296,11 @@ class ModelConfig:
             raise ConfigError(f"{p} is not valid JSON: {e}") from None
 
 
+# The lowest temperature a sampler setting may give: logits / T must stay finite in fp32 (softcapped logits are at
+# most 30: 3e5 at this floor; a denormal such as 5e-324 is 0 in fp32, and logits / 0 made NaN entropies and log-
+# probabilities). Greedy decoding is the server's temperature 0, or top_k=1.
+MIN_TEMPERATURE = 1e-4
+
 # SamplerConfig fields -> kind (see `check`); None disables stability, confidence, eos and pad
 _SAMPLER_KINDS = {"max_new_tokens": "pos_int", "max_denoising_steps": "pos_int", "entropy_bound": "pos_num",
                   "t_min": "pos_num", "t_max": "pos_num", "stability_threshold": "id?", "confidence_threshold": "num?",
@@ -329,6 +334,9 @@ class SamplerConfig:
             check(name, getattr(self, name), kind)
         if self.t_max < self.t_min:
             raise ConfigError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
+        if self.t_min < MIN_TEMPERATURE:
+            raise ConfigError(f"t_min ({self.t_min}) must be >= {MIN_TEMPERATURE} (lower temperatures overflow "
+                              "fp32 logits)")
         return self
 
     @classmethod

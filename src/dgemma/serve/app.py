@@ -415,6 +415,10 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     tau = 1.0 if req.temperature is None else req.temperature
     t_min = req.t_min if req.t_min is not None else base.t_min
     t_max = req.t_max if req.t_max is not None else base.t_max
+    from dgemma.config import MIN_TEMPERATURE
+    if 0 < tau and t_min * tau < MIN_TEMPERATURE <= t_min:
+        raise APIError(400, f"temperature x t_min ({tau} x {t_min}) must be >= {MIN_TEMPERATURE} (temperature 0 "
+                            "is greedy)", "temperature")
     kwargs: dict[str, Any] = dict(max_new_tokens=limit, t_min=t_min * (tau or 1.0), t_max=t_max * (tau or 1.0))
     for name in _PASSED_ON:
         if getattr(req, name) is not None:

@@ -238,7 +238,8 @@ class TokenizeRequest(_Strict):
     model: Optional[str] = None
     prompt: Optional[str] = Field(None, description="a text, encoded as /v1/completions encodes a string prompt "
                                                     "(with add_special_tokens: bos in front)")
-    messages: Optional[list[Message]] = Field(None, description="a chat, rendered as /v1/chat/completions does")
+    messages: Optional[list[Message]] = Field(None, min_length=1, description=(
+        "a chat, rendered as /v1/chat/completions does"))
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -1,4 +1,6 @@
 """The request-level engine: continuous batching gives each request exactly its batch-1 `generate` tokens."""
+import math
+
 import pytest
 import torch
 
@@ -102,6 +104,15 @@ def test_engine_rejects_bad_requests(tmp_path):
             eng.submit(bad)
     with pytest.raises(ValueError, match="max_batch"):
         Engine(m, max_batch=0)
+    for t in (5e-324, 1e-5):                 # 0 in fp32, or logits / T past fp32: NaN log-probabilities
+        with pytest.raises(ValueError, match="t_min"):
+            eng.submit([5], t_min=t)
+        with pytest.raises(ValueError, match="t_min"):
+            m.generate(torch.tensor([[5, 6]]), t_min=t, max_new_tokens=4)
+    eng.submit([5], t_min=1e-4, t_max=1e-4, max_new_tokens=4, top_logprobs=2)   # the floor itself: finite
+    res = next(iter(eng.run().values()))
+    assert all(math.isfinite(lp) for lp in res.logprobs) and all(math.isfinite(p) for a in res.top_logprobs
+                                                                 for _, p in a[:1])
 
 
 def test_engine_takes_a_tensor_prompt_and_refuses_a_request_id_in_use(tmp_path):

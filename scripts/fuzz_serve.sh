@@ -11,7 +11,7 @@
 # request is a 404), a valid max_denoising_steps above 4 becomes 4 and a valid max_tokens /
 # max_completion_tokens above 64 becomes 64, a valid n above 4 becomes 4, a batch of prompts keeps its first 2
 # (invalid values are left alone, so the 400 paths are fuzzed), and positive cases drop the OpenAI fields dgemma
-# refuses unless neutral (penalties, tools, ...) and get a non-empty prompt.
+# refuses unless neutral (tools, suffix, ...) and get a non-empty prompt.
 # Exit status 1 if any response was a 5xx, any request failed or timed out, or the run hit MAX_TIME;
 # conformance findings (e.g. undocumented 400/404 codes) are printed but do not fail the run.
 set -euo pipefail
@@ -41,8 +41,7 @@ import schemathesis
 
 CAPS = {"max_denoising_steps": (4, 1024), "max_tokens": (64, 4064), "max_completion_tokens": (64, 4064),
         "n": (4, 128)}
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice", "functions",
-               "function_call", "best_of", "suffix")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", "suffix")
 
 @schemathesis.hook
 def map_case(ctx, case):

@@ -468,3 +468,47 @@ def test_engine_rejects_bad_logprob_counts(tmp_path):
             eng.submit([21, 22], **bad)
     with pytest.raises(ValueError, match="max_new_tokens"):
         eng.submit([21, 22], max_new_tokens=-1)
+
+
+@pytest.mark.parametrize("sampler", ["exact", "fast"])
+def test_logit_bias_and_penalties(tmp_path, monkeypatch, sampler):
+    """logit_bias moves each position's logits (+100: every token that one; -100: a token never seen again);
+    presence / frequency penalties subtract from the logits of the tokens a request has committed, recounted at each
+    commit (the bias each step gets, recorded, equals the definition); a request without them, batched with one
+    that has them, gets its own tokens."""
+    from dgemma import engine as engine_module
+    m = peaky(tmp_path)
+    V, prompt = m.config.vocab_size, [21, 22, 23, 24]
+    kw = dict(KW, max_new_tokens=24, eos_token_id=None)
+
+    def run(**extra):
+        eng = Engine(m, max_batch=2, sampler=sampler)
+        rid = eng.submit(prompt, seed=9, **kw, **extra)
+        return eng.run()[rid].tokens
+    plain = run()
+    assert set(run(logit_bias={77: 100.0})) == {77}
+    common = max(set(plain), key=plain.count)
+    assert common not in run(logit_bias={common: -100.0})
+    steps, real = [], engine_module.denoise_step
+
+    def recording(*a, **k):
+        steps.append((a[2].clone(), None if k.get("bias") is None else k["bias"].clone()))    # canvas, bias
+        return real(*a, **k)
+    monkeypatch.setattr(engine_module, "denoise_step", recording)
+    if sampler == "fast":                               # (the fast path calls denoise_step through _fast_step)
+        monkeypatch.setattr(engine_module.Engine, "_fast_step", lambda self, *a: recording(
+            self.model, self.cache, *a[:4], self.row_chunk, uniform=a[4], renoise=a[5], greedy=a[6],
+            truncation=a[7], alternatives=a[8], bias=a[9]))
+    eng = Engine(m, max_batch=2, sampler=sampler)
+    eng.submit(prompt, seed=9, request_id="pen", presence_penalty=1.5, frequency_penalty=2.0, **kw)
+    eng.submit(prompt, seed=9, request_id="plain", **kw)
+    res = eng.run()
+    assert res["plain"].tokens == plain
+    C, seen = m.config.canvas_length, torch.zeros(V)
+    toks = res["pen"].tokens
+    for i, (_, bias) in enumerate(steps):
+        assert bias is not None and bias.shape == (2, V) and (bias[1] == 0).all()
+        canvas = i // kw["max_denoising_steps"]       # (no stop rule fires before the last step: checked below)
+        seen = torch.bincount(torch.tensor(toks[:canvas * C], dtype=torch.long), minlength=V).float()
+        assert torch.equal(bias[0], -(1.5 * (seen > 0) + 2.0 * seen)), i
+    assert len(steps) == kw["max_denoising_steps"] * -(-len(toks) // C) and (steps[-1][1][0] < 0).any()

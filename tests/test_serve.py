@@ -393,7 +393,9 @@ def test_malformed_json_and_unknown_routes(server):
     for bad in (["a", ""], [], [[2, 3], []], ["a", [2, 3]], [[2, -1]], ["a"] * 257):
         r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": bad}, headers=h)
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", bad
-    for bad in ({"logprobs": 21}, {"logprobs": True}, {"max_tokens": -1}, {"echo": 1}):
+    for bad in ({"logprobs": 21}, {"logprobs": True}, {"max_tokens": -1}, {"echo": 1}, {"logit_bias": {"x": 1}},
+                {"logit_bias": {"-1": 1}}, {"logit_bias": {"99999": 1}}, {"logit_bias": {"5": 101}},
+                {"logit_bias": {"٣": 1}}, {"presence_penalty": 2.5}, {"frequency_penalty": -3}):
         r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "a", **bad}, headers=h)
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), bad
     r = httpx.get(server.url + "/v1/nothing", headers=h)
@@ -669,3 +671,16 @@ def test_tokenizer_routes(server, tok):
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (route, body)
     assert post("/tokenize", {"prompt": "a"}, headers={}).status_code == 401
     assert httpx.get(server.url + "/tokenizer_info").status_code == 401
+
+
+def test_logit_bias_and_penalties(server, tok):
+    """logit_bias and presence / frequency penalties reach the engine: +100 on one token makes every token that one;
+    penalties are accepted (their definition is tested in test_engine) and a greedy request is repeatable with them."""
+    c = client(server)
+    word = tok.encode(" river")[0]
+    r = c.completions.create(model=NAME, prompt="The road", max_tokens=12, seed=1, logit_bias={str(word): 100},
+                             extra_body=FAST)
+    assert r.choices[0].text == " river" * 12
+    kw = dict(max_tokens=24, temperature=0, presence_penalty=1.5, frequency_penalty=0.5)
+    a, b = chat(c, "Tell me a story", **kw), chat(c, "Tell me a story", **kw)
+    assert a.choices[0].message.content == b.choices[0].message.content and a.usage.completion_tokens > 0

@@ -19,7 +19,8 @@ cold request's tokens (bit for bit when both were encoded alone; up to rounding 
 `warm(ids)` encodes a prefix in idle time without generating (the server does it with a finished chat turn).
 `max_new_tokens` is exact: the last canvas is cut, never overshot; 0 encodes the prompt only (with
 `prompt_logprobs`: scoring a text). A request can ask for each committed token's most likely alternatives
-(`top_logprobs`) and for its prompt tokens' log-probabilities under the causal encoder (`prompt_logprobs`).
+(`top_logprobs`) and for its prompt tokens' log-probabilities under the causal encoder (`prompt_logprobs`), and
+can bias its logits: `logit_bias`, and presence / frequency penalties on the tokens it has committed so far.
 Does not know: text, HTTP. The server sits on `submit`, `step`, `cancel` and `collect`.
 """
 from __future__ import annotations
@@ -123,6 +124,19 @@ class _Request:
     alternatives: list[Alternatives] = field(default_factory=list)
     prompt_lps: list[float | None] = field(default_factory=lambda: [None])   # the first token has no context
     prompt_alts: list[Alternatives] = field(default_factory=lambda: [[]])
+    logit_bias: torch.Tensor | None = None    # [V] fp32 added to its logits (None: none)
+    presence: float = 0.0                 # subtracted from the logits of every token it has committed
+    frequency: float = 0.0                # ... times how often it has committed it
+    counts: torch.Tensor | None = None    # [V] fp32 committed-token counts (with a penalty)
+    bias: torch.Tensor | None = None      # [V] what the next steps add: logit_bias less the penalties
+
+    def rebias(self) -> None:
+        """`bias` from logit_bias and the penalties of the counts so far (at submit, and after each commit)."""
+        if self.counts is None:
+            self.bias = self.logit_bias
+            return
+        pen = self.presence * (self.counts > 0) + self.frequency * self.counts
+        self.bias = -pen if self.logit_bias is None else self.logit_bias - pen
 
 
 @dataclass
@@ -179,6 +193,7 @@ class Engine:
         self._noise = torch.empty(self.row_chunk, self.V, device=model.device) if sampler == "exact" else None
         self._unseen = torch.full((self.C,), -1, device=model.device)     # a fresh canvas's "last argmax"
         self._zero = torch.zeros((), dtype=torch.long, device=model.device)
+        self._no_bias = torch.zeros(self.V, device=model.device)         # a row without bias in a biased step
         # CUDA graphs for the fast sampler's step (one per number of active rows), where the model allows them
         # (off CUDA, cuda_graphs=True runs the same static step eagerly)
         if cuda_graphs and sampler != "fast":
@@ -199,7 +214,8 @@ class Engine:
 
     def submit(self, prompt: list[int], *, seed: int | None = None, request_id: str | None = None,
                greedy: bool = False, frames: bool = False, top_logprobs: int = 0,
-               prompt_logprobs: int | None = None, **settings) -> str:
+               prompt_logprobs: int | None = None, logit_bias: dict[int, float] | None = None,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, **settings) -> str:
         """Queue a request (token ids); settings as for `generate` (max_new_tokens, max_denoising_steps, ...;
         max_new_tokens=0: encode the prompt, generate nothing).
         greedy: accepted positions take the argmax instead of a sample (temperatures still set the entropies).
@@ -209,11 +225,21 @@ class Engine:
         comes from (a top-N of the logits in every step while the request denoises).
         prompt_logprobs: score the prompt: each token's log-probability under the causal encoder (temperature 1)
         given the tokens before it, with N alternatives (0: none); such a prompt is encoded whole, never taken from
-        the prefix store."""
+        the prefix store.
+        logit_bias {token id: value}, presence_penalty, frequency_penalty (OpenAI's): every denoising step adds
+        to each position's softcapped logits, before truncation and temperature, logit_bias and minus (presence if
+        the request has committed the token + frequency x how often). A biased step runs eagerly (no CUDA graph,
+        no fused sampler); requests without them are unaffected."""
         prompt = self._check_ids(prompt)
         for name, n in (("top_logprobs", top_logprobs), ("prompt_logprobs", prompt_logprobs)):
             if n is not None and not (isinstance(n, int) and 0 <= n <= self.V):
                 raise ValueError(f"{name} must be an int in [0, {self.V}]")
+        for name, x in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                        *(("logit_bias", v) for v in (logit_bias or {}).values())):
+            if not (isinstance(x, (int, float)) and math.isfinite(x)):
+                raise ValueError(f"{name} values must be finite numbers")
+        if logit_bias and not all(isinstance(t, int) and 0 <= t < self.V for t in logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {self.V})")
         s = self.settings(**settings)
         check_positions(self.model.config, len(prompt), math.ceil(s.max_new_tokens / self.C) * self.C)
         if request_id is not None and self._known(request_id):
@@ -223,8 +249,17 @@ class Engine:
         rid = request_id
         while rid is None or self._known(rid):
             rid = f"req-{next(self._ids)}"
-        self.waiting.append(_Request(rid, prompt, s, gen, greedy, frames, top=top_logprobs,   # (a new list)
-                                     prompt_top=prompt_logprobs))
+        req = _Request(rid, prompt, s, gen, greedy, frames, top=top_logprobs, prompt_top=prompt_logprobs,  # (a new
+                       presence=float(presence_penalty), frequency=float(frequency_penalty))          # list)
+        dev = self.model.device
+        if logit_bias:
+            req.logit_bias = torch.zeros(self.V, device=dev)
+            req.logit_bias[torch.tensor(list(logit_bias), device=dev)] = torch.tensor(
+                [float(v) for v in logit_bias.values()], device=dev)
+        if presence_penalty or frequency_penalty:
+            req.counts = torch.zeros(self.V, device=dev)
+        req.rebias()
+        self.waiting.append(req)
         return rid
 
     def take_frames(self) -> list[Frame]:
@@ -339,6 +374,8 @@ class Engine:
         greedy = torch.tensor([r.req.greedy for r in self.rows], device=dev)
         rules, trunc = self._stop_rules(), self._truncation()
         top = max(r.req.top for r in self.rows)                 # alternatives: as many as any row asks for
+        bias = None if all(r.req.bias is None for r in self.rows) else torch.stack(
+            [r.req.bias if r.req.bias is not None else self._no_bias for r in self.rows])   # [n, V]
         if self.sampler == "exact":                           # each request's own stream, the reference's order
             def exponentials(r0: int, r1: int) -> torch.Tensor:
                 q = self._noise[: r1 - r0]
@@ -349,13 +386,14 @@ class Engine:
             out = denoise_step(
                 m, self.cache, canvas, soft, temp, bound, self.row_chunk, exponentials=exponentials,
                 renoise=lambda: torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0]
-                                             for r in self.rows]), greedy=greedy, truncation=trunc, alternatives=top)
+                                             for r in self.rows]), greedy=greedy, truncation=trunc, alternatives=top,
+                bias=bias)
         else:                                                 # per request: C uniforms, then C renoise ids
             uniform = torch.cat([torch.rand(C, device=dev, generator=r.req.gen) for r in self.rows])
             renoise = torch.stack([sampling.init_canvas(1, C, self.V, dev, r.req.gen)[0] for r in self.rows])
             inputs = (canvas, soft, temp, bound, uniform, renoise, greedy)
-            if self.graphs is None or trunc is not None:      # truncation sorts the logits: an eager step
-                out = self._fast_step(*inputs, trunc, top)
+            if self.graphs is None or trunc is not None or bias is not None:   # sort / bias: an eager step
+                out = self._fast_step(*inputs, trunc, top, bias)
             else:
                 key = ("engine", n, C, self.row_chunk, top, self.cache.key_slots(C, True),
                        graphs.buffer_key(*self.cache.tensors()))
@@ -418,12 +456,13 @@ class Engine:
                                          new_canvas[b].tolist(), [int(a) for a in acc], r.req.last_entropy, sum(acc),
                                          float(e.mean())))
 
-    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy, truncation=None, alternatives=0):
+    def _fast_step(self, canvas, soft, temp, bound, uniform, renoise, greedy, truncation=None, alternatives=0,
+                   bias=None):
         """The fast sampler's step as a function of tensors (captured per active-row count and alternatives on
-        CUDA, when no row truncates its distribution)."""
+        CUDA, when no row truncates or biases its distribution)."""
         return denoise_step(self.model, self.cache, canvas, soft, temp, bound, self.row_chunk,
                             static=self.graphs is not None, uniform=uniform, renoise=renoise, greedy=greedy,
-                            truncation=truncation, alternatives=alternatives)
+                            truncation=truncation, alternatives=alternatives, bias=bias)
 
     # ---- internals ----------------------------------------------------------------------------
     def _new_canvas(self, req: _Request) -> _Row:
@@ -583,6 +622,9 @@ class Engine:
         """Add a committed canvas's tokens to the request (its first carries the prompt's scores) and make its
         event; with a finish `reason`, the request is done: its Result waits in `done`."""
         first = req.canvases <= 1
+        if req.counts is not None and toks:                 # the penalties see every committed token
+            req.counts += torch.bincount(torch.tensor(toks, device=req.counts.device), minlength=self.V)
+            req.rebias()
         req.tokens += toks
         req.logprobs += logprobs
         req.alternatives += alts

@@ -212,7 +212,8 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
                  exponentials: Callable[[int, int], torch.Tensor] | None = None,
                  uniform: torch.Tensor | None = None,
                  renoise: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-                 greedy: torch.Tensor | None = None, truncation: tuple | None = None, alternatives: int = 0):
+                 greedy: torch.Tensor | None = None, truncation: tuple | None = None, alternatives: int = 0,
+                 bias: torch.Tensor | None = None):
     """One denoising step of the rows in `canvas` [B, C] (generate's batch or the engine's requests):
     denoiser pass, then head and sampler chunk by chunk over the B*C canvas rows, then entropy-bound
     acceptance. -> (next canvas, argmax, entropy [B, C], soft [B, C, H], the argmax's log-probability [B, C]).
@@ -227,28 +228,31 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     doubles a chunk's memory: the fast sampler's chunks are then at most half the plain sampler's rows (the
     exact sampler's stay the caller's, whose exponentials(r0, r1) may expect whole canvases).
     alternatives: N > 0 adds two outputs, each position's N most likely tokens [B, C, N] and their log-probabilities
-    [B, C, N] (sampling.sample_rows), under the same distribution as the argmax's log-probability."""
+    [B, C, N] (sampling.sample_rows), under the same distribution as the argmax's log-probability.
+    bias: [B, V] fp32 added to every position's softcapped logits of that row before truncation and temperature
+    (the engine's logit_bias and presence / frequency penalties); None: nothing added."""
     B, C = canvas.shape
     if truncation is not None and exponentials is None:
         row_chunk = max(1, min(row_chunk, sampling.rows_per_chunk(model.config.vocab_size) // 2))
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens, model.embed_scale()
-    fused = exponentials is None and truncation is None and kernels.fused("sampler", h)
+    fused = exponentials is None and truncation is None and bias is None and kernels.fused("sampler", h)
     parts = []
     for r in range(0, B * C, row_chunk):
         hr = h[r:r + row_chunk]                                                 # [rows, H]
         t = temp if temp.dim() == 0 else temp[r:r + row_chunk]
         cut = {} if truncation is None else dict(zip(("top_k", "top_p"), (
             x[r:r + row_chunk] if isinstance(x, torch.Tensor) else x for x in truncation)))
-        if exponentials is not None:
-            parts.append(sampling.sample_rows(model.head(hr), t, exponentials(r, r + hr.shape[0]), emb, scale,
-                                              **cut, alternatives=alternatives))
-        elif fused:   # one Triton kernel over the raw logits [rows, V] (sampling.fused_rows)
+        if fused:     # one Triton kernel over the raw logits [rows, V] (sampling.fused_rows)
             parts.append(sampling.fused_rows(emb.logits(hr), t, model.config.final_logit_softcapping,
                                              uniform[r:r + row_chunk], emb, scale, alternatives))
-        else:         # head: fp32 softcapped logits [rows, V]
-            parts.append(sampling.sample_rows(model.head(hr), t, None, emb, scale, uniform[r:r + row_chunk],
-                                              **cut, alternatives=alternatives))
+            continue
+        logits = model.head(hr)                                                 # fp32 softcapped [rows, V]
+        if bias is not None:                                                    # each canvas row its batch row's
+            logits += bias.index_select(0, torch.arange(r, r + hr.shape[0], device=bias.device) // C)
+        noise = exponentials(r, r + hr.shape[0]) if exponentials is not None else None
+        parts.append(sampling.sample_rows(logits, t, noise, emb, scale, None if noise is not None else
+                                          uniform[r:r + row_chunk], **cut, alternatives=alternatives))
     res = sampling.RowResult.cat(parts, B, C)
     accept = sampling.entropy_bound_accept(res.entropy, bound)
     renoise = renoise() if callable(renoise) else renoise

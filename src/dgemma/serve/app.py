@@ -440,11 +440,27 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
         kwargs["top_logprobs"] = top
     if logprobs and echo is not None:
         kwargs["prompt_logprobs"] = top
+    if req.presence_penalty or req.frequency_penalty:
+        kwargs.update(presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
+    if req.logit_bias:
+        kwargs["logit_bias"] = _logit_bias(req.logit_bias, cfg.vocab_size)
     include = bool(req.stream_options and req.stream_options.include_usage)
     interval = (50 if req.frame_interval_ms is None else req.frame_interval_ms) / 1000 if req.denoising_frames \
         else None
     return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include, interval,
                logprobs=logprobs, top=top, echo=echo)
+
+
+def _logit_bias(given: dict[str, float], vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias (token-id strings -> [-100, 100]) as the engine takes it; a 400 naming it otherwise."""
+    out = {}
+    for k, v in given.items():
+        if not (k.isascii() and k.isdigit() and int(k) < vocab):
+            raise APIError(400, f"logit_bias keys are token ids in [0, {vocab}) (got {k[:20]!r})", "logit_bias")
+        if not -100 <= v <= 100:
+            raise APIError(400, f"logit_bias values lie in [-100, 100] (got {v})", "logit_bias")
+        out[int(k)] = float(v)
+    return out
 
 
 def _submit(st: State, jobs: list[Job], prompts: int) -> None:

@@ -1,7 +1,7 @@
 """The OpenAI request and response shapes the server accepts and sends (pydantic models = the OpenAPI schema).
 
 Knows: which OpenAI fields exist, which of them dgemma honours, which it rejects unless they carry their
-neutral value (penalties, `tools`, `response_format` other than text, `suffix`, ...), the
+neutral value (`tools`, `response_format` other than text, `suffix`, ...), the
 diffusion controls that ride along as extra body fields, and the OpenAI error body. Unknown fields are rejected
 (400), as OpenAI does. `temperature` scales the checkpoint's temperature schedule: T(step) = temperature *
 (t_min + (t_max - t_min) * steps_left / steps); 0 means greedy (accepted positions take the argmax).
@@ -107,9 +107,13 @@ class _Common(DiffusionControls):
         "up to 4 strings; the text ends before the first one generated"))
     seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1, description=(
         "the same request with the same seed gives the same text, batched with others or not"))
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, description="only 0")
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, description="only 0")
-    logit_bias: Optional[dict[str, float]] = Field(None, description="only empty")
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, description=(
+        "subtracted, at every denoising step, from the logits of each token the request has already committed "
+        "(whole canvases; the canvas being denoised is not counted)"))
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, description=(
+        "likewise, times how often the token was committed"))
+    logit_bias: Optional[dict[str, float]] = Field(None, description=(
+        "token id (a string) -> a value in [-100, 100] added to that token's logits at every denoising step"))
     user: Optional[str] = Field(None, description="accepted, not logged")
 
     @field_validator("stop")
@@ -126,13 +130,7 @@ class _Common(DiffusionControls):
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def neutral_checks(self) -> None:
-        """Reject fields dgemma cannot honour unless they carry their neutral value."""
-        for name, ok in (("presence_penalty", not self.presence_penalty),
-                         ("frequency_penalty", not self.frequency_penalty),
-                         ("logit_bias", not self.logit_bias)):
-            if not ok:
-                raise APIError(400, f"{name} is not supported by dgemma (only its default value)", name,
-                               "unsupported_parameter")
+        """Reject field combinations dgemma cannot honour."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
         if self.denoising_frames and not self.stream:

@@ -190,3 +190,25 @@ def test_next_prompt_extends_the_ids_or_re_renders():
     chat.ids = first + tok.encode("Hello,") + [tok.token_to_id("<start_of_turn>")] + tok.encode(" sailor.")
     ids, note = chat.prompt("And?")                                  # a special token the text does not show
     assert note.startswith("re-rendered") and ids == tok.apply_chat_template(full, tokenize=True)
+
+
+def test_presence_penalty_flag_and_command(tmp_path):
+    """--presence-penalty / /presence reach the engine: a reply with repeats loses them (more distinct tokens), the
+    flag and the command give the same reply, a bad value is refused."""
+    def replies(*flags, lines="Once upon a time\n"):                 # (this seed: 64 tokens, half of them repeats)
+        save = tmp_path / "c.json"
+        out = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", "--seed", "5", "--max-new-tokens", "64",
+                              *flags], input=lines + f"/save {save}\n", capture_output=True, text=True, env=ENV,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [m["content"] for m in json.loads(save.read_text()) if m["role"] == "assistant"], out.stderr
+
+    tok = dgemma.load_tokenizer(dgemma.default_model_path())
+    plain, _ = replies()
+    pen, _ = replies("--presence-penalty", "2")
+    ids = [tok.encode(t[0]) for t in (plain, pen)]
+    assert len(set(ids[1])) / len(ids[1]) > len(set(ids[0])) / len(ids[0]) + 0.2     # fewer repeats
+    by_cmd, err = replies(lines="/presence 3\n/presence 2\nOnce upon a time\n")
+    assert "usage: /presence X" in err and "presence 2.0" in err and by_cmd == pen
+    assert subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", "--presence-penalty", "5"],
+                          capture_output=True, text=True, env=ENV, timeout=60).returncode == 2

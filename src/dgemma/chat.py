@@ -30,6 +30,7 @@ HELP = """/reset        start a new conversation
 /seed N|off   seed the following replies (default: unseeded)
 /top_k K      sample each position from its K likeliest tokens (0: all)
 /top_p P      sample each position from its likeliest tokens holding probability P (1: all)
+/presence X   penalise tokens the reply has already committed (-2 to 2; 0: off): less repetition
 /show         toggle the live canvas (terminal only)
 /save FILE    write the conversation as JSON messages
 /help         this text
@@ -45,11 +46,12 @@ class Options:
     show: bool = False
     top_k: int | None = None
     top_p: float | None = None
+    presence: float | None = None
 
     def settings(self) -> dict[str, Any]:
         """The sampler settings given (engine / request field names)."""
         given = {"max_denoising_steps": self.steps, "entropy_bound": self.bound, "top_k": self.top_k,
-                 "top_p": self.top_p}
+                 "top_p": self.top_p, "presence_penalty": self.presence}
         return {k: v for k, v in given.items() if v is not None}
 
 
@@ -319,7 +321,7 @@ def _error(r: Any) -> str:
 # ---- the loop ---------------------------------------------------------------------------------------------
 USAGE = {"steps": "/steps N (a positive integer)", "bound": "/bound X (a number > 0)",
          "seed": "/seed N (an integer) or /seed off", "save": "/save FILE", "top_k": "/top_k K (an integer >= 0)",
-         "top_p": "/top_p P (a number in [0, 1])"}
+         "top_p": "/top_p P (a number in [0, 1])", "presence": "/presence X (a number in [-2, 2])"}
 
 
 def _check(value: Any, ok: Any) -> Any:
@@ -338,7 +340,7 @@ def command(line: str, chat: Local | Remote, opt: Options, ui: UI) -> bool:
         elif name == "reset":
             chat.reset()
             ui.info("(new conversation)")
-        elif name in ("steps", "bound", "seed", "top_k", "top_p"):
+        elif name in ("steps", "bound", "seed", "top_k", "top_p", "presence"):
             if name == "steps":
                 opt.steps = _check(int(arg), lambda n: n >= 1)
             elif name == "bound":
@@ -347,10 +349,13 @@ def command(line: str, chat: Local | Remote, opt: Options, ui: UI) -> bool:
                 opt.top_k = _check(int(arg), lambda n: n >= 0)
             elif name == "top_p":
                 opt.top_p = _check(float(arg), lambda x: 0 <= x <= 1)
+            elif name == "presence":
+                opt.presence = _check(float(arg), lambda x: -2 <= x <= 2) or None
             else:
                 opt.seed = None if arg == "off" else _check(int(arg), lambda n: -2**63 <= n < 2**64)
             ui.info(f"(steps {opt.steps or 'default'}, bound {opt.bound or 'default'}, seed {opt.seed}, "
-                    f"top_k {opt.top_k or 'off'}, top_p {opt.top_p if opt.top_p is not None else 'off'})")
+                    f"top_k {opt.top_k or 'off'}, top_p {opt.top_p if opt.top_p is not None else 'off'}, "
+                    f"presence {opt.presence or 'off'})")
         elif name == "show" and ui.console is None:
             ui.info("/show: the live canvas needs a terminal (and rich)")
         elif name == "show":
@@ -409,7 +414,7 @@ def run(chat: Local | Remote, opt: Options, ui: UI) -> int:
 
 
 def add_chat(sub: Any) -> None:
-    from dgemma.cli import _fraction, _non_negative, _positive, add_weights_args, seed
+    from dgemma.cli import _fraction, _non_negative, _penalty, _positive, add_weights_args, seed
     p = sub.add_parser("chat", help="chat in the terminal, watching the canvas denoise",
                        description="Chat in the terminal with a model in this process (default: the shipped model) "
                                    "or a running `dgemma serve` (--url). Slash commands: /help.")
@@ -424,6 +429,8 @@ def add_chat(sub: Any) -> None:
     p.add_argument("--top-k", type=_non_negative, metavar="K", help="sample each position from its K likeliest tokens")
     p.add_argument("--top-p", type=_fraction, metavar="P",
                    help="sample each position from its likeliest tokens holding probability P (nucleus)")
+    p.add_argument("--presence-penalty", type=_penalty, metavar="X",
+                   help="penalise tokens a reply has already committed, -2 to 2 (less repetition)")
     p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="at most N tokens per reply")
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     p.add_argument("--show-denoising", action="store_true", help="redraw the canvas at every denoising pass")
@@ -442,6 +449,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     show = args.show_denoising and ui.console is not None
     if args.show_denoising and not show and sys.stdout.isatty():
         ui.info("(--show-denoising needs rich: pip install rich)")
-    opt = Options(args.steps, args.bound, args.seed, args.max_new_tokens, show, args.top_k, args.top_p)
+    opt = Options(args.steps, args.bound, args.seed, args.max_new_tokens, show, args.top_k, args.top_p,
+                  args.presence_penalty or None)
     chat = (Remote if args.url else Local)(args, args.system)
     return run(chat, opt, ui)

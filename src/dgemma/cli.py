@@ -55,6 +55,7 @@ def _argument(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: st
 _positive = _argument(int, lambda n: n >= 1, "a positive integer")
 _non_negative = _argument(int, lambda n: n >= 0, "an integer >= 0")
 _fraction = _argument(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")       # (NaN fails the test)
+_penalty = _argument(float, lambda x: -2 <= x <= 2, "a number in [-2, 2]")
 
 
 def _model_dir(given: str | None) -> Path:

@@ -466,8 +466,24 @@ def test_engine_rejects_bad_logprob_counts(tmp_path):
     for bad in (dict(top_logprobs=-1), dict(prompt_logprobs=m.config.vocab_size + 1), dict(top_logprobs=1.5)):
         with pytest.raises(ValueError, match="logprobs must be an int"):
             eng.submit([21, 22], **bad)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        eng.submit([21, 22], max_new_tokens=-1)
+    for bad in (-1, 0.0, False):                        # (0 encodes only; 0.0 and False are not 0)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            eng.submit([21, 22], max_new_tokens=bad)
+
+
+def test_a_failed_step_keeps_the_requests_it_ended(tmp_path, monkeypatch):
+    """A request that ended in the prompt phase (max_new_tokens 0) still comes out of the next step when the
+    denoising part of the step that ended it raised."""
+    eng = Engine(peaky(tmp_path), max_batch=2)
+    eng.submit([21, 22, 23], seed=1, request_id="running", max_new_tokens=8)
+    eng.step()                                          # "running" denoises from now on
+    eng.submit([21, 22], request_id="scored", max_new_tokens=0, prompt_logprobs=0)
+    real = eng._denoise
+    monkeypatch.setattr(eng, "_denoise", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        eng.step()
+    monkeypatch.setattr(eng, "_denoise", real)
+    assert [e.request_id for e in eng.step() if e.request_id == "scored"] == ["scored"]
 
 
 @pytest.mark.parametrize("sampler", ["exact", "fast"])

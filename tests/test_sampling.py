@@ -326,3 +326,18 @@ def test_alternatives_are_the_most_likely_tokens_of_the_distribution(k, p):
         assert torch.allclose(r.top_logprobs[kept], vals[kept], atol=1e-4)
         assert (r.top_logprobs[~kept] == -torch.inf).all()
         assert torch.equal(r.top_ids[:, 0], r.argmax) and torch.equal(r.top_logprobs[:, 0], r.logprob)
+
+
+def test_alternatives_put_the_argmax_first_on_ties():
+    """Where several tokens tie for the max, the first alternative is the argmax the sampler commits (topk may order
+    the tied ones differently), exact and fast alike; argmax_first keeps the rest of the ids."""
+    V = 40
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(1))
+    logits[:, [3, 17, 29]] = 9.0                     # a three-way tie for the max in every row
+    temp = torch.tensor(0.5)
+    for kw in (dict(noise=torch.empty(6, V).exponential_(1)), dict(uniform=torch.rand(6))):
+        r = sampling.sample_rows(logits.clone(), temp, alternatives=2, **kw)
+        assert torch.equal(r.top_ids[:, 0], r.argmax) and (r.argmax == 3).all()
+        assert torch.equal(r.top_logprobs[:, 0], r.top_logprobs[:, 1])     # (both tied tokens)
+    ids = torch.tensor([[17, 3, 29], [17, 29, 5], [3, 17, 29]])
+    assert sampling.argmax_first(ids, torch.tensor([3, 3, 3])).tolist() == [[3, 17, 29], [3, 29, 5], [3, 17, 29]]

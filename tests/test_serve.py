@@ -4,6 +4,7 @@ disconnect, 429, 401, bad input (400/404 naming the parameter), prefix-reuse exa
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -341,7 +342,6 @@ BAD = [  # (body changes, status, param)
     ({"stop": "x" * 300}, 400, "stop"),
     ({"t_min": 2.0, "t_max": 1.0}, 400, "t_max"),
     ({"t_min": 5e-324}, 400, "t_min"),    # 0 in fp32: logits / 0 gave NaN log-probabilities (a 500)
-    ({"temperature": 1e-300, "logprobs": True}, 400, "temperature"),
     ({"max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
@@ -394,6 +394,7 @@ def test_malformed_json_and_unknown_routes(server):
         r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": bad}, headers=h)
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", bad
     for bad in ({"logprobs": 21}, {"logprobs": True}, {"max_tokens": -1}, {"echo": 1}, {"logit_bias": {"x": 1}},
+                {"logit_bias": {"1" * 5000: 1}}, {"logit_bias": {"0" * 5000: 1}},
                 {"logit_bias": {"-1": 1}}, {"logit_bias": {"99999": 1}}, {"logit_bias": {"5": 101}},
                 {"logit_bias": {"٣": 1}}, {"presence_penalty": 2.5}, {"frequency_penalty": -3}):
         r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "a", **bad}, headers=h)
@@ -636,6 +637,19 @@ def test_completions_echo_logprobs_batches_and_streams(server, tok):
                 tokens += d.logprobs.tokens
                 offsets += d.logprobs.text_offset
     assert (text, tokens, offsets) == (r.text, lp.tokens, lp.text_offset)
+    # text_offset in a text whose characters are split across byte tokens: each token's text where its offset says
+    # (a token holding part of a character starts where the character does)
+    odd = "Ein Café in Köln: 日本語 😀 and"
+    r = c.completions.create(prompt=odd, logprobs=0, echo=True, **kw).choices[0]
+    ids = tok.encode_prompt(odd) + tok.encode(r.text[len(odd):])
+    assert r.text.startswith(odd) and len(r.logprobs.text_offset) >= len(tok.encode_prompt(odd))
+    offs = r.logprobs.text_offset
+    assert offs == sorted(offs) and offs[0] == 0 and offs[-1] <= len(r.text)     # (an EOS: empty, at the end)
+    pieces = [tok.decode([i], skip_special_tokens=True) for i in ids]
+    whole = [(o, p) for o, p in zip(offs, pieces) if "\ufffd" not in p]
+    assert len(whole) > 10 and all(r.text[o:o + len(p)] == p for o, p in whole)
+    split = [o for o, p in zip(offs, pieces) if p == "\ufffd"]
+    assert split and all(r.text[o] in "éö日本語😀" for o in split)
 
 
 def test_tokenizer_routes(server, tok):
@@ -684,3 +698,15 @@ def test_logit_bias_and_penalties(server, tok):
     kw = dict(max_tokens=24, temperature=0, presence_penalty=1.5, frequency_penalty=0.5)
     a, b = chat(c, "Tell me a story", **kw), chat(c, "Tell me a story", **kw)
     assert a.choices[0].message.content == b.choices[0].message.content and a.usage.completion_tokens > 0
+
+
+def test_a_tiny_temperature_is_held_at_the_floor(server):
+    """temperature x t_min below MIN_TEMPERATURE (1e-4; a denormal is 0 in fp32, and logits / 0 gave NaN
+    log-probabilities, a 500) runs at the floor: finite log-probabilities, the same text for 1e-300 and 1e-6."""
+    c = client(server)
+    texts = []
+    for t in (1e-300, 1e-6):
+        r = chat(c, "Say something", seed=6, temperature=t, logprobs=True, top_logprobs=2)
+        assert all(math.isfinite(e.logprob) for e in r.choices[0].logprobs.content)
+        texts.append(r.choices[0].message.content)
+    assert texts[0] == texts[1]

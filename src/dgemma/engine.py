@@ -208,7 +208,7 @@ class Engine:
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        if settings.get("max_new_tokens") == 0:            # encode only (see submit): the rest checked as usual
+        if type(settings.get("max_new_tokens")) is int and settings["max_new_tokens"] == 0:   # encode only (submit)
             return replace(self.settings(**{**settings, "max_new_tokens": 1}), max_new_tokens=0)
         return resolve_settings(self.model, **{k: settings.get(k, _UNSET) for k in SETTINGS})
 
@@ -356,7 +356,11 @@ class Engine:
         if not self.rows:
             return ended
         self.stats.rows = len(self.rows)
-        events = self._denoise()
+        try:
+            events = self._denoise()
+        except BaseException:                 # (a failed step: the requests ended in _prefill still go out)
+            self._ended[:0] = ended
+            raise
         self.stats.pass_s = time.perf_counter() - t1
         return ended + events
 

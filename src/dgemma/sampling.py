@@ -95,6 +95,17 @@ def alternatives_of(lam: torch.Tensor, n: int, log_norm: torch.Tensor) -> tuple[
     return ids, vals - log_norm
 
 
+def argmax_first(ids: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """topk's ids [rows, n] with each row's argmax [rows] first: where several entries tie for the max, topk may put
+    another of them first (their values are equal, so the log-probabilities stand as they are)."""
+    hit = ids == amax[:, None]
+    where = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), 0)      # amax's column (0: not among them)
+    out = ids.clone()
+    out[torch.arange(len(ids), device=ids.device), where] = ids[:, 0]    # the old first takes its place
+    out[:, 0] = amax
+    return out
+
+
 def truncation_on(top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> bool:
     """Does (top_k, top_p) drop anything? Numbers: top_k > 0 or top_p < 1; tensors (per-row values) always do."""
     return isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor) or top_k > 0 or top_p < 1
@@ -181,8 +192,9 @@ def sample_rows(logits: torch.Tensor, temp: torch.Tensor, noise: torch.Tensor | 
             lam.to(embedding.dtype), dim=-1, dtype=torch.float32)
         soft = embedding.mix(p_sc) * embed_scale
     amax, lse = torch.argmax(lam, dim=-1), lam.logsumexp(dim=-1, keepdim=True)            # [n], [n, 1]
-    top = alternatives_of(lam, alternatives, lse) if alternatives else (None, None)       # (dropped: -inf)
-    return RowResult(sample, amax, entropy(lam, lse), soft, (lam.gather(1, amax[:, None]) - lse)[:, 0], *top)
+    top_ids, top_lps = alternatives_of(lam, alternatives, lse) if alternatives else (None, None)   # (dropped: -inf)
+    return RowResult(sample, amax, entropy(lam, lse), soft, (lam.gather(1, amax[:, None]) - lse)[:, 0],
+                     None if top_ids is None else argmax_first(top_ids, amax), top_lps)
 
 
 def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding, embed_scale: torch.Tensor | None,
@@ -208,7 +220,7 @@ def _fast_rows(lam: torch.Tensor, uniform: torch.Tensor, embedding, embed_scale:
         res.top_logprobs = alt_lam.sub_(top[:, None]).sub_(log_z[:, None])
         if drop is not None:
             res.top_logprobs.masked_fill_(drop.gather(1, alt_ids), -torch.inf)
-        res.top_ids = alt_ids
+        res.top_ids = argmax_first(alt_ids, amax)
     return res
 
 
@@ -293,8 +305,9 @@ def fused_rows(raw: torch.Tensor, temp: torch.Tensor, cap: float | None, uniform
         def lam(x: torch.Tensor) -> torch.Tensor:                 # the kernel's lam of raw logits x [n, m]
             x = x.float()
             return (x if not cap else torch.tanh(x / cap) * cap) / t[:, None]
-        vals, res.top_ids = raw.topk(alternatives, dim=-1)
-        res.top_logprobs = lam(vals) - lam(raw.gather(1, amax[:, None])) - z.log()[:, None]
+        vals, ids = raw.topk(alternatives, dim=-1)
+        res.top_ids, res.top_logprobs = argmax_first(ids, amax), lam(vals) - lam(raw.gather(1, amax[:, None])) - \
+            z.log()[:, None]
     return res
 
 

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body, now, usage)
-from .text import TextStream, frame_json, token_text
+from .text import TextStream, char_offsets, frame_json, token_text
 
 log = logging.getLogger("dgemma.serve")
 
@@ -139,6 +139,7 @@ class Job:
     logprobs: bool = False                   # send each token's log-probability (chat: logprobs=true)
     top: int = 0                             # ... with this many alternatives
     echo: str | None = None                  # completions' echo: the prompt's text, sent first
+    offsets: bool = False                    # completions' logprobs: each entry with its text_offset
 
 
 SEEDS = 2 ** 64                              # seeds are taken modulo this (the API's range is -2^63 .. 2^64 - 1)
@@ -416,10 +417,10 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     t_min = req.t_min if req.t_min is not None else base.t_min
     t_max = req.t_max if req.t_max is not None else base.t_max
     from dgemma.config import MIN_TEMPERATURE
-    if 0 < tau and t_min * tau < MIN_TEMPERATURE <= t_min:
-        raise APIError(400, f"temperature x t_min ({tau} x {t_min}) must be >= {MIN_TEMPERATURE} (temperature 0 "
-                            "is greedy)", "temperature")
-    kwargs: dict[str, Any] = dict(max_new_tokens=limit, t_min=t_min * (tau or 1.0), t_max=t_max * (tau or 1.0))
+    scaled = [t * (tau or 1.0) for t in (t_min, t_max)]
+    if tau > 0 and t_min >= MIN_TEMPERATURE:       # a tiny temperature: the schedule held at the floor (near greedy)
+        scaled = [max(t, MIN_TEMPERATURE) for t in scaled]
+    kwargs: dict[str, Any] = dict(max_new_tokens=limit, t_min=scaled[0], t_max=scaled[1])
     for name in _PASSED_ON:
         if getattr(req, name) is not None:
             kwargs[name] = getattr(req, name)
@@ -448,14 +449,14 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     interval = (50 if req.frame_interval_ms is None else req.frame_interval_ms) / 1000 if req.denoising_frames \
         else None
     return Job(f"{prefix}-{uuid.uuid4().hex[:24]}", list(ids), kwargs, req.stops(), chat, include, interval,
-               logprobs=logprobs, top=top, echo=echo)
+               logprobs=logprobs, top=top, echo=echo, offsets=logprobs and chat is None)
 
 
 def _logit_bias(given: dict[str, float], vocab: int) -> dict[int, float]:
     """OpenAI's logit_bias (token-id strings -> [-100, 100]) as the engine takes it; a 400 naming it otherwise."""
     out = {}
     for k, v in given.items():
-        if not (k.isascii() and k.isdigit() and int(k) < vocab):
+        if not (k.isascii() and k.isdigit() and len(k) <= 12 and int(k) < vocab):   # (int() of 5,000 digits: error)
             raise APIError(400, f"logit_bias keys are token ids in [0, {vocab}) (got {k[:20]!r})", "logit_bias")
         if not -100 <= v <= 100:
             raise APIError(400, f"logit_bias values lie in [-100, 100] (got {v})", "logit_bias")
@@ -522,7 +523,8 @@ async def _merged(st: State, jobs: list[Job]) -> AsyncIterator[tuple[int, tuple]
 async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     """Yield the submitted job's ("text", delta, logprob entries of the tokens it counts) as canvases commit (with
     job.logprobs also for a canvas whose text is held back; with job.echo the prompt first), then ("end",
-    finish_reason, usage). An entry: (token id, log-probability or None, [(id, log-probability)] alternatives).
+    finish_reason, usage). An entry: (token id, log-probability or None, [(id, log-probability)] alternatives,
+    where its text starts in the choice's text (with job.offsets; else 0)).
     Cancels the request if the consumer goes away (client disconnect) or a stop string ends it."""
     worker, m, q = st.worker, st.metrics, job.events
     text, n_tokens, t0, first = TextStream(st.tok, job.stops), 0, time.perf_counter(), True
@@ -544,7 +546,9 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                     m.ttfc.observe(time.perf_counter() - t0)
                     first = False
                     if job.echo is not None:     # (a prompt's scores come with its first canvas)
-                        yield "text", job.echo, list(zip(job.ids, p.prompt_logprobs, p.prompt_top_logprobs)) \
+                        at = [min(o, len(job.echo)) for o in char_offsets(st.tok, st.pieces, job.ids)] \
+                            if job.offsets else [0] * len(job.ids)   # (a prompt spelling a special token: clipped)
+                        yield "text", job.echo, list(zip(job.ids, p.prompt_logprobs, p.prompt_top_logprobs, at)) \
                             if job.logprobs else []
                 n_tokens += len(p.tokens)
                 delta = text.push(p.tokens, final=p.finished)
@@ -552,7 +556,9 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 if job.logprobs:     # the tokens whose text went out (all at the end; up to a stop string)
                     entries += zip(p.tokens, p.logprobs, p.top_logprobs)
                     upto = len(text.ids) if p.finished and not text.stopped else text.covered()
-                    out, sent = entries[sent:upto], max(sent, upto)
+                    at = [len(job.echo or "") + o for o in char_offsets(st.tok, st.pieces, text.ids)] \
+                        if job.offsets and upto > sent else [0] * len(text.ids)
+                    out, sent = [(*e, at[i]) for i, e in enumerate(entries[sent:upto], sent)], max(sent, upto)
                 if delta or out:
                     yield "text", delta, out
                 if text.stopped:                          # count the tokens up to the stop string
@@ -578,20 +584,16 @@ def _chat_logprobs(st: State, entries: list[tuple]) -> list[dict]:
         raw = st.tok.token_bytes(t)                 # (a piece of a UTF-8 character decodes to U+FFFD)
         return {"token": token_text(st.tok, st.pieces, t), "logprob": lp, "bytes": None if raw is None else list(raw)}
     return [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts if math.isfinite(alp)]}
-            for t, lp, alts in entries]
+            for t, lp, alts, _ in entries]
 
 
-def _text_logprobs(st: State, entries: list[tuple], offset: int) -> tuple[dict, int]:
-    """The completions API's logprobs object for entries whose text starts at character `offset` of the choice's
-    text -> (it, the offset after them). text_offset: where each token's text starts (special tokens take none; a
-    token holding part of a character, its replacement character). top_logprobs: per token a {text:
-    log-probability} of its alternatives and itself (None where the token has no log-probability: a prompt's
-    first)."""
-    tokens, tops, offsets = [], [], []
-    for t, lp, alts in entries:
+def _text_logprobs(st: State, entries: list[tuple]) -> dict:
+    """The completions API's logprobs object for entries (see _events; text_offset: where each token's text starts
+    in the choice's text). top_logprobs: per token a {text: log-probability} of its alternatives and itself (None
+    where the token has no log-probability: a prompt's first)."""
+    tokens, tops = [], []
+    for t, lp, alts, _ in entries:
         tokens.append(token_text(st.tok, st.pieces, t))
-        offsets.append(offset)
-        offset += len(token_text(st.tok, st.pieces, t, shown=True))
         if lp is None:
             tops.append(None)
             continue
@@ -601,8 +603,8 @@ def _text_logprobs(st: State, entries: list[tuple], offset: int) -> tuple[dict, 
                 top.setdefault(token_text(st.tok, st.pieces, a), alp)
         top.setdefault(tokens[-1], lp)
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
-            "text_offset": offsets}, offset
+    return {"tokens": tokens, "token_logprobs": [e[1] for e in entries], "top_logprobs": tops,
+            "text_offset": [e[3] for e in entries]}
 
 
 def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: float) -> dict:
@@ -637,25 +639,21 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
     job = base[0]                                       # (the request-wide fields: id, logprobs, usage)
     created, name, route, rid = now(), st.cfg.model_name, request.url.path, job.rid
     jobs = [c for p, b in enumerate(base) for c in _choices(b, n, p * n)]
-    offsets = [0] * len(jobs)                           # completions' text_offset so far, per choice
 
-    def logprobs(i: int, entries: list | None) -> dict | None:
+    def logprobs(entries: list | None) -> dict | None:
         if not job.logprobs or entries is None:
             return None
-        if chat:
-            return {"content": _chat_logprobs(st, entries)}
-        lp, offsets[i] = _text_logprobs(st, entries, offsets[i])
-        return lp
+        return {"content": _chat_logprobs(st, entries)} if chat else _text_logprobs(st, entries)
 
     if chat:
         def piece(i: int, delta: dict, finish: str | None, entries: list | None = None) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs(i, entries),
+                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs(entries),
                                  "finish_reason": finish}]}
     else:
         def piece(i: int, delta: dict, finish: str | None, entries: list | None = None) -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": i, "text": delta.get("content", ""), "logprobs": logprobs(i, entries),
+                    "choices": [{"index": i, "text": delta.get("content", ""), "logprobs": logprobs(entries),
                                  "finish_reason": finish}]}
 
     _submit(st, jobs, len(base))
@@ -700,7 +698,7 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
                 ends[i] = ev
         choices = []
         for i, end in enumerate(ends):
-            choice: dict[str, Any] = {"index": i, "logprobs": logprobs(i, entries[i]), "finish_reason": end[1]}
+            choice: dict[str, Any] = {"index": i, "logprobs": logprobs(entries[i]), "finish_reason": end[1]}
             if chat:
                 choice["message"] = {"role": "assistant", "content": "".join(parts[i])}
             else:

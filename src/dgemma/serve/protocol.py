@@ -72,7 +72,8 @@ class DiffusionControls(_Strict):
                                                description="maximum denoiser passes per canvas")
     entropy_bound: Optional[float] = Field(None, gt=0, le=1e6, description=(
         "per step, accept the lowest-entropy positions while their summed entropy stays within this bound"))
-    t_min: Optional[float] = Field(None, gt=0, le=100, description="temperature of the last denoising step")
+    t_min: Optional[float] = Field(None, gt=0, le=100, description=(
+        "temperature of the last denoising step (at least 1e-4)"))
     t_max: Optional[float] = Field(None, gt=0, le=100, description="temperature of the first denoising step")
     confidence_threshold: Optional[float] = Field(None, ge=0, le=1e6, description=(
         "a canvas commits early once its argmax is stable and its mean entropy is below this"))
@@ -93,7 +94,8 @@ class _Common(DiffusionControls):
         "exact upper bound on generated tokens (default: the checkpoint's max_new_tokens, less where the "
         "context ends sooner)"))
     temperature: Optional[float] = Field(None, ge=0, le=2, description=(
-        "scales the denoising temperature schedule; 0 = greedy argmax (default 1)"))
+        "scales the denoising temperature schedule; 0 = greedy argmax (default 1); a scaled temperature below "
+        "1e-4 is held there (fp32 logits / T must stay finite)"))
     top_p: Optional[float] = Field(None, ge=0, le=1, description=(
         "nucleus truncation of each position's distribution at every denoising step (1: off), before the "
         "temperature schedule; the entropies that decide acceptance are those of the truncated distribution"))

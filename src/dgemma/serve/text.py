@@ -75,6 +75,21 @@ def token_text(tokenizer, pieces: dict[int, str], token: int, shown: bool = Fals
     return pieces[key]
 
 
+def char_offsets(tokenizer, pieces: dict[int, str], ids: list[int]) -> list[int]:
+    """Where each token's text starts in decode(ids) (special tokens skipped, as a reply's text is). Each token's own
+    text (`token_text`, shown) when they add up to the whole; else (a character split across tokens, a tokenizer
+    that joins pieces differently) the length of the text of the tokens before it, less a trailing part of a
+    character: one decode per token."""
+    own = [token_text(tokenizer, pieces, t, shown=True) for t in ids]
+    if "".join(own) == tokenizer.decode(ids, skip_special_tokens=True):
+        out, at = [], 0
+        for piece in own:
+            out.append(at)
+            at += len(piece)
+        return out
+    return [len(tokenizer.decode(ids[:i], skip_special_tokens=True).rstrip("\ufffd")) for i in range(len(ids))]
+
+
 def frame_json(frame, tokenizer, pieces: dict[int, str]) -> dict:
     """An engine `Frame` as the JSON the server streams and the terminal chat draws: token ids plus each one's
     text (`token_text`), states, entropies (4 decimals)."""

@@ -255,12 +255,14 @@ def test_a_burst_starts_together_and_a_late_prompt_is_encoded_a_chunk_per_step(t
 
 
 def _run_engine(m, prompts, cuda_graphs, device="cpu"):
+    """Four requests through one engine, the last arriving mid-flight; the second asks for 2 alternatives per token
+    (its steps take the top-N graph). -> ([(tokens, alternatives' ids)], engine)."""
     eng = Engine(m, max_batch=3, sampler="fast", cuda_graphs=cuda_graphs)
-    ids = [eng.submit(p, seed=50 + i, **KW) for i, p in enumerate(prompts[:3])]
+    ids = [eng.submit(p, seed=50 + i, top_logprobs=2 if i == 1 else 0, **KW) for i, p in enumerate(prompts[:3])]
     eng.step()
     ids.append(eng.submit(prompts[3], seed=53, **KW))       # arrives mid-flight, rows of different lengths
     res = eng.run()
-    return [res[i].tokens for i in ids], eng
+    return [(res[i].tokens, [[t for t, _ in a] for a in res[i].top_logprobs]) for i in ids], eng
 
 
 def test_engine_static_step_equals_dynamic(tmp_path):
@@ -270,7 +272,7 @@ def test_engine_static_step_equals_dynamic(tmp_path):
     prompts = [torch.randint(20, 512, (n,), generator=g).tolist() for n in (3, 14, 6, 9)]
     dyn, _ = _run_engine(m, prompts, cuda_graphs=False)
     st, eng = _run_engine(m, prompts, cuda_graphs=True)
-    assert eng.graphs is not None and dyn == st
+    assert eng.graphs is not None and dyn == st and len(st[1][1][0]) == 2 and st[0][1][0] == []
 
 
 @pytest.mark.gpu

@@ -411,7 +411,7 @@ def test_fused_sampler_rows_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available() or not kernels.triton_installed(), reason="needs CUDA and triton")
 def test_fused_sampler_on_cuda():
     """bf16 head logits of the 26B-A4B vocabulary: sampling.fused_rows = the torch fast sampler up to rounding
-    (samples equal on >= 99% of rows), and a CUDA graph replays it exactly."""
+    (samples equal on >= 99% of rows; 5 alternatives, the argmax first), and a CUDA graph replays it exactly."""
     from dgemma import sampling
     from dgemma.model import Embedding
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -423,18 +423,21 @@ def test_fused_sampler_on_cuda():
     temp, u, scale = torch.tensor(0.6, device="cuda"), torch.rand(n, device="cuda", generator=g), torch.tensor(53.0)
     with torch.inference_mode():
         raw = emb.logits(h)
-        want = sampling.sample_rows(torch.tanh(raw.float() / 30) * 30, temp, None, emb, scale, u)
-        got = sampling.fused_rows(raw, temp, 30.0, u, emb, scale)
+        want = sampling.sample_rows(torch.tanh(raw.float() / 30) * 30, temp, None, emb, scale, u, alternatives=5)
+        got = sampling.fused_rows(raw, temp, 30.0, u, emb, scale, 5)
         assert torch.equal(got.argmax, want.argmax)
         assert float((got.sample == want.sample).float().mean()) >= 0.99
         assert torch.allclose(got.entropy, want.entropy, rtol=1e-3, atol=1e-3)
         assert _rel(got.soft, want.soft) < 1e-2
+        assert torch.equal(got.top_ids[:, 0], got.argmax) and torch.equal(got.top_logprobs[:, 0], got.logprob)
+        assert torch.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-3, atol=1e-3)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = sampling.fused_rows(raw, temp, 30.0, u, emb, scale)
+            captured = sampling.fused_rows(raw, temp, 30.0, u, emb, scale, 5)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured.sample, got.sample) and torch.equal(captured.soft, got.soft)
+        assert torch.equal(captured.top_ids, got.top_ids)
 
 
 ROPE_INTERPRETED = r"""

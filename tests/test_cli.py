@@ -103,6 +103,20 @@ def test_generate_top_k_top_p(model_dir, capsys):
     assert run(capsys, *args, "--top-k", "0", "--top-p", "1", "w10 w11")[1] == plain      # 0 / 1: off
 
 
+def test_generate_penalties(model_dir, capsys):
+    """--presence-penalty / --frequency-penalty reach generate (the same text as the Python call); 0 is off."""
+    import torch
+    args = ("generate", "--model", model_dir, "--seed", "0", "--max-new-tokens", 24)
+    _, plain, _ = run(capsys, *args, "w10 w11")
+    rc, pen, err = run(capsys, *args, "--presence-penalty", "2", "--frequency-penalty", "1", "w10 w11")
+    assert rc == 0 and err == "" and pen != plain
+    assert run(capsys, *args, "--presence-penalty", "0", "w10 w11")[1] == plain
+    m, tok = dgemma.load(model_dir), dgemma.load_tokenizer(model_dir)
+    ids = tok.encode_prompt("w10 w11")
+    out = m.generate(torch.tensor([ids]), seed=0, max_new_tokens=24, presence_penalty=2.0, frequency_penalty=1.0)
+    assert pen.strip() == tok.decode(out.sequences[0, len(ids):].tolist()).strip()
+
+
 def test_generate_chat(model_dir, capsys):
     rc, out, err = run(capsys, "generate", "--model", model_dir, "--chat", "--seed", "1", "--max-new-tokens", 16,
                        "--steps", 4, "w20 w21")
@@ -159,6 +173,8 @@ def test_stream_stops_at_eos_skips_pad_and_flushes_per_canvas():
     (["generate", "--model", "{model}", "--seed", str(10 ** 23), "hi"], "--seed"),
     (["generate", "--model", "{model}", "--top-k", "-1", "hi"], "--top-k"),
     (["generate", "--model", "{model}", "--top-p", "1.2", "hi"], "--top-p"),
+    (["generate", "--model", "{model}", "--presence-penalty", "3", "hi"], "--presence-penalty"),
+    (["generate", "--model", "{model}", "--frequency-penalty", "nan", "hi"], "--frequency-penalty"),
     (["generate", "--model", "{model}", "--dtype", "int8", "hi"], "--dtype"),
     (["generate", "--model", "{model}", "--device", "nosuchdevice", "hi"], "unknown device"),
     (["generate", "--model", "{model}", "  "], "empty prompt"),

@@ -530,3 +530,17 @@ def test_logit_bias_and_penalties(tmp_path, monkeypatch, sampler):
         seen = torch.bincount(torch.tensor(toks[:canvas * C], dtype=torch.long), minlength=V).float()
         assert torch.equal(bias[0], -(1.5 * (seen > 0) + 2.0 * seen)), i
     assert len(steps) == kw["max_denoising_steps"] * -(-len(toks) // C) and (steps[-1][1][0] < 0).any()
+    # generate's own loop applies the same: its tokens equal the engine's (batch 1), with logit_bias too
+    for extra in (dict(presence_penalty=1.5, frequency_penalty=2.0), dict(logit_bias={77: 100.0}),
+                  dict(presence_penalty=30.0, logit_bias={common: 5.0})):
+        eng = Engine(m, max_batch=1, sampler=sampler)
+        rid = eng.submit(prompt, seed=9, **kw, **extra)
+        out = m.generate(torch.tensor([prompt]), seed=9, sampler=sampler, **kw, **extra)
+        got = eng.run()[rid].tokens                     # (generate returns whole canvases: the engine cuts at 24)
+        assert got == out.sequences[0, len(prompt):len(prompt) + len(got)].tolist(), extra
+    strong = m.generate(torch.tensor([prompt]), seed=9, sampler=sampler, presence_penalty=30.0, **kw)
+    new = strong.sequences[0, len(prompt):].tolist()
+    assert new != plain and all(t not in new[:(i // C) * C] for i, t in enumerate(new))   # no token twice across
+    for bad in (dict(presence_penalty=float("nan")), dict(frequency_penalty=True), dict(logit_bias={V: 1.0})):
+        with pytest.raises(ValueError):
+            m.generate(torch.tensor([prompt]), seed=9, **kw, **bad)

@@ -117,6 +117,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="sample each position from its K likeliest tokens (0: all, the default)")
     p.add_argument("--top-p", type=_fraction, metavar="P",
                    help="sample each position from its likeliest tokens holding probability P (nucleus)")
+    p.add_argument("--presence-penalty", type=_penalty, metavar="X",
+                   help="penalise tokens already committed, -2 to 2 (less repetition; 0: off, the default)")
+    p.add_argument("--frequency-penalty", type=_penalty, metavar="X",
+                   help="penalise tokens by how often they were committed, -2 to 2")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_weights_args(p)
     p.add_argument("--sampler", choices=("auto", "exact", "fast"), default="auto",
@@ -179,7 +183,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos = set(sc.eos_token_id or []) | ({tok.eos_token_id} - {None})
     stream = Stream(tok, eos, sc.pad_token_id, args.max_new_tokens)
     given = {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "top_k": args.top_k,
-             "top_p": args.top_p}
+             "top_p": args.top_p, "presence_penalty": args.presence_penalty,
+             "frequency_penalty": args.frequency_penalty}
     out = model.generate(torch.tensor([ids]), seed=args.seed, on_canvas=stream, sampler=args.sampler,
                          **{k: v for k, v in given.items() if v is not None})
     t2 = time.perf_counter()

@@ -37,7 +37,7 @@ import torch
 from . import graphs, sampling
 from .cache import KVCache
 from .config import SamplerConfig
-from .generate import _UNSET, check_positions, default_row_chunk, denoise_step, resolve_settings
+from .generate import _UNSET, check_penalties, check_positions, default_row_chunk, denoise_step, resolve_settings
 from .prefix import PrefixStore
 
 Alternatives = list[tuple[int, float]]   # a position's most likely tokens and their log-probabilities, descending
@@ -132,11 +132,7 @@ class _Request:
 
     def rebias(self) -> None:
         """`bias` from logit_bias and the penalties of the counts so far (at submit, and after each commit)."""
-        if self.counts is None:
-            self.bias = self.logit_bias
-            return
-        pen = self.presence * (self.counts > 0) + self.frequency * self.counts
-        self.bias = -pen if self.logit_bias is None else self.logit_bias - pen
+        self.bias = sampling.penalised(self.logit_bias, self.counts, self.presence, self.frequency)
 
 
 @dataclass
@@ -234,12 +230,7 @@ class Engine:
         for name, n in (("top_logprobs", top_logprobs), ("prompt_logprobs", prompt_logprobs)):
             if n is not None and not (isinstance(n, int) and 0 <= n <= self.V):
                 raise ValueError(f"{name} must be an int in [0, {self.V}]")
-        for name, x in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
-                        *(("logit_bias", v) for v in (logit_bias or {}).values())):
-            if not (isinstance(x, (int, float)) and math.isfinite(x)):
-                raise ValueError(f"{name} values must be finite numbers")
-        if logit_bias and not all(isinstance(t, int) and 0 <= t < self.V for t in logit_bias):
-            raise ValueError(f"logit_bias keys must be token ids in [0, {self.V})")
+        check_penalties(presence_penalty, frequency_penalty)
         s = self.settings(**settings)
         check_positions(self.model.config, len(prompt), math.ceil(s.max_new_tokens / self.C) * self.C)
         if request_id is not None and self._known(request_id):
@@ -251,13 +242,9 @@ class Engine:
             rid = f"req-{next(self._ids)}"
         req = _Request(rid, prompt, s, gen, greedy, frames, top=top_logprobs, prompt_top=prompt_logprobs,  # (a new
                        presence=float(presence_penalty), frequency=float(frequency_penalty))          # list)
-        dev = self.model.device
-        if logit_bias:
-            req.logit_bias = torch.zeros(self.V, device=dev)
-            req.logit_bias[torch.tensor(list(logit_bias), device=dev)] = torch.tensor(
-                [float(v) for v in logit_bias.values()], device=dev)
+        req.logit_bias = sampling.logit_bias_vector(logit_bias, self.V, self.model.device)
         if presence_penalty or frequency_penalty:
-            req.counts = torch.zeros(self.V, device=dev)
+            req.counts = torch.zeros(self.V, device=self.model.device)
         req.rebias()
         self.waiting.append(req)
         return rid

@@ -37,6 +37,13 @@ class GenerateOutput:
     logprobs: torch.Tensor | None = None
 
 
+def check_penalties(presence: float, frequency: float) -> None:
+    """Presence / frequency penalties are finite numbers (OpenAI's range is -2 to 2; any finite value works)."""
+    for name, x in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if isinstance(x, bool) or not (isinstance(x, (int, float)) and math.isfinite(x)):
+            raise ValueError(f"{name} must be a finite number")
+
+
 def check_positions(cfg, context: int, new: int) -> None:
     """Refuse a request whose positions would pass max_position_embeddings."""
     if context + new > cfg.max_position_embeddings:
@@ -86,7 +93,9 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = _UNSET, seed: int | None = None, cache: KVCache | None = None,
              on_canvas: Callable[[torch.Tensor], None] | None = None,
              sampler: str = "auto", row_chunk: int | None = None,
-             cuda_graphs: bool | None = None, top_k: int = 0, top_p: float = 1.0) -> GenerateOutput:
+             cuda_graphs: bool | None = None, top_k: int = 0, top_p: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             logit_bias: dict[int, float] | None = None) -> GenerateOutput:
     """Generate whole canvases after `input_ids` [B, L].
 
     Arguments left out come from generation_config.json; `eos_token_id=None` / `pad_token_id=None` /
@@ -105,6 +114,9 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     `top_k` / `top_p` (0 / 1: off): each position's distribution truncated before the temperature, as the
     reference does with transformers' TopKLogitsWarper / TopPLogitsWarper as its `logits_processor`
     (sampling.dropped); every step sorts its logits then, and runs eagerly (no CUDA graph, no fused sampler).
+    `presence_penalty` / `frequency_penalty` / `logit_bias` (OpenAI's): every step adds to each position's logits,
+    before truncation and temperature, logit_bias {token id: value} less the penalties of the tokens each row has
+    committed in earlier canvases (sampling.penalised); such steps run eagerly too.
     """
     sampler = sampling.resolve_sampler(sampler, model.device, model.dtype)
     s = resolve_settings(model, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
@@ -112,6 +124,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
                          stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, top_k=top_k, top_p=top_p)
     trunc = sampling.truncation(s.top_k, s.top_p, model.config.vocab_size)
+    check_penalties(presence_penalty, frequency_penalty)
+    bias = sampling.logit_bias_vector(logit_bias, model.config.vocab_size, model.device)
     ids = model._ids(input_ids)
     B, L = ids.shape
     if L == 0 and (cache is None or cache.length == 0):
@@ -154,7 +168,10 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
     temps = torch.tensor(sampling.temperatures(s.max_denoising_steps, s.t_min, s.t_max), dtype=torch.float32,
                          device=dev)
     seq, logprobs = ids, []
+    counts = torch.zeros(B, V, device=dev) if presence_penalty or frequency_penalty else None   # committed tokens
     for c in range(n_canvas):
+        step_bias = sampling.penalised(bias, counts, presence_penalty, frequency_penalty)    # [V], [B, V] or None
+        step_bias = step_bias.expand(B, V) if step_bias is not None else None
         if c == 0 and L:   # encode the prompt, then each committed canvas at the positions it had
             prefill(model, seq, cache, valid)
         elif c:
@@ -168,12 +185,12 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             passes += ~(frozen | finished)
             temp = temps[i]
             if fast is not None:
-                new_canvas, new_argmax, ent, new_soft, new_lp = fast(canvas, soft, temp, gen)
+                new_canvas, new_argmax, ent, new_soft, new_lp = fast(canvas, soft, temp, gen, step_bias)
             else:
                 new_canvas, new_argmax, ent, new_soft, new_lp = denoise_step(
                     model, cache, canvas, soft, temp, s.entropy_bound, row_chunk,
                     exponentials=lambda r0, r1: noise[:r1 - r0].exponential_(1, generator=gen),
-                    renoise=lambda: sampling.init_canvas(B, CL, V, dev, gen), truncation=trunc)
+                    renoise=lambda: sampling.init_canvas(B, CL, V, dev, gen), truncation=trunc, bias=step_bias)
             if stopper is not None:
                 if n_frozen:      # frozen rows keep canvas, argmax, its log-probs and self-conditioning input
                     new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
@@ -190,6 +207,8 @@ def generate(model, input_ids, *, attention_mask: torch.Tensor | None = None,
             fired += frozen & ~finished                  # rows the rule stopped (rows done earlier: not counted)
         seq = torch.cat([seq, argmax], dim=1)
         finished = _finalize(seq, finished, CL, eos, s.pad_token_id, max_length)
+        if counts is not None:                           # (pad after an EOS: counted for rows already done)
+            counts.scatter_add_(1, seq[:, -CL:], torch.ones(B, CL, device=dev))
         logprobs.append(torch.where(seq[:, -CL:] == argmax, lp, 0.0))
         if on_canvas is not None:
             on_canvas(seq[:, -CL:])
@@ -272,22 +291,24 @@ class _FastStep:
         self.truncation = truncation
         self.graphs = graphs.for_model(model) if static and truncation is None else None   # (a sort: eager)
 
-    def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor, gen):
+    def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, temp: torch.Tensor, gen,
+                 bias: torch.Tensor | None = None):
         m, (B, C) = self.model, canvas.shape
         dev = canvas.device
         uniform = torch.rand(B * C, device=dev, generator=gen)
         renoise = sampling.init_canvas(B, C, m.config.vocab_size, dev, gen)
-        if self.graphs is None:
-            return self.step(canvas, soft, temp, uniform, renoise)
+        if self.graphs is None or bias is not None:     # (a bias: an eager step)
+            return self.step(canvas, soft, temp, uniform, renoise, bias)
         if soft is None:   # a zero signal gives exactly the no-signal embedding: one graph for every step
             soft = torch.zeros(B, C, m.config.hidden_size, dtype=m.dtype, device=dev)
         key = ("denoise", B, C, self.cache.n, self.cache.key_slots(C, True), self.row_chunk, self.bound,
                graphs.buffer_key(*self.cache.tensors()))
         return self.graphs.run(key, self.step, canvas, soft, temp, uniform, renoise)
 
-    def step(self, canvas, soft, temp, uniform, renoise):
+    def step(self, canvas, soft, temp, uniform, renoise, bias=None):
         return denoise_step(self.model, self.cache, canvas, soft, temp, self.bound, self.row_chunk,
-                            static=self.static, uniform=uniform, renoise=renoise, truncation=self.truncation)
+                            static=self.static, uniform=uniform, renoise=renoise, truncation=self.truncation,
+                            bias=bias)
 
 
 def _finalize(seq: torch.Tensor, finished: torch.Tensor, CL: int, eos: torch.Tensor | None,

@@ -13,6 +13,7 @@ Does not know: the model (it gets logits and, optionally, the embedding: anythin
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,30 @@ def truncation(top_k: int, top_p: float, vocab: int) -> tuple[int, float] | None
     vocabulary, top_p 1), so the step keeps its CUDA graph and fused sampler."""
     top_k = 0 if top_k >= vocab else top_k
     return (top_k, top_p) if truncation_on(top_k, top_p) else None
+
+
+def logit_bias_vector(bias: dict[int, float] | None, vocab: int, device) -> torch.Tensor | None:
+    """OpenAI's logit_bias {token id: value} as a [V] fp32 vector to add to logits (None when empty); checks it."""
+    if not bias:
+        return None
+    if not all(isinstance(t, int) and 0 <= t < vocab for t in bias):
+        raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bias.values()):
+        raise ValueError("logit_bias values must be finite numbers")
+    out = torch.zeros(vocab, device=device)
+    out[torch.tensor(list(bias), device=device)] = torch.tensor([float(v) for v in bias.values()], device=device)
+    return out
+
+
+def penalised(bias: torch.Tensor | None, counts: torch.Tensor | None, presence: float,
+              frequency: float) -> torch.Tensor | None:
+    """What a step adds to the logits of a request (or rows [B, V]): logit_bias (a [V] vector or None) less OpenAI's
+    penalties of the committed-token counts (`counts` [..., V]; None: no penalty): presence if a token was
+    committed, frequency x how often."""
+    if counts is None:
+        return bias
+    pen = presence * (counts > 0) + frequency * counts
+    return -pen if bias is None else bias - pen
 
 
 def dropped(logits: torch.Tensor, top_k: int | torch.Tensor = 0,

@@ -541,6 +541,25 @@ def test_logit_bias_and_penalties(tmp_path, monkeypatch, sampler):
     strong = m.generate(torch.tensor([prompt]), seed=9, sampler=sampler, presence_penalty=30.0, **kw)
     new = strong.sequences[0, len(prompt):].tolist()
     assert new != plain and all(t not in new[:(i // C) * C] for i, t in enumerate(new))   # no token twice across
-    for bad in (dict(presence_penalty=float("nan")), dict(frequency_penalty=True), dict(logit_bias={V: 1.0})):
+    for bad in (dict(presence_penalty=float("nan")), dict(frequency_penalty=True), dict(logit_bias={V: 1.0}),
+                dict(presence_penalty=1e39), dict(logit_bias={5: 1e39}), dict(logit_bias={5: float("inf")})):
         with pytest.raises(ValueError):
             m.generate(torch.tensor([prompt]), seed=9, **kw, **bad)
+
+
+def test_a_biased_step_uses_the_plain_sampler_s_chunks(tmp_path, monkeypatch):
+    """A step with a bias (or truncation) runs the torch sampler, so it takes at most the torch sampler's rows per
+    chunk, not the fused kernel's 4x larger ones the caller may have sized for (a 262k vocabulary: ~6 GB of fp32
+    buffers instead of ~1.5 GB)."""
+    from dgemma import sampling
+    m = peaky(tmp_path)
+    rows, real = [], sampling.sample_rows
+    monkeypatch.setattr(sampling, "rows_per_chunk", lambda V, fused=False: 8 * (4 if fused else 1))
+    monkeypatch.setattr(sampling, "sample_rows", lambda logits, *a, **k: rows.append(len(logits)) or real(
+        logits, *a, **k))
+    kw = dict(KW, max_new_tokens=m.config.canvas_length, max_denoising_steps=2)
+    m.generate(torch.tensor([[21, 22, 23]]), seed=1, sampler="fast", row_chunk=32, **kw)
+    assert max(rows) == min(32, m.config.canvas_length)           # the caller's chunks
+    rows.clear()
+    m.generate(torch.tensor([[21, 22, 23]]), seed=1, sampler="fast", row_chunk=32, presence_penalty=1.0, **kw)
+    assert max(rows) == 8

@@ -38,10 +38,10 @@ class GenerateOutput:
 
 
 def check_penalties(presence: float, frequency: float) -> None:
-    """Presence / frequency penalties are finite numbers (OpenAI's range is -2 to 2; any finite value works)."""
+    """Presence / frequency penalties are numbers in [-MAX_BIAS, MAX_BIAS] (OpenAI's range is -2 to 2)."""
     for name, x in (("presence_penalty", presence), ("frequency_penalty", frequency)):
-        if isinstance(x, bool) or not (isinstance(x, (int, float)) and math.isfinite(x)):
-            raise ValueError(f"{name} must be a finite number")
+        if isinstance(x, bool) or not (isinstance(x, (int, float)) and abs(x) <= sampling.MAX_BIAS):
+            raise ValueError(f"{name} must be a number in [-{sampling.MAX_BIAS:g}, {sampling.MAX_BIAS:g}]")
 
 
 def check_positions(cfg, context: int, new: int) -> None:
@@ -245,14 +245,16 @@ def denoise_step(model, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor
     greedy: [B] bool; those rows' accepted positions take the argmax instead of the sample.
     truncation: (top_k, top_p) for sampling.dropped, each a number or a [B*C] tensor; None: off. Its sort about
     doubles a chunk's memory: the fast sampler's chunks are then at most half the plain sampler's rows (the
-    exact sampler's stay the caller's, whose exponentials(r0, r1) may expect whole canvases).
+    exact sampler's stay the caller's, whose exponentials(r0, r1) may expect whole canvases); with a bias, at
+    most the plain sampler's.
     alternatives: N > 0 adds two outputs, each position's N most likely tokens [B, C, N] and their log-probabilities
     [B, C, N] (sampling.sample_rows), under the same distribution as the argmax's log-probability.
     bias: [B, V] fp32 added to every position's softcapped logits of that row before truncation and temperature
     (the engine's logit_bias and presence / frequency penalties); None: nothing added."""
     B, C = canvas.shape
-    if truncation is not None and exponentials is None:
-        row_chunk = max(1, min(row_chunk, sampling.rows_per_chunk(model.config.vocab_size) // 2))
+    if exponentials is None and (truncation is not None or bias is not None):   # the torch sampler, not the fused
+        row_chunk = max(1, min(row_chunk, sampling.rows_per_chunk(model.config.vocab_size)   # kernel's larger chunks
+                               // (2 if truncation is not None else 1)))
     h = model.denoise(canvas, cache, soft, static=static).reshape(B * C, -1)     # [B*C, H]
     emb, scale = model.embed_tokens, model.embed_scale()
     fused = exponentials is None and truncation is None and bias is None and kernels.fused("sampler", h)

@@ -13,7 +13,6 @@ Does not know: the model (it gets logits and, optionally, the embedding: anythin
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -119,14 +118,19 @@ def truncation(top_k: int, top_p: float, vocab: int) -> tuple[int, float] | None
     return (top_k, top_p) if truncation_on(top_k, top_p) else None
 
 
+# The largest logit_bias value or penalty (OpenAI's ranges: 100 and 2): far past any logit, and small enough that
+# the bias of 4,096 committed copies of a token, over the lowest temperature, stays finite in fp32.
+MAX_BIAS = 1e4
+
+
 def logit_bias_vector(bias: dict[int, float] | None, vocab: int, device) -> torch.Tensor | None:
     """OpenAI's logit_bias {token id: value} as a [V] fp32 vector to add to logits (None when empty); checks it."""
     if not bias:
         return None
     if not all(isinstance(t, int) and 0 <= t < vocab for t in bias):
         raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bias.values()):
-        raise ValueError("logit_bias values must be finite numbers")
+    if not all(isinstance(v, (int, float)) and abs(v) <= MAX_BIAS for v in bias.values()):
+        raise ValueError(f"logit_bias values must be numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}]")
     out = torch.zeros(vocab, device=device)
     out[torch.tensor(list(bias), device=device)] = torch.tensor([float(v) for v in bias.values()], device=device)
     return out

@@ -206,6 +206,10 @@ class Tokenizer:
                 pass
         return piece.replace("\u2581", " ").encode("utf-8")
 
+    def is_special(self, token_id: int) -> bool:
+        """A special token (decode with skip_special_tokens leaves it out)."""
+        return token_id in self._special_ids()
+
     def _special_ids(self) -> frozenset[int]:
         if not hasattr(self, "_specials"):
             self._specials = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)

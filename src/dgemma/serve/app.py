@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body, now, usage)
-from .text import TextStream, char_offsets, frame_json, token_text
+from .text import CharOffsets, TextStream, frame_json, token_text
 
 log = logging.getLogger("dgemma.serve")
 
@@ -417,6 +417,8 @@ def _job(st: State, req, ids: list[int], prefix: str, prompt_param: str, chat: l
     t_min = req.t_min if req.t_min is not None else base.t_min
     t_max = req.t_max if req.t_max is not None else base.t_max
     from dgemma.config import MIN_TEMPERATURE
+    if req.t_min is not None and req.t_min < MIN_TEMPERATURE:       # (named with the value the client sent)
+        raise APIError(400, f"t_min ({req.t_min}) must be >= {MIN_TEMPERATURE}", "t_min")
     scaled = [t * (tau or 1.0) for t in (t_min, t_max)]
     if tau > 0 and t_min >= MIN_TEMPERATURE:       # a tiny temperature: the schedule held at the floor (near greedy)
         scaled = [max(t, MIN_TEMPERATURE) for t in scaled]
@@ -529,6 +531,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     worker, m, q = st.worker, st.metrics, job.events
     text, n_tokens, t0, first = TextStream(st.tok, job.stops), 0, time.perf_counter(), True
     last_frame, entries, sent = -1e9, [], 0            # every token's entry; how many went out
+    offsets, at = CharOffsets(st.tok), []               # (completions' logprobs) where each token's text starts
     try:
         while True:
             kind, p = await q.get()
@@ -546,19 +549,20 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                     m.ttfc.observe(time.perf_counter() - t0)
                     first = False
                     if job.echo is not None:     # (a prompt's scores come with its first canvas)
-                        at = [min(o, len(job.echo)) for o in char_offsets(st.tok, st.pieces, job.ids)] \
+                        echo_at = [min(o, len(job.echo)) for o in CharOffsets(st.tok).extend(job.ids)] \
                             if job.offsets else [0] * len(job.ids)   # (a prompt spelling a special token: clipped)
-                        yield "text", job.echo, list(zip(job.ids, p.prompt_logprobs, p.prompt_top_logprobs, at)) \
-                            if job.logprobs else []
+                        yield "text", job.echo, list(zip(job.ids, p.prompt_logprobs, p.prompt_top_logprobs,
+                                                         echo_at)) if job.logprobs else []
                 n_tokens += len(p.tokens)
                 delta = text.push(p.tokens, final=p.finished)
                 out = []
                 if job.logprobs:     # the tokens whose text went out (all at the end; up to a stop string)
                     entries += zip(p.tokens, p.logprobs, p.top_logprobs)
                     upto = len(text.ids) if p.finished and not text.stopped else text.covered()
-                    at = [len(job.echo or "") + o for o in char_offsets(st.tok, st.pieces, text.ids)] \
-                        if job.offsets and upto > sent else [0] * len(text.ids)
-                    out, sent = [(*e, at[i]) for i, e in enumerate(entries[sent:upto], sent)], max(sent, upto)
+                    if job.offsets:
+                        at += [len(job.echo or "") + o for o in offsets.extend(p.tokens)]
+                    out = [(*e, at[i] if job.offsets else 0) for i, e in enumerate(entries[sent:upto], sent)]
+                    sent = max(sent, upto)
                 if delta or out:
                     yield "text", delta, out
                 if text.stopped:                          # count the tokens up to the stop string

@@ -8,6 +8,8 @@ Does not know: the engine, HTTP, the chat template.
 """
 from __future__ import annotations
 
+import codecs
+
 
 class TextStream:
     def __init__(self, tokenizer, stops: list[str]) -> None:
@@ -75,19 +77,44 @@ def token_text(tokenizer, pieces: dict[int, str], token: int, shown: bool = Fals
     return pieces[key]
 
 
-def char_offsets(tokenizer, pieces: dict[int, str], ids: list[int]) -> list[int]:
-    """Where each token's text starts in decode(ids) (special tokens skipped, as a reply's text is). Each token's own
-    text (`token_text`, shown) when they add up to the whole; else (a character split across tokens, a tokenizer
-    that joins pieces differently) the length of the text of the tokens before it, less a trailing part of a
-    character: one decode per token."""
-    own = [token_text(tokenizer, pieces, t, shown=True) for t in ids]
-    if "".join(own) == tokenizer.decode(ids, skip_special_tokens=True):
-        out, at = [], 0
-        for piece in own:
-            out.append(at)
-            at += len(piece)
-        return out
-    return [len(tokenizer.decode(ids[:i], skip_special_tokens=True).rstrip("\ufffd")) for i in range(len(ids))]
+class CharOffsets:
+    """Where each token's text starts in the text of a token sequence (decoded with special tokens skipped, as a
+    reply's text is), kept as tokens arrive, in time linear in the tokens: each token's bytes go through an
+    incremental UTF-8 decoder, so a token holding part of a character starts where the character does. Each call
+    checks its new text against the tokenizer's own decode of the tokens from the last boundary between whole
+    characters (all of them the first time); where they differ (a decoder that does more than join bytes), each
+    token from then on gets the length of the decoded text before it, less a trailing part of a character (one
+    decode per token)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok, self.ids, self.parts, self.chars = tokenizer, [], [], 0
+        self.dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self.safe = 0                          # a token index where no character was left part-way
+        self.exact = True                      # the bytes have decoded to the tokenizer's text so far
+
+    def extend(self, ids: list[int]) -> list[int]:
+        """The offsets of `ids`, the sequence's next tokens."""
+        start, out = len(self.ids), []
+        self.ids += ids
+        if self.exact:
+            safe = self.safe
+            for i, t in enumerate(ids, start):
+                raw = b"" if self.tok.is_special(t) else self.tok.token_bytes(t)
+                out.append(self.chars)
+                text = self.dec.decode(raw or b"")
+                self.parts.append(text)
+                self.chars += len(text)
+                if not self.dec.getstate()[0]:
+                    safe = i + 1
+            pending = codecs.getincrementaldecoder("utf-8")("replace")
+            pending.setstate(self.dec.getstate())
+            self.exact = "".join(self.parts[self.safe:]) + pending.decode(b"", final=True) == \
+                self.tok.decode(self.ids[self.safe:], skip_special_tokens=True)
+            if self.exact:
+                self.safe = safe
+                return out
+        return [len(self.tok.decode(self.ids[:i], skip_special_tokens=True).rstrip("\ufffd"))
+                for i in range(start, len(self.ids))]
 
 
 def frame_json(frame, tokenizer, pieces: dict[int, str]) -> dict:

@@ -341,18 +341,19 @@ def command(line: str, chat: Local | Remote, opt: Options, ui: UI) -> bool:
             chat.reset()
             ui.info("(new conversation)")
         elif name in ("steps", "bound", "seed", "top_k", "top_p", "presence"):
+            from dgemma.cli import _fraction, _non_negative, _penalty, _positive, seed   # (the flags' own parsers)
             if name == "steps":
-                opt.steps = _check(int(arg), lambda n: n >= 1)
+                opt.steps = _positive(arg)
             elif name == "bound":
                 opt.bound = _check(float(arg), lambda x: 0 < x < math.inf)
             elif name == "top_k":
-                opt.top_k = _check(int(arg), lambda n: n >= 0)
+                opt.top_k = _non_negative(arg)
             elif name == "top_p":
-                opt.top_p = _check(float(arg), lambda x: 0 <= x <= 1)
+                opt.top_p = _fraction(arg)
             elif name == "presence":
-                opt.presence = _check(float(arg), lambda x: -2 <= x <= 2) or None
+                opt.presence = _penalty(arg) or None
             else:
-                opt.seed = None if arg == "off" else _check(int(arg), lambda n: -2**63 <= n < 2**64)
+                opt.seed = None if arg == "off" else seed(arg)
             ui.info(f"(steps {opt.steps or 'default'}, bound {opt.bound or 'default'}, seed {opt.seed}, "
                     f"top_k {opt.top_k or 'off'}, top_p {opt.top_p if opt.top_p is not None else 'off'}, "
                     f"presence {opt.presence or 'off'})")
@@ -369,7 +370,7 @@ def command(line: str, chat: Local | Remote, opt: Options, ui: UI) -> bool:
             ui.info(HELP, style="")
         else:
             ui.info(f"unknown command /{name} (/help lists them)", style="red")
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         ui.info(f"usage: {USAGE[name]}", style="red")
     except OSError as e:
         ui.info(f"/save: {e.strerror or e}: {arg}", style="red")

@@ -281,9 +281,7 @@ def create_app(state: State) -> FastAPI:
             if isinstance(p, str):
                 ids = st.tok.encode_prompt(p)
             else:
-                ids = p
-                if min(ids) < 0 or max(ids) >= st.model.config.vocab_size:
-                    raise APIError(400, f"token ids must lie in [0, {st.model.config.vocab_size})", "prompt")
+                ids = _token_ids(st, p, "prompt")
             echo = (p if isinstance(p, str) else st.tok.decode(ids, skip_special_tokens=True)) if req.echo else None
             jobs.append(_job(st, req, ids, "cmpl", "prompt", None, echo))
         return await _respond(st, jobs, req.n or 1, request, bool(req.stream), chat=False)
@@ -315,10 +313,7 @@ def create_app(state: State) -> FastAPI:
     @app.post("/detokenize", dependencies=[Depends(auth)], summary="token ids -> text (special tokens kept)")
     async def detokenize(req: DetokenizeRequest):
         st = tokenizer_state(req.model)
-        V = st.model.config.vocab_size
-        if req.tokens and (min(req.tokens) < 0 or max(req.tokens) >= V):
-            raise APIError(400, f"token ids must lie in [0, {V})", "tokens")
-        return {"prompt": st.tok.decode(req.tokens, skip_special_tokens=False)}
+        return {"prompt": st.tok.decode(_token_ids(st, req.tokens, "tokens"), skip_special_tokens=False)}
 
     @app.get("/tokenizer_info", dependencies=[Depends(auth)], summary="special tokens, chat template, context")
     async def tokenizer_info():
@@ -379,6 +374,14 @@ def _error_response(request: Request, status: int, body: dict, headers: dict | N
     if st.metrics is not None:
         st.metrics.requests.labels(request.url.path if status != 404 else "other", str(status)).inc()
     return JSONResponse(body, status, headers=headers)
+
+
+def _token_ids(st: State, ids: list[int], param: str) -> list[int]:
+    """The ids, if all lie in the vocabulary; else a 400 naming `param`."""
+    V = st.model.config.vocab_size
+    if ids and (min(ids) < 0 or max(ids) >= V):
+        raise APIError(400, f"token ids must lie in [0, {V})", param)
+    return ids
 
 
 def _check_model(st: State, name: str) -> None:

@@ -347,7 +347,7 @@ BAD = [  # (body changes, status, param)
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages[0].content[0].type"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id"),
     ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages"),
     ({"model": "gpt-4"}, 404, "model"),
     # JSON of the wrong type is refused, not converted
@@ -361,7 +361,11 @@ BAD = [  # (body changes, status, param)
     ({"entropy_bound": float("inf")}, 400, "entropy_bound"),
     ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content[0].text"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]},
-                   {"role": "user", "content": "hi"}]}, 400, "messages[0].tool_calls"),
+                   {"role": "user", "content": "hi"}]}, 400, "messages[0].tool_calls[0].type"),
+    # a well-formed call in the history, but the shipped model's template cannot render it
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "user", "content": "hi"}]}, 400, "messages"),
 ]
 
 

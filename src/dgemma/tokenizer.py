@@ -11,8 +11,8 @@ What it knows:
   * training a small byte-level BPE tokenizer (``train_bpe``) with Gemma's pad=0, eos=1, bos=2 ids and a
     Gemma-style chat template.
 
-What it doesn't know: slow (sentencepiece/python) tokenizers, multimodal or list-valued message content,
-tool-call messages without string content, batching, padding, truncation, assistant masks,
+What it doesn't know: slow (sentencepiece/python) tokenizers, multimodal or list-valued message content (a
+message's content must be a string, or None in one with tool_calls), batching, padding, truncation, assistant masks,
 ``continue_final_message``, and any tokenizer_config setting not listed above.
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _check_messages(messages: Any) -> list[dict]:
         if not isinstance(m, dict):
             raise TokenizerError(f"message {i} must be a dict, got {type(m).__name__}")
         for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
+            if not isinstance(m.get(key), str) and not (key == "content" and m.get("tool_calls")):
                 raise TokenizerError(f"message {i} needs a string {key!r}, got {m.get(key)!r}")
         out.append({k: v for k, v in m.items() if v is not None})
     return out

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body, now, usage)
 from .text import CharOffsets, TextStream, frame_json, token_text
+from .tools import CallReader, as_template_call, forced_text, unsupported
 
 log = logging.getLogger("dgemma.serve")
 
@@ -140,6 +141,16 @@ class Job:
     top: int = 0                             # ... with this many alternatives
     echo: str | None = None                  # completions' echo: the prompt's text, sent first
     offsets: bool = False                    # completions' logprobs: each entry with its text_offset
+    tools: "Tools | None" = None             # chat with tools: the reply's calls are read back
+
+
+@dataclass
+class Tools:
+    """A chat request's tools: as the template took them, the ids forced at the reply's start (tool_choice),
+    whether more than one call is returned."""
+    given: list[dict]
+    forced: list[int]
+    parallel: bool
 
 
 SEEDS = 2 ** 64                              # seeds are taken modulo this (the API's range is -2^63 .. 2^64 - 1)
@@ -263,12 +274,16 @@ def create_app(state: State) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         st = accept(req)
         from dgemma.tokenizer import TokenizerError
-        messages = req.chat()
+        messages, tools = req.chat(), req.template_tools()
+        _tool_support(st, req)
+        forced = st.tok.encode(forced_text(req.tool_choice)) if tools else []
         try:
-            ids = st.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = st.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, tools=tools)
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from None
-        job = _job(st, req, ids, "chatcmpl", "messages", messages)
+        job = _job(st, req, ids + forced, "chatcmpl", "messages", messages)
+        if tools:
+            job.tools = Tools(tools, forced, req.parallel_tool_calls is not False)
         return await _respond(st, [job], req.n or 1, request, bool(req.stream), chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None,
@@ -300,10 +315,11 @@ def create_app(state: State) -> FastAPI:
         from dgemma.tokenizer import TokenizerError
         try:
             if req.messages is not None:
-                as_chat = ChatCompletionRequest(model=st.cfg.model_name, messages=req.messages)
+                as_chat = ChatCompletionRequest(model=st.cfg.model_name, messages=req.messages, tools=req.tools)
                 as_chat.checks()                                 # (text parts only, as the chat route)
+                _tool_support(st, as_chat)
                 ids = st.tok.apply_chat_template(as_chat.chat(), add_generation_prompt=req.add_generation_prompt,
-                                                 tokenize=True)
+                                                 tokenize=True, tools=as_chat.template_tools())
             else:
                 ids = st.tok.encode_prompt(req.prompt) if req.add_special_tokens else st.tok.encode(req.prompt)
         except TokenizerError as e:
@@ -382,6 +398,12 @@ def _token_ids(st: State, ids: list[int], param: str) -> list[int]:
     if ids and (min(ids) < 0 or max(ids) >= V):
         raise APIError(400, f"token ids must lie in [0, {V})", param)
     return ids
+
+
+def _tool_support(st: State, req: ChatCompletionRequest) -> None:
+    """A 400 for tools or tool messages that this model's tokenizer and chat template cannot take."""
+    if req.uses_tools() and (why := unsupported(st.tok)):
+        raise APIError(400, why, "tools" if req.tools else "messages", "unsupported_parameter")
 
 
 def _check_model(st: State, name: str) -> None:
@@ -535,6 +557,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     text, n_tokens, t0, first = TextStream(st.tok, job.stops), 0, time.perf_counter(), True
     last_frame, entries, sent = -1e9, [], 0            # every token's entry; how many went out
     offsets, at = CharOffsets(st.tok), []               # (completions' logprobs) where each token's text starts
+    calls = CallReader(st.tok, job.tools.forced, job.tools.parallel) if job.tools else None
     try:
         while True:
             kind, p = await q.get()
@@ -557,28 +580,36 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                         yield "text", job.echo, list(zip(job.ids, p.prompt_logprobs, p.prompt_top_logprobs,
                                                          echo_at)) if job.logprobs else []
                 n_tokens += len(p.tokens)
-                delta = text.push(p.tokens, final=p.finished)
+                shown, made = calls.push(p.tokens) if calls else (p.tokens, [])    # (text stops at a tool call)
+                delta = text.push(shown, final=p.finished)
                 out = []
                 if job.logprobs:     # the tokens whose text went out (all at the end; up to a stop string)
                     entries += zip(p.tokens, p.logprobs, p.top_logprobs)
-                    upto = len(text.ids) if p.finished and not text.stopped else text.covered()
+                    upto = len(entries) if p.finished and not text.stopped else text.covered()
                     if job.offsets:
                         at += [len(job.echo or "") + o for o in offsets.extend(p.tokens)]
                     out = [(*e, at[i] if job.offsets else 0) for i, e in enumerate(entries[sent:upto], sent)]
                     sent = max(sent, upto)
                 if delta or out:
                     yield "text", delta, out
+                if made:
+                    yield "calls", made
                 if text.stopped:                          # count the tokens up to the stop string
                     worker.cancel(job.rid)
                     job.done = True
                     yield "end", "stop", _finish(st, job, text.used, p.cached_tokens, p.passes, t0)
-                    _warm(st, job, text.text)
+                    _warm(st, job, text.text, [])
                     return
             elif kind == "done":
                 job.done = True
                 reason = "stop" if p.finish_reason == "eos" else "length"
+                rest = calls.leftover() if calls else ""        # text after a call that is not a call: shown
+                if rest:
+                    yield "text", rest, []
+                if calls and calls.calls:
+                    reason = "tool_calls"
                 yield "end", reason, _finish(st, job, n_tokens, p.cached_tokens, p.decoder_passes, t0)
-                _warm(st, job, text.text)
+                _warm(st, job, text.text + rest, calls.calls if calls else [])
                 return
     finally:
         _drop(st, job)
@@ -626,14 +657,17 @@ def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: fl
     return usage(len(job.ids), n_tokens, cached)
 
 
-def _warm(st: State, job: Job, reply: str) -> None:
-    """Encode a finished chat turn (its messages and the `reply` sent back) as the next request will render it,
-    in the engine's idle time."""
+def _warm(st: State, job: Job, reply: str, calls: list[dict]) -> None:
+    """Encode a finished chat turn (its messages and the `reply` and tool `calls` sent back) as the next request
+    will render it, in the engine's idle time."""
     if job.chat is None:
         return
+    answer: dict[str, Any] = {"role": "assistant", "content": reply}
+    if calls:
+        answer["tool_calls"] = [as_template_call(c) for c in calls]
     try:
-        ids = st.tok.apply_chat_template(job.chat + [{"role": "assistant", "content": reply}],
-                                         add_generation_prompt=False, tokenize=True)
+        ids = st.tok.apply_chat_template(job.chat + [answer], add_generation_prompt=False, tokenize=True,
+                                         tools=job.tools.given if job.tools else None)
     except ValueError:
         return
     if len(ids) < st.model.config.max_position_embeddings:
@@ -674,6 +708,8 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
                 async for i, ev in _merged(st, jobs):
                     if ev[0] == "text":
                         yield _sse(_with_usage(piece(i, {"content": ev[1]}, None, ev[2]), job))
+                    elif ev[0] == "calls":
+                        yield _sse(_with_usage(piece(i, {"tool_calls": ev[1]}, None), job))
                     elif ev[0] == "frame":
                         yield _sse({**piece(i, {}, None), "choices": [], "dgemma_frame": {**ev[1], "index": i}})
                     else:
@@ -696,11 +732,14 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
     async def collect() -> dict:
         parts: list[list[str]] = [[] for _ in jobs]
         entries: list[list[dict]] = [[] for _ in jobs]
+        calls: list[list[dict]] = [[] for _ in jobs]
         ends: list[tuple] = [()] * len(jobs)
         async for i, ev in _merged(st, jobs):
             if ev[0] == "text":
                 parts[i].append(ev[1])
                 entries[i] += ev[2]
+            elif ev[0] == "calls":
+                calls[i] += ev[1]
             elif ev[0] == "end":
                 ends[i] = ev
         choices = []
@@ -708,6 +747,9 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
             choice: dict[str, Any] = {"index": i, "logprobs": logprobs(entries[i]), "finish_reason": end[1]}
             if chat:
                 choice["message"] = {"role": "assistant", "content": "".join(parts[i])}
+                if calls[i]:
+                    choice["message"].update(content=choice["message"]["content"] or None, tool_calls=[
+                        {k: v for k, v in c.items() if k != "index"} for c in calls[i]])   # (index: streams only)
             else:
                 choice["text"] = "".join(parts[i])
             choices.append(choice)

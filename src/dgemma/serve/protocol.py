@@ -1,7 +1,7 @@
 """The OpenAI request and response shapes the server accepts and sends (pydantic models = the OpenAPI schema).
 
 Knows: which OpenAI fields exist, which of them dgemma honours, which it rejects unless they carry their
-neutral value (`tools`, `response_format` other than text, `suffix`, ...), the
+neutral value (`response_format` other than text, `suffix`, ...), the OpenAI tool-call shapes, the
 diffusion controls that ride along as extra body fields, and the OpenAI error body. Unknown fields are rejected
 (400), as OpenAI does. `temperature` scales the checkpoint's temperature schedule: T(step) = temperature *
 (t_min + (t_max - t_min) * steps_left / steps); 0 means greedy (accepted positions take the argmax).
@@ -13,6 +13,8 @@ import time
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .tools import ArgumentError, as_template_call
 
 
 class APIError(Exception):
@@ -44,18 +46,59 @@ class TextPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(_Strict):
+    name: str = Field(max_length=64)
+    arguments: str = Field(description="a JSON object, as a string")
+
+
+class ToolCall(_Strict):
+    index: Optional[int] = Field(None, description="accepted and ignored (a streamed call's)")
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description='"developer" is treated as "system"; the chat template decides how a system turn renders')
-    content: Union[str, list[TextPart]] = Field(
-        description="a string, or a list of text parts (joined with newlines); other part types are rejected")
+    content: Union[str, list[TextPart], None] = Field(None, description=(
+        "a string, or a list of text parts (joined with newlines); other part types are rejected; may be null "
+        "only in an assistant message with tool_calls"))
     name: Optional[str] = Field(None, max_length=256, description="accepted; the chat template does not use it")
+    tool_calls: Optional[list[ToolCall]] = Field(None, description=(
+        "an assistant message's calls (as this API returns them); needs a model whose chat template takes tools"))
+    tool_call_id: Optional[str] = Field(None, max_length=256, description=(
+        'a "tool" message: the id of the call it answers'))
     # what an assistant message from this API carries back (the openai client's model_dump() sends them all)
     refusal: Optional[str] = Field(None, description="only null")
-    tool_calls: Optional[list[Any]] = Field(None, description="only null or empty")
     function_call: Optional[Any] = Field(None, description="only null")
     audio: Optional[Any] = Field(None, description="only null")
     annotations: Optional[list[Any]] = Field(None, description="accepted and ignored")
+
+    def text(self) -> str | None:
+        c = self.content
+        return c if c is None or isinstance(c, str) else "\n".join(p.text or "" for p in c)
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="a JSON schema, shown to the model")
+    strict: Optional[bool] = Field(None, description="accepted; dgemma does not hold arguments to the schema")
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Strict):
@@ -148,9 +191,14 @@ class ChatCompletionRequest(_Common):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20, description=(
         "with logprobs=true: also this many most likely tokens of each position, under the same distribution"))
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[Any]] = Field(None, description="not supported (only empty)")
-    tool_choice: Optional[Any] = Field(None, description='not supported (only "none")')
-    parallel_tool_calls: Optional[bool] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=128, description=(
+        "functions the model may call (a model whose chat template takes tools: Gemma 4's does); its calls come "
+        "back as message.tool_calls, with finish_reason \"tool_calls\""))
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(None, description=(
+        '"auto" (the default with tools): the model decides; "none": the tools are not shown to it; "required" '
+        "or a named function: the reply is made to open a call (of that function); the model writes the rest, "
+        "so a reply that does not finish a call comes back as content"))
+    parallel_tool_calls: Optional[bool] = Field(None, description="false: only the reply's first call is returned")
     functions: Optional[list[Any]] = Field(None, description="not supported")
     function_call: Optional[Any] = Field(None, description="not supported")
 
@@ -158,19 +206,43 @@ class ChatCompletionRequest(_Common):
         self.neutral_checks()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        for name in ("tools", "functions", "function_call"):
+        for name in ("functions", "function_call"):
             if getattr(self, name):
-                raise APIError(400, f"{name} are not supported by dgemma", name, "unsupported_parameter")
-        if self.tool_choice not in (None, "none"):
-            raise APIError(400, "tool_choice is not supported by dgemma", "tool_choice", "unsupported_parameter")
+                raise APIError(400, f"{name} are not supported by dgemma (use tools)", name, "unsupported_parameter")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise APIError(400, "tools must have distinct names", "tools")
+        if self.tool_choice is not None and not self.tools:
+            raise APIError(400, "tool_choice needs tools", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise APIError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools",
+                           "tool_choice")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
+        calls: set[str] = set()
         for i, m in enumerate(self.messages):
-            for name in ("refusal", "tool_calls", "function_call", "audio"):
+            for name in ("refusal", "function_call", "audio"):
                 if getattr(m, name):
                     raise APIError(400, f"messages[{i}].{name} is not supported by dgemma (only null)",
                                    f"messages[{i}].{name}", "unsupported_parameter")
+            if m.tool_calls and m.role != "assistant":
+                raise APIError(400, f"messages[{i}]: only an assistant message has tool_calls", f"messages[{i}]")
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise APIError(400, f"messages[{i}] has no content", f"messages[{i}].content")
+            if (m.role == "tool") != (m.tool_call_id is not None):
+                raise APIError(400, f"messages[{i}]: a tool message, and only one, has a tool_call_id",
+                               f"messages[{i}].tool_call_id")
+            if m.role == "tool" and m.tool_call_id not in calls:
+                raise APIError(400, f"messages[{i}] answers call {m.tool_call_id!r}, which no assistant message "
+                                    "before it made", f"messages[{i}].tool_call_id")
+            for j, c in enumerate(m.tool_calls or []):
+                calls.add(c.id)
+                try:
+                    as_template_call(c.model_dump())
+                except ArgumentError as e:
+                    raise APIError(400, f"messages[{i}].tool_calls[{j}]: {e}",
+                                   f"messages[{i}].tool_calls[{j}].function.arguments") from None
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):
                     if part.type != "text":
@@ -180,16 +252,33 @@ class ChatCompletionRequest(_Common):
                         raise APIError(400, "a text content part needs a 'text' string",
                                        f"messages[{i}].content[{j}].text")
 
+    def uses_tools(self) -> bool:
+        """Whether the chat template is given tools or tool messages (the model must support them)."""
+        return bool(self.tools and self.tool_choice != "none") or \
+            any(m.tool_calls or m.role == "tool" for m in self.messages)
+
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def chat(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them (text parts joined, developer -> system)."""
-        out = []
+    def chat(self) -> list[dict]:
+        """Messages as chat templates take them: text parts joined, developer -> system, tool calls' arguments
+        as dicts, a tool message also with the name of the function whose call it answers."""
+        out, names = [], {}
         for m in self.messages:
-            text = m.content if isinstance(m.content, str) else "\n".join(p.text or "" for p in m.content)
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                msg["tool_calls"] = [as_template_call(c.model_dump()) for c in m.tool_calls]
+                names.update((c.id, c.function.name) for c in m.tool_calls)
+            if m.role == "tool":
+                msg.update(tool_call_id=m.tool_call_id, name=names[m.tool_call_id])
+            out.append(msg)
         return out
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template takes them (None with tool_choice "none": not shown)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 MAX_PROMPTS = 256                            # prompts in one completions request
@@ -240,12 +329,15 @@ class TokenizeRequest(_Strict):
                                                     "(with add_special_tokens: bos in front)")
     messages: Optional[list[Message]] = Field(None, min_length=1, description=(
         "a chat, rendered as /v1/chat/completions does"))
+    tools: Optional[list[Tool]] = Field(None, max_length=128, description="with messages: as the chat route's")
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
     def checks(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        if self.tools and self.messages is None:
+            raise APIError(400, "tools go with messages", "tools")
 
 
 class DetokenizeRequest(_Strict):

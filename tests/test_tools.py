@@ -1,0 +1,298 @@
+"""Tool calls: Gemma 4's call format read back from token ids (serve.tools), and the chat route with tools, driven
+by the `openai` client against the app in this process, with a scripted worker that commits chosen token ids (no
+model can be made to write a call here) and a tokenizer that has Gemma 4's call marks as special tokens."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+import dgemma
+from dgemma.engine import CanvasEvent, Result
+from dgemma.serve.app import Metrics, ServeConfig, State, create_app
+from dgemma.serve.tools import END, QUOTE, START, ArgumentError, CallReader, parse_call, unsupported
+from dgemma.tokenizer import Tokenizer
+
+RESPONSE = "<|tool_response>"
+# a test template in Gemma 4's style: declarations in a system turn, calls after the model's text, results as
+# tool_response blocks (arguments through tojson here: the reader only has to read what a model writes)
+TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<start_of_turn>system\n{% for t in tools %}<|tool>declaration:"
+    "{{ t['function']['name'] }}{description:<|\"|>{{ t['function'].get('description', '') }}<|\"|>}<tool|>"
+    "{% endfor %}<end_of_turn>\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'tool' %}<|tool_response>response:{{ m['name'] }}"
+    "{value:<|\"|>{{ m['content'] }}<|\"|>}<tool_response|>"
+    "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] or '' }}"
+    "{% for c in m.get('tool_calls') or [] %}<|tool_call>call:{{ c['function']['name'] }}{{ '{' }}"
+    "{% for k, v in c['function']['arguments'] | dictsort %}{{ k }}:{{ v | tojson }}{% if not loop.last %},"
+    "{% endif %}{% endfor %}}<tool_call|>{% endfor %}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def tool_tok(tmp_path_factory) -> Tokenizer:
+    """The shipped model's tokenizer plus Gemma 4's call marks (special tokens) and a template that takes tools."""
+    src, d = Path(dgemma.default_model_path()), tmp_path_factory.mktemp("tooltok")
+    hf = HFTokenizer.from_file(str(src / "tokenizer.json"))
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (START, END, QUOTE, RESPONSE)])
+    hf.save(str(d / "tokenizer.json"))
+    shutil.copy(src / "tokenizer_config.json", d)
+    (d / "chat_template.jinja").write_text(TEMPLATE)
+    return Tokenizer.from_dir(d)
+
+
+def call_ids(tok, name: str, body: str) -> list[int]:
+    return tok.encode(f"{START}call:{name}{{{body}}}{END}")
+
+
+# ---- the format --------------------------------------------------------------------------------------------------
+def test_parse_call_reads_every_kind_of_value():
+    q = QUOTE
+    name, args = parse_call(f"call:plan{{city:{q}Paris, {{not}} a: [key]{q},days:3,ratio:-0.5,big:1e3,"
+                            f"ok:true,no:false,none:null,tags:[{q}a{q}, {q}b,c{q}],where:{{lat:48.8,lon:2.3}},"
+                            f"{q}odd key{q}:{q}line\nbreak{q},pad:{q} kept {q},empty:{{}},list:[],word:celsius}}")
+    assert name == "plan"
+    assert args == {"city": "Paris, {not} a: [key]", "days": 3, "ratio": -0.5, "big": 1000.0, "ok": True,
+                    "no": False, "none": None, "tags": ["a", "b,c"], "where": {"lat": 48.8, "lon": 2.3},
+                    "odd key": "line\nbreak", "pad": " kept ", "empty": {}, "list": [], "word": "celsius"}
+    assert type(args["days"]) is int and json.loads(json.dumps(args)) == args
+    assert parse_call(" call:a.b-c_1{ } ") == ("a.b-c_1", {})
+
+
+@pytest.mark.parametrize("text", [
+    "call:f{a:1", "call:f{a:1}}", "call:f{a 1}", "call:f{a:}", "call:f{:1}", 'call:f{a:<|"|>x}', "f{a:1}",
+    "call:f{a:1 b:2}", "call:f{a:[1,2}", "call:f{a:NaN}x", "call:{a:1}", "call:f{a:1}trailing"])
+def test_parse_call_refuses_what_is_not_one_call(text):
+    with pytest.raises(ArgumentError):
+        parse_call(text)
+
+
+def test_bare_words_that_are_not_json_numbers_stay_strings():
+    assert parse_call("call:f{a:NaN,b:Infinity,c:01,d:1.}")[1] == {"a": "NaN", "b": "Infinity", "c": "01",
+                                                                    "d": "1."}
+
+
+def test_reader_splits_content_from_calls_across_canvases(tool_tok):
+    tok = tool_tok
+    content = tok.encode("Let me look.")
+    ids = content + call_ids(tok, "get_weather", f"city:{QUOTE}Paris{QUOTE}") + tok.encode("\n") + \
+        call_ids(tok, "get_time", "zone:1") + [tok.token_to_id(RESPONSE)]
+    for cut in range(1, len(ids)):                        # every split into two canvases
+        r = CallReader(tok)
+        a, calls_a = r.push(ids[:cut])
+        b, calls_b = r.push(ids[cut:])
+        assert a + b == content
+        calls = calls_a + calls_b
+        assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+            [(0, "get_weather", {"city": "Paris"}), (1, "get_time", {"zone": 1})]
+        assert r.leftover() == ""
+        assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    first = CallReader(tok, parallel=False)
+    assert [c["function"]["name"] for c in first.push(ids)[1]] == ["get_weather"]
+
+
+def test_reader_gives_back_what_is_not_a_call(tool_tok):
+    tok = tool_tok
+    r = CallReader(tok)
+    text, calls = r.push(tok.encode("Hi") + call_ids(tok, "f", "a:1") + tok.encode(" then") +
+                         call_ids(tok, "g", "broken") + tok.encode(f"{START}call:h{{x:"))
+    assert tok.decode(text) == "Hi" and [c["function"]["name"] for c in calls] == ["f"]
+    assert r.leftover() == f" then{START}call:g{{broken}}{END}{START}call:h{{x:"
+    # forced ids (tool_choice) belong to the prompt: the reply's ids finish the call
+    forced = tok.encode(f"{START}call:f{{")
+    r = CallReader(tok, forced)
+    assert r.push(tok.encode("a:2}") + [tok.token_to_id(END)]) == ([], [r.calls[0]])
+    assert json.loads(r.calls[0]["function"]["arguments"]) == {"a": 2}
+
+
+def test_a_call_is_found_by_token_not_by_text(tool_tok):
+    """Text that spells the marks without being the special tokens is content, as typed."""
+    tok = tool_tok
+    plain = [t for ch in "<|tool_call>call:f{}<tool_call|>" for t in tok.encode(ch)]   # character by character
+    assert tok.token_to_id(START) not in plain
+    r = CallReader(tok)
+    assert r.push(plain) == (plain, []) and r.leftover() == ""
+
+
+def test_unsupported_names_what_is_missing(tool_tok):
+    shipped = dgemma.load_tokenizer(dgemma.default_model_path())
+    assert "<|tool_call>" in unsupported(shipped)
+    assert unsupported(tool_tok) is None
+    no_template = Tokenizer(tool_tok._tok, bos_token="<bos>", chat_template="{{ messages[0]['content'] }}")
+    assert "template" in unsupported(no_template)
+
+
+# ---- the chat route ------------------------------------------------------------------------------------------
+class ScriptedWorker:
+    """Takes the place of serve.worker.Worker: each request commits `script` (token ids) in canvases of 8, then
+    ends with EOS; it records the prompts and the warmed ids."""
+
+    def __init__(self) -> None:
+        self.script: list[int] = []
+        self.prompts: list[list[int]] = []
+        self.warmed: list[list[int]] = []
+        self.waiting = 0
+
+    def submit_all(self, requests, limit=None) -> bool:
+        for rid, prompt, sink, kwargs in requests:
+            self.prompts.append(list(prompt))
+            threading.Thread(target=self._play, args=(rid, prompt, sink), daemon=True).start()
+        return True
+
+    def _play(self, rid, prompt, sink) -> None:
+        ids = self.script
+        for i in range(0, len(ids), 8):
+            last = i + 8 >= len(ids)
+            sink("canvas", CanvasEvent(rid, ids[i:i + 8], last, "eos" if last else None, passes=i // 8 + 1,
+                                       logprobs=[-0.5] * len(ids[i:i + 8]), top_logprobs=[[]] * len(ids[i:i + 8])))
+        sink("done", Result(rid, list(prompt), list(ids), "eos", len(ids) // 8 + 1, 8.0))
+
+    def cancel(self, rid) -> None:
+        pass
+
+    def alive(self) -> bool:
+        return True
+
+    def warm(self, ids) -> None:
+        self.warmed.append(list(ids))
+
+
+@pytest.fixture()
+def app(tool_tok):
+    cfg = SimpleNamespace(canvas_length=8, max_position_embeddings=4096, vocab_size=tool_tok.vocab_size)
+    sampler = SimpleNamespace(max_new_tokens=64, t_min=0.4, t_max=0.8)
+    st = State(ServeConfig("unused", "m"), ready=True, tok=tool_tok, metrics=Metrics(), worker=ScriptedWorker(),
+               model=SimpleNamespace(config=cfg, sampler_config=sampler),
+               engine=SimpleNamespace(settings=lambda **kw: None), chat_eos=[tool_tok.token_to_id(RESPONSE)])
+    with TestClient(create_app(st)) as http:
+        yield st, openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+
+
+def ask(c, **kw):
+    kw.setdefault("messages", [{"role": "user", "content": "Weather in Paris?"}])
+    return c.chat.completions.create(model="m", **kw)
+
+
+def test_chat_returns_the_calls_streamed_or_not(app, tool_tok):
+    st, c = app
+    tok = tool_tok
+    st.worker.script = tok.encode("Checking.") + call_ids(tok, "get_weather", f"city:{QUOTE}Paris{QUOTE}") + \
+        call_ids(tok, "get_weather", f"city:{QUOTE}Rome{QUOTE}") + [tok.token_to_id(RESPONSE)]
+    r = ask(c, tools=[WEATHER])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+    assert len({t.id for t in choice.message.tool_calls}) == 2
+    prompt = tok.decode(st.worker.prompts[-1], skip_special_tokens=False)
+    assert "declaration:get_weather{description:" in prompt and prompt.endswith("<start_of_turn>model\n")
+    assert r.usage.completion_tokens == len(st.worker.script)
+
+    calls, text, finish = {}, "", None
+    for ch in ask(c, tools=[WEATHER], stream=True):
+        d = ch.choices[0].delta
+        text += d.content or ""
+        for t in d.tool_calls or []:
+            calls.setdefault(t.index, [t.function.name, ""])[1] += t.function.arguments
+        finish = ch.choices[0].finish_reason or finish
+    assert (text, finish) == ("Checking.", "tool_calls")
+    assert [(n, json.loads(a)) for n, a in calls.values()] == [("get_weather", {"city": "Paris"}),
+                                                              ("get_weather", {"city": "Rome"})]
+    one = ask(c, tools=[WEATHER], parallel_tool_calls=False).choices[0].message.tool_calls
+    assert [json.loads(t.function.arguments) for t in one] == [{"city": "Paris"}]
+
+
+def test_the_conversation_goes_on_with_the_results(app, tool_tok):
+    """The reply's message and a tool message go back in: rendered through the template, with the function's
+    name found from the call id; the warmed turn is a prefix of that next prompt."""
+    st, c = app
+    tok = tool_tok
+    st.worker.script = call_ids(tok, "get_weather", f"city:{QUOTE}Paris{QUOTE}") + [tok.token_to_id(RESPONSE)]
+    first = [{"role": "user", "content": "Weather in Paris?"}]
+    r = ask(c, messages=first, tools=[WEATHER])
+    msg = r.choices[0].message
+    assert msg.content is None
+    follow = first + [msg.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "sunny, 21 C"}]
+    st.worker.script = tok.encode("It is sunny.") + [tok.token_to_id(RESPONSE)]
+    r2 = ask(c, messages=follow, tools=[WEATHER])
+    assert r2.choices[0].finish_reason == "stop" and r2.choices[0].message.content == "It is sunny."
+    assert r2.choices[0].message.tool_calls is None
+    prompt = st.worker.prompts[-1]
+    text = tok.decode(prompt, skip_special_tokens=False)
+    assert f'{START}call:get_weather{{city:"Paris"}}{END}<end_of_turn>\n' in text
+    assert f"{RESPONSE}response:get_weather{{value:{QUOTE}sunny, 21 C{QUOTE}}}" in text
+    warmed = st.worker.warmed[0]
+    assert prompt[:len(warmed)] == warmed and len(warmed) > len(st.worker.prompts[0])
+
+
+def test_tool_choice(app, tool_tok):
+    st, c = app
+    tok = tool_tok
+    # named: the prompt ends by opening that call, and the reply finishes it
+    st.worker.script = tok.encode(f"city:{QUOTE}Oslo{QUOTE}}}") + [tok.token_to_id(END), tok.token_to_id(RESPONSE)]
+    r = ask(c, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert tok.decode(st.worker.prompts[-1], skip_special_tokens=False).endswith(
+        f"<start_of_turn>model\n{START}call:get_weather{{")
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+    # required: the model picks the function
+    st.worker.script = tok.encode("get_weather{}") + [tok.token_to_id(END), tok.token_to_id(RESPONSE)]
+    r = ask(c, tools=[WEATHER], tool_choice="required")
+    assert tok.decode(st.worker.prompts[-1], skip_special_tokens=False).endswith(f"model\n{START}call:")
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # a forced call the model does not finish comes back as content, marks spelled out
+    st.worker.script = tok.encode("no idea") + [tok.token_to_id(RESPONSE)]
+    r = ask(c, tools=[WEATHER], tool_choice="required")
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
+    assert r.choices[0].message.content.startswith(f"{START}call:no idea")
+    # none: the tools are not shown, and nothing is read as a call
+    st.worker.script = call_ids(tok, "get_weather", "") + [tok.token_to_id(RESPONSE)]
+    r = ask(c, tools=[WEATHER], tool_choice="none")
+    assert "declaration" not in tok.decode(st.worker.prompts[-1], skip_special_tokens=False)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(tool_choice="auto"), "tool_choice"),
+    (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+    (dict(tools=[WEATHER, WEATHER]), "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "has space"}}]), "tools[0].function.name"),
+    (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]),
+     "messages[1].tool_calls[0].function.arguments"),
+    (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]),
+     "messages[1].tool_calls[0].function.arguments"),
+    (dict(messages=[{"role": "tool", "tool_call_id": "zz", "content": "x"}]), "messages[0].tool_call_id"),
+    (dict(messages=[{"role": "user", "content": "x", "tool_call_id": "a"}]), "messages[0].tool_call_id"),
+    (dict(messages=[{"role": "user"}]), "messages[0].content"),
+    (dict(messages=[{"role": "user", "content": "x", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), "messages[0]"),
+])
+def test_bad_tool_requests_are_400s_naming_the_field(app, kw, param):
+    _, c = app
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, **kw)
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_a_model_without_tool_support_refuses_tools(app):
+    st, c = app
+    st.tok = dgemma.load_tokenizer(dgemma.default_model_path())
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, tools=[WEATHER])
+    assert e.value.body["param"] == "tools" and "<|tool_call>" in e.value.body["message"]
+    st.worker.script = st.tok.encode("fine") + [1]
+    assert ask(c, tools=[WEATHER], tool_choice="none").choices[0].finish_reason == "stop"   # not shown: fine

@@ -1,6 +1,7 @@
-"""Tool calls: Gemma 4's call format read back from token ids (serve.tools), and the chat route with tools, driven
-by the `openai` client against the app in this process, with a scripted worker that commits chosen token ids (no
-model can be made to write a call here) and a tokenizer that has Gemma 4's call marks as special tokens."""
+"""Gemma 4's reply markup, tool calls and the thinking channel, read back from token ids (serve.markup), and the
+chat route with tools and thinking, driven by the `openai` client against the app in this process, with a scripted
+worker that commits chosen token ids (no model here can be made to write a call) and a tokenizer that has Gemma 4's
+marks as special tokens."""
 from __future__ import annotations
 
 import json
@@ -18,14 +19,15 @@ from tokenizers import Tokenizer as HFTokenizer
 import dgemma
 from dgemma.engine import CanvasEvent, Result
 from dgemma.serve.app import Metrics, ServeConfig, State, create_app
-from dgemma.serve.tools import END, QUOTE, START, ArgumentError, CallReader, parse_call, unsupported
+from dgemma.serve.markup import (END, QUOTE, START, THINK, THOUGHT_END, ArgumentError, CallReader, ThoughtReader,
+                                 parse_call, unsupported)
 from dgemma.tokenizer import Tokenizer
 
 RESPONSE = "<|tool_response>"
 # a test template in Gemma 4's style: declarations in a system turn, calls after the model's text, results as
 # tool_response blocks (arguments through tojson here: the reader only has to read what a model writes)
 TEMPLATE = (
-    "{{ bos_token }}{% if tools %}<start_of_turn>system\n{% for t in tools %}<|tool>declaration:"
+    "{{ bos_token }}{% if enable_thinking %}<|think|>{% endif %}{% if tools %}<start_of_turn>system\n{% for t in tools %}<|tool>declaration:"
     "{{ t['function']['name'] }}{description:<|\"|>{{ t['function'].get('description', '') }}<|\"|>}<tool|>"
     "{% endfor %}<end_of_turn>\n{% endif %}"
     "{% for m in messages %}{% if m['role'] == 'tool' %}<|tool_response>response:{{ m['name'] }}"
@@ -45,7 +47,8 @@ def tool_tok(tmp_path_factory) -> Tokenizer:
     """The shipped model's tokenizer plus Gemma 4's call marks (special tokens) and a template that takes tools."""
     src, d = Path(dgemma.default_model_path()), tmp_path_factory.mktemp("tooltok")
     hf = HFTokenizer.from_file(str(src / "tokenizer.json"))
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (START, END, QUOTE, RESPONSE)])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (START, END, QUOTE, RESPONSE, THINK,
+                                                                                       THOUGHT_END)])
     hf.save(str(d / "tokenizer.json"))
     shutil.copy(src / "tokenizer_config.json", d)
     (d / "chat_template.jinja").write_text(TEMPLATE)
@@ -296,3 +299,53 @@ def test_a_model_without_tool_support_refuses_tools(app):
     assert e.value.body["param"] == "tools" and "<|tool_call>" in e.value.body["message"]
     st.worker.script = st.tok.encode("fine") + [1]
     assert ask(c, tools=[WEATHER], tool_choice="none").choices[0].finish_reason == "stop"   # not shown: fine
+
+
+# ---- thinking -------------------------------------------------------------------------------------------------
+def test_thought_reader_splits_and_drops_the_label(tool_tok):
+    tok = tool_tok
+    think, done = tok.token_to_id(THINK), tok.token_to_id(THOUGHT_END)
+    inner = tok.encode("thought\nWhy?")
+    ids = [think] + inner + [done] + tok.encode("Because.")
+    for cut in range(len(ids)):
+        r = ThoughtReader.make(tok)
+        a, b = r.push(ids[:cut]), r.push(ids[cut:])
+        assert a[0] + b[0] == inner and a[1] + b[1] == tok.encode("Because.")
+    assert ThoughtReader.make(dgemma.load_tokenizer(dgemma.default_model_path())) is None
+    shown = ThoughtReader.shown
+    assert [shown(t, False) for t in ("thou", "thought", "thought\n", "thought\nWhy", "though it")] == \
+        ["", "", "", "Why", "though it"]
+    assert shown("thou", True) == "thou"
+
+
+def test_chat_returns_the_thinking_apart(app, tool_tok):
+    st, c = app
+    tok = tool_tok
+    think, done = tok.token_to_id(THINK), tok.token_to_id(THOUGHT_END)
+    st.worker.script = [think] + tok.encode("thought\nThe user wants the weather.") + [done] + \
+        tok.encode("I will check.") + call_ids(tok, "get_weather", f"city:{QUOTE}Paris{QUOTE}") + \
+        [tok.token_to_id(RESPONSE)]
+    r = ask(c, tools=[WEATHER], extra_body={"chat_template_kwargs": {"enable_thinking": True}}, logprobs=True)
+    msg = r.choices[0].message
+    assert tok.decode(st.worker.prompts[-1], skip_special_tokens=False).startswith("<bos><|think|>")
+    assert msg.reasoning_content == "The user wants the weather." and msg.content == "I will check."
+    assert msg.tool_calls[0].function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens == len(st.worker.script)
+    thought, text, calls = "", "", []
+    for ch in ask(c, tools=[WEATHER], stream=True):
+        d = ch.choices[0].delta
+        thought += getattr(d, "reasoning_content", None) or ""
+        text += d.content or ""
+        calls += d.tool_calls or []
+    assert (thought, text, len(calls)) == ("The user wants the weather.", "I will check.", 1)
+    # the warmed turn: rendered with the same template variables (<|think|> first)
+    assert tok.decode(st.worker.warmed[0], skip_special_tokens=False).startswith("<bos><|think|>")
+
+
+@pytest.mark.parametrize("kwargs", [{"tools": []}, {"messages": 1}, {"add_generation_prompt": False}, {"a b": 1},
+                                    {"bos_token": "x"}])
+def test_chat_template_kwargs_cannot_replace_the_request(app, kwargs):
+    _, c = app
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, extra_body={"chat_template_kwargs": kwargs})
+    assert e.value.body["param"] == "chat_template_kwargs"

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body, now, usage)
 from .text import CharOffsets, TextStream, frame_json, token_text
-from .tools import CallReader, as_template_call, forced_text, unsupported
+from .markup import CallReader, ThoughtReader, as_template_call, forced_text, unsupported
 
 log = logging.getLogger("dgemma.serve")
 
@@ -141,14 +141,15 @@ class Job:
     top: int = 0                             # ... with this many alternatives
     echo: str | None = None                  # completions' echo: the prompt's text, sent first
     offsets: bool = False                    # completions' logprobs: each entry with its text_offset
+    template: dict = field(default_factory=dict)   # chat: the template's variables besides the messages
     tools: "Tools | None" = None             # chat with tools: the reply's calls are read back
+    thinking: bool = False                   # chat: the reply's thinking channel goes to reasoning_content
 
 
 @dataclass
 class Tools:
-    """A chat request's tools: as the template took them, the ids forced at the reply's start (tool_choice),
-    whether more than one call is returned."""
-    given: list[dict]
+    """A chat request's tool calling: the ids forced at the reply's start (tool_choice), whether more than one
+    call is returned."""
     forced: list[int]
     parallel: bool
 
@@ -274,16 +275,17 @@ def create_app(state: State) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         st = accept(req)
         from dgemma.tokenizer import TokenizerError
-        messages, tools = req.chat(), req.template_tools()
+        messages, extra = req.chat(), req.template_vars()
         _tool_support(st, req)
-        forced = st.tok.encode(forced_text(req.tool_choice)) if tools else []
+        forced = st.tok.encode(forced_text(req.tool_choice)) if extra["tools"] else []
         try:
-            ids = st.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, tools=tools)
+            ids = st.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from None
         job = _job(st, req, ids + forced, "chatcmpl", "messages", messages)
-        if tools:
-            job.tools = Tools(tools, forced, req.parallel_tool_calls is not False)
+        job.template, job.thinking = extra, ThoughtReader.make(st.tok) is not None
+        if extra["tools"]:
+            job.tools = Tools(forced, req.parallel_tool_calls is not False)
         return await _respond(st, [job], req.n or 1, request, bool(req.stream), chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None,
@@ -315,11 +317,12 @@ def create_app(state: State) -> FastAPI:
         from dgemma.tokenizer import TokenizerError
         try:
             if req.messages is not None:
-                as_chat = ChatCompletionRequest(model=st.cfg.model_name, messages=req.messages, tools=req.tools)
+                as_chat = ChatCompletionRequest(model=st.cfg.model_name, messages=req.messages, tools=req.tools,
+                                                chat_template_kwargs=req.chat_template_kwargs)
                 as_chat.checks()                                 # (text parts only, as the chat route)
                 _tool_support(st, as_chat)
                 ids = st.tok.apply_chat_template(as_chat.chat(), add_generation_prompt=req.add_generation_prompt,
-                                                 tokenize=True, tools=as_chat.template_tools())
+                                                 tokenize=True, **as_chat.template_vars())
             else:
                 ids = st.tok.encode_prompt(req.prompt) if req.add_special_tokens else st.tok.encode(req.prompt)
         except TokenizerError as e:
@@ -558,6 +561,8 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     last_frame, entries, sent = -1e9, [], 0            # every token's entry; how many went out
     offsets, at = CharOffsets(st.tok), []               # (completions' logprobs) where each token's text starts
     calls = CallReader(st.tok, job.tools.forced, job.tools.parallel) if job.tools else None
+    thought = ThoughtReader.make(st.tok) if job.thinking else None
+    thinking, shown_thought = TextStream(st.tok, []), 0   # the thinking's text; how much of it went out
     try:
         while True:
             kind, p = await q.get()
@@ -580,7 +585,15 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                         yield "text", job.echo, list(zip(job.ids, p.prompt_logprobs, p.prompt_top_logprobs,
                                                          echo_at)) if job.logprobs else []
                 n_tokens += len(p.tokens)
-                shown, made = calls.push(p.tokens) if calls else (p.tokens, [])    # (text stops at a tool call)
+                ids = p.tokens
+                if thought:                               # the thinking channel: its own text
+                    inner, ids = thought.push(ids)
+                    thinking.push(inner, final=p.finished)
+                    said = thought.shown(thinking.text, p.finished)
+                    if len(said) > shown_thought:
+                        yield "reasoning", said[shown_thought:]
+                        shown_thought = len(said)
+                shown, made = calls.push(ids) if calls else (ids, [])    # (text stops at a tool call)
                 delta = text.push(shown, final=p.finished)
                 out = []
                 if job.logprobs:     # the tokens whose text went out (all at the end; up to a stop string)
@@ -598,7 +611,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                     worker.cancel(job.rid)
                     job.done = True
                     yield "end", "stop", _finish(st, job, text.used, p.cached_tokens, p.passes, t0)
-                    _warm(st, job, text.text, [])
+                    _warm(st, job, text.text, [], thinking.text)
                     return
             elif kind == "done":
                 job.done = True
@@ -609,7 +622,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 if calls and calls.calls:
                     reason = "tool_calls"
                 yield "end", reason, _finish(st, job, n_tokens, p.cached_tokens, p.decoder_passes, t0)
-                _warm(st, job, text.text + rest, calls.calls if calls else [])
+                _warm(st, job, text.text + rest, calls.calls if calls else [], thinking.text)
                 return
     finally:
         _drop(st, job)
@@ -657,17 +670,19 @@ def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: fl
     return usage(len(job.ids), n_tokens, cached)
 
 
-def _warm(st: State, job: Job, reply: str, calls: list[dict]) -> None:
-    """Encode a finished chat turn (its messages and the `reply` and tool `calls` sent back) as the next request
-    will render it, in the engine's idle time."""
+def _warm(st: State, job: Job, reply: str, calls: list[dict], thinking: str) -> None:
+    """Encode a finished chat turn (its messages and the `reply`, tool `calls` and `thinking` sent back) as the
+    next request will render it, in the engine's idle time."""
     if job.chat is None:
         return
     answer: dict[str, Any] = {"role": "assistant", "content": reply}
     if calls:
         answer["tool_calls"] = [as_template_call(c) for c in calls]
+    if thinking:
+        answer["reasoning_content"] = ThoughtReader.shown(thinking, True)
     try:
         ids = st.tok.apply_chat_template(job.chat + [answer], add_generation_prompt=False, tokenize=True,
-                                         tools=job.tools.given if job.tools else None)
+                                         **job.template)
     except ValueError:
         return
     if len(ids) < st.model.config.max_position_embeddings:
@@ -710,6 +725,8 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
                         yield _sse(_with_usage(piece(i, {"content": ev[1]}, None, ev[2]), job))
                     elif ev[0] == "calls":
                         yield _sse(_with_usage(piece(i, {"tool_calls": ev[1]}, None), job))
+                    elif ev[0] == "reasoning":
+                        yield _sse(_with_usage(piece(i, {"reasoning_content": ev[1]}, None), job))
                     elif ev[0] == "frame":
                         yield _sse({**piece(i, {}, None), "choices": [], "dgemma_frame": {**ev[1], "index": i}})
                     else:
@@ -733,6 +750,7 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
         parts: list[list[str]] = [[] for _ in jobs]
         entries: list[list[dict]] = [[] for _ in jobs]
         calls: list[list[dict]] = [[] for _ in jobs]
+        thoughts: list[list[str]] = [[] for _ in jobs]
         ends: list[tuple] = [()] * len(jobs)
         async for i, ev in _merged(st, jobs):
             if ev[0] == "text":
@@ -740,6 +758,8 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
                 entries[i] += ev[2]
             elif ev[0] == "calls":
                 calls[i] += ev[1]
+            elif ev[0] == "reasoning":
+                thoughts[i].append(ev[1])
             elif ev[0] == "end":
                 ends[i] = ev
         choices = []
@@ -747,6 +767,8 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
             choice: dict[str, Any] = {"index": i, "logprobs": logprobs(entries[i]), "finish_reason": end[1]}
             if chat:
                 choice["message"] = {"role": "assistant", "content": "".join(parts[i])}
+                if thoughts[i]:
+                    choice["message"]["reasoning_content"] = "".join(thoughts[i])
                 if calls[i]:
                     choice["message"].update(content=choice["message"]["content"] or None, tool_calls=[
                         {k: v for k, v in c.items() if k != "index"} for c in calls[i]])   # (index: streams only)

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .tools import ArgumentError, as_template_call
+from .markup import ArgumentError, as_template_call
 
 
 class APIError(Exception):
@@ -69,6 +69,9 @@ class Message(_Strict):
         "an assistant message's calls (as this API returns them); needs a model whose chat template takes tools"))
     tool_call_id: Optional[str] = Field(None, max_length=256, description=(
         'a "tool" message: the id of the call it answers'))
+    reasoning_content: Optional[str] = Field(None, description=(
+        "an assistant message's thinking, as this API returns it; given to the chat template (Gemma 4's shows it "
+        "only with tool calls after the last user turn)"))
     # what an assistant message from this API carries back (the openai client's model_dump() sends them all)
     refusal: Optional[str] = Field(None, description="only null")
     function_call: Optional[Any] = Field(None, description="only null")
@@ -199,6 +202,9 @@ class ChatCompletionRequest(_Common):
         "or a named function: the reply is made to open a call (of that function); the model writes the rest, "
         "so a reply that does not finish a call comes back as content"))
     parallel_tool_calls: Optional[bool] = Field(None, description="false: only the reply's first call is returned")
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description=(
+        'extra chat template variables, e.g. {"enable_thinking": true} for Gemma 4 (its thinking comes back as '
+        "message.reasoning_content)"))
     functions: Optional[list[Any]] = Field(None, description="not supported")
     function_call: Optional[Any] = Field(None, description="not supported")
 
@@ -217,6 +223,7 @@ class ChatCompletionRequest(_Common):
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
             raise APIError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools",
                            "tool_choice")
+        template_kwargs_check(self.chat_template_kwargs)
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
@@ -271,6 +278,8 @@ class ChatCompletionRequest(_Common):
                 names.update((c.id, c.function.name) for c in m.tool_calls)
             if m.role == "tool":
                 msg.update(tool_call_id=m.tool_call_id, name=names[m.tool_call_id])
+            if m.reasoning_content is not None:
+                msg["reasoning_content"] = m.reasoning_content
             out.append(msg)
         return out
 
@@ -279,6 +288,22 @@ class ChatCompletionRequest(_Common):
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def template_vars(self) -> dict[str, Any]:
+        """Every variable the chat template gets besides the messages: chat_template_kwargs and the tools."""
+        return {**(self.chat_template_kwargs or {}), "tools": self.template_tools()}
+
+
+# variables that the template gets from the request itself, or the tokenizer
+_RESERVED = {"messages", "tools", "add_generation_prompt", "tokenize", "bos_token", "eos_token", "pad_token",
+             "unk_token", "raise_exception", "strftime_now"}
+
+
+def template_kwargs_check(kwargs: dict[str, Any] | None) -> None:
+    for k in kwargs or {}:
+        if not k.isidentifier() or k in _RESERVED:
+            raise APIError(400, f"chat_template_kwargs: {k[:40]!r} cannot be set (names: identifiers other than "
+                                f"{', '.join(sorted(_RESERVED))})", "chat_template_kwargs")
 
 
 MAX_PROMPTS = 256                            # prompts in one completions request
@@ -330,14 +355,16 @@ class TokenizeRequest(_Strict):
     messages: Optional[list[Message]] = Field(None, min_length=1, description=(
         "a chat, rendered as /v1/chat/completions does"))
     tools: Optional[list[Tool]] = Field(None, max_length=128, description="with messages: as the chat route's")
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="with messages: as the chat route's")
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
     def checks(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
-        if self.tools and self.messages is None:
-            raise APIError(400, "tools go with messages", "tools")
+        for name in ("tools", "chat_template_kwargs"):
+            if getattr(self, name) and self.messages is None:
+                raise APIError(400, f"{name} go with messages", name)
 
 
 class DetokenizeRequest(_Strict):

@@ -1,10 +1,12 @@
-"""Tool calls in Gemma 4's format: whether a checkpoint can take tools, the text that forces a call, and the calls
-a reply makes, read back from its token ids as OpenAI's `tool_calls`.
+"""Gemma 4's markup in a reply, read back from its token ids: the thinking channel (OpenAI-style
+`reasoning_content`) and tool calls (OpenAI's `tool_calls`); whether a checkpoint can take tools; the text that
+forces a call.
 
-Knows: how Gemma 4 writes a call, `<|tool_call>call:NAME{key:value,...}<tool_call|>`, with strings between `<|"|>`
-marks, bare numbers / true / false / null, and nested `{...}` / `[...]`; that the three marks are single special
-tokens, so a call is found by token id and text a user typed can never pass for one; OpenAI's tool_calls shape
-(`arguments` a JSON string).
+Knows: that Gemma 4 thinks in `<|channel>thought\n...<channel|>` before it answers (with the chat template's
+`enable_thinking`); how it writes a call, `<|tool_call>call:NAME{key:value,...}<tool_call|>`, with strings between
+`<|"|>` marks, bare numbers / true / false / null, and nested `{...}` / `[...]`; that all these marks are single
+special tokens, so they are found by token id and text a user typed can never pass for one; OpenAI's tool_calls
+shape (`arguments` a JSON string).
 Does not know: HTTP, the engine, how a declaration or a tool's result is rendered (the checkpoint's chat template
 does that, from the `tools` and messages it is given).
 """
@@ -16,6 +18,7 @@ import uuid
 from typing import Any
 
 START, END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+THINK, THOUGHT_END, LABEL = "<|channel>", "<channel|>", "thought\n"
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
@@ -218,3 +221,38 @@ def as_template_call(call: dict) -> dict:
     if not isinstance(args, dict):
         raise ArgumentError("arguments must be a JSON object")
     return {"id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+class ThoughtReader:
+    """Splits a reply's token ids into its thinking (the ids inside `<|channel>` ... `<channel|>`, marks left out)
+    and the rest, as the canvases commit; `shown` gives the thinking's text (decoded by the caller) as shown,
+    less the channel's `thought` label. None from `make` for a tokenizer without the channel marks."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.inside = False
+
+    @classmethod
+    def make(cls, tok) -> "ThoughtReader | None":
+        start, end = tok.token_to_id(THINK), tok.token_to_id(THOUGHT_END)
+        return None if start is None or end is None else cls(start, end)
+
+    def push(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """(thinking ids, other ids) of the next committed ids."""
+        thought, rest = [], []
+        for t in ids:
+            if t == self.start and not self.inside:
+                self.inside = True
+            elif t == self.end:
+                self.inside = False
+            else:
+                (thought if self.inside else rest).append(t)
+        return thought, rest
+
+    @staticmethod
+    def shown(text: str, final: bool) -> str:
+        """The thinking's text as shown: without the leading label; "" while the text so far could still be the
+        start of it (unless final)."""
+        if text.startswith(LABEL):
+            return text[len(LABEL):]
+        return "" if LABEL.startswith(text) and not final else text

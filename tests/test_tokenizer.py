@@ -132,6 +132,12 @@ def test_raise_exception_in_template(tok_dir, tmp_path):
     set_config(folder, chat_template="{% if %}")
     with pytest.raises(TokenizerError, match="syntax error"):
         Tokenizer.from_dir(folder).apply_chat_template(MESSAGES)
+    # a variable the template cannot use (a client's chat_template_kwargs): an error about the template, not a crash
+    set_config(folder, chat_template="{{ enable_thinking() }}{{ 1 // level }}{{ options | length }}")
+    for extra in ({"enable_thinking": 1}, {"enable_thinking": dict, "level": 0}, {"enable_thinking": dict,
+                                                                                 "level": 1, "options": 3}):
+        with pytest.raises(TokenizerError, match="chat template error"):
+            Tokenizer.from_dir(folder).apply_chat_template(MESSAGES, **extra)
 
 
 def test_train_bpe_errors(tmp_path):

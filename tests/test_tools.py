@@ -310,7 +310,7 @@ def test_thought_reader_splits_and_drops_the_label(tool_tok):
     for cut in range(len(ids)):
         r = ThoughtReader.make(tok)
         a, b = r.push(ids[:cut]), r.push(ids[cut:])
-        assert a[0] + b[0] == inner and a[1] + b[1] == tok.encode("Because.")
+        assert a[0] + b[0] == inner and a[1] + [cut + i for i in b[1]] == list(range(len(inner) + 2, len(ids)))
     assert ThoughtReader.make(dgemma.load_tokenizer(dgemma.default_model_path())) is None
     shown = ThoughtReader.shown
     assert [shown(t, False) for t in ("thou", "thought", "thought\n", "thought\nWhy", "though it")] == \
@@ -349,3 +349,25 @@ def test_chat_template_kwargs_cannot_replace_the_request(app, kwargs):
     with pytest.raises(openai.BadRequestError) as e:
         ask(c, extra_body={"chat_template_kwargs": kwargs})
     assert e.value.body["param"] == "chat_template_kwargs"
+
+
+def test_a_stop_string_after_thinking_counts_the_thinking_tokens(app, tool_tok):
+    st, c = app
+    tok = tool_tok
+    inner, content = tok.encode("thought\nHmm."), tok.encode("Hello there. STOP and more words")
+    st.worker.script = [tok.token_to_id(THINK)] + inner + [tok.token_to_id(THOUGHT_END)] + content
+    cut = tok.decode(content).index("STOP")
+    m = next(k for k in range(len(content) + 1) if len(tok.decode(content[:k])) >= cut)
+    for stream in (False, True):
+        r = ask(c, stop=["STOP"], logprobs=True, stream=stream, stream_options={"include_usage": True} if stream
+                else None)
+        if stream:
+            chunks = list(r)
+            usage = chunks[-1].usage
+            n_logprobs = sum(len(ch.choices[0].logprobs.content) for ch in chunks
+                             if ch.choices and ch.choices[0].logprobs)
+            text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        else:
+            usage, n_logprobs, text = r.usage, len(r.choices[0].logprobs.content), r.choices[0].message.content
+        assert text == "Hello there. "
+        assert usage.completion_tokens == n_logprobs == len(inner) + 2 + m

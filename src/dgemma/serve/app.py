@@ -563,6 +563,10 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     calls = CallReader(st.tok, job.tools.forced, job.tools.parallel) if job.tools else None
     thought = ThoughtReader.make(st.tok) if job.thinking else None
     thinking, shown_thought = TextStream(st.tok, []), 0   # the thinking's text; how much of it went out
+    where: list[int] = []            # the place in the reply of each id given to `text` (thinking and calls are not)
+
+    def through(k: int) -> int:      # how many reply tokens come up to the k-th of those
+        return where[k - 1] + 1 if k else 0
     try:
         while True:
             kind, p = await q.get()
@@ -584,21 +588,23 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                             if job.offsets else [0] * len(job.ids)   # (a prompt spelling a special token: clipped)
                         yield "text", job.echo, list(zip(job.ids, p.prompt_logprobs, p.prompt_top_logprobs,
                                                          echo_at)) if job.logprobs else []
+                base, kept = n_tokens, range(len(p.tokens))
                 n_tokens += len(p.tokens)
-                ids = p.tokens
                 if thought:                               # the thinking channel: its own text
-                    inner, ids = thought.push(ids)
+                    inner, kept = thought.push(p.tokens)
                     thinking.push(inner, final=p.finished)
                     said = thought.shown(thinking.text, p.finished)
                     if len(said) > shown_thought:
                         yield "reasoning", said[shown_thought:]
                         shown_thought = len(said)
+                ids = [p.tokens[i] for i in kept]
                 shown, made = calls.push(ids) if calls else (ids, [])    # (text stops at a tool call)
+                where += [base + i for i in kept[:len(shown)]]
                 delta = text.push(shown, final=p.finished)
                 out = []
                 if job.logprobs:     # the tokens whose text went out (all at the end; up to a stop string)
                     entries += zip(p.tokens, p.logprobs, p.top_logprobs)
-                    upto = len(entries) if p.finished and not text.stopped else text.covered()
+                    upto = len(entries) if p.finished and not text.stopped else through(text.covered())
                     if job.offsets:
                         at += [len(job.echo or "") + o for o in offsets.extend(p.tokens)]
                     out = [(*e, at[i] if job.offsets else 0) for i, e in enumerate(entries[sent:upto], sent)]
@@ -610,7 +616,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 if text.stopped:                          # count the tokens up to the stop string
                     worker.cancel(job.rid)
                     job.done = True
-                    yield "end", "stop", _finish(st, job, text.used, p.cached_tokens, p.passes, t0)
+                    yield "end", "stop", _finish(st, job, through(text.used), p.cached_tokens, p.passes, t0)
                     _warm(st, job, text.text, [], thinking.text)
                     return
             elif kind == "done":

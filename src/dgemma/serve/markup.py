@@ -238,15 +238,17 @@ class ThoughtReader:
         return None if start is None or end is None else cls(start, end)
 
     def push(self, ids: list[int]) -> tuple[list[int], list[int]]:
-        """(thinking ids, other ids) of the next committed ids."""
+        """(the thinking ids, where in `ids` the other ids are) of the next committed ids."""
         thought, rest = [], []
-        for t in ids:
+        for i, t in enumerate(ids):
             if t == self.start and not self.inside:
                 self.inside = True
             elif t == self.end:
                 self.inside = False
+            elif self.inside:
+                thought.append(t)
             else:
-                (thought if self.inside else rest).append(t)
+                rest.append(i)
         return thought, rest
 
     @staticmethod

@@ -331,6 +331,8 @@ def test_chat_returns_the_thinking_apart(app, tool_tok):
     assert msg.reasoning_content == "The user wants the weather." and msg.content == "I will check."
     assert msg.tool_calls[0].function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
     assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens == len(st.worker.script)
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(tok.encode("thought\nThe user wants the "
+                                                                              "weather.")) + 2
     thought, text, calls = "", "", []
     for ch in ask(c, tools=[WEATHER], stream=True):
         d = ch.choices[0].delta
@@ -371,3 +373,4 @@ def test_a_stop_string_after_thinking_counts_the_thinking_tokens(app, tool_tok):
             usage, n_logprobs, text = r.usage, len(r.choices[0].logprobs.content), r.choices[0].message.content
         assert text == "Hello there. "
         assert usage.completion_tokens == n_logprobs == len(inner) + 2 + m
+        assert usage.completion_tokens_details.reasoning_tokens == len(inner) + 2

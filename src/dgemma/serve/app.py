@@ -564,6 +564,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     thought = ThoughtReader.make(st.tok) if job.thinking else None
     thinking, shown_thought = TextStream(st.tok, []), 0   # the thinking's text; how much of it went out
     where: list[int] = []            # the place in the reply of each id given to `text` (thinking and calls are not)
+    n_thought = 0                    # reply tokens in the thinking channel
 
     def through(k: int) -> int:      # how many reply tokens come up to the k-th of those
         return where[k - 1] + 1 if k else 0
@@ -592,6 +593,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 n_tokens += len(p.tokens)
                 if thought:                               # the thinking channel: its own text
                     inner, kept = thought.push(p.tokens)
+                    n_thought += len(p.tokens) - len(kept)   # (with its marks)
                     thinking.push(inner, final=p.finished)
                     said = thought.shown(thinking.text, p.finished)
                     if len(said) > shown_thought:
@@ -616,7 +618,9 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 if text.stopped:                          # count the tokens up to the stop string
                     worker.cancel(job.rid)
                     job.done = True
-                    yield "end", "stop", _finish(st, job, through(text.used), p.cached_tokens, p.passes, t0)
+                    used = through(text.used)
+                    yield "end", "stop", _finish(st, job, used, p.cached_tokens, p.passes, t0,
+                                                 min(n_thought, used) if thought else None)
                     _warm(st, job, text.text, [], thinking.text)
                     return
             elif kind == "done":
@@ -627,7 +631,8 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                     yield "text", rest, []
                 if calls and calls.calls:
                     reason = "tool_calls"
-                yield "end", reason, _finish(st, job, n_tokens, p.cached_tokens, p.decoder_passes, t0)
+                yield "end", reason, _finish(st, job, n_tokens, p.cached_tokens, p.decoder_passes, t0,
+                                             n_thought if thought else None)
                 _warm(st, job, text.text + rest, calls.calls if calls else [], thinking.text)
                 return
     finally:
@@ -664,7 +669,8 @@ def _text_logprobs(st: State, entries: list[tuple]) -> dict:
             "text_offset": [e[3] for e in entries]}
 
 
-def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: float) -> dict:
+def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: float,
+            reasoning: int | None = None) -> dict:
     m = st.metrics
     m.prompt_tokens.inc(len(job.ids))
     m.generated.inc(n_tokens)
@@ -673,7 +679,7 @@ def _finish(st: State, job: Job, n_tokens: int, cached: int, passes: int, t0: fl
         m.tpf.observe(n_tokens / passes)
     log.info("%s done: %d prompt tokens (%d cached), %d new, %d passes, %.2f s", job.rid, len(job.ids), cached,
              n_tokens, passes, time.perf_counter() - t0)
-    return usage(len(job.ids), n_tokens, cached)
+    return usage(len(job.ids), n_tokens, cached, reasoning)
 
 
 def _warm(st: State, job: Job, reply: str, calls: list[dict], thinking: str) -> None:
@@ -801,8 +807,10 @@ def _total(usages: list[dict], n: int) -> dict:
     """One usage for a request's choices (in index order, n per prompt): each prompt once (its cached tokens: the
     fewest any of its choices had), the completion tokens of all of them."""
     prompts = [usages[p:p + n] for p in range(0, len(usages), n)]
+    thought = [u["completion_tokens_details"]["reasoning_tokens"] for u in usages if "completion_tokens_details" in u]
     return usage(sum(g[0]["prompt_tokens"] for g in prompts), sum(u["completion_tokens"] for u in usages),
-                 sum(min(u["prompt_tokens_details"]["cached_tokens"] for u in g) for g in prompts))
+                 sum(min(u["prompt_tokens_details"]["cached_tokens"] for u in g) for g in prompts),
+                 sum(thought) if thought else None)
 
 
 def _with_usage(chunk: dict, job: Job) -> dict:

@@ -374,9 +374,13 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
-def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def usage(prompt: int, completion: int, cached: int, reasoning: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; `reasoning`: the completion tokens spent thinking (given where the reply can think)."""
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}}
+    if reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
 
 
 def now() -> int:

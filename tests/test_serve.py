@@ -111,6 +111,20 @@ def test_content_parts_equal_a_string(server):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
+def test_responses_route_on_the_model(server, tok):
+    """/v1/responses through the real engine: the chat's tokens, streamed or not."""
+    c = client(server)
+    r = c.responses.create(model=NAME, input="Tell me about the sea.", max_output_tokens=40, extra_body={
+        **FAST, "seed": 5})
+    chat_r = chat(c, seed=5)
+    assert r.output_text == chat_r.choices[0].message.content
+    assert r.usage.output_tokens == chat_r.usage.completion_tokens and r.status in ("completed", "incomplete")
+    assert (r.status == "incomplete") == (chat_r.choices[0].finish_reason == "length")
+    events = list(c.responses.create(model=NAME, input="Tell me about the sea.", max_output_tokens=40, stream=True,
+                                     extra_body={**FAST, "seed": 5}))
+    assert events[-1].response.output_text == r.output_text
+
+
 def test_completions_routes(server):
     c = client(server)
     r = c.completions.create(model=NAME, prompt="The old house", max_tokens=33, seed=1, extra_body=FAST)

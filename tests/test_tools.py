@@ -5,38 +5,16 @@ marks as special tokens."""
 from __future__ import annotations
 
 import json
-import shutil
-import threading
-from pathlib import Path
-from types import SimpleNamespace
 
 import openai
 import pytest
-from fastapi.testclient import TestClient
-from tokenizers import AddedToken
-from tokenizers import Tokenizer as HFTokenizer
+from scripted import RESPONSE, scripted_app, tool_tokenizer
 
 import dgemma
-from dgemma.engine import CanvasEvent, Result
-from dgemma.serve.app import Metrics, ServeConfig, State, create_app
 from dgemma.serve.markup import (END, QUOTE, START, THINK, THOUGHT_END, ArgumentError, CallReader, ThoughtReader,
                                  parse_call, unsupported)
 from dgemma.tokenizer import Tokenizer
 
-RESPONSE = "<|tool_response>"
-# a test template in Gemma 4's style: declarations in a system turn, calls after the model's text, results as
-# tool_response blocks (arguments through tojson here: the reader only has to read what a model writes)
-TEMPLATE = (
-    "{{ bos_token }}{% if enable_thinking %}<|think|>{% endif %}{% if tools %}<start_of_turn>system\n{% for t in tools %}<|tool>declaration:"
-    "{{ t['function']['name'] }}{description:<|\"|>{{ t['function'].get('description', '') }}<|\"|>}<tool|>"
-    "{% endfor %}<end_of_turn>\n{% endif %}"
-    "{% for m in messages %}{% if m['role'] == 'tool' %}<|tool_response>response:{{ m['name'] }}"
-    "{value:<|\"|>{{ m['content'] }}<|\"|>}<tool_response|>"
-    "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] or '' }}"
-    "{% for c in m.get('tool_calls') or [] %}<|tool_call>call:{{ c['function']['name'] }}{{ '{' }}"
-    "{% for k, v in c['function']['arguments'] | dictsort %}{{ k }}:{{ v | tojson }}{% if not loop.last %},"
-    "{% endif %}{% endfor %}}<tool_call|>{% endfor %}<end_of_turn>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                                             "parameters": {"type": "object",
                                                            "properties": {"city": {"type": "string"}}}}}
@@ -44,15 +22,13 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 @pytest.fixture(scope="module")
 def tool_tok(tmp_path_factory) -> Tokenizer:
-    """The shipped model's tokenizer plus Gemma 4's call marks (special tokens) and a template that takes tools."""
-    src, d = Path(dgemma.default_model_path()), tmp_path_factory.mktemp("tooltok")
-    hf = HFTokenizer.from_file(str(src / "tokenizer.json"))
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (START, END, QUOTE, RESPONSE, THINK,
-                                                                                       THOUGHT_END)])
-    hf.save(str(d / "tokenizer.json"))
-    shutil.copy(src / "tokenizer_config.json", d)
-    (d / "chat_template.jinja").write_text(TEMPLATE)
-    return Tokenizer.from_dir(d)
+    return tool_tokenizer(tmp_path_factory.mktemp("tooltok"))
+
+
+@pytest.fixture()
+def app(tool_tok):
+    with scripted_app(tool_tok) as pair:
+        yield pair
 
 
 def call_ids(tok, name: str, body: str) -> list[int]:
@@ -137,51 +113,6 @@ def test_unsupported_names_what_is_missing(tool_tok):
 
 
 # ---- the chat route ------------------------------------------------------------------------------------------
-class ScriptedWorker:
-    """Takes the place of serve.worker.Worker: each request commits `script` (token ids) in canvases of 8, then
-    ends with EOS; it records the prompts and the warmed ids."""
-
-    def __init__(self) -> None:
-        self.script: list[int] = []
-        self.prompts: list[list[int]] = []
-        self.warmed: list[list[int]] = []
-        self.waiting = 0
-
-    def submit_all(self, requests, limit=None) -> bool:
-        for rid, prompt, sink, kwargs in requests:
-            self.prompts.append(list(prompt))
-            threading.Thread(target=self._play, args=(rid, prompt, sink), daemon=True).start()
-        return True
-
-    def _play(self, rid, prompt, sink) -> None:
-        ids = self.script
-        for i in range(0, len(ids), 8):
-            last = i + 8 >= len(ids)
-            sink("canvas", CanvasEvent(rid, ids[i:i + 8], last, "eos" if last else None, passes=i // 8 + 1,
-                                       logprobs=[-0.5] * len(ids[i:i + 8]), top_logprobs=[[]] * len(ids[i:i + 8])))
-        sink("done", Result(rid, list(prompt), list(ids), "eos", len(ids) // 8 + 1, 8.0))
-
-    def cancel(self, rid) -> None:
-        pass
-
-    def alive(self) -> bool:
-        return True
-
-    def warm(self, ids) -> None:
-        self.warmed.append(list(ids))
-
-
-@pytest.fixture()
-def app(tool_tok):
-    cfg = SimpleNamespace(canvas_length=8, max_position_embeddings=4096, vocab_size=tool_tok.vocab_size)
-    sampler = SimpleNamespace(max_new_tokens=64, t_min=0.4, t_max=0.8)
-    st = State(ServeConfig("unused", "m"), ready=True, tok=tool_tok, metrics=Metrics(), worker=ScriptedWorker(),
-               model=SimpleNamespace(config=cfg, sampler_config=sampler),
-               engine=SimpleNamespace(settings=lambda **kw: None), chat_eos=[tool_tok.token_to_id(RESPONSE)])
-    with TestClient(create_app(st)) as http:
-        yield st, openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
-
-
 def ask(c, **kw):
     kw.setdefault("messages", [{"role": "user", "content": "Weather in Paris?"}])
     return c.chat.completions.create(model="m", **kw)

@@ -1,5 +1,5 @@
-"""FastAPI routes of `dgemma serve`: OpenAI-compatible chat and text completions on the engine worker, and
-vLLM-style tokenizer routes.
+"""FastAPI routes of `dgemma serve`: OpenAI-compatible chat and text completions and responses on the engine
+worker, and vLLM-style tokenizer routes.
 
 Knows: HTTP, the OpenAI shapes (protocol.py), the chat template and tokenizer (text lives here, not in the
 engine), turning a request into engine settings (exact max_tokens, temperature, stop strings, seed, diffusion
@@ -32,6 +32,7 @@ from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, Detok
                        error_body, now, usage)
 from .text import CharOffsets, TextStream, frame_json, token_text
 from .markup import CallReader, ThoughtReader, as_template_call, forced_text, unsupported
+from .responses import Builder, ResponsesRequest
 
 log = logging.getLogger("dgemma.serve")
 
@@ -186,7 +187,8 @@ def create_app(state: State) -> FastAPI:
     async def _invalid(request: Request, e: RequestValidationError):
         if not authorized(request):          # the body is parsed before the key is checked: a 401 comes first
             return await _api_error(request, _bad_key())
-        err = e.errors()[0] if e.errors() else {}
+        # the deepest error: in a union (a string or a list of parts, ...) the branch the body was meant for
+        err = max(e.errors(), key=lambda x: len(x.get("loc", ())), default={})
         loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _UNION_TAG.match(str(x))]
         param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
         if err.get("type") == "extra_forbidden":
@@ -274,19 +276,14 @@ def create_app(state: State) -> FastAPI:
                                               "chat.completion.chunk events ending with `data: [DONE]`"}})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         st = accept(req)
-        from dgemma.tokenizer import TokenizerError
-        messages, extra = req.chat(), req.template_vars()
-        _tool_support(st, req)
-        forced = st.tok.encode(forced_text(req.tool_choice)) if extra["tools"] else []
-        try:
-            ids = st.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
-        except TokenizerError as e:
-            raise APIError(400, str(e), "messages") from None
-        job = _job(st, req, ids + forced, "chatcmpl", "messages", messages)
-        job.template, job.thinking = extra, ThoughtReader.make(st.tok) is not None
-        if extra["tools"]:
-            job.tools = Tools(forced, req.parallel_tool_calls is not False)
-        return await _respond(st, [job], req.n or 1, request, bool(req.stream), chat=True)
+        return await _respond(st, [_chat_job(st, req, "chatcmpl")], req.n or 1, request, bool(req.stream),
+                              chat=True)
+
+    @app.post("/v1/responses", dependencies=[Depends(auth)], response_model=None,
+              responses={200: {"description": "a response, or with stream=true an SSE stream of its events"}})
+    async def responses(req: ResponsesRequest, request: Request):
+        st = accept(req)
+        return await _respond_items(st, req, _chat_job(st, req.to_chat(), "resp", "input"), request)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None,
               responses={200: {"description": "a text_completion, or with stream=true an SSE stream of "
@@ -375,7 +372,7 @@ def _openapi(app: FastAPI) -> dict:
             if path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/tokenizer_info"):
                 for code, text in _ERRORS.items():
                     responses[str(code)] = {"description": text, "content": {"application/json": {"schema": err}}}
-            if path in ("/v1/chat/completions", "/v1/completions"):
+            if path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
                 responses["200"]["content"] = {"application/json": {"schema": {"type": "object"}},
                                                "text/event-stream": {"schema": {}}}
     app.openapi_schema = schema
@@ -401,6 +398,24 @@ def _token_ids(st: State, ids: list[int], param: str) -> list[int]:
     if ids and (min(ids) < 0 or max(ids) >= V):
         raise APIError(400, f"token ids must lie in [0, {V})", param)
     return ids
+
+
+def _chat_job(st: State, req: ChatCompletionRequest, prefix: str, param: str = "messages") -> Job:
+    """A chat request as a job: the messages rendered with the template's variables (tools, chat_template_kwargs)
+    and the ids that tool_choice forces, and what reading the reply back needs (tool calls, thinking)."""
+    from dgemma.tokenizer import TokenizerError
+    messages, extra = req.chat(), req.template_vars()
+    _tool_support(st, req)
+    forced = st.tok.encode(forced_text(req.tool_choice)) if extra["tools"] else []
+    try:
+        ids = st.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+    except TokenizerError as e:
+        raise APIError(400, str(e), param) from None
+    job = _job(st, req, ids + forced, prefix, param, messages)
+    job.template, job.thinking = extra, ThoughtReader.make(st.tok) is not None
+    if extra["tools"]:
+        job.tools = Tools(forced, req.parallel_tool_calls is not False)
+    return job
 
 
 def _tool_support(st: State, req: ChatCompletionRequest) -> None:
@@ -791,8 +806,14 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
                 "model": name, "choices": choices, "usage": _total([e[2] for e in ends], n),
                 "system_fingerprint": None}
 
-    task = asyncio.ensure_future(collect())
-    while not task.done():                                      # a client that goes away cancels its request
+    return await _body(st, collect(), request)
+
+
+async def _body(st: State, collect, request: Request):
+    """Await a request's whole answer (the `collect` coroutine); a client that goes away cancels it (499)."""
+    route = request.url.path
+    task = asyncio.ensure_future(collect)
+    while not task.done():
         await asyncio.wait([task], timeout=0.1)
         if not task.done() and await request.is_disconnected():
             task.cancel()
@@ -801,6 +822,48 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
     body = task.result()                                        # re-raises APIError (handled above)
     st.metrics.requests.labels(route, "200").inc()
     return body
+
+
+async def _respond_items(st: State, req: ResponsesRequest, job: Job, request: Request):
+    """Run a /v1/responses request (one job) and answer with its output items: one response object, or an SSE
+    stream of the Responses events (built by responses.Builder either way)."""
+    b = Builder(job.rid, now(), st.cfg.model_name, req)
+
+    def events(ev: tuple) -> list[dict]:
+        kind = ev[0]
+        if kind == "text":
+            return b.text(ev[1]) if ev[1] else []
+        if kind == "reasoning":
+            return b.reasoning(ev[1])
+        if kind == "calls":
+            return b.calls(ev[1])
+        return b.end(ev[1], ev[2]) if kind == "end" else []
+
+    _submit(st, [job], 1)
+    if req.stream:
+        async def sse() -> AsyncIterator[str]:
+            status = "499"
+            try:
+                for e in b.start():
+                    yield _sse(e, e["type"])
+                async for _, ev in _merged(st, [job]):
+                    for e in events(ev):
+                        yield _sse(e, e["type"])
+                status = "200"
+            except APIError as e:
+                status = str(e.status)
+                yield _sse({"type": "error", "code": e.code, "message": e.message, "param": e.param,
+                            "sequence_number": b.seq}, "error")
+            finally:
+                st.metrics.requests.labels(request.url.path, status).inc()
+        return StreamingResponse(sse(), media_type="text/event-stream", background=BackgroundTask(_drop, st, job),
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect() -> dict:
+        async for _, ev in _merged(st, [job]):
+            events(ev)
+        return b.response()
+    return await _body(st, collect(), request)
 
 
 def _total(usages: list[dict], n: int) -> dict:
@@ -819,8 +882,9 @@ def _with_usage(chunk: dict, job: Job) -> dict:
     return chunk
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(obj: dict, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def start_loading(state: State) -> threading.Thread:

@@ -57,6 +57,7 @@ class ScriptedWorker:
         self.warmed: list[list[int]] = []
         self.waiting = 0
         self.finish = "eos"                 # how each request ends ("length": cut at its token limit)
+        self.canvas = 8                     # tokens per committed canvas
 
     def submit_all(self, requests, limit=None) -> bool:
         for rid, prompt, sink, kwargs in requests:
@@ -65,12 +66,12 @@ class ScriptedWorker:
         return True
 
     def _play(self, rid, prompt, sink) -> None:
-        ids = self.script
-        for i in range(0, len(ids), 8):
-            last = i + 8 >= len(ids)
-            sink("canvas", CanvasEvent(rid, ids[i:i + 8], last, self.finish if last else None, passes=i // 8 + 1,
-                                       logprobs=[-0.5] * len(ids[i:i + 8]), top_logprobs=[[]] * len(ids[i:i + 8])))
-        sink("done", Result(rid, list(prompt), list(ids), self.finish, len(ids) // 8 + 1, 8.0))
+        ids, c = self.script, self.canvas
+        for i in range(0, len(ids), c):
+            last, part = i + c >= len(ids), ids[i:i + c]
+            sink("canvas", CanvasEvent(rid, part, last, self.finish if last else None, passes=i // c + 1,
+                                       logprobs=[-0.5] * len(part), top_logprobs=[[]] * len(part)))
+        sink("done", Result(rid, list(prompt), list(ids), self.finish, len(ids) // c + 1, float(c)))
 
     def cancel(self, rid) -> None:
         pass
@@ -90,7 +91,7 @@ def scripted_app(tool_tok):
     st = State(ServeConfig("unused", "m"), ready=True, tok=tool_tok, metrics=Metrics(), worker=ScriptedWorker(),
                model=SimpleNamespace(config=cfg, sampler_config=sampler),
                engine=SimpleNamespace(settings=lambda **kw: None), chat_eos=[tool_tok.token_to_id(RESPONSE)])
-    with TestClient(create_app(st)) as http:
+    with TestClient(create_app(st), raise_server_exceptions=False) as http:    # (a 500, as a client sees it)
         yield st, openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
 
 

@@ -58,8 +58,16 @@ def test_parse_call_refuses_what_is_not_one_call(text):
 
 
 def test_bare_words_that_are_not_json_numbers_stay_strings():
-    assert parse_call("call:f{a:NaN,b:Infinity,c:01,d:1.}")[1] == {"a": "NaN", "b": "Infinity", "c": "01",
-                                                                    "d": "1."}
+    assert parse_call("call:f{a:NaN,b:Infinity,c:01,d:1.,e:1e999,f:-1e400}")[1] == {
+        "a": "NaN", "b": "Infinity", "c": "01", "d": "1.", "e": "1e999", "f": "-1e400"}   # (no inf in JSON)
+
+
+def test_what_python_cannot_read_is_not_a_call():
+    with pytest.raises(ArgumentError, match="nested"):
+        parse_call("call:f{a:" + "[" * 100 + "]" * 100 + "}")
+    assert parse_call("call:f{a:" + "[" * 63 + "]" * 63 + "}")[1]["a"] == eval("[" * 63 + "]" * 63)
+    with pytest.raises(ArgumentError, match="too long"):
+        parse_call("call:f{a:" + "1" * 5000 + "}")
 
 
 def test_reader_splits_content_from_calls_across_canvases(tool_tok):
@@ -96,12 +104,26 @@ def test_reader_gives_back_what_is_not_a_call(tool_tok):
 
 
 def test_a_call_is_found_by_token_not_by_text(tool_tok):
-    """Text that spells the marks without being the special tokens is content, as typed."""
+    """Text that spells the marks without being the special tokens is content, as typed, and a spelled quote
+    mark inside a string is part of the string."""
     tok = tool_tok
-    plain = [t for ch in "<|tool_call>call:f{}<tool_call|>" for t in tok.encode(ch)]   # character by character
+
+    def spelled(text: str) -> list[int]:
+        return [t for ch in text for t in tok.encode(ch)]                 # character by character
+    plain = spelled("<|tool_call>call:f{}<tool_call|>")
     assert tok.token_to_id(START) not in plain
     r = CallReader(tok)
     assert r.push(plain) == (plain, []) and r.leftover() == ""
+    q = tok.token_to_id(QUOTE)
+    ids = tok.encode(f"{START}call:f{{note:") + [q] + spelled('say <|"|>hi') + [q] + tok.encode(f"}}{END}")
+    assert json.loads(CallReader(tok).push(ids)[1][0]["function"]["arguments"]) == {"note": 'say <|"|>hi'}
+
+
+def test_parallel_false_reads_no_further(tool_tok):
+    tok = tool_tok
+    r = CallReader(tok, parallel=False)
+    made = r.push(call_ids(tok, "f", "a:1") + tok.encode(" then ") + call_ids(tok, "g", "broken"))[1]
+    assert [c["function"]["name"] for c in made] == ["f"] and r.leftover() == ""
 
 
 def test_unsupported_names_what_is_missing(tool_tok):
@@ -190,7 +212,7 @@ def test_tool_choice(app, tool_tok):
     st.worker.script = tok.encode("no idea") + [tok.token_to_id(RESPONSE)]
     r = ask(c, tools=[WEATHER], tool_choice="required")
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
-    assert r.choices[0].message.content.startswith(f"{START}call:no idea")
+    assert r.choices[0].message.content == f"{START}call:no idea"          # (the turn's end token left out)
     # none: the tools are not shown, and nothing is read as a call
     st.worker.script = call_ids(tok, "get_weather", "") + [tok.token_to_id(RESPONSE)]
     r = ask(c, tools=[WEATHER], tool_choice="none")
@@ -208,6 +230,12 @@ def test_tool_choice(app, tool_tok):
      "messages[1].tool_calls[0].function.arguments"),
     (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]),
+     "messages[1].tool_calls[0].function.arguments"),
+    (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"a": ' + "1" * 5000 + "}"}}]}]),
+     "messages[1].tool_calls[0].function.arguments"),
+    (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[" * 5000}}]}]),
      "messages[1].tool_calls[0].function.arguments"),
     (dict(messages=[{"role": "tool", "tool_call_id": "zz", "content": "x"}]), "messages[0].tool_call_id"),
     (dict(messages=[{"role": "user", "content": "x", "tool_call_id": "a"}]), "messages[0].tool_call_id"),
@@ -276,7 +304,7 @@ def test_chat_returns_the_thinking_apart(app, tool_tok):
 
 
 @pytest.mark.parametrize("kwargs", [{"tools": []}, {"messages": 1}, {"add_generation_prompt": False}, {"a b": 1},
-                                    {"bos_token": "x"}])
+                                    {"bos_token": "x"}, {"self": 1}, {"namespace": 1}])
 def test_chat_template_kwargs_cannot_replace_the_request(app, kwargs):
     _, c = app
     with pytest.raises(openai.BadRequestError) as e:
@@ -305,3 +333,59 @@ def test_a_stop_string_after_thinking_counts_the_thinking_tokens(app, tool_tok):
         assert text == "Hello there. "
         assert usage.completion_tokens == n_logprobs == len(inner) + 2 + m
         assert usage.completion_tokens_details.reasoning_tokens == len(inner) + 2
+
+
+def test_stop_strings_end_the_reply_before_any_call(app, tool_tok):
+    st, c = app
+    tok = tool_tok
+    st.worker.script = tok.encode("Ok STOP") + call_ids(tok, "get_weather", "") + [tok.token_to_id(RESPONSE)]
+    for size in (4, 64):                     # the call in a later canvas, or in the stop string's own
+        st.worker.canvas = size
+        r = ask(c, tools=[WEATHER], stop=["STOP"])
+        assert (r.choices[0].message.content, r.choices[0].message.tool_calls) == ("Ok ", None)
+        assert r.choices[0].finish_reason == "stop"
+    # text after a call is cut at a stop string too
+    st.worker.script = call_ids(tok, "get_weather", "") + tok.encode(" after STOP secret") + \
+        [tok.token_to_id(RESPONSE)]
+    r = ask(c, tools=[WEATHER], stop=["STOP"])
+    assert r.choices[0].message.content == " after " and len(r.choices[0].message.tool_calls) == 1
+
+
+def test_a_stop_string_at_the_content_start_still_counts_the_thinking(app, tool_tok):
+    st, c = app
+    tok = tool_tok
+    inner = tok.encode("thought\nHmm.")
+    st.worker.script = [tok.token_to_id(THINK)] + inner + [tok.token_to_id(THOUGHT_END)] + tok.encode("STOP more")
+    r = ask(c, stop=["STOP"], logprobs=True)
+    assert r.choices[0].message.content == "" and r.choices[0].message.reasoning_content == "Hmm."
+    assert r.usage.completion_tokens == len(r.choices[0].logprobs.content) == len(inner) + 2
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(inner) + 2
+
+
+def test_a_failure_inside_a_reply_is_an_error_not_a_cut_stream(app, tool_tok):
+    st, c = app
+    st.worker.script = tool_tok.encode("Hi")
+    st.worker._play = lambda rid, prompt, sink: sink("canvas", None)    # (a malformed event: a bug)
+    with pytest.raises(openai.InternalServerError):
+        ask(c)
+    with pytest.raises(openai.APIError, match="internal server error"):
+        list(ask(c, stream=True))
+
+
+def test_the_text_before_a_call_is_streamed_before_it(app, tool_tok):
+    """Text held back while it could still begin a stop string goes out once a call starts (the content is
+    whole then), not after the call."""
+    st, c = app
+    tok = tool_tok
+    st.worker.script = tok.encode("Hello ST") + call_ids(tok, "get_weather", "") + tok.encode("          ") + \
+        [tok.token_to_id(RESPONSE)]
+    st.worker.canvas = 4
+    kinds = []
+    for ch in ask(c, tools=[WEATHER], stop=["STOPX"], stream=True):
+        d = ch.choices[0].delta if ch.choices else None
+        if d is not None and d.content:
+            kinds.append(("text", d.content))
+        if d is not None and d.tool_calls:
+            kinds.append(("call", d.tool_calls[0].function.name))
+    assert "".join(t for k, t in kinds if k == "text") == "Hello ST"
+    assert kinds[-1] == ("call", "get_weather")

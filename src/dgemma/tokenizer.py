@@ -270,7 +270,7 @@ class Tokenizer:
             text = self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"chat template error: {e.message or e}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
             # (a template that cannot take these messages or variables: e.g. a number where it calls a function)
             raise TokenizerError(f"chat template error: {type(e).__name__}: {e}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text

@@ -581,8 +581,8 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
     where: list[int] = []            # the place in the reply of each id given to `text` (thinking and calls are not)
     n_thought = 0                    # reply tokens in the thinking channel
 
-    def through(k: int) -> int:      # how many reply tokens come up to the k-th of those
-        return where[k - 1] + 1 if k else 0
+    def through(k: int) -> int:      # how many reply tokens come up to the k-th of those (0: those before the first)
+        return where[k - 1] + 1 if k else where[0] if where else 0
     try:
         while True:
             kind, p = await q.get()
@@ -617,7 +617,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 ids = [p.tokens[i] for i in kept]
                 shown, made = calls.push(ids) if calls else (ids, [])    # (text stops at a tool call)
                 where += [base + i for i in kept[:len(shown)]]
-                delta = text.push(shown, final=p.finished)
+                delta = text.push(shown, final=p.finished or calls is not None and calls.first is not None)
                 out = []
                 if job.logprobs:     # the tokens whose text went out (all at the end; up to a stop string)
                     entries += zip(p.tokens, p.logprobs, p.top_logprobs)
@@ -628,7 +628,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                     sent = max(sent, upto)
                 if delta or out:
                     yield "text", delta, out
-                if made:
+                if made and not text.stopped:             # (a call after a stop string is past the reply's end)
                     yield "calls", made
                 if text.stopped:                          # count the tokens up to the stop string
                     worker.cancel(job.rid)
@@ -642,9 +642,12 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 job.done = True
                 reason = "stop" if p.finish_reason == "eos" else "length"
                 rest = calls.leftover() if calls else ""        # text after a call that is not a call: shown
+                cut = min((i for i in (rest.find(s) for s in job.stops) if i >= 0), default=-1)
+                if cut >= 0:                                    # (up to a stop string: the reply ends there)
+                    rest, reason = rest[:cut], "stop"
                 if rest:
                     yield "text", rest, []
-                if calls and calls.calls:
+                if calls and calls.calls and reason == "stop":  # (cut at max_tokens: still "length")
                     reason = "tool_calls"
                 yield "end", reason, _finish(st, job, n_tokens, p.cached_tokens, p.decoder_passes, t0,
                                              n_thought if thought else None)
@@ -710,7 +713,8 @@ def _warm(st: State, job: Job, reply: str, calls: list[dict], thinking: str) -> 
     try:
         ids = st.tok.apply_chat_template(job.chat + [answer], add_generation_prompt=False, tokenize=True,
                                          **job.template)
-    except ValueError:
+    except Exception as e:                    # (best effort: the reply is already out)
+        log.info("%s: the finished turn was not warmed (%s)", job.rid, e)
         return
     if len(ids) < st.model.config.max_position_embeddings:
         st.worker.warm(ids)
@@ -763,7 +767,8 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
                     yield _sse({**piece(0, {}, None), "choices": [], "usage": _total(usages, n)})
                 yield "data: [DONE]\n\n"
                 status = "200"
-            except APIError as e:                               # server stopping: a clear error event
+            except Exception as exc:                    # server stopping (or a bug): a clear error event
+                e = _api_error(exc)
                 status = str(e.status)
                 yield _sse(e.body())
                 yield "data: [DONE]\n\n"
@@ -850,7 +855,8 @@ async def _respond_items(st: State, req: ResponsesRequest, job: Job, request: Re
                     for e in events(ev):
                         yield _sse(e, e["type"])
                 status = "200"
-            except APIError as e:
+            except Exception as exc:
+                e = _api_error(exc)
                 status = str(e.status)
                 yield _sse({"type": "error", "code": e.code, "message": e.message, "param": e.param,
                             "sequence_number": b.seq}, "error")
@@ -864,6 +870,14 @@ async def _respond_items(st: State, req: ResponsesRequest, job: Job, request: Re
             events(ev)
         return b.response()
     return await _body(st, collect(), request)
+
+
+def _api_error(e: Exception) -> APIError:
+    """What a stream says when it ends on an exception: the APIError itself, or (a bug) a logged 500."""
+    if isinstance(e, APIError):
+        return e
+    log.error("unhandled error in a stream", exc_info=e)
+    return APIError(500, "internal server error", kind="server_error")
 
 
 def _total(usages: list[dict], n: int) -> dict:

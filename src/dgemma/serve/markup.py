@@ -13,6 +13,7 @@ does that, from the `tools` and messages it is given).
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from typing import Any
@@ -48,116 +49,129 @@ class ArgumentError(ValueError):
     pass
 
 
-def parse_call(text: str) -> tuple[str, dict]:
-    """`call:NAME{...}` (the text between the marks, `<|"|>` included) -> (NAME, arguments); ArgumentError if it
-    is not one call."""
+MAX_DEPTH = 64                               # nesting of {...} / [...] in a call's arguments
+
+
+def parse_call(text: str, quote: str = QUOTE) -> tuple[str, dict]:
+    """`call:NAME{...}` (the text between the marks, strings between `quote`s) -> (NAME, arguments); ArgumentError
+    if it is not one call (also nested deeper than MAX_DEPTH, or a number Python will not read)."""
     m = re.match(r"\s*call:([A-Za-z0-9_.\-]{1,64})\s*\{", text)
     if not m:
         raise ArgumentError("not call:NAME{...}")
-    args, i = _object(text, m.end())
+    p = _Parser(text, quote)
+    args, i = p.object(m.end(), 1)
     if text[i:].strip():
         raise ArgumentError(f"text after the arguments: {text[i:i + 20]!r}")
     return m.group(1), args
 
 
-def _space(s: str, i: int) -> int:
-    while i < len(s) and s[i] in " \t\r\n":
-        i += 1
-    return i
+class _Parser:
+    """Gemma 4's argument grammar over one text, by recursive descent (depth bounded)."""
 
+    def __init__(self, s: str, quote: str) -> None:
+        self.s, self.q = s, quote
 
-def _quoted(s: str, i: int) -> tuple[str, int]:
-    end = s.find(QUOTE, i + len(QUOTE))
-    if end < 0:
-        raise ArgumentError("a string without its closing mark")
-    return s[i + len(QUOTE):end], end + len(QUOTE)
-
-
-def _object(s: str, i: int) -> tuple[dict, int]:
-    """Members after an opening `{` at s[i - 1] up to its `}`; (the dict, the index after `}`)."""
-    out: dict[str, Any] = {}
-    i = _space(s, i)
-    if s.startswith("}", i):
-        return out, i + 1
-    while True:
-        i = _space(s, i)
-        if s.startswith(QUOTE, i):
-            key, i = _quoted(s, i)
-        else:
-            j = i
-            while j < len(s) and s[j] not in ':{}[],' and not s.startswith(QUOTE, j):
-                j += 1
-            key, i = s[i:j].strip(), j
-            if not key:
-                raise ArgumentError(f"a key was expected at {s[i:i + 20]!r}")
-        i = _space(s, i)
-        if not s.startswith(":", i):
-            raise ArgumentError(f"':' was expected after {key!r}")
-        out[key], i = _value(s, i + 1)
-        i = _space(s, i)
-        if s.startswith(",", i):
+    def space(self, i: int) -> int:
+        while i < len(self.s) and self.s[i] in " \t\r\n":
             i += 1
-        elif s.startswith("}", i):
+        return i
+
+    def quoted(self, i: int) -> tuple[str, int]:
+        end = self.s.find(self.q, i + len(self.q))
+        if end < 0:
+            raise ArgumentError("a string without its closing mark")
+        return self.s[i + len(self.q):end], end + len(self.q)
+
+    def object(self, i: int, depth: int) -> tuple[dict, int]:
+        """Members after an opening `{` at s[i - 1] up to its `}`; (the dict, the index after `}`)."""
+        s, out = self.s, {}
+        i = self.space(i)
+        if s.startswith("}", i):
             return out, i + 1
-        else:
-            raise ArgumentError(f"',' or '}}' was expected at {s[i:i + 20]!r}")
+        while True:
+            i = self.space(i)
+            if s.startswith(self.q, i):
+                key, i = self.quoted(i)
+            else:
+                j = i
+                while j < len(s) and s[j] not in ':{}[],' and not s.startswith(self.q, j):
+                    j += 1
+                key, i = s[i:j].strip(), j
+                if not key:
+                    raise ArgumentError(f"a key was expected at {s[i:i + 20]!r}")
+            i = self.space(i)
+            if not s.startswith(":", i):
+                raise ArgumentError(f"':' was expected after {key!r}")
+            out[key], i = self.value(i + 1, depth)
+            i = self.space(i)
+            if s.startswith(",", i):
+                i += 1
+            elif s.startswith("}", i):
+                return out, i + 1
+            else:
+                raise ArgumentError(f"',' or '}}' was expected at {s[i:i + 20]!r}")
 
-
-def _array(s: str, i: int) -> tuple[list, int]:
-    out: list[Any] = []
-    i = _space(s, i)
-    if s.startswith("]", i):
-        return out, i + 1
-    while True:
-        v, i = _value(s, i)
-        out.append(v)
-        i = _space(s, i)
-        if s.startswith(",", i):
-            i += 1
-        elif s.startswith("]", i):
+    def array(self, i: int, depth: int) -> tuple[list, int]:
+        s, out = self.s, []
+        i = self.space(i)
+        if s.startswith("]", i):
             return out, i + 1
-        else:
-            raise ArgumentError(f"',' or ']' was expected at {s[i:i + 20]!r}")
+        while True:
+            v, i = self.value(i, depth)
+            out.append(v)
+            i = self.space(i)
+            if s.startswith(",", i):
+                i += 1
+            elif s.startswith("]", i):
+                return out, i + 1
+            else:
+                raise ArgumentError(f"',' or ']' was expected at {s[i:i + 20]!r}")
 
-
-def _value(s: str, i: int) -> tuple[Any, int]:
-    i = _space(s, i)
-    if s.startswith(QUOTE, i):
-        return _quoted(s, i)
-    if s.startswith("{", i):
-        return _object(s, i + 1)
-    if s.startswith("[", i):
-        return _array(s, i + 1)
-    j = i
-    while j < len(s) and s[j] not in ",}]:{[" and not s.startswith(QUOTE, j):
-        j += 1
-    word = s[i:j].strip()
-    if not word:
-        raise ArgumentError(f"a value was expected at {s[i:i + 20]!r}")
-    if word in ("true", "false", "null"):
-        return {"true": True, "false": False, "null": None}[word], j
-    if _NUMBER.fullmatch(word):
-        return (int(word) if word.lstrip("-").isdigit() else float(word)), j
-    return word, j                                  # a bare word: taken as the string it spells
+    def value(self, i: int, depth: int) -> tuple[Any, int]:
+        s = self.s
+        i = self.space(i)
+        if s.startswith(self.q, i):
+            return self.quoted(i)
+        if s.startswith("{", i) or s.startswith("[", i):
+            if depth >= MAX_DEPTH:
+                raise ArgumentError(f"arguments nested deeper than {MAX_DEPTH}")
+            return (self.object if s[i] == "{" else self.array)(i + 1, depth + 1)
+        j = i
+        while j < len(s) and s[j] not in ",}]:{[" and not s.startswith(self.q, j):
+            j += 1
+        word = s[i:j].strip()
+        if not word:
+            raise ArgumentError(f"a value was expected at {s[i:i + 20]!r}")
+        if word in ("true", "false", "null"):
+            return {"true": True, "false": False, "null": None}[word], j
+        if _NUMBER.fullmatch(word):
+            try:
+                number = int(word) if word.lstrip("-").isdigit() else float(word)
+            except ValueError:                        # (more digits than Python reads)
+                raise ArgumentError(f"a number too long to read: {word[:20]}...") from None
+            if math.isfinite(number):
+                return number, j
+        return word, j                   # a bare word (or a number past fp64): taken as the string it spells
 
 
 class CallReader:
     """One reply's token ids -> its content ids (those before the first `<|tool_call>`) and its calls, as the
     canvases commit. The reply may begin with forced ids (`forced_text`, encoded), which are the prompt's, not
-    the reply's. A call that does not parse, an unfinished one, and text after the first call are not lost:
-    `leftover` gives their text back (the calls' marks spelled out) to show as content."""
+    the reply's. A call that does not parse, an unfinished one, and other text after the first call are not lost:
+    `leftover` gives their text back (the call marks spelled out, other special tokens left out) to show as
+    content. With parallel=False the reader stops at the first call: the rest of the reply is dropped."""
 
     def __init__(self, tok, forced: list[int] | None = None, parallel: bool = True) -> None:
         self.tok, self.parallel = tok, parallel
-        self.start, self.end = tok.token_to_id(START), tok.token_to_id(END)
+        self.start, self.end, self.quote = (tok.token_to_id(m) for m in (START, END, QUOTE))
         self.ids: list[int] = []
         self.first: int | None = None      # index of the first <|tool_call> in ids
         self.scanned = 0                   # (once first is known) ids before this are sorted: calls or rest
         self.calls: list[dict] = []
-        self.rest: list[tuple[list[int], bool]] = []     # after the first call: (ids, an unparsed call?)
+        self.rest: list[list[int]] = []    # after the first call: runs of ids that are not parsed calls
         self.push(list(forced or []))
 
-    def push(self, ids: list[int]) -> tuple[list[int], list[dict]]:
+    def push(self, ids: list[int]) -> tuple[list[int], list[int]]:
         """Add committed ids; returns (the new content ids, the calls completed by them)."""
         at = len(self.ids)
         self.ids += ids
@@ -168,45 +182,51 @@ class CallReader:
         self.first = self.scanned = at + ids.index(self.start)
         return ids[:self.first - at], self._scan()
 
+    def _text(self, ids: list[int], marks: dict[int, str]) -> str:
+        """ids decoded with special tokens left out, but each of `marks` (id -> text) written as given."""
+        out, run = [], []
+        for t in ids + [None]:
+            if t is None or t in marks:
+                out.append(self.tok.decode(run, skip_special_tokens=True))
+                out.append("" if t is None else marks[t])
+                run = []
+            else:
+                run.append(t)
+        return "".join(out)
+
     def _scan(self) -> list[dict]:
         new = []
-        while self.first is not None:
+        while self.first is not None and (self.parallel or not self.calls):
             try:
                 s = self.ids.index(self.start, self.scanned)
             except ValueError:
                 break
             if s > self.scanned:                          # text between calls
-                self.rest.append((self.ids[self.scanned:s], False))
+                self.rest.append(self.ids[self.scanned:s])
                 self.scanned = s
             try:
                 e = self.ids.index(self.end, s + 1)
             except ValueError:
                 break                                     # unfinished: wait for more ids (or leftover)
-            body = self.tok.decode(self.ids[s + 1:e], skip_special_tokens=False)
-            try:
-                name, args = parse_call(body)
+            try:                                          # (a <|"|> token, not its spelling, quotes a string)
+                name, args = parse_call(self._text(self.ids[s + 1:e], {self.quote: "\x00"}), quote="\x00")
             except ArgumentError:
-                self.rest.append((self.ids[s:e + 1], True))
+                self.rest.append(self.ids[s:e + 1])
             else:
-                if self.parallel or not self.calls:
-                    call = {"index": len(self.calls), "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-                    self.calls.append(call)
-                    new.append(call)
+                call = {"index": len(self.calls), "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+                self.calls.append(call)
+                new.append(call)
             self.scanned = e + 1
         return new
 
     def leftover(self) -> str:
-        """The reply's text after its first call that is not a parsed call: unparsed and unfinished calls with
-        their marks, other text without special tokens; "" if that is only white space."""
-        if self.first is None:
+        """The reply's text after its first call that is not a parsed call (call marks spelled out, other special
+        tokens left out); "" if that is only white space, or with parallel=False once a call was read."""
+        if self.first is None or not self.parallel and self.calls:
             return ""
-        parts = [self.tok.decode(ids, skip_special_tokens=not raw) for ids, raw in self.rest]
-        tail = self.ids[self.scanned:]
-        if tail:
-            raw = tail[0] == self.start
-            parts.append(self.tok.decode(tail, skip_special_tokens=not raw))
-        text = "".join(parts)
+        marks = {self.start: START, self.end: END, self.quote: QUOTE}
+        text = "".join(self._text(ids, marks) for ids in self.rest + [self.ids[self.scanned:]])
         return text if text.strip() else ""
 
 
@@ -218,6 +238,8 @@ def as_template_call(call: dict) -> dict:
         args = json.loads(fn["arguments"])
     except json.JSONDecodeError as e:
         raise ArgumentError(f"arguments are not JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:      # (a number of more digits than Python reads; deep nesting)
+        raise ArgumentError(f"arguments cannot be read ({type(e).__name__})") from None
     if not isinstance(args, dict):
         raise ArgumentError("arguments must be a JSON object")
     return {"id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}}

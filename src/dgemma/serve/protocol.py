@@ -295,7 +295,7 @@ class ChatCompletionRequest(_Common):
 
 
 # variables that the template gets from the request itself, or the tokenizer
-_RESERVED = {"messages", "tools", "add_generation_prompt", "tokenize", "bos_token", "eos_token", "pad_token",
+_RESERVED = {"self", "messages", "tools", "add_generation_prompt", "tokenize", "bos_token", "eos_token", "pad_token",
              "unk_token", "raise_exception", "strftime_now",
              "range", "dict", "lipsum", "cycler", "joiner", "namespace"}    # (jinja's own globals)
 

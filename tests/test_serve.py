@@ -411,7 +411,7 @@ def test_malformed_json_and_unknown_routes(server):
     assert r.status_code == 400 and "error" in r.json()
     for bad in (["a", ""], [], [[2, 3], []], ["a", [2, 3]], [[2, -1]], ["a"] * 257):
         r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": bad}, headers=h)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", bad
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), bad   # (prompt[1]: its part)
     for bad in ({"logprobs": 21}, {"logprobs": True}, {"max_tokens": -1}, {"echo": 1}, {"logit_bias": {"x": 1}},
                 {"logit_bias": {"1" * 5000: 1}}, {"logit_bias": {"0" * 5000: 1}},
                 {"logit_bias": {"-1": 1}}, {"logit_bias": {"99999": 1}}, {"logit_bias": {"5": 101}},

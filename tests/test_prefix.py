@@ -36,11 +36,12 @@ def test_second_turn_reuses_the_first_exactly(peaky_model):
     assert eng.warm(history)                              # idle-time encoding of the finished turn
     while eng.warming:
         eng.step()
-    turn2 = history + _ids(9, 3)
+    turn2 = history + _ids(40, 3)
     warm = _run(eng, turn2, 4)
     assert warm.cached_tokens == len(history) // K * K > 45
+    assert r1.stored_tokens == 32 and warm.stored_tokens == len(turn2) // K * K - warm.cached_tokens > 0  # (new)
     cold = _cold(m, turn2, 4)
-    assert cold.cached_tokens == 0
+    assert cold.cached_tokens == 0 and cold.stored_tokens == len(turn2) // K * K
     assert warm.tokens == cold.tokens and warm.decoder_passes == cold.decoder_passes
 
 

@@ -8,7 +8,11 @@ import json
 
 import openai
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 from scripted import RESPONSE, scripted_app, tool_tokenizer
+
+import dgemma
 
 from dgemma.serve.markup import END, QUOTE, START, THINK, THOUGHT_END
 from dgemma.serve.responses import ResponsesRequest
@@ -177,3 +181,93 @@ def test_refusals_name_this_apis_fields(app, kw, param):
         c.responses.create(model="m", **kw)
     assert e.value.body["param"] == param, e.value.body
     assert "messages" not in e.value.body["message"] and "max_completion" not in e.value.body["message"]
+
+
+def test_bodies_and_events_validate_against_the_openai_types(app, tok):
+    """Parsed by the openai package's own models, strictly (the client itself builds them without checking)."""
+    st, c = app
+    st.worker.script = [tok.token_to_id(THINK)] + tok.encode("thought\nHm.") + [tok.token_to_id(THOUGHT_END)] + \
+        tok.encode("Checking.") + tok.encode(f"{START}call:get_weather{{city:{QUOTE}Oslo{QUOTE}}}{END}") + \
+        [tok.token_to_id(RESPONSE)]
+    kw = dict(model="m", input="Weather?", tools=[WEATHER])
+    raw = c.responses.with_raw_response.create(**kw).http_response.json()
+    Response.model_validate(raw, strict=True)
+    assert [o["type"] for o in raw["output"]] == ["reasoning", "message", "function_call"]
+    assert raw["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
+    events = TypeAdapter(ResponseStreamEvent)
+    http = c.responses.with_raw_response.create(stream=True, **kw).http_response
+    http.read()
+    stream = http.text
+    data = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: ")]
+    for d in data:
+        events.validate_python(d)
+    kinds = [d["type"] for d in data]
+    for item in ("reasoning", "message"):       # each text-bearing item: its content part opened and closed
+        at = next(i for i, d in enumerate(data) if d["type"] == "response.output_item.added" and
+                  d["item"]["type"] == item)
+        assert kinds[at + 1] == "response.content_part.added"
+        assert data[at + 1]["part"]["type"] == ("reasoning_text" if item == "reasoning" else "output_text")
+    assert kinds.count("response.content_part.done") == 2
+
+
+def test_an_incomplete_item_says_so_in_the_stream_too(app, tok):
+    st, c = app
+    st.worker.script, st.worker.finish = tok.encode("one two three four five six seven"), "length"
+    events = list(c.responses.create(model="m", input="Count.", max_output_tokens=8, stream=True))
+    done = [e.item.status for e in events if e.type == "response.output_item.done"]
+    assert done == ["incomplete"] and events[-1].response.output[0].status == "incomplete"
+
+
+def test_input_conversion_places_reasoning_and_calls(tok):
+    def chat(items):
+        return ResponsesRequest(model="m", input=items).to_chat().chat()
+    user, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "A"}
+    think = [{"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": t}]}
+             for t in ("one", "two")]
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    # reasoning before a user turn belongs to no answer: not carried past it
+    assert chat([user, think[0], user, a])[-1] == {"role": "assistant", "content": "A"}
+    # two in a row: both, in order
+    assert chat([user, *think, a])[-1]["reasoning_content"] == "one\ntwo"
+    # after an assistant message, before its call: the same turn's
+    turn = chat([user, a, think[0], call])[-1]
+    assert (turn["content"], turn["reasoning_content"], turn["tool_calls"][0]["id"]) == ("A", "one", "c1")
+
+
+def test_refusals_name_the_input_item_at_fault(app, tok):
+    st, c = app
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    cases = [(dict(max_output_tokens=5000), "max_output_tokens"),             # past the 4,096-token context
+             (dict(input=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "A"},
+                          {**call, "arguments": "{bad"}]), "input[2]"),       # a call joining the turn before
+             (dict(input=[{"role": "user", "content": "q"}, call, {**call, "call_id": "c2", "arguments": "[1]"}]),
+              "input[2]"),
+             (dict(tools=[WEATHER], tool_choice={}), "tool_choice.type"),
+             (dict(input=[{"role": "user", "content": "q"}, 5]), "input[1]")]
+    for kw, param in cases:
+        kw.setdefault("input", "x")
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model="m", **kw)
+        assert e.value.body["param"] == param, (kw, e.value.body)
+        assert "messages" not in e.value.body["message"] and "max_completion" not in e.value.body["message"]
+    r = c._client.post("/v1/responses", content=b'{"model": "m", "input": "a\\ud800b"}',   # (JSON's escape)
+                       headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    r = c._client.post("/v1/completions", content=b'{"model": "m", "prompt": "a\\ud800b"}',    # (the same fix)
+                       headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    st.tok = dgemma.load_tokenizer(dgemma.default_model_path())       # a model that cannot take tool calls
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="m", input=[{"role": "user", "content": "q"}, call])
+    assert e.value.body["param"] == "input"
+
+
+def test_output_items_go_back_as_the_client_dumps_them(app, tok):
+    st, c = app
+    st.worker.script = tok.encode("Checking.") + \
+        tok.encode(f"{START}call:get_weather{{city:{QUOTE}Oslo{QUOTE}}}{END}") + [tok.token_to_id(RESPONSE)]
+    r = c.responses.create(model="m", input="Weather?", tools=[WEATHER])
+    back = [{"role": "user", "content": "Weather?"}, *[o.model_dump() for o in r.output],
+            {"type": "function_call_output", "call_id": r.output[1].call_id, "output": "sunny"}]
+    st.worker.script = tok.encode("Sunny.") + [tok.token_to_id(RESPONSE)]
+    assert c.responses.create(model="m", input=back, tools=[WEATHER]).output_text == "Sunny."

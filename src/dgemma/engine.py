@@ -61,6 +61,7 @@ class CanvasEvent:
     # causal encoder given the tokens before it (None for the first), and its alternatives
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[Alternatives] | None = None
+    stored_tokens: int = 0       # prompt tokens this request added to the prefix cache
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Result:
     top_logprobs: list[Alternatives] = field(default_factory=list)   # as CanvasEvent's
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[Alternatives] | None = None
+    stored_tokens: int = 0       # as CanvasEvent's
 
 
 @dataclass
@@ -117,6 +119,7 @@ class _Request:
     canvases: int = 0
     passes: int = 0
     cached: int = 0                       # prompt tokens taken from the prefix store
+    stored: int = 0                       # prompt tokens it added to the prefix store (past those it took)
     pos: int = 0                          # prompt tokens encoded so far (into its prefill row)
     row: int | None = None                # its row of the engine's prefill cache while its prompt is encoded
     top: int = 0                          # alternatives per committed token (top_logprobs)
@@ -501,7 +504,8 @@ class Engine:
                     if end == last and last > req.cached and self.prefix is not None:
                         snap = self.model.new_cache(1, last, scratch=1)
                         snap.copy_row(0, self.pre, req.row)
-                        self.prefix.insert(req.prompt[:last], snap)
+                        if self.prefix.insert(req.prompt[:last], snap):
+                            req.stored = last - req.cached
         for req in jobs:
             if req.pos < len(req.prompt):
                 continue                                         # budget spent; continue next step
@@ -621,13 +625,13 @@ class Engine:
         req.alternatives += alts
         prompt = (req.prompt_lps, req.prompt_alts) if req.prompt_top is not None else (None, None)
         event = CanvasEvent(req.id, toks, reason is not None, reason, req.passes, req.cached, logprobs, alts,
-                            *(prompt if first else (None, None)))
+                            *(prompt if first else (None, None)), stored_tokens=req.stored)
         if reason is not None:
             s = req.s
             n_valid = len(req.tokens) if s.pad_token_id is None else sum(t != s.pad_token_id for t in req.tokens)
             self.done[req.id] = Result(req.id, req.prompt, req.tokens, reason, req.passes,
                                        n_valid / max(req.passes, 1), req.cached, req.logprobs, req.alternatives,
-                                       *prompt)
+                                       *prompt, stored_tokens=req.stored)
         return event
 
     def _compact(self, keep: list[int]) -> None:

@@ -193,7 +193,7 @@ def create_app(state: State) -> FastAPI:
         param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
         if err.get("type") == "extra_forbidden":
             msg = f"Unrecognized request argument supplied: {param}"
-        elif err.get("type") in ("json_invalid", "model_attributes_type") or param is None:
+        elif err.get("type") == "json_invalid" or param is None:
             msg, param = "the request body must be a JSON object", None
         else:
             msg = f"{param}: {err.get('msg', 'invalid value')}"
@@ -283,7 +283,12 @@ def create_app(state: State) -> FastAPI:
               responses={200: {"description": "a response, or with stream=true an SSE stream of its events"}})
     async def responses(req: ResponsesRequest, request: Request):
         st = accept(req)
-        return await _respond_items(st, req, _chat_job(st, req.to_chat(), "resp", "input"), request)
+        chat = req.to_chat()
+        try:
+            job = _chat_job(st, chat, "resp")
+        except APIError as e:
+            raise req.renamed(e) from None
+        return await _respond_items(st, req, job, request)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None,
               responses={200: {"description": "a text_completion, or with stream=true an SSE stream of "
@@ -293,7 +298,7 @@ def create_app(state: State) -> FastAPI:
         jobs = []
         for p in req.prompts():
             if isinstance(p, str):
-                ids = st.tok.encode_prompt(p)
+                ids = _encoded(st, p, "prompt")
             else:
                 ids = _token_ids(st, p, "prompt")
             echo = (p if isinstance(p, str) else st.tok.decode(ids, skip_special_tokens=True)) if req.echo else None
@@ -377,7 +382,8 @@ def _openapi(app: FastAPI) -> dict:
                                                "text/event-stream": {"schema": {}}}
     app.openapi_schema = schema
     return schema
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\])$")   # pydantic union branches
+# pydantic's names of union branches in an error's location (our fields are lower case; models' names are not)
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\]|[A-Z][A-Za-z0-9]*)$")
 
 
 def _version() -> str:
@@ -398,6 +404,15 @@ def _token_ids(st: State, ids: list[int], param: str) -> list[int]:
     if ids and (min(ids) < 0 or max(ids) >= V):
         raise APIError(400, f"token ids must lie in [0, {V})", param)
     return ids
+
+
+def _encoded(st: State, text: str, param: str) -> list[int]:
+    """A completions prompt's ids; a 400 naming `param` for text that cannot be encoded (a lone surrogate)."""
+    from dgemma.tokenizer import TokenizerError
+    try:
+        return st.tok.encode_prompt(text)
+    except TokenizerError as e:
+        raise APIError(400, str(e), param) from None
 
 
 def _chat_job(st: State, req: ChatCompletionRequest, prefix: str, param: str = "messages") -> Job:
@@ -635,7 +650,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                     job.done = True
                     used = through(text.used)
                     yield "end", "stop", _finish(st, job, used, p.cached_tokens, p.passes, t0,
-                                                 min(n_thought, used) if thought else None)
+                                                 min(n_thought, used) if thought else None), p.stored_tokens
                     _warm(st, job, text.text, [], thinking.text)
                     return
             elif kind == "done":
@@ -650,7 +665,7 @@ async def _events(st: State, job: Job) -> AsyncIterator[tuple[str, Any]]:
                 if calls and calls.calls and reason == "stop":  # (cut at max_tokens: still "length")
                     reason = "tool_calls"
                 yield "end", reason, _finish(st, job, n_tokens, p.cached_tokens, p.decoder_passes, t0,
-                                             n_thought if thought else None)
+                                             n_thought if thought else None), p.stored_tokens
                 _warm(st, job, text.text + rest, calls.calls if calls else [], thinking.text)
                 return
     finally:
@@ -842,7 +857,7 @@ async def _respond_items(st: State, req: ResponsesRequest, job: Job, request: Re
             return b.reasoning(ev[1])
         if kind == "calls":
             return b.calls(ev[1])
-        return b.end(ev[1], ev[2]) if kind == "end" else []
+        return b.end(ev[1], ev[2], ev[3]) if kind == "end" else []
 
     _submit(st, [job], 1)
     if req.stream:

@@ -15,7 +15,7 @@ import re
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Discriminator, Field, Tag, ValidationError
+from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError
 
 from .protocol import APIError, ChatCompletionRequest, DiffusionControls, _Strict
 
@@ -33,6 +33,7 @@ class MessageIn(_Strict):
     content: Union[str, list[TextIn]] = Field(description="a string or text parts (input_text / output_text)")
     id: Optional[str] = None
     status: Optional[str] = None
+    phase: Optional[Any] = Field(None, description="accepted and ignored")
 
 
 class FunctionCallIn(_Strict):
@@ -42,6 +43,10 @@ class FunctionCallIn(_Strict):
     arguments: str = Field(description="a JSON object, as a string")
     id: Optional[str] = None
     status: Optional[str] = None
+    namespace: Optional[Any] = Field(None, description="accepted and ignored")
+    caller: Optional[Any] = Field(None, description="accepted and ignored")
+    is_async: Optional[Any] = Field(None, alias="async", description="accepted and ignored")
+    async_: Optional[Any] = Field(None, description="accepted and ignored (the openai package's model_dump())")
 
 
 class FunctionOutputIn(_Strict):
@@ -63,6 +68,7 @@ class ReasoningIn(_Strict):
     summary: list[ReasoningText] = Field(default_factory=list)
     content: Optional[list[ReasoningText]] = Field(None, description="given to the next assistant turn's template")
     status: Optional[str] = None
+    encrypted_content: Optional[str] = Field(None, description="accepted and ignored (dgemma sends none)")
 
 
 def _item_kind(v: Any) -> str:
@@ -122,42 +128,53 @@ class ResponsesRequest(DiffusionControls):
         'not supported: use chat_template_kwargs {"enable_thinking": true} (Gemma 4)'))
     background: Optional[bool] = Field(None, description="only false")
     top_logprobs: Optional[int] = Field(None, description="not supported")
+    max_tool_calls: Optional[int] = Field(None, description="not supported")
+    # accepted and ignored
+    prompt_cache_key: Optional[str] = Field(None, description="accepted; the prefix cache needs no key")
+    safety_identifier: Optional[str] = Field(None, description="accepted, not logged")
+    service_tier: Optional[Literal["auto", "default"]] = None
+    stream_options: Optional[dict[str, Any]] = Field(None, description="accepted and ignored")
+    _origin: dict = PrivateAttr(default_factory=dict)   # (to_chat) chat message (and call) -> input item
 
     def checks(self) -> None:
         for name, ok in (("previous_response_id", self.previous_response_id is None), ("include", not self.include),
                          ("reasoning", self.reasoning is None), ("background", not self.background),
-                         ("top_logprobs", self.top_logprobs is None),
+                         ("top_logprobs", self.top_logprobs is None), ("max_tool_calls", self.max_tool_calls is None),
                          ("denoising_frames", not self.denoising_frames)):
             if not ok:
                 raise APIError(400, f"{name} is not supported by dgemma's /v1/responses", name,
                                "unsupported_parameter")
 
     def to_chat(self) -> ChatCompletionRequest:
-        """The same request as a chat completion (a 400 naming this request's fields where it cannot be one)."""
-        messages, origin = [], []            # origin: which input item each message comes from (-1: instructions)
+        """The same request as a chat completion (a 400 naming this request's fields where it cannot be one).
+        A reasoning item goes with the assistant output that follows it (a message, or calls), else nowhere."""
+        messages: list[dict] = []
+        self._origin = {}                    # (message, call or None) -> the input item (-1: instructions)
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
-            origin.append(-1)
+            self._origin[(0, None)] = -1
         items = [MessageIn(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        thought = None                       # a reasoning item's text, for the next assistant message
+        thought: list[str] = []              # reasoning items' text since the last message
         for i, it in enumerate(items):
-            if isinstance(it, MessageIn):
-                msg: dict[str, Any] = {"role": it.role, "content": _text(it.content)}
-            elif isinstance(it, FunctionCallIn):
-                call = {"id": it.call_id, "type": "function", "function": {"name": it.name, "arguments": it.arguments}}
-                if messages and messages[-1]["role"] == "assistant":
-                    messages[-1].setdefault("tool_calls", []).append(call)   # calls join the assistant turn before
-                    continue
-                msg = {"role": "assistant", "content": None, "tool_calls": [call]}
-            elif isinstance(it, FunctionOutputIn):
-                msg = {"role": "tool", "tool_call_id": it.call_id, "content": _text(it.output)}
-            else:
-                thought = "\n".join(t.text for t in (it.content or it.summary))
+            if isinstance(it, ReasoningIn):
+                thought.append("\n".join(t.text for t in (it.content or it.summary)))
                 continue
-            if msg["role"] == "assistant" and thought is not None:
-                msg["reasoning_content"], thought = thought, None
-            messages.append(msg)
-            origin.append(i)
+            if isinstance(it, FunctionCallIn):
+                call = {"id": it.call_id, "type": "function", "function": {"name": it.name, "arguments": it.arguments}}
+                if not (messages and messages[-1]["role"] == "assistant"):    # else: joins the turn before
+                    messages.append({"role": "assistant", "content": None})
+                    self._origin[(len(messages) - 1, None)] = i
+                msg = messages[-1]
+                msg.setdefault("tool_calls", []).append(call)
+                self._origin[(len(messages) - 1, len(msg["tool_calls"]) - 1)] = i
+            else:
+                msg = {"role": it.role, "content": _text(it.content)} if isinstance(it, MessageIn) else \
+                    {"role": "tool", "tool_call_id": it.call_id, "content": _text(it.output)}
+                messages.append(msg)
+                self._origin[(len(messages) - 1, None)] = i
+            if msg["role"] == "assistant" and thought:
+                msg["reasoning_content"] = "\n".join([msg.get("reasoning_content") or "", *thought]).lstrip("\n")
+            thought = []
         if not messages:
             raise APIError(400, "the input has no message", "input")
         body: dict[str, Any] = dict(
@@ -173,35 +190,32 @@ class ResponsesRequest(DiffusionControls):
             chat = ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
             chat.checks()
         except ValidationError as e:
-            loc = e.errors()[0].get("loc", ())
-            raise APIError(400, f"input: {e.errors()[0].get('msg', 'invalid')}", _renamed(loc, origin)) from None
-        except APIError as e:                # (named as this request names things)
-            e.param = _renamed(tuple(re.findall(r"[A-Za-z_]+|\d+", e.param or "")), origin)
-            e.message = re.sub(r"messages\[(\d+)\](\.[\w.\[\]]+)?",
-                               lambda m: _renamed(("messages", m.group(1)), origin) or "input", e.message)
-            e.message = e.message.replace("max_completion_tokens", "max_output_tokens")
-            raise
+            err = max(e.errors(), key=lambda x: len(x.get("loc", ())))
+            loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+            raise self.renamed(APIError(400, f"{loc}: {err.get('msg', 'invalid')}", loc)) from None
+        except APIError as e:
+            raise self.renamed(e) from None
         return chat
+
+    def renamed(self, e: APIError) -> APIError:
+        """An error about the chat request behind this one, with the parameter and the message naming this
+        request's fields: messages[k] (and its tool_calls[j]) -> input[i] or instructions, max_completion_tokens
+        -> max_output_tokens."""
+        def name(k: str, j: str | None) -> str:
+            i = self._origin.get((int(k), None if j is None else int(j)), self._origin.get((int(k), None)))
+            return "input" if i is None else "instructions" if i < 0 else f"input[{i}]"
+
+        def rename(text: str) -> str:
+            text = re.sub(r"messages\[(\d+)\](?:\.tool_calls\[(\d+)\])?(?:\.[\w.\[\]]+)?",
+                          lambda m: name(m.group(1), m.group(2)), text)
+            return re.sub(r"\bmessages\b", "input", text).replace("max_completion_tokens", "max_output_tokens")
+        e.param = rename(e.param) if e.param else e.param
+        e.message = rename(e.message)
+        return e
 
 
 def _text(content: Union[str, list[TextIn]]) -> str:
     return content if isinstance(content, str) else "\n".join(p.text for p in content)
-
-
-def _renamed(loc: tuple, origin: list[int]) -> str | None:
-    """A chat request's parameter (as a loc) named as this request's: messages[k] -> input[i] / instructions;
-    max_completion_tokens -> max_output_tokens; tool_choice / tools as they are."""
-    if not loc:
-        return None
-    head = str(loc[0])
-    if head == "messages":
-        if len(loc) > 1 and str(loc[1]).isdigit() and int(loc[1]) < len(origin):
-            i = origin[int(loc[1])]
-            return "instructions" if i < 0 else f"input[{i}]"
-        return "input"
-    if head == "tools" and len(loc) > 1 and str(loc[1]).isdigit():
-        return f"tools[{loc[1]}]"
-    return {"max_completion_tokens": "max_output_tokens"}.get(head, head)
 
 
 class Builder:
@@ -223,7 +237,7 @@ class Builder:
                 "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
                 "tool_choice": req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedFunction)
                 else req.tool_choice or "auto", "parallel_tool_calls": req.parallel_tool_calls is not False,
-                "metadata": req.metadata or {}, "store": False, "previous_response_id": None,
+                "metadata": req.metadata or {}, "previous_response_id": None,
                 "text": {"format": {"type": "text"}}, "truncation": "disabled", "user": req.user}
 
     def _event(self, kind: str, **fields) -> dict:
@@ -234,22 +248,21 @@ class Builder:
         return [self._event("response.created", response=self.response()),
                 self._event("response.in_progress", response=self.response())]
 
-    def _close(self) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         item, self.open = self.open, None
         if item is None:
             return []
-        at = self.output.index(item)
-        item["status"] = "completed"
+        at, part = self.output.index(item), item["content"][0]
+        item["status"] = status
         if item["type"] == "reasoning":
             done = [self._event("response.reasoning_text.done", item_id=item["id"], output_index=at,
-                                content_index=0, text=item["content"][0]["text"])]
+                                content_index=0, text=part["text"])]
         else:
-            part = item["content"][0]
             done = [self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
-                                text=part["text"], logprobs=[]),
-                    self._event("response.content_part.done", item_id=item["id"], output_index=at,
-                                content_index=0, part=part)]
-        return done + [self._event("response.output_item.done", output_index=at, item=item)]
+                                text=part["text"], logprobs=[])]
+        return done + [self._event("response.content_part.done", item_id=item["id"], output_index=at,
+                                   content_index=0, part=part),
+                       self._event("response.output_item.done", output_index=at, item=item)]
 
     def _add(self, item: dict) -> list[dict]:
         self.output.append(item)
@@ -263,6 +276,8 @@ class Builder:
                          "content": []}
             out += self._add(self.open)
             self.open["content"].append({"type": "reasoning_text", "text": ""})
+            out.append(self._event("response.content_part.added", item_id=self.open["id"],
+                                   output_index=len(self.output) - 1, content_index=0, part=self.open["content"][0]))
         self.open["content"][0]["text"] += delta
         return out + [self._event("response.reasoning_text.delta", item_id=self.open["id"],
                                   output_index=len(self.output) - 1, content_index=0, delta=delta)]
@@ -298,24 +313,23 @@ class Builder:
                     self._event("response.output_item.done", output_index=at, item=item)]
         return out
 
-    def end(self, finish: str, usage: dict) -> list[dict]:
-        """Close the open item; the last event (response.completed, or .incomplete when max_output_tokens ended
-        it)."""
-        out = self._close()
-        if not self.output:                 # an empty reply is still a message
-            out += self.text("") + self._close()
+    def end(self, finish: str, usage: dict, stored: int) -> list[dict]:
+        """Close the open item (incomplete when max_output_tokens cut it: a call is whole); the last event
+        (response.completed, or .incomplete). `stored`: prompt tokens the request added to the prefix cache."""
+        cut = finish == "length"
+        if not self.output and self.open is None:   # an empty reply is still a message
+            out = self.text("")
+        else:
+            out = []
+        out += self._close("incomplete" if cut else "completed")
         details = usage.get("completion_tokens_details", {})
         self.usage = {"input_tokens": usage["prompt_tokens"],
-                      "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+                      "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                                               "cache_write_tokens": stored},
                       "output_tokens": usage["completion_tokens"],
                       "output_tokens_details": {"reasoning_tokens": details.get("reasoning_tokens", 0)},
                       "total_tokens": usage["total_tokens"]}
-        if finish == "length":                # (the last text or thinking was cut off; a call is whole)
-            self.status, self.incomplete = "incomplete", {"reason": "max_output_tokens"}
-            if self.output[-1]["type"] != "function_call":
-                self.output[-1]["status"] = "incomplete"
-        else:
-            self.status = "completed"
+        self.status, self.incomplete = ("incomplete", {"reason": "max_output_tokens"}) if cut else ("completed", None)
         return out + [self._event(f"response.{self.status}", response=self.response())]
 
 

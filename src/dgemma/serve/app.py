@@ -415,7 +415,7 @@ def _encoded(st: State, text: str, param: str) -> list[int]:
         raise APIError(400, str(e), param) from None
 
 
-def _chat_job(st: State, req: ChatCompletionRequest, prefix: str, param: str = "messages") -> Job:
+def _chat_job(st: State, req: ChatCompletionRequest, prefix: str) -> Job:
     """A chat request as a job: the messages rendered with the template's variables (tools, chat_template_kwargs)
     and the ids that tool_choice forces, and what reading the reply back needs (tool calls, thinking)."""
     from dgemma.tokenizer import TokenizerError
@@ -425,8 +425,8 @@ def _chat_job(st: State, req: ChatCompletionRequest, prefix: str, param: str = "
     try:
         ids = st.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
     except TokenizerError as e:
-        raise APIError(400, str(e), param) from None
-    job = _job(st, req, ids + forced, prefix, param, messages)
+        raise APIError(400, str(e), "messages") from None
+    job = _job(st, req, ids + forced, prefix, "messages", messages)
     job.template, job.thinking = extra, ThoughtReader.make(st.tok) is not None
     if extra["tools"]:
         job.tools = Tools(forced, req.parallel_tool_calls is not False)

@@ -20,7 +20,6 @@ from typing import Any
 
 START, END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 THINK, THOUGHT_END, LABEL = "<|channel>", "<channel|>", "thought\n"
-NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 

@@ -8,12 +8,14 @@ Does not know: the engine, HTTP, the chat template.
 """
 from __future__ import annotations
 
+import bisect
 import codecs
 
 
 class TextStream:
     def __init__(self, tokenizer, stops: list[str]) -> None:
         self.tok, self.stops = tokenizer, stops
+        self.offsets = CharOffsets(tokenizer)   # (for covered: the decoded length after each token)
         self.ids: list[int] = []
         self.text = ""          # everything sent so far
         self.stopped = False    # a stop string was found: the reply ends here
@@ -24,6 +26,8 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids += ids
+        if self.offsets.exact:                     # (else covered() decodes, and offsets would too, per token)
+            self.offsets.extend(ids)
         full = self.tok.decode(self.ids, skip_special_tokens=True)
         if not final:
             full = full.rstrip("\ufffd")           # a character split across canvases: wait for its bytes
@@ -58,6 +62,8 @@ class TextStream:
         decoded prefix ids[:m] fits in the text sent."""
         if self.stopped:
             return self.used
+        if self.offsets.exact:                     # the decoded lengths are known: no decoding here
+            return bisect.bisect_right(self.offsets.after, len(self.text))
         lo, hi = 0, len(self.ids)
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -88,6 +94,8 @@ class CharOffsets:
 
     def __init__(self, tokenizer) -> None:
         self.tok, self.ids, self.parts, self.chars = tokenizer, [], [], 0
+        self.after: list[int] = []             # (while exact) the decoded length of the tokens up to each one
+        #                                        (a part of a character counting 1, as U+FFFD)
         self.dec = codecs.getincrementaldecoder("utf-8")("replace")
         self.safe = 0                          # a token index where no character was left part-way
         self.exact = True                      # the bytes have decoded to the tokenizer's text so far
@@ -104,7 +112,9 @@ class CharOffsets:
                 text = self.dec.decode(raw or b"")
                 self.parts.append(text)
                 self.chars += len(text)
-                if not self.dec.getstate()[0]:
+                pending = bool(self.dec.getstate()[0])
+                self.after.append(self.chars + pending)
+                if not pending:
                     safe = i + 1
             pending = codecs.getincrementaldecoder("utf-8")("replace")
             pending.setstate(self.dec.getstate())

@@ -19,6 +19,7 @@ import uuid
 from typing import Any
 
 START, END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+NAME = r"[A-Za-z0-9_.\-]{1,64}"              # a function's name, in a declaration or a call
 THINK, THOUGHT_END, LABEL = "<|channel>", "<channel|>", "thought\n"
 _NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
@@ -54,7 +55,7 @@ MAX_DEPTH = 64                               # nesting of {...} / [...] in a cal
 def parse_call(text: str, quote: str = QUOTE) -> tuple[str, dict]:
     """`call:NAME{...}` (the text between the marks, strings between `quote`s) -> (NAME, arguments); ArgumentError
     if it is not one call (also nested deeper than MAX_DEPTH, or a number Python will not read)."""
-    m = re.match(r"\s*call:([A-Za-z0-9_.\-]{1,64})\s*\{", text)
+    m = re.match(rf"\s*call:({NAME})\s*\{{", text)
     if not m:
         raise ArgumentError("not call:NAME{...}")
     p = _Parser(text, quote)
@@ -81,50 +82,55 @@ class _Parser:
             raise ArgumentError("a string without its closing mark")
         return self.s[i + len(self.q):end], end + len(self.q)
 
+    def word(self, i: int) -> tuple[str, int]:
+        """A bare key or value from s[i]: up to a mark, a quote or white space's end; (it stripped, its end)."""
+        j = i
+        while j < len(self.s) and self.s[j] not in ",:{}[]" and not self.s.startswith(self.q, j):
+            j += 1
+        return self.s[i:j].strip(), j
+
+    def more(self, i: int, close: str) -> tuple[bool, int]:
+        """After a member or an element: (whether another follows, the index after the ',' or the `close`)."""
+        i = self.space(i)
+        if self.s.startswith(",", i):
+            return True, i + 1
+        if self.s.startswith(close, i):
+            return False, i + 1
+        raise ArgumentError(f"',' or {close!r} was expected at {self.s[i:i + 20]!r}")
+
     def object(self, i: int, depth: int) -> tuple[dict, int]:
         """Members after an opening `{` at s[i - 1] up to its `}`; (the dict, the index after `}`)."""
         s, out = self.s, {}
         i = self.space(i)
         if s.startswith("}", i):
             return out, i + 1
-        while True:
+        again = True
+        while again:
             i = self.space(i)
             if s.startswith(self.q, i):
                 key, i = self.quoted(i)
             else:
-                j = i
-                while j < len(s) and s[j] not in ':{}[],' and not s.startswith(self.q, j):
-                    j += 1
-                key, i = s[i:j].strip(), j
+                key, i = self.word(i)
                 if not key:
                     raise ArgumentError(f"a key was expected at {s[i:i + 20]!r}")
             i = self.space(i)
             if not s.startswith(":", i):
                 raise ArgumentError(f"':' was expected after {key!r}")
             out[key], i = self.value(i + 1, depth)
-            i = self.space(i)
-            if s.startswith(",", i):
-                i += 1
-            elif s.startswith("}", i):
-                return out, i + 1
-            else:
-                raise ArgumentError(f"',' or '}}' was expected at {s[i:i + 20]!r}")
+            again, i = self.more(i, "}")
+        return out, i
 
     def array(self, i: int, depth: int) -> tuple[list, int]:
-        s, out = self.s, []
+        out: list[Any] = []
         i = self.space(i)
-        if s.startswith("]", i):
+        if self.s.startswith("]", i):
             return out, i + 1
-        while True:
+        again = True
+        while again:
             v, i = self.value(i, depth)
             out.append(v)
-            i = self.space(i)
-            if s.startswith(",", i):
-                i += 1
-            elif s.startswith("]", i):
-                return out, i + 1
-            else:
-                raise ArgumentError(f"',' or ']' was expected at {s[i:i + 20]!r}")
+            again, i = self.more(i, "]")
+        return out, i
 
     def value(self, i: int, depth: int) -> tuple[Any, int]:
         s = self.s
@@ -135,10 +141,7 @@ class _Parser:
             if depth >= MAX_DEPTH:
                 raise ArgumentError(f"arguments nested deeper than {MAX_DEPTH}")
             return (self.object if s[i] == "{" else self.array)(i + 1, depth + 1)
-        j = i
-        while j < len(s) and s[j] not in ",}]:{[" and not s.startswith(self.q, j):
-            j += 1
-        word = s[i:j].strip()
+        word, j = self.word(i)
         if not word:
             raise ArgumentError(f"a value was expected at {s[i:i + 20]!r}")
         if word in ("true", "false", "null"):

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .markup import ArgumentError, as_template_call
+from .markup import NAME, ArgumentError, as_template_call
 
 
 class APIError(Exception):
@@ -84,7 +84,7 @@ class Message(_Strict):
 
 
 class FunctionDef(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    name: str = Field(pattern=rf"^{NAME}$")
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = Field(None, description="a JSON schema, shown to the model")
     strict: Optional[bool] = Field(None, description="accepted; dgemma does not hold arguments to the schema")

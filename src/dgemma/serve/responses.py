@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError
 
-from .protocol import APIError, ChatCompletionRequest, DiffusionControls, _Strict
+from .protocol import APIError, ChatCompletionRequest, DiffusionControls, FunctionDef, _Strict
 
 
 class TextIn(_Strict):
@@ -83,11 +83,13 @@ InputItem = Annotated[Union[Annotated[MessageIn, Tag("item[message]")],
 
 
 class FunctionTool(_Strict):
+    """A function tool, flat (the chat API nests these fields under `function`; `type` first: a tool of another
+    type is named by it)."""
     type: Literal["function"] = Field(description="only function tools")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    name: str = FunctionDef.model_fields["name"]
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = Field(None, description="accepted; dgemma does not hold arguments to the schema")
+    strict: Optional[bool] = FunctionDef.model_fields["strict"]
 
 
 class NamedFunction(_Strict):

@@ -271,33 +271,28 @@ class Builder:
         return [self._event("response.output_item.added", output_index=len(self.output) - 1, item=item)]
 
     def reasoning(self, delta: str) -> list[dict]:
-        out = []
-        if self.open is None or self.open["type"] != "reasoning":
-            out = self._close()
-            self.open = {"type": "reasoning", "id": _id("rs"), "summary": [], "status": "in_progress",
-                         "content": []}
-            out += self._add(self.open)
-            self.open["content"].append({"type": "reasoning_text", "text": ""})
-            out.append(self._event("response.content_part.added", item_id=self.open["id"],
-                                   output_index=len(self.output) - 1, content_index=0, part=self.open["content"][0]))
-        self.open["content"][0]["text"] += delta
-        return out + [self._event("response.reasoning_text.delta", item_id=self.open["id"],
-                                  output_index=len(self.output) - 1, content_index=0, delta=delta)]
+        return self._write(delta, "rs", {"type": "reasoning", "summary": []},
+                           {"type": "reasoning_text", "text": ""}, "response.reasoning_text.delta")
 
     def text(self, delta: str) -> list[dict]:
+        return self._write(delta, "msg", {"type": "message", "role": "assistant"},
+                           {"type": "output_text", "text": "", "annotations": []}, "response.output_text.delta",
+                           logprobs=[])
+
+    def _write(self, delta: str, prefix: str, item: dict, part: dict, kind: str, **extra) -> list[dict]:
+        """Add `delta` to the open item if it is of `item`'s type, else to a new `item` (its id: `prefix`_...)
+        with one content `part` (the item before it closed); the events that makes."""
         out = []
-        if self.open is None or self.open["type"] != "message":
+        if self.open is None or self.open["type"] != item["type"]:
             out = self._close()
-            self.open = {"type": "message", "id": _id("msg"), "role": "assistant", "status": "in_progress",
-                         "content": []}
+            self.open = {**item, "id": _id(prefix), "status": "in_progress", "content": []}
             out += self._add(self.open)
-            self.open["content"].append({"type": "output_text", "text": "", "annotations": []})
+            self.open["content"].append(part)
             out.append(self._event("response.content_part.added", item_id=self.open["id"],
-                                   output_index=len(self.output) - 1, content_index=0,
-                                   part=self.open["content"][0]))
+                                   output_index=len(self.output) - 1, content_index=0, part=part))
         self.open["content"][0]["text"] += delta
-        return out + [self._event("response.output_text.delta", item_id=self.open["id"],
-                                  output_index=len(self.output) - 1, content_index=0, delta=delta, logprobs=[])]
+        return out + [self._event(kind, item_id=self.open["id"], output_index=len(self.output) - 1,
+                                  content_index=0, delta=delta, **extra)]
 
     def calls(self, calls: list[dict]) -> list[dict]:
         out = self._close()

@@ -15,7 +15,7 @@ import codecs
 class TextStream:
     def __init__(self, tokenizer, stops: list[str]) -> None:
         self.tok, self.stops = tokenizer, stops
-        self.offsets = CharOffsets(tokenizer)   # (for covered: the decoded length after each token)
+        self.offsets = CharOffsets(tokenizer)   # (covered's: the decoded length after each token, kept up by it)
         self.ids: list[int] = []
         self.text = ""          # everything sent so far
         self.stopped = False    # a stop string was found: the reply ends here
@@ -26,8 +26,6 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids += ids
-        if self.offsets.exact:                     # (else covered() decodes, and offsets would too, per token)
-            self.offsets.extend(ids)
         full = self.tok.decode(self.ids, skip_special_tokens=True)
         if not final:
             full = full.rstrip("\ufffd")           # a character split across canvases: wait for its bytes
@@ -62,6 +60,8 @@ class TextStream:
         decoded prefix ids[:m] fits in the text sent."""
         if self.stopped:
             return self.used
+        if self.offsets.exact:                     # (else it would decode per token: decode below instead)
+            self.offsets.extend(self.ids[len(self.offsets.ids):])
         if self.offsets.exact:                     # the decoded lengths are known: no decoding here
             return bisect.bisect_right(self.offsets.after, len(self.text))
         lo, hi = 0, len(self.ids)

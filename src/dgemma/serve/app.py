@@ -789,9 +789,7 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
                 yield "data: [DONE]\n\n"
             finally:
                 st.metrics.requests.labels(route, status).inc()
-        # the background task runs however the response ends, even when the client left before the first chunk
-        return StreamingResponse(sse(), media_type="text/event-stream", background=BackgroundTask(_drop, st, *jobs),
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _streamed(st, sse(), jobs)
 
     async def collect() -> dict:
         parts: list[list[str]] = [[] for _ in jobs]
@@ -827,6 +825,13 @@ async def _respond(st: State, base: list[Job], n: int, request: Request, stream:
                 "system_fingerprint": None}
 
     return await _body(st, collect(), request)
+
+
+def _streamed(st: State, events: AsyncIterator[str], jobs: list[Job]) -> StreamingResponse:
+    """An SSE response of `events`; the jobs are dropped however it ends (a background task: it runs even when
+    the client left before the first chunk)."""
+    return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(_drop, st, *jobs),
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _body(st: State, collect, request: Request):
@@ -877,8 +882,7 @@ async def _respond_items(st: State, req: ResponsesRequest, job: Job, request: Re
                             "sequence_number": b.seq}, "error")
             finally:
                 st.metrics.requests.labels(request.url.path, status).inc()
-        return StreamingResponse(sse(), media_type="text/event-stream", background=BackgroundTask(_drop, st, job),
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _streamed(st, sse(), [job])
 
     async def collect() -> dict:
         async for _, ev in _merged(st, [job]):

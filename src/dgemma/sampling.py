@@ -111,7 +111,7 @@ def truncation_on(top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> boo
     return isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor) or top_k > 0 or top_p < 1
 
 
-def truncation(top_k: int, top_p: float, vocab: int) -> tuple[int, float] | None:
+def truncation(top_k: int, top_p: float | torch.Tensor, vocab: int) -> tuple[int, float | torch.Tensor] | None:
     """One request's (top_k, top_p) as the samplers take them: None when they drop nothing (top_k 0 or >= the
     vocabulary, top_p 1), so the step keeps its CUDA graph and fused sampler."""
     top_k = 0 if top_k >= vocab else top_k
@@ -156,10 +156,10 @@ def dropped(logits: torch.Tensor, top_k: int | torch.Tensor = 0,
     ints (0: off); top_p: a number or [n] (1: off; a tensor in float64, so 1 - p rounds as Python's does).
     None when nothing is asked (a number top_k >= V keeps everything: no `topk` of the whole row)."""
     n, V = logits.shape
-    if not isinstance(top_k, torch.Tensor) and top_k >= V:
-        top_k = 0
-    if not truncation_on(top_k, top_p):
-        return None
+    if not isinstance(top_k, torch.Tensor):                  # (per-row values always truncate)
+        if (kept := truncation(top_k, top_p, V)) is None:
+            return None
+        top_k = kept[0]
     drop = torch.zeros(n, V, dtype=torch.bool, device=logits.device)
     if isinstance(top_k, torch.Tensor) or top_k > 0:
         k = top_k.to(logits.device) if isinstance(top_k, torch.Tensor) else \

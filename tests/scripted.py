@@ -24,7 +24,8 @@ RESPONSE = "<|tool_response>"
 # a test template in Gemma 4's style: declarations in a system turn, calls after the model's text, results as
 # tool_response blocks (arguments through tojson here: the reader only has to read what a model writes)
 TEMPLATE = (
-    "{{ bos_token }}{% if enable_thinking %}<|think|>{% endif %}{% if tools %}<start_of_turn>system\n{% for t in tools %}<|tool>declaration:"
+    "{{ bos_token }}{% if enable_thinking %}<|think|>{% endif %}"
+    "{% if tools %}<start_of_turn>system\n{% for t in tools %}<|tool>declaration:"
     "{{ t['function']['name'] }}{description:<|\"|>{{ t['function'].get('description', '') }}<|\"|>}<tool|>"
     "{% endfor %}<end_of_turn>\n{% endif %}"
     "{% for m in messages %}{% if m['role'] == 'tool' %}<|tool_response>response:{{ m['name'] }}"
